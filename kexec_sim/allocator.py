@@ -1,0 +1,63 @@
+"""Next-fit search for free pages in an owner map, in numpy windows.
+
+The search starts at a cursor, scans growing windows forward to the end of RAM, then wraps
+to pfn 0. A window is one vectorized comparison, so a request near free pages touches only
+a few times its own size of the map, never the whole map.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.owners import FREE
+from kexec_sim.pages import HUGE_PAGES, PfnArray
+
+MIN_WINDOW_PAGES = 16384
+"""The first window scanned for a request (grown x2 per window)."""
+
+
+def find_free_pages(
+    owner_map: npt.NDArray[np.int32], n_pages: int, cursor_pfn: int
+) -> PfnArray | None:
+    """Return *n_pages* free pfns in next-fit order from *cursor_pfn*, or None if fewer exist."""
+    return _find_free_units(owner_map, 1, n_pages, cursor_pfn)
+
+
+def find_free_huge(
+    owner_map: npt.NDArray[np.int32], n_huge: int, cursor_pfn: int
+) -> PfnArray | None:
+    """Return base pfns of *n_huge* free aligned HUGE_PAGES runs from *cursor_pfn*, or None."""
+    units = _find_free_units(owner_map, HUGE_PAGES, n_huge, cursor_pfn)
+    return None if units is None else units * HUGE_PAGES
+
+
+def _find_free_units(
+    owner_map: npt.NDArray[np.int32], unit_pages: int, n_units: int, cursor_pfn: int
+) -> PfnArray | None:
+    """Return indexes of *n_units* free units of *unit_pages* pages (all FREE), or None."""
+    nr_units = owner_map.size // unit_pages
+    if n_units == 0:
+        return np.empty(0, dtype=np.int64)
+    if n_units > nr_units:
+        return None
+    units = owner_map[: nr_units * unit_pages].reshape(nr_units, unit_pages)
+    start = -(-cursor_pfn // unit_pages) % nr_units  # first whole unit at or after the cursor
+    window = max(2 * n_units, MIN_WINDOW_PAGES // unit_pages)
+    found: list[PfnArray] = []
+    missing = n_units
+    for segment_start, segment_end in ((start, nr_units), (0, start)):
+        position = segment_start
+        while position < segment_end:
+            end = min(position + window, segment_end)
+            if unit_pages == 1:
+                free = owner_map[position:end] == FREE
+            else:
+                free = ~units[position:end].any(axis=1)
+            hits = np.flatnonzero(free)[:missing]
+            if hits.size:
+                found.append(hits.astype(np.int64, copy=False) + position)
+                missing -= hits.size
+                if missing == 0:
+                    return np.concatenate(found)
+            position = end
+            window *= 2
+    return None

@@ -1,0 +1,17 @@
+"""The exceptions kexec_sim raises."""
+
+
+class MachineError(Exception):
+    """Base of every error about the simulated machine (bad state, bad request)."""
+
+
+class OutOfMemory(MachineError):
+    """The machine has fewer free pages than were asked for."""
+
+
+class CorruptMachine(MachineError):
+    """A file of the machine directory failed validation (untrusted bytes)."""
+
+
+class MachineExists(MachineError):
+    """A machine already exists where one was to be created."""

@@ -1,0 +1,320 @@
+"""A simulated machine: a directory holding its RAM, firmware map and current boot.
+
+Layout (directories 0700, files 0600)::
+
+    machine.json    {"format": 1, "ram_bytes", "page_size", "memory_map", "created_ns"}
+    RAM             the physical memory, a sparse file of ram_bytes
+    boot.json       {"generation", "cmdline", "booted_ns"} of the current boot (1 = first)
+    cmdline         the current boot's command line, like /proc/cmdline
+    sys/kernel/     values the running kernel exports (like /sys/kernel)
+    boot/           state of the current boot only, recreated by every boot:
+      page-owners   the page-ownership map (kexec_sim.ownership)
+      owners.json   the registry of owners
+      lock          the lock serializing changes to both
+
+The directory is the explicit path given, else ``$KEXEC_SIM_MACHINE``, else
+``/dev/shm/kexec-sim/default``.
+"""
+
+import errno
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kexec_sim.errors import CorruptMachine, MachineError, MachineExists
+from kexec_sim.filelock import FileLock
+from kexec_sim.jsonfile import (
+    fsync_dir,
+    get_int,
+    get_str,
+    read_json_object,
+    write_json_atomic,
+    write_text_atomic,
+)
+from kexec_sim.memmap import MIN_PAGES, MemoryMap
+from kexec_sim.ownership import LOCK_FILE, MAP_FILE, REGISTRY_FILE, PageOwnership
+from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
+
+MACHINE_ENV = "KEXEC_SIM_MACHINE"
+DEFAULT_MACHINE_DIR = Path("/dev/shm/kexec-sim/default")
+DEFAULT_RAM_BYTES = 8 << 30
+MIN_RAM_BYTES = MIN_PAGES * PAGE_SIZE
+MAX_RAM_BYTES = 1 << 40
+MAX_CMDLINE_BYTES = 4096
+MACHINE_FORMAT = 1
+
+MACHINE_FILE = "machine.json"
+RAM_FILE = "RAM"
+BOOT_FILE = "boot.json"
+CMDLINE_FILE = "cmdline"
+BOOT_DIR = "boot"
+SYS_KERNEL_DIR = "sys/kernel"
+
+
+def resolve_machine_dir(path: str | os.PathLike[str] | None) -> Path:
+    """Return the machine directory: *path*, else $KEXEC_SIM_MACHINE, else the default."""
+    chosen = os.fspath(path) if path is not None else os.environ.get(MACHINE_ENV, "")
+    return Path(chosen).expanduser().absolute() if chosen else DEFAULT_MACHINE_DIR
+
+
+def check_ram_bytes(ram_bytes: int) -> None:
+    """Raise ValueError unless *ram_bytes* is a whole number of pages in the supported range."""
+    if ram_bytes % PAGE_SIZE or not MIN_RAM_BYTES <= ram_bytes <= MAX_RAM_BYTES:
+        raise ValueError(
+            f"RAM size {ram_bytes} bytes must be a multiple of {PAGE_SIZE} "
+            f"between {MIN_RAM_BYTES >> 20} MiB and {MAX_RAM_BYTES >> 40} TiB"
+        )
+
+
+def check_cmdline(cmdline: str) -> None:
+    """Raise ValueError unless *cmdline* is one line of at most MAX_CMDLINE_BYTES."""
+    if "\n" in cmdline or "\0" in cmdline or len(cmdline.encode()) > MAX_CMDLINE_BYTES:
+        raise ValueError(f"a command line is one line of at most {MAX_CMDLINE_BYTES} bytes")
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """The current boot of a machine (``boot.json``)."""
+
+    generation: int
+    cmdline: str
+    booted_ns: int
+
+
+class Machine:
+    """An open machine directory. Get one with ``Machine.open()`` or ``Machine.create()``."""
+
+    def __init__(self, path: Path, ram_bytes: int, memory_map: MemoryMap, created_ns: int) -> None:
+        self.path = path
+        self.ram_bytes = ram_bytes
+        self.memory_map = memory_map
+        self.created_ns = created_ns
+
+    def __repr__(self) -> str:
+        return f"Machine({str(self.path)!r}, ram_bytes={self.ram_bytes})"
+
+    @property
+    def nr_pages(self) -> int:
+        """How many pages of PAGE_SIZE the RAM holds."""
+        return self.ram_bytes // PAGE_SIZE
+
+    @property
+    def boot_dir(self) -> Path:
+        """The directory of the current boot's state."""
+        return self.path / BOOT_DIR
+
+    @property
+    def sys_kernel_dir(self) -> Path:
+        """Where the running kernel exports values (``sys/kernel``)."""
+        return self.path / SYS_KERNEL_DIR
+
+    # -- opening and creating -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None, create: bool = True) -> "Machine":
+        """Open the machine at *path* (see resolve_machine_dir).
+
+        A missing machine is created with the defaults when *create*, else MachineError.
+        Raises CorruptMachine when its files fail validation.
+        """
+        target = resolve_machine_dir(path)
+        if not (target / MACHINE_FILE).exists():
+            if not create:
+                raise MachineError(f"no machine at {target} (create one with 'kexec-sim init')")
+            try:
+                return cls.create(target)
+            except MachineExists:
+                if not (target / MACHINE_FILE).exists():
+                    raise
+                # another process created it meanwhile: open theirs
+        return cls._load(target)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str] | None,
+        ram_bytes: int = DEFAULT_RAM_BYTES,
+        *,
+        force: bool = False,
+        cmdline: str = "",
+    ) -> "Machine":
+        """Create a fresh machine at *path* with *ram_bytes* of RAM, booted (generation 1).
+
+        An existing machine there is wiped when *force*, else MachineExists; a directory that
+        is neither empty nor a machine is never wiped (MachineError). Raises ValueError for a
+        bad size or command line.
+        """
+        check_ram_bytes(ram_bytes)
+        check_cmdline(cmdline)
+        target = resolve_machine_dir(path)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        wipe = _must_wipe(target, force)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            _populate(staging, ram_bytes, cmdline)
+            if wipe:
+                os.rename(target, trash)
+            try:
+                os.rename(staging, target)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise MachineExists(f"a machine already exists at {target}") from None
+                raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+        fsync_dir(target.parent)
+        return cls._load(target)
+
+    @classmethod
+    def _load(cls, path: Path) -> "Machine":
+        where = str(path / MACHINE_FILE)
+        try:
+            data = read_json_object(path / MACHINE_FILE)
+        except FileNotFoundError:
+            raise MachineError(f"no machine at {path}") from None
+        if data.get("format") != MACHINE_FORMAT:
+            raise CorruptMachine(f"{where}: unsupported format {data.get('format')!r}")
+        if data.get("page_size") != PAGE_SIZE:
+            raise CorruptMachine(
+                f"{where}: page_size must be {PAGE_SIZE}, got {data.get('page_size')!r}"
+            )
+        ram_bytes = get_int(data, "ram_bytes", where, minimum=1)
+        try:
+            check_ram_bytes(ram_bytes)
+        except ValueError as exc:
+            raise CorruptMachine(f"{where}: {exc}") from None
+        created_ns = get_int(data, "created_ns", where)
+        try:
+            memory_map = MemoryMap.from_dict(data.get("memory_map"), ram_bytes // PAGE_SIZE)
+        except CorruptMachine as exc:
+            raise CorruptMachine(f"{where}: {exc}") from None
+        try:
+            ram_file_bytes = (path / RAM_FILE).stat().st_size
+        except FileNotFoundError:
+            raise CorruptMachine(f"{path / RAM_FILE}: missing") from None
+        if ram_file_bytes != ram_bytes:
+            raise CorruptMachine(
+                f"{path / RAM_FILE}: {ram_file_bytes} bytes, machine.json says {ram_bytes}"
+            )
+        machine = cls(path, ram_bytes, memory_map, created_ns)
+        machine.boot_record()
+        return machine
+
+    # -- the current boot -----------------------------------------------------------------
+
+    def boot_record(self) -> BootRecord:
+        """Read the current boot record; raise CorruptMachine when boot.json is bad."""
+        where = str(self.path / BOOT_FILE)
+        try:
+            data = read_json_object(self.path / BOOT_FILE)
+        except FileNotFoundError:
+            raise CorruptMachine(f"{where}: missing") from None
+        return BootRecord(
+            generation=get_int(data, "generation", where, minimum=1),
+            cmdline=get_str(data, "cmdline", where),
+            booted_ns=get_int(data, "booted_ns", where),
+        )
+
+    @property
+    def generation(self) -> int:
+        """The current boot generation (1 for the first boot, +1 per boot)."""
+        return self.boot_record().generation
+
+    @property
+    def cmdline(self) -> str:
+        """The current boot's command line."""
+        return self.boot_record().cmdline
+
+    def start_boot(self, cmdline: str) -> None:
+        """Boot the machine again with *cmdline*: next generation, fresh boot/ state.
+
+        The new ownership map has every usable page FREE and no owners; processes of the
+        previous boot keep a detached copy and get MachineError from it. RAM is untouched.
+        Takes boot/lock: never call it inside ``PageOwnership.locked()`` (that deadlocks).
+        Raises ValueError for a bad command line.
+        """
+        check_cmdline(cmdline)
+        lock = FileLock(self.boot_dir / LOCK_FILE)
+        try:
+            with lock.held():
+                _write_boot(self.path, self.boot_record().generation + 1, cmdline, self.memory_map)
+        finally:
+            lock.close()
+
+    # -- the hardware ---------------------------------------------------------------------
+
+    def ram(self) -> Ram:
+        """Map the RAM (close the result when done)."""
+        return Ram(self.path / RAM_FILE, self.nr_pages)
+
+    def page_ownership(self) -> PageOwnership:
+        """Open the current boot's page-ownership map (close the result when done)."""
+        return PageOwnership(self.boot_dir, self.memory_map, self.nr_pages)
+
+
+def _must_wipe(target: Path, force: bool) -> bool:
+    """Whether *target* holds a machine that creating one there must wipe first."""
+    if not os.path.lexists(target):
+        return False
+    if not target.is_dir():
+        raise MachineError(f"{target} exists and is not a directory")
+    if not any(target.iterdir()):
+        return False
+    if not (target / MACHINE_FILE).exists():
+        raise MachineError(f"refusing to use {target}: not empty and not a machine directory")
+    if not force:
+        raise MachineExists(f"a machine already exists at {target}")
+    return True
+
+
+def _populate(path: Path, ram_bytes: int, cmdline: str) -> None:
+    """Write every file of a fresh machine into the (empty) directory *path*."""
+    nr_pages = ram_bytes // PAGE_SIZE
+    memory_map = MemoryMap.default_for(nr_pages)
+    fd = os.open(path / RAM_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, ram_bytes)  # sparse: pages cost nothing until written
+    finally:
+        os.close(fd)
+    write_json_atomic(
+        path / MACHINE_FILE,
+        {
+            "format": MACHINE_FORMAT,
+            "ram_bytes": ram_bytes,
+            "page_size": PAGE_SIZE,
+            "memory_map": memory_map.to_dict(),
+            "created_ns": time.time_ns(),
+        },
+    )
+    (path / "sys").mkdir(mode=0o700)
+    (path / SYS_KERNEL_DIR).mkdir(mode=0o700)
+    (path / BOOT_DIR).mkdir(mode=0o700)
+    _write_boot(path, 1, cmdline, memory_map)
+
+
+def _write_boot(path: Path, generation: int, cmdline: str, memory_map: MemoryMap) -> None:
+    """Make *generation* the current boot: fresh boot/ state, then boot.json and cmdline."""
+    boot_dir = path / BOOT_DIR
+    keep = {LOCK_FILE, MAP_FILE, REGISTRY_FILE}  # replaced by rename, never missing
+    for entry in boot_dir.iterdir():
+        if entry.name not in keep:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    nr_pages = (path / RAM_FILE).stat().st_size // PAGE_SIZE
+    PageOwnership.format(boot_dir, memory_map, nr_pages)
+    write_json_atomic(
+        path / BOOT_FILE,
+        {"generation": generation, "cmdline": cmdline, "booted_ns": time.time_ns()},
+    )
+    write_text_atomic(path / CMDLINE_FILE, cmdline + "\n")

@@ -1,0 +1,397 @@
+"""The page-ownership map of one boot: who owns every pfn, shared by all its processes.
+
+``boot/page-owners`` holds a header (``_HEADER``) followed by one little-endian int32 owner
+id per pfn (see kexec_sim.owners for the ids). Every process of the boot maps it shared and
+changes it only while holding ``boot/lock`` (``PageOwnership.locked()``); the registry of
+owners is ``boot/owners.json``. A process that dies leaves its owner registered until
+``reclaim_dead_owners`` (run on every registration and before reporting OutOfMemory) frees
+its pages.
+
+Header (little-endian, padded to HEADER_BYTES so the owner array is page aligned)::
+
+    0   8s  magic b"KSIMOWN\\0"
+    8   u32 version (1)
+    12  u32 header size in bytes (4096)
+    16  u64 nr_pages
+    24  u64 allocator next-fit cursor (pfn)
+    32  u64 registry serial (bumped on every owners.json write; caches key on it)
+"""
+
+import mmap
+import os
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.allocator import find_free_huge, find_free_pages
+from kexec_sim.errors import CorruptMachine, MachineError, OutOfMemory
+from kexec_sim.filelock import FileLock
+from kexec_sim.memmap import MemoryMap
+from kexec_sim.owners import (
+    FIRMWARE,
+    FREE,
+    KERNEL,
+    MAX_NAME_CHARS,
+    MAX_OWNER_ID,
+    NOSAVE,
+    PRESERVED,
+    OwnerInfo,
+    OwnerRegistry,
+    boot_owner_map,
+    count_owners,
+    owned_by_any,
+    owner_name,
+)
+from kexec_sim.ownership_check import find_problems
+from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray, as_pfn_array
+from kexec_sim.process import is_alive, process_start_time
+
+__all__ = [
+    "FIRMWARE",
+    "FREE",
+    "KERNEL",
+    "NOSAVE",
+    "PRESERVED",
+    "OwnerInfo",
+    "PageOwnership",
+]
+
+MAP_FILE = "page-owners"
+REGISTRY_FILE = "owners.json"
+LOCK_FILE = "lock"
+MAGIC = b"KSIMOWN\0"
+VERSION = 1
+HEADER_BYTES = PAGE_SIZE
+_HEADER = struct.Struct("<8sIIQQQ")
+_CURSOR_OFFSET = 24
+_SERIAL_OFFSET = 32
+
+
+def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
+    return ", ".join(
+        f"pfn {int(p)} ({owner_name(int(o))})" for p, o in zip(pfns[:3], owners[:3], strict=True)
+    )
+
+
+class PageOwnership:
+    """The shared page-ownership map and owner registry of the current boot.
+
+    Open it with ``Machine.page_ownership()``; close it (or use ``with``) when done. Every
+    method takes the cross-process lock itself; wrap several calls in ``locked()`` to make
+    them one atomic step. Raises MachineError once the machine has booted again (the map is
+    then the previous boot's).
+    """
+
+    def __init__(self, boot_dir: Path, memory_map: MemoryMap, nr_pages: int) -> None:
+        """Open the map in *boot_dir*; raise CorruptMachine when its header is wrong."""
+        self.boot_dir = boot_dir
+        self.memory_map = memory_map
+        self.nr_pages = nr_pages
+        self._registry_path = boot_dir / REGISTRY_FILE
+        self._registry: OwnerRegistry | None = None
+        self._registry_serial = -1
+        self._lock = FileLock(boot_dir / LOCK_FILE)
+        map_path = boot_dir / MAP_FILE
+        try:
+            self._fd = os.open(map_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._lock.close()
+            raise MachineError(f"{map_path}: missing (no boot state)") from None
+        try:
+            self._ino = os.fstat(self._fd).st_ino
+            self._mmap = self._map_file(map_path)
+        except BaseException:
+            os.close(self._fd)
+            self._lock.close()
+            raise
+        self._owners = np.frombuffer(self._mmap, dtype="<i4", count=nr_pages, offset=HEADER_BYTES)
+        self._cursor = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_CURSOR_OFFSET)
+        self._serial = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_SERIAL_OFFSET)
+
+    def _map_file(self, map_path: Path) -> mmap.mmap:
+        size_bytes = os.fstat(self._fd).st_size
+        if size_bytes != HEADER_BYTES + 4 * self.nr_pages:
+            raise CorruptMachine(
+                f"{map_path}: {size_bytes} bytes, expected a map of {self.nr_pages} pages"
+            )
+        mapped = mmap.mmap(self._fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        magic, version, header_bytes, nr_pages, cursor, _ = _HEADER.unpack_from(mapped)
+        problem = None
+        if magic != MAGIC:
+            problem = f"bad magic {magic!r}"
+        elif version != VERSION or header_bytes != HEADER_BYTES:
+            problem = f"unsupported version {version} (header {header_bytes} bytes)"
+        elif nr_pages != self.nr_pages or cursor >= nr_pages:
+            problem = f"header says {nr_pages} pages (cursor {cursor}), machine has {self.nr_pages}"
+        if problem is not None:
+            mapped.close()
+            raise CorruptMachine(f"{map_path}: {problem}")
+        return mapped
+
+    @staticmethod
+    def format(boot_dir: Path, memory_map: MemoryMap, nr_pages: int) -> None:
+        """Write a fresh boot state in *boot_dir*: every usable page FREE, no owners.
+
+        Replaces the files by rename, so processes of an older boot keep a detached copy.
+        The caller holds ``boot/lock`` (or is the only user of *boot_dir*).
+        """
+        tmp = boot_dir / f".{MAP_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_BYTES + 4 * nr_pages)  # sparse: FREE is zero
+            os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, nr_pages, 0, 0), 0)
+            owner_map = boot_owner_map(memory_map, nr_pages)
+            for region in memory_map.covering(nr_pages):
+                start, end = region.start_pfn, region.end_pfn_exclusive
+                if owner_map[start] != FREE:
+                    os.pwrite(
+                        fd, owner_map[start:end].astype("<i4").tobytes(), HEADER_BYTES + 4 * start
+                    )
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, boot_dir / MAP_FILE)
+        OwnerRegistry().save(boot_dir / REGISTRY_FILE)
+        (boot_dir / LOCK_FILE).touch(mode=0o600)
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the map and close the files (views from ``owner_map`` become invalid)."""
+        if self._fd < 0:
+            return
+        del self._owners, self._cursor, self._serial
+        with suppress(BufferError):  # a caller still holds a view: unmapped when collected
+            self._mmap.close()
+        os.close(self._fd)
+        self._fd = -1
+        self._lock.close()
+
+    def __enter__(self) -> "PageOwnership":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the boot's ownership lock (re-entrant in this process) for the block.
+
+        Raises MachineError if the machine booted again since this map was opened.
+        """
+        if self._fd < 0:
+            raise MachineError("page ownership map is closed")
+        with self._lock.held():
+            if self._lock.depth == 1:
+                self._check_current()
+            yield
+
+    def _check_current(self) -> None:
+        """Raise MachineError unless boot/page-owners is still the file this object maps."""
+        try:
+            current = os.stat(self.boot_dir / MAP_FILE).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current != self._ino:
+            raise MachineError("the machine has booted again: this page ownership map is stale")
+
+    @property
+    def owner_map(self) -> npt.NDArray[np.int32]:
+        """A read-only view of the owner of every pfn (read it under ``locked()``)."""
+        view = self._owners.view()
+        view.flags.writeable = False
+        return view
+
+    # -- owners ---------------------------------------------------------------------------
+
+    def _load_registry(self) -> OwnerRegistry:
+        serial = int(self._serial[0])
+        if self._registry is None or serial != self._registry_serial:
+            self._registry = OwnerRegistry.load(self._registry_path)
+            self._registry_serial = serial
+        return self._registry
+
+    def _save_registry(self, registry: OwnerRegistry) -> None:
+        # Bump the serial first: if the write fails, every cache reloads the file anyway.
+        self._serial[0] += 1
+        registry.save(self._registry_path)
+        self._registry, self._registry_serial = registry, int(self._serial[0])
+
+    def register_owner(self, name: str, pid: int) -> int:
+        """Register an owner kept alive by process *pid*; return its new id.
+
+        Reclaims dead owners first. Raises ValueError for a bad name, MachineError when *pid*
+        is not a running process or the ids of this boot are exhausted.
+        """
+        if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise ValueError(f"owner name must be 1..{MAX_NAME_CHARS} printable characters")
+        with self.locked():
+            self.reclaim_dead_owners()
+            start_time = process_start_time(pid)
+            if start_time is None:
+                raise MachineError(f"cannot register owner {name!r}: no running process {pid}")
+            old = self._load_registry()
+            owner_id = old.next_id
+            if owner_id > MAX_OWNER_ID:
+                raise MachineError("owner ids of this boot are exhausted")
+            info = OwnerInfo(owner_id, name, pid, start_time, time.time_ns())
+            self._save_registry(OwnerRegistry(owner_id + 1, {**old.owners, owner_id: info}))
+            return owner_id
+
+    def unregister_owner(self, owner_id: int) -> None:
+        """Free every page of *owner_id* and remove it; MachineError if it is not registered."""
+        with self.locked():
+            old = self._require_registered(owner_id)
+            self._owners[self._owners == owner_id] = FREE
+            owners = {i: info for i, info in old.owners.items() if i != owner_id}
+            self._save_registry(OwnerRegistry(old.next_id, owners))
+
+    def reclaim_dead_owners(self) -> list[int]:
+        """Free the pages and registrations of owners whose process is gone; return their ids."""
+        with self.locked():
+            old = self._load_registry()
+            dead = sorted(i for i, o in old.owners.items() if not is_alive(o.pid, o.pid_start_time))
+            if dead:
+                self._owners[owned_by_any(self._owners, dead)] = FREE
+                owners = {i: info for i, info in old.owners.items() if i not in dead}
+                self._save_registry(OwnerRegistry(old.next_id, owners))
+            return dead
+
+    def owners(self) -> dict[int, OwnerInfo]:
+        """Return the registered owners by id."""
+        with self.locked():
+            return dict(self._load_registry().owners)
+
+    def _require_registered(self, owner_id: int) -> OwnerRegistry:
+        registry = self._load_registry()
+        if owner_id not in registry.owners:
+            raise MachineError(f"{owner_name(owner_id)} is not a registered owner")
+        return registry
+
+    def _require_holder(self, owner_id: int, *, allow_free: bool = False) -> None:
+        """A holder of pages a caller may move: a registered owner, PRESERVED (or FREE)."""
+        if owner_id == PRESERVED or (allow_free and owner_id == FREE):
+            return
+        self._require_registered(owner_id)
+
+    # -- allocation -----------------------------------------------------------------------
+
+    def allocate(self, owner_id: int, n_pages: int) -> PfnArray:
+        """Give *n_pages* free usable pages to *owner_id*; return their pfns (next-fit order).
+
+        All or nothing: raises OutOfMemory (nothing allocated) when fewer than *n_pages* are
+        free after reclaiming dead owners, MachineError when *owner_id* is not registered.
+        """
+        return self._allocate(owner_id, n_pages, 1)
+
+    def allocate_huge(self, owner_id: int, n_huge: int) -> PfnArray:
+        """Give *owner_id* *n_huge* free, naturally aligned runs of HUGE_PAGES pages.
+
+        Returns the base pfn of each run. All or nothing: raises OutOfMemory (the caller may
+        fall back to small pages), MachineError when *owner_id* is not registered.
+        """
+        return self._allocate(owner_id, n_huge, HUGE_PAGES)
+
+    def _allocate(self, owner_id: int, n_units: int, unit_pages: int) -> PfnArray:
+        if n_units < 0:
+            raise ValueError(f"cannot allocate {n_units} units")
+        find = find_free_pages if unit_pages == 1 else find_free_huge
+        with self.locked():
+            self._require_registered(owner_id)
+            found = find(self._owners, n_units, int(self._cursor[0]))
+            if found is None and self.reclaim_dead_owners():
+                found = find(self._owners, n_units, int(self._cursor[0]))
+            if found is None:
+                what = "pages" if unit_pages == 1 else "huge pages"
+                raise OutOfMemory(
+                    f"cannot allocate {n_units} {what} for {owner_name(owner_id)}: "
+                    f"{self.free_pages()} pages free"
+                )
+            if found.size == 0:
+                return found
+            if unit_pages == 1:
+                self._owners[found] = owner_id
+            else:
+                whole_units = self._owners[: self.nr_pages - self.nr_pages % unit_pages]
+                whole_units.reshape(-1, unit_pages)[found // unit_pages] = owner_id
+            self._cursor[0] = (int(found[-1]) + unit_pages) % self.nr_pages
+            return found
+
+    def free(self, owner_id: int, pfns: npt.ArrayLike) -> None:
+        """Mark *pfns* FREE; each must be owned by *owner_id* (a registered owner or PRESERVED).
+
+        Raises MachineError, changing nothing, when one is not (or is listed twice).
+        """
+        with self.locked():
+            self._require_holder(owner_id)
+            checked = self._owned_pfns(pfns, owner_id, "free")
+            self._owners[checked] = FREE
+
+    def transfer(self, pfns: npt.ArrayLike, from_owner: int, to_owner: int) -> None:
+        """Move *pfns* from *from_owner* to *to_owner* (registered owners or PRESERVED).
+
+        *from_owner* may also be FREE, to claim specific free pages. Raises MachineError,
+        changing nothing, when a pfn is not owned by *from_owner* (or is listed twice).
+        """
+        with self.locked():
+            self._require_holder(from_owner, allow_free=True)
+            self._require_holder(to_owner)
+            checked = self._owned_pfns(pfns, from_owner, "transfer")
+            self._owners[checked] = to_owner
+
+    def _owned_pfns(self, pfns: npt.ArrayLike, owner_id: int, verb: str) -> PfnArray:
+        """Return *pfns* checked: in RAM, distinct, all owned by *owner_id*."""
+        checked = as_pfn_array(pfns, self.nr_pages)
+        if checked.size > 1 and not (np.diff(checked) > 0).all():
+            ordered = np.sort(checked)
+            twice = ordered[1:][ordered[1:] == ordered[:-1]]
+            if twice.size:
+                raise MachineError(f"{verb}: pfn {int(twice[0])} is listed more than once")
+        actual = self._owners[checked]
+        wrong = np.flatnonzero(actual != owner_id)
+        if wrong.size:
+            raise MachineError(
+                f"{verb}: {wrong.size} of {checked.size} pfns are not owned by "
+                f"{owner_name(owner_id)}: {_describe(checked[wrong], actual[wrong])}"
+            )
+        return checked
+
+    # -- queries --------------------------------------------------------------------------
+
+    def pages_of(self, owner_id: int) -> PfnArray:
+        """Return the pfns owned by *owner_id* (any id, special ones included), ascending."""
+        with self.locked():
+            return np.flatnonzero(self._owners == owner_id).astype(np.int64, copy=False)
+
+    def count_by_owner(self) -> dict[int, int]:
+        """Return how many pages each owner id present in the map holds (FREE and specials too)."""
+        with self.locked():
+            return count_owners(self._owners)
+
+    def free_pages(self) -> int:
+        """Return how many pages are FREE."""
+        with self.locked():
+            return int(np.count_nonzero(self._owners == FREE))
+
+    def check(self, claims: Mapping[int, PfnArray]) -> list[str]:
+        """Return the problems of the map against *claims* (owner id -> pfns it believes it owns).
+
+        Empty means clean. Reports pfns claimed twice, claimed but owned by someone else,
+        owned by a claiming owner that does not claim them (leaks), owned by unregistered
+        ids, and reserved owners not matching the memory map. Owners absent from *claims*
+        are not checked for leaks.
+        """
+        with self.locked():
+            registered = self._load_registry().owners.keys()
+            return find_problems(self._owners, self.memory_map, registered, claims)

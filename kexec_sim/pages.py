@@ -1,0 +1,44 @@
+"""Page geometry of the simulated machine: sizes, orders and the pfn types."""
+
+from typing import NewType
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.errors import MachineError
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+HUGE_ORDER = 9
+HUGE_PAGES = 1 << HUGE_ORDER  # 4 KiB pages in one 2 MiB huge page
+HUGE_SIZE = PAGE_SIZE << HUGE_ORDER
+
+Pfn = NewType("Pfn", int)
+"""A page frame number: the index of a 4 KiB page in the machine's RAM."""
+
+PfnArray = npt.NDArray[np.int64]
+"""An array of page frame numbers (int64, never negative for a real page)."""
+
+
+def pages_for_bytes(size_bytes: int) -> int:
+    """Return how many 4 KiB pages hold *size_bytes* (rounded up)."""
+    return (size_bytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def as_pfn_array(pfns: npt.ArrayLike, nr_pages: int) -> PfnArray:
+    """Return *pfns* as a 1-D int64 array after checking every pfn is a page of the machine.
+
+    Raises MachineError when *pfns* is not 1-D integers or a pfn is outside ``0..nr_pages-1``.
+    """
+    array = np.asarray(pfns)
+    if array.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise MachineError(
+            f"pfns must be a 1-D integer array, got {array.dtype} of shape {array.shape}"
+        )
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= nr_pages:
+        bad = low if low < 0 else high
+        raise MachineError(f"pfn {bad} is outside the machine's RAM (0..{nr_pages - 1})")
+    return array.astype(np.int64, copy=False)

@@ -1,0 +1,131 @@
+"""The machine's physical RAM: the sparse ``RAM`` file mapped shared, addressed by pfn."""
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.errors import CorruptMachine, MachineError
+from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _pfn_runs(pfns: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Return (first pfn, pages) of each run of consecutive pfns in *pfns* (any order)."""
+    ordered = np.unique(pfns)
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [ordered.size]))
+    return ordered[starts], ends - starts
+
+
+class Ram:
+    """The RAM file mapped read/write and shared: what every process of a boot sees.
+
+    Views from ``buffer`` and ``pages`` are valid until ``close()``.
+    """
+
+    def __init__(self, path: Path, nr_pages: int) -> None:
+        """Map *path*; raise CorruptMachine unless it is exactly *nr_pages* pages long."""
+        self.path = path
+        self.nr_pages = nr_pages
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size_bytes = os.fstat(self._fd).st_size
+            if size_bytes != nr_pages * PAGE_SIZE:
+                raise CorruptMachine(f"{path}: {size_bytes} bytes, expected {nr_pages * PAGE_SIZE}")
+            self._mmap = mmap.mmap(
+                self._fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._buffer = memoryview(self._mmap)
+        self._pages = np.frombuffer(self._mmap, dtype=np.uint8).reshape(nr_pages, PAGE_SIZE)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole RAM as one writable byte buffer (offset = pfn * PAGE_SIZE)."""
+        return self._buffer
+
+    @property
+    def pages(self) -> npt.NDArray[np.uint8]:
+        """The whole RAM as a writable uint8 array shaped (nr_pages, PAGE_SIZE)."""
+        return self._pages
+
+    def _check_pfn(self, pfn: int) -> None:
+        if not 0 <= pfn < self.nr_pages:
+            raise MachineError(f"pfn {pfn} is outside the machine's RAM (0..{self.nr_pages - 1})")
+
+    def read_page(self, pfn: Pfn | int) -> bytes:
+        """Return a copy of page *pfn*; MachineError if it is not a page of RAM."""
+        self._check_pfn(pfn)
+        return self._buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE].tobytes()
+
+    def write_page(self, pfn: Pfn | int, data: bytes | bytearray | memoryview) -> None:
+        """Overwrite page *pfn* with *data* (exactly PAGE_SIZE bytes); MachineError otherwise."""
+        self._check_pfn(pfn)
+        if len(data) != PAGE_SIZE:
+            raise MachineError(f"a page write needs {PAGE_SIZE} bytes, got {len(data)}")
+        self._buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data
+
+    def punch_holes(self, pfns: npt.ArrayLike) -> None:
+        """Give the pages *pfns* back to the host: afterwards they read as zeros.
+
+        One fallocate(PUNCH_HOLE) per run of consecutive pfns; falls back to zero-filling
+        when the host filesystem cannot punch holes. Raises MachineError for a bad pfn,
+        OSError when the host refuses.
+        """
+        checked = as_pfn_array(pfns, self.nr_pages)
+        if checked.size == 0:
+            return
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        for start, count in zip(*(a.tolist() for a in _pfn_runs(checked)), strict=True):
+            if _fallocate(self._fd, mode, start * PAGE_SIZE, count * PAGE_SIZE) != 0:
+                err = ctypes.get_errno()
+                if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
+                self._pages[start : start + count] = 0
+
+    def fill(self, pfns: npt.ArrayLike, pattern_byte: int) -> None:
+        """Fill every page of *pfns* with *pattern_byte* (0..255); MachineError for a bad pfn."""
+        if not 0 <= pattern_byte <= 0xFF:
+            raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
+        checked = as_pfn_array(pfns, self.nr_pages)
+        self._pages[checked] = pattern_byte
+
+    def close(self) -> None:
+        """Unmap the RAM and close the file."""
+        if self._fd < 0:
+            return
+        del self._pages
+        try:
+            self._buffer.release()
+            self._mmap.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when it is collected
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> "Ram":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
