@@ -1,0 +1,67 @@
+"""The mount daemon: mounts with FUSE, serves requests until unmounted or told to stop."""
+
+import logging
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .filesystem import PkramFilesystem
+from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def fuse_options(fs: PkramFilesystem) -> set[str]:
+    """Return the FUSE/kernel mount options for *fs* (always default_permissions, allow_other)."""
+    opts = fs.options
+    result = {"default_permissions", "allow_other", "subtype=pkramfs"}
+    result.add(f"fsname={opts.fsname or (opts.pkram and 'pkram:' + opts.pkram) or 'pkramfs'}")
+    result.update(flag for flag in opts.kernel_flags if flag != "rw")
+    # tmpfs allows set-uid files and device nodes unless told otherwise; FUSE's default is not to.
+    result.update(f for f in ("suid", "dev") if f"no{f}" not in opts.kernel_flags)
+    result.update(flag for flag in opts.fuse_flags if flag != "allow_root")
+    return result
+
+
+def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
+    """Mount *fs* at its mountpoint and serve it; call *ready* (None or an error) once mounted.
+
+    Returns the process exit code. Pages go back to the machine however serving ends.
+    """
+    operations = Operations(fs)
+    try:
+        pyfuse3.init(operations, fs.mountpoint, fuse_options(fs))
+    except RuntimeError as exc:
+        fs.close()
+        ready(f"cannot mount {fs.mountpoint}: {exc}")
+        return 32
+    ready(None)
+    code = 0
+    try:
+        trio.run(_serve_until_stopped)
+    except BaseException:
+        log.exception("the FUSE main loop failed")
+        code = 1
+    finally:
+        pyfuse3.close(unmount=True)
+        fs.close()
+    return code
+
+
+async def _serve_until_stopped() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

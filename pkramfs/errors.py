@@ -1,0 +1,23 @@
+"""The exceptions pkramfs raises."""
+
+import errno as errno_module
+
+
+class PkramfsError(Exception):
+    """Base of every pkramfs error."""
+
+
+class FsError(PkramfsError):
+    """A filesystem operation failed with *errno*; the FUSE layer turns it into that errno."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(message or errno_module.errorcode.get(errno, str(errno)))
+        self.errno = errno
+
+
+class OptionError(PkramfsError):
+    """A mount option is unknown or malformed; the message names it."""
+
+
+class MountError(PkramfsError):
+    """Mounting, remounting or talking to a running mount failed."""

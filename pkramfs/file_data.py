@@ -1,0 +1,191 @@
+"""The data path: copying bytes between FUSE buffers and a file's pages in the machine's RAM.
+
+Bytes move with memoryview slices, one copy per run of consecutive pfns; when a request spans
+many scattered pages the middle pages move with one numpy fancy-index copy. Holes read as zeros.
+Invariant kept by every function here: bytes of a file's last page beyond EOF are zero, so
+extending a file (truncate up, write past EOF) never exposes stale RAM.
+"""
+
+import numpy as np
+
+from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray
+from kexec_sim.ram import Ram
+
+from .file_pages import CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
+from .page_pool import PagePool
+
+_MAX_LOOPED_RUNS = 8  # above this many runs, the middle pages are copied with one numpy copy
+_PAGE_MASK = PAGE_SIZE - 1
+
+
+def _runs(pfns: PfnArray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (starts, ends) of the runs of consecutive present pfns (holes excluded)."""
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(pfns)]])
+    keep = pfns[starts] != HOLE
+    return starts[keep], ends[keep]
+
+
+def read(
+    ram: Ram, pages: FilePages, size_bytes: int, off: int, length: int
+) -> bytes | bytearray | memoryview:
+    """Return up to *length* bytes at *off* (fewer at EOF); a single run is returned zero-copy."""
+    if off >= size_bytes or length <= 0:
+        return b""
+    length = min(length, size_bytes - off)
+    first = off >> PAGE_SHIFT
+    count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
+    pfns = pages.lookup(first, count)
+    in_off = off & _PAGE_MASK
+    starts, ends = _runs(pfns)
+    if len(starts) == 1 and starts[0] == 0 and ends[0] == count:
+        base = int(pfns[0]) * PAGE_SIZE + in_off
+        return ram.buffer[base : base + length]
+    out = bytearray(length)
+    if len(starts):
+        _copy_runs(ram, pfns, starts, ends, in_off, memoryview(out), to_ram=False)
+    return out
+
+
+def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, huge: bool) -> None:
+    """Store *data* at *off*, allocating pages for holes (all or nothing: ENOSPC takes none)."""
+    length = len(data)
+    if length == 0:
+        return
+    first = off >> PAGE_SHIFT
+    count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
+    pfns = pages.lookup(first, count)
+    if (pfns == HOLE).any():
+        pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
+    starts, ends = _runs(pfns)
+    _copy_runs(ram, pfns, starts, ends, off & _PAGE_MASK, memoryview(data), to_ram=True)
+
+
+def truncate(ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int) -> None:
+    """Shrink the pages to *new_size* (zeroing the new last page's tail); growing costs nothing."""
+    if new_size >= old_size:
+        return
+    keep_pages = (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    pool.give_back(pages.truncate(keep_pages))
+    tail = new_size & _PAGE_MASK
+    if tail:
+        pfn = int(pages.lookup(keep_pages - 1, 1)[0])
+        if pfn != HOLE:
+            _zero(ram, pfn * PAGE_SIZE + tail, PAGE_SIZE - tail)
+
+
+def free_all(pages: FilePages, pool: PagePool) -> None:
+    """Give every page of a file back to the pool (the file is gone)."""
+    pool.give_back(pages.truncate(0))
+
+
+def _fill_holes(
+    ram: Ram,
+    pages: FilePages,
+    pool: PagePool,
+    first: int,
+    pfns: PfnArray,
+    start_byte: int,
+    end_byte: int,
+    *,
+    huge: bool,
+) -> PfnArray:
+    """Allocate pages for the holes of a write and zero what the write will not cover."""
+    if huge:
+        _fill_huge_chunks(ram, pages, pool, first, len(pfns), start_byte, end_byte)
+        pfns = pages.lookup(first, len(pfns))
+    holes = np.flatnonzero(pfns == HOLE)
+    if len(holes) == 0:
+        return pfns
+    new = pool.take(len(holes))
+    pfns = pfns.copy()
+    pfns[holes] = new
+    fresh = np.full(len(pfns), HOLE, dtype=np.int64)
+    fresh[holes] = new
+    pages.assign(first, fresh)
+    # Only the first and last page of a write can be partly covered; zero those when new.
+    for edge in {0, len(pfns) - 1}:
+        if fresh[edge] != HOLE:
+            _zero(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE)
+    return pfns
+
+
+def _fill_huge_chunks(
+    ram: Ram,
+    pages: FilePages,
+    pool: PagePool,
+    first: int,
+    count: int,
+    start_byte: int,
+    end_byte: int,
+) -> None:
+    """Give each empty 2 MiB chunk the write touches a huge page, when one is free."""
+    for chunk_no in range(first >> CHUNK_SHIFT, ((first + count - 1) >> CHUNK_SHIFT) + 1):
+        if not pages.chunk_is_empty(chunk_no):
+            continue
+        base = pool.take_huge()
+        if base is None:
+            return  # no aligned free run: small pages from here on
+        pages.assign_huge(chunk_no, base)
+        chunk_lo = chunk_no * CHUNK_PAGES * PAGE_SIZE
+        chunk_hi = chunk_lo + CHUNK_PAGES * PAGE_SIZE
+        ram_lo = base * PAGE_SIZE
+        if start_byte > chunk_lo:
+            _zero(ram, ram_lo, min(start_byte, chunk_hi) - chunk_lo)
+        if end_byte < chunk_hi:
+            lo = max(end_byte, chunk_lo)
+            _zero(ram, ram_lo + lo - chunk_lo, chunk_hi - lo)
+
+
+def _zero(ram: Ram, ram_byte: int, length: int) -> None:
+    ram.pages.reshape(-1)[ram_byte : ram_byte + length] = 0
+
+
+def _copy_runs(
+    ram: Ram,
+    pfns: PfnArray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    in_off: int,
+    buf: memoryview,
+    *,
+    to_ram: bool,
+) -> None:
+    """Copy between *buf* (the request, starting *in_off* into page 0) and the runs' pages."""
+    count = len(pfns)
+    if len(starts) > _MAX_LOOPED_RUNS and count > 2:
+        # Many scattered pages: the two edge pages by slice, the full middle pages at once.
+        _copy_span(ram, pfns, 0, 1, in_off, buf, to_ram)
+        _copy_span(ram, pfns, count - 1, count, in_off, buf, to_ram)
+        mid = pfns[1 : count - 1]
+        lo = PAGE_SIZE - in_off
+        flat = np.frombuffer(buf, dtype=np.uint8)[lo : lo + len(mid) * PAGE_SIZE]
+        window = flat.reshape(len(mid), PAGE_SIZE)
+        present = mid != HOLE
+        if to_ram:
+            ram.pages[mid[present]] = window[present]
+        else:
+            window[present] = ram.pages[mid[present]]
+        return
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        _copy_span(ram, pfns, start, end, in_off, buf, to_ram)
+
+
+def _copy_span(
+    ram: Ram, pfns: PfnArray, start: int, end: int, in_off: int, buf: memoryview, to_ram: bool
+) -> None:
+    """Copy pages [start, end) of the request, which are consecutive in RAM (or a hole)."""
+    pfn = int(pfns[start])
+    if pfn == HOLE:
+        return
+    buf_lo = max(0, start * PAGE_SIZE - in_off)
+    buf_hi = min(len(buf), end * PAGE_SIZE - in_off)
+    if buf_hi <= buf_lo:
+        return
+    ram_lo = pfn * PAGE_SIZE + (in_off if start == 0 else 0)
+    ram_hi = ram_lo + buf_hi - buf_lo
+    if to_ram:
+        ram.buffer[ram_lo:ram_hi] = buf[buf_lo:buf_hi]
+    else:
+        buf[buf_lo:buf_hi] = ram.buffer[ram_lo:ram_hi]

@@ -1,0 +1,185 @@
+"""``pkramfs`` / ``mount.pkramfs``: mount a pkramfs, or forward ``-o remount,...`` to its daemon.
+
+Usage (the mount helper convention): ``pkramfs SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-d]``.
+The command returns once the mount is live; the daemon then runs detached (``-f`` keeps it in
+the foreground, ``-d`` logs debug output). Called as ``mount.pkramfs`` by mount(8), ``-f`` means
+"fake" as for every mount helper, and ``-n``, ``-s``, ``-v`` are accepted.
+
+Exit codes (those of mount(8)): 0 mounted; 1 bad invocation or bad option (a one-line message
+names it; nothing is mounted); 32 the mount or remount failed (the message says why).
+"""
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kexec_sim.errors import MachineError
+from kexec_sim.machine import Machine
+
+from . import control
+from .errors import MountError, OptionError, PkramfsError
+from .options import MountOptions, parse_options, split_option_list
+
+EXIT_USAGE = 1
+EXIT_FAILED = 32
+REMOUNT_ONLY = ("remount", "preserve")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise OptionError(message)
+
+
+def _parse_args(argv: list[str], helper: bool) -> argparse.Namespace:
+    parser = _Parser(prog="mount.pkramfs" if helper else "pkramfs", add_help=True)
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-f", dest="flag_f", action="store_true")
+    parser.add_argument("-d", dest="debug", action="store_true")
+    if helper:
+        for flag in ("-n", "-s", "-v"):
+            parser.add_argument(flag, action="store_true")
+        parser.add_argument("-t", dest="fstype")
+        parser.add_argument("-N", dest="namespace")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``pkramfs`` and ``mount.pkramfs``; returns the exit code."""
+    helper = Path(sys.argv[0]).name.startswith("mount.")
+    try:
+        args = _parse_args(sys.argv[1:] if argv is None else argv, helper)
+        items = [item for text in args.options for item in split_option_list(text)]
+        options = parse_options(items)
+        if options.remount:
+            return _remount(args.mountpoint, items, options)
+        if options.preserve:
+            raise OptionError("'preserve' only goes with 'remount'")
+        if helper and args.flag_f:
+            return 0  # mount -f: fake it
+        machine = Machine.open(options.machine)
+        options = parse_options(items, ram_bytes=machine.ram_bytes)
+        options.fsname = options.fsname or (None if args.source == "none" else args.source)
+        mountpoint = _check_mountpoint(args.mountpoint)
+        foreground = args.flag_f and not helper
+        return _mount(options, mountpoint, foreground=foreground, debug=args.debug)
+    except OptionError as exc:
+        print(f"pkramfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PkramfsError, MachineError) as exc:
+        print(f"pkramfs: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _check_mountpoint(path: str) -> str:
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise MountError(f"mount point {path} does not exist or is not a directory")
+    return real
+
+
+def _remount(mountpoint: str, items: list[str], options: MountOptions) -> int:
+    """Forward ``-o remount,...`` to the daemon, then apply ro/rw to the kernel's mount."""
+    mountpoint = _check_mountpoint(mountpoint)
+    if options.preserve:
+        raise MountError("remount,preserve is not available yet")
+    forwarded = [item for item in items if item not in REMOUNT_ONLY]
+    changes_mode = "ro" in options.kernel_flags or "rw" in options.kernel_flags
+    if changes_mode and not options.read_only:
+        _kernel_remount(mountpoint, "rw")  # the control file is writable only on a rw mount
+    control.send_command(mountpoint, "remount", options=forwarded)
+    if changes_mode and options.read_only:
+        _kernel_remount(mountpoint, "ro")  # after the daemon: it refuses writes from now on
+    return 0
+
+
+def _kernel_remount(mountpoint: str, flag: str) -> None:
+    """Set the kernel's ro/rw flag of the mount without calling this helper again (-i)."""
+    result = subprocess.run(
+        ["mount", "-i", "-o", f"remount,{flag}", mountpoint],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise MountError(f"remount,{flag} of {mountpoint}: {result.stderr.strip()}")
+
+
+def _mount(options: MountOptions, mountpoint: str, *, foreground: bool, debug: bool) -> int:
+    if foreground:
+        _setup_logging(debug)
+        return _run_daemon(options, mountpoint, _print_error)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            _detach_stdio(options, debug)
+
+            def report(error: str | None) -> None:
+                os.write(write_fd, (error or "").encode() or b"\n")
+                os.close(write_fd)
+
+            code = _run_daemon(options, mountpoint, report)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message or _child_failed(pid):
+        print(f"pkramfs: {message or 'the mount daemon died while mounting'}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _child_failed(pid: int) -> bool:
+    """Whether the daemon already exited with an error (it never reported readiness)."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    return done != 0 and os.waitstatus_to_exitcode(status) != 0
+
+
+def _run_daemon(options: MountOptions, mountpoint: str, ready: Callable[[str | None], None]) -> int:
+    from .daemon import serve  # imports pyfuse3: only the daemon needs it
+    from .filesystem import PkramFilesystem
+
+    try:
+        fs = PkramFilesystem(options, mountpoint=mountpoint)
+    except (PkramfsError, MachineError) as exc:
+        ready(str(exc))
+        return EXIT_FAILED
+    return serve(fs, ready)
+
+
+def _print_error(error: str | None) -> None:
+    if error:
+        print(f"pkramfs: {error}", file=sys.stderr)
+
+
+def _detach_stdio(options: MountOptions, debug: bool) -> None:
+    """Point stdin at /dev/null and stdout/stderr at the mount's log file."""
+    machine = Machine.open(options.machine)
+    log_dir = machine.path / "logs"
+    log_dir.mkdir(mode=0o700, exist_ok=True)
+    log_path = log_dir / f"pkramfs-{options.pkram or 'anon'}-{os.getpid()}.log"
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    os.close(log_fd)
+    _setup_logging(debug)
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )

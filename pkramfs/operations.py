@@ -1,0 +1,324 @@
+"""The FUSE operations: a thin translation from pyfuse3 requests to the Tree and back.
+
+This is the only place that turns pkramfs errors into errnos (``FUSEError``). Handlers await
+nothing between reading and changing state, so each request is atomic with respect to others.
+"""
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import msgpack
+import pyfuse3
+
+from kexec_sim.pages import PAGE_SIZE
+
+from . import control
+from .errors import FsError, PkramfsError
+from .filesystem import PkramFilesystem
+from .inode import Inode
+from .tree import NAME_MAX
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT_S = 1.0
+ENTRY_TIMEOUT_S = 1.0
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over one PkramFilesystem."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: PkramFilesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.tree = fs.tree
+        self._dir_snapshots: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir_fh = 1
+        self._last_control_error = b""
+
+    # --- attributes -----------------------------------------------------------------------
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.ino
+        entry.generation = 0
+        entry.entry_timeout = ENTRY_TIMEOUT_S
+        entry.attr_timeout = ATTR_TIMEOUT_S
+        entry.st_mode = inode.mode
+        entry.st_nlink = inode.nlink
+        entry.st_uid = inode.uid
+        entry.st_gid = inode.gid
+        entry.st_rdev = inode.rdev
+        entry.st_size = inode.reported_size
+        entry.st_blksize = PAGE_SIZE
+        entry.st_blocks = inode.blocks_512
+        entry.st_atime_ns = inode.atime_ns
+        entry.st_mtime_ns = inode.mtime_ns
+        entry.st_ctime_ns = inode.ctime_ns
+        return entry
+
+    def _control_attrs(self) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = control.CONTROL_INO
+        entry.st_mode = stat.S_IFREG | 0o600
+        entry.st_nlink = 1
+        entry.st_uid = entry.st_gid = 0
+        entry.st_blksize = PAGE_SIZE
+        now = self.fs.started_ns
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = now
+        entry.entry_timeout = entry.attr_timeout = 0
+        return entry
+
+    # --- namespace --------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE and name == control.CONTROL_NAME:
+            return self._control_attrs()
+        return self._attrs(_call(self.tree.lookup, parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            if ino != control.CONTROL_INO:
+                self.tree.forget(ino, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == control.CONTROL_INO:
+            return self._control_attrs()
+        return self._attrs(_call(self.tree.get, inode))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if inode == control.CONTROL_INO:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        result = _call(
+            self.tree.setattr,
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        return self._attrs(result)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = _call(self.tree.get, inode).target
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return target
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = _call(self.tree.mknod, parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        return self._attrs(inode)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attrs(_call(self.tree.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = _call(self.tree.symlink, parent_inode, name, target, ctx.uid, ctx.gid)
+        return self._attrs(inode)
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if inode == control.CONTROL_INO:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attrs(_call(self.tree.link, inode, new_parent_inode, new_name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_control_name(parent_inode, name)
+        _call(self.tree.unlink, parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_control_name(parent_inode, name)
+        _call(self.tree.rmdir, parent_inode, name)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._refuse_control_name(parent_inode_old, name_old)
+        self._refuse_control_name(parent_inode_new, name_new)
+        _call(self.tree.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    def _refuse_control_name(self, parent_inode: int, name: bytes) -> None:
+        if parent_inode == pyfuse3.ROOT_INODE and name == control.CONTROL_NAME:
+            raise pyfuse3.FUSEError(errno.EPERM)
+
+    # --- files ------------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode == control.CONTROL_INO:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        fh = _call(self.tree.open, inode, flags)
+        return self._file_info(fh, flags)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._refuse_control_name(parent_inode, name)
+        fh, inode = _call(self.tree.create, parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return self._file_info(fh, flags), self._attrs(inode)
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        # Write-only handles bypass the page cache: the kernel then does not ask for
+        # security.capability before every write (file_remove_privs runs only on the cached
+        # write path), and a write-only descriptor cannot be mmap'ed anyway.
+        write_only = flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=fh, direct_io=write_only, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # pyfuse3 takes any buffer (it replies from the buffer protocol): a memoryview of RAM
+        # goes to the kernel without a copy in Python.
+        return _call(self.tree.read, fh, off, size)  # type: ignore[return-value]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return _call(self.tree.write, fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        self.tree.release(fh)
+
+    # --- directories ------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entries = _call(self.tree.list_dir, inode)
+        directory = self.tree.get(inode)
+        snapshot = [(b".", inode), (b"..", directory.parent_ino), *entries]
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dir_snapshots[fh] = snapshot
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        snapshot = self._dir_snapshots.get(fh)
+        if snapshot is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        for index in range(start_id, len(snapshot)):
+            name, ino = snapshot[index]
+            inode = self.tree.inodes.get(ino)
+            if inode is None:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
+                return
+            if index >= 2:  # '.' and '..' do not count as lookups
+                inode.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_snapshots.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        figures = self.tree.stats()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = PAGE_SIZE
+        data.f_blocks = figures.total_pages
+        data.f_bfree = data.f_bavail = figures.free_pages
+        data.f_files = figures.total_inodes
+        data.f_ffree = data.f_favail = figures.free_inodes
+        data.f_namemax = NAME_MAX
+        return data
+
+    # --- extended attributes (and the control file's commands) ------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == control.CONTROL_INO:
+            return self._control_query(name)
+        return _call(self.tree.getxattr, inode, name)
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if inode == control.CONTROL_INO:
+            self._control_command(name, value, ctx)
+            return
+        _call(self.tree.setxattr, inode, name, value)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if inode == control.CONTROL_INO:
+            return []
+        return _call(self.tree.listxattr, inode)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == control.CONTROL_INO:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        _call(self.tree.removexattr, inode, name)
+
+    def _control_query(self, name: bytes) -> bytes:
+        if name == control.STATUS_XATTR:
+            packed: bytes = msgpack.packb(self.fs.status(), use_bin_type=True)
+            return packed
+        if name == control.ERROR_XATTR:
+            return self._last_control_error
+        if name == control.CLAIMS_XATTR:
+            return self.fs.dump_claims().encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _control_command(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if ctx.uid != 0:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if name != control.COMMAND_XATTR:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        try:
+            request = control.decode_request(value)
+            self._run_command(request)
+        except (ValueError, PkramfsError) as exc:
+            self._last_control_error = str(exc).encode()
+            code = exc.errno if isinstance(exc, FsError) else errno.EINVAL
+            raise pyfuse3.FUSEError(code) from None
+        self._last_control_error = b""
+
+    def _run_command(self, request: dict[str, Any]) -> None:
+        cmd = request["cmd"]
+        if cmd == "remount":
+            options = request.get("options")
+            if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+                raise ValueError("remount needs a list of option strings")
+            self.fs.remount(options)
+        else:
+            raise ValueError(f"unknown command {cmd!r}")
+
+
+def _call(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run a tree operation, turning FsError into the FUSE errno."""
+    try:
+        return fn(*args, **kwargs)
+    except FsError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None

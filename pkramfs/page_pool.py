@@ -1,0 +1,93 @@
+"""A mount's page allocator: pages taken from the machine in batches, limited by ``size=``.
+
+The machine's ownership map is shared by every mount and guarded by a cross-process lock; taking
+pages one write at a time would take that lock on every write. The pool takes a batch at once
+(owned by this mount in the map from then on) and hands pages out locally. Pages in the pool
+belong to the mount but to no file: the ownership checker counts both.
+"""
+
+import errno
+
+import numpy as np
+
+from kexec_sim.errors import OutOfMemory
+from kexec_sim.ownership import PageOwnership
+from kexec_sim.pages import HUGE_PAGES, PfnArray
+
+from .errors import FsError
+
+BATCH_PAGES = 2048  # 8 MiB a lock
+MAX_IDLE_PAGES = 4 * BATCH_PAGES  # above this, pages given back go back to the machine
+
+
+class PagePool:
+    """Hand out and take back pages of one mount; ``limit_pages`` 0 means no ``size=`` limit."""
+
+    __slots__ = ("_free", "_ownership", "limit_pages", "owner_id", "used_pages")
+
+    def __init__(self, ownership: PageOwnership, owner_id: int, limit_pages: int) -> None:
+        self._ownership = ownership
+        self.owner_id = owner_id
+        self.limit_pages = limit_pages
+        self.used_pages = 0  # pages held by files (the pool's own idle pages not included)
+        self._free: PfnArray = np.empty(0, dtype=np.int64)
+
+    @property
+    def idle_pages(self) -> PfnArray:
+        """Pages owned by the mount but held by no file."""
+        return self._free
+
+    def available_pages(self) -> int:
+        """Pages a file may still take before ``size=`` is reached (machine RAM aside)."""
+        if self.limit_pages == 0:
+            return len(self._free) + self._ownership.free_pages()
+        return max(0, self.limit_pages - self.used_pages)
+
+    def take(self, n_pages: int) -> PfnArray:
+        """Return *n_pages* pages for a file; raise FsError(ENOSPC), taking none, if impossible."""
+        if n_pages == 0:
+            return np.empty(0, dtype=np.int64)
+        self._check_limit(n_pages)
+        if len(self._free) < n_pages:
+            want = n_pages - len(self._free)
+            try:
+                batch = self._ownership.allocate(self.owner_id, max(want, BATCH_PAGES))
+            except OutOfMemory:
+                try:
+                    batch = self._ownership.allocate(self.owner_id, want)
+                except OutOfMemory:
+                    raise FsError(errno.ENOSPC, "the machine's RAM is full") from None
+            self._free = np.concatenate([self._free, batch])
+        pages, self._free = self._free[:n_pages], self._free[n_pages:]
+        self.used_pages += n_pages
+        return pages
+
+    def take_huge(self) -> int | None:
+        """Return the base pfn of a free aligned 2 MiB run for a file, or None if there is none."""
+        self._check_limit(HUGE_PAGES)
+        try:
+            base = int(self._ownership.allocate_huge(self.owner_id, 1)[0])
+        except OutOfMemory:
+            return None
+        self.used_pages += HUGE_PAGES
+        return base
+
+    def give_back(self, pfns: PfnArray) -> None:
+        """Take back pages a file no longer holds; keep a few idle, return the rest."""
+        if len(pfns) == 0:
+            return
+        self.used_pages -= len(pfns)
+        self._free = np.concatenate([self._free, pfns])
+        if len(self._free) > MAX_IDLE_PAGES:
+            excess, self._free = self._free[BATCH_PAGES:], self._free[:BATCH_PAGES]
+            self._ownership.free(self.owner_id, excess)
+
+    def release_all(self) -> None:
+        """Return the idle pages to the machine (at unmount)."""
+        if len(self._free):
+            self._ownership.free(self.owner_id, self._free)
+        self._free = np.empty(0, dtype=np.int64)
+
+    def _check_limit(self, n_pages: int) -> None:
+        if self.limit_pages and self.used_pages + n_pages > self.limit_pages:
+            raise FsError(errno.ENOSPC, "the mount's size= limit is reached")

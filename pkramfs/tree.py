@@ -1,0 +1,589 @@
+"""The filesystem model: the inode table and every tmpfs operation on it, FUSE aside.
+
+Every method is synchronous and completes its state change without yielding, so requests are
+atomic with respect to each other (the FUSE layer awaits nothing in between). Failures raise
+FsError with the errno kernel tmpfs gives; the FUSE layer only translates. Permission checks are
+the kernel's (``default_permissions``); what the VFS cannot know (emptiness, name length, space)
+is checked here.
+"""
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.ram import Ram
+
+from . import file_data
+from .errors import FsError
+from .inode import Inode
+from .page_pool import PagePool
+
+ROOT_INO = 1
+FIRST_FREE_INO = 3  # 2 is the hidden control file's
+NAME_MAX = 255
+MAX_FILE_BYTES = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_SPACE_MAX = 1 << 20  # per inode, names plus values
+RELATIME_WINDOW_NS = 24 * 3600 * 10**9
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass
+class OpenFile:
+    """An open file handle: the inode and whether it may write."""
+
+    ino: int
+    writable: bool
+    append: bool
+
+
+@dataclass
+class FsStats:
+    """What statfs reports, in pages and inodes."""
+
+    total_pages: int
+    free_pages: int
+    total_inodes: int
+    free_inodes: int
+
+
+class Tree:
+    """The inode table of one mount and the operations on it."""
+
+    def __init__(
+        self,
+        ram: Ram,
+        pool: PagePool,
+        *,
+        root_mode: int,
+        root_uid: int,
+        root_gid: int,
+        max_inodes: int,
+        huge: bool,
+    ) -> None:
+        self.ram = ram
+        self.pool = pool
+        self.max_inodes = max_inodes  # 0: unlimited
+        self.huge = huge
+        self.read_only = False
+        self.inodes: dict[int, Inode] = {}
+        self.handles: dict[int, OpenFile] = {}
+        self._next_ino = FIRST_FREE_INO
+        self._next_fh = 1
+        root = Inode(ROOT_INO, stat.S_IFDIR | root_mode, root_uid, root_gid, time.time_ns())
+        root.nlink = 2
+        root.parent_ino = ROOT_INO
+        root.lookups = 1  # the kernel holds the root forever
+        self.inodes[ROOT_INO] = root
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode:
+        """Return inode *ino*; raise FsError(ENOENT) if there is none (stale kernel reference)."""
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT, f"no inode {ino}") from None
+
+    def directory(self, ino: int) -> Inode:
+        """Return directory *ino*; raise ENOTDIR if it is something else."""
+        inode = self.get(ino)
+        if inode.entries is None:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def child(self, parent_ino: int, name: bytes) -> Inode:
+        """Return the inode *name* refers to in directory *parent_ino* (ENOENT if none)."""
+        parent = self.directory(parent_ino)
+        _check_name(name)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return self.get(parent.parent_ino)
+        assert parent.entries is not None
+        child_ino = parent.entries.get(name)
+        if child_ino is None:
+            raise FsError(errno.ENOENT)
+        return self.inodes[child_ino]
+
+    def lookup(self, parent_ino: int, name: bytes) -> Inode:
+        """Like `child`, and count one more kernel reference to the result."""
+        inode = self.child(parent_ino, name)
+        inode.lookups += 1
+        return inode
+
+    def forget(self, ino: int, count: int) -> None:
+        """Drop *count* kernel references; free the inode when nothing refers to it."""
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups = max(0, inode.lookups - count)
+        self._free_if_unreferenced(inode)
+
+    def list_dir(self, ino: int) -> list[tuple[bytes, int]]:
+        """Return a snapshot of a directory's entries (name, inode), '.' and '..' excluded."""
+        directory = self.directory(ino)
+        assert directory.entries is not None
+        self._touch_atime(directory)
+        return list(directory.entries.items())
+
+    # --- creating ---------------------------------------------------------------------------
+
+    def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Inode:
+        """Create a regular file, fifo, socket or device node."""
+        kind = stat.S_IFMT(mode)
+        if kind == 0:
+            mode |= stat.S_IFREG
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        inode = self._new_child(parent_ino, name, mode, uid, gid)
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            inode.rdev = rdev
+        return inode
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        """Create a directory."""
+        inode = self._new_child(parent_ino, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        return inode
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        """Create a symbolic link to *target*."""
+        if len(target) >= PAGE_SIZE:
+            raise FsError(errno.ENAMETOOLONG)
+        inode = self._new_child(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
+        inode.target = target
+        inode.size_bytes = len(target)
+        return inode
+
+    def link(self, ino: int, parent_ino: int, name: bytes) -> Inode:
+        """Add a hard link *name* in *parent_ino* to inode *ino*."""
+        self._check_writable()
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        parent = self._free_slot(parent_ino, name)
+        assert parent.entries is not None
+        parent.entries[name] = ino
+        inode.nlink += 1
+        now = time.time_ns()
+        inode.ctime_ns = now
+        parent.mtime_ns = parent.ctime_ns = now
+        inode.lookups += 1
+        return inode
+
+    def _new_child(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        self._check_writable()
+        parent = self._free_slot(parent_ino, name)
+        if self.max_inodes and len(self.inodes) >= self.max_inodes:
+            raise FsError(errno.ENOSPC, "nr_inodes limit reached")
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        inode = Inode(self._next_ino, mode, uid, gid, now)
+        self._next_ino += 1
+        inode.nlink = 2 if inode.is_dir else 1
+        if inode.is_dir:
+            inode.parent_ino = parent.ino
+            parent.nlink += 1
+        assert parent.entries is not None
+        parent.entries[name] = inode.ino
+        parent.mtime_ns = parent.ctime_ns = now
+        self.inodes[inode.ino] = inode
+        inode.lookups += 1
+        return inode
+
+    def _free_slot(self, parent_ino: int, name: bytes) -> Inode:
+        """Return the parent directory after checking *name* can be created in it."""
+        parent = self.directory(parent_ino)
+        _check_name(name)
+        if parent.nlink == 0:
+            raise FsError(errno.ENOENT)  # the directory was removed
+        assert parent.entries is not None
+        if name in (b".", b"..") or name in parent.entries:
+            raise FsError(errno.EEXIST)
+        return parent
+
+    # --- removing ---------------------------------------------------------------------------
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        """Remove the name of a non-directory."""
+        self._check_writable()
+        parent = self.directory(parent_ino)
+        inode = self.child(parent_ino, name)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        assert parent.entries is not None
+        del parent.entries[name]
+        now = time.time_ns()
+        parent.mtime_ns = parent.ctime_ns = now
+        inode.ctime_ns = now
+        inode.nlink -= 1
+        self._free_if_unreferenced(inode)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        """Remove an empty directory."""
+        self._check_writable()
+        parent = self.directory(parent_ino)
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        inode = self.child(parent_ino, name)
+        if inode.entries is None:
+            raise FsError(errno.ENOTDIR)
+        if inode.entries:
+            raise FsError(errno.ENOTEMPTY)
+        assert parent.entries is not None
+        del parent.entries[name]
+        parent.nlink -= 1
+        now = time.time_ns()
+        parent.mtime_ns = parent.ctime_ns = now
+        inode.ctime_ns = now
+        inode.nlink = 0
+        self._free_if_unreferenced(inode)
+
+    def _free_if_unreferenced(self, inode: Inode) -> None:
+        if inode.ino == ROOT_INO or not inode.is_unreferenced():
+            return
+        if inode.pages is not None:
+            file_data.free_all(inode.pages, self.pool)
+        del self.inodes[inode.ino]
+
+    # --- renaming ---------------------------------------------------------------------------
+
+    def rename(
+        self,
+        old_parent_ino: int,
+        old_name: bytes,
+        new_parent_ino: int,
+        new_name: bytes,
+        flags: int = 0,
+    ) -> None:
+        """Rename as rename(2)/renameat2(2) on tmpfs: overwrite, NOREPLACE or EXCHANGE."""
+        self._check_writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        old_parent = self.directory(old_parent_ino)
+        new_parent = self.directory(new_parent_ino)
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise FsError(errno.EBUSY if old_name in (b".", b"..") else errno.EEXIST)
+        moved = self.child(old_parent_ino, old_name)
+        _check_name(new_name)
+        assert old_parent.entries is not None and new_parent.entries is not None
+        target_ino = new_parent.entries.get(new_name)
+        target = None if target_ino is None else self.inodes[target_ino]
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise FsError(errno.ENOENT)
+            self._exchange(old_parent, old_name, moved, new_parent, new_name, target)
+            return
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if target is moved:
+            return  # two names of one inode: rename does nothing
+        if moved.is_dir:
+            self._check_not_into_itself(moved, new_parent)
+            if target is not None:
+                if not target.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                assert target.entries is not None
+                if target.entries:
+                    raise FsError(errno.ENOTEMPTY)
+        elif target is not None and target.is_dir:
+            raise FsError(errno.EISDIR)
+        if new_parent.nlink == 0:
+            raise FsError(errno.ENOENT)
+        now = time.time_ns()
+        if target is not None:
+            if target.is_dir:
+                target.nlink = 0
+                new_parent.nlink -= 1
+            else:
+                target.nlink -= 1
+            target.ctime_ns = now
+        del old_parent.entries[old_name]
+        new_parent.entries[new_name] = moved.ino
+        if moved.is_dir and old_parent is not new_parent:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+            moved.parent_ino = new_parent.ino
+        moved.ctime_ns = now
+        old_parent.mtime_ns = old_parent.ctime_ns = now
+        new_parent.mtime_ns = new_parent.ctime_ns = now
+        if target is not None:
+            self._free_if_unreferenced(target)
+
+    def _exchange(
+        self,
+        old_parent: Inode,
+        old_name: bytes,
+        a: Inode,
+        new_parent: Inode,
+        new_name: bytes,
+        b: Inode,
+    ) -> None:
+        if a is b:
+            return
+        if a.is_dir:
+            self._check_not_into_itself(a, new_parent)
+        if b.is_dir:
+            self._check_not_into_itself(b, old_parent)
+        assert old_parent.entries is not None and new_parent.entries is not None
+        old_parent.entries[old_name] = b.ino
+        new_parent.entries[new_name] = a.ino
+        if old_parent is not new_parent and a.is_dir != b.is_dir:
+            into_new, into_old = (1, -1) if a.is_dir else (-1, 1)
+            new_parent.nlink += into_new
+            old_parent.nlink += into_old
+        if a.is_dir:
+            a.parent_ino = new_parent.ino
+        if b.is_dir:
+            b.parent_ino = old_parent.ino
+        now = time.time_ns()
+        a.ctime_ns = b.ctime_ns = now
+        old_parent.mtime_ns = old_parent.ctime_ns = now
+        new_parent.mtime_ns = new_parent.ctime_ns = now
+
+    def _check_not_into_itself(self, moved: Inode, new_parent: Inode) -> None:
+        """EINVAL if *new_parent* is *moved* or one of its descendants."""
+        ino = new_parent.ino
+        while True:
+            if ino == moved.ino:
+                raise FsError(errno.EINVAL)
+            if ino == ROOT_INO:
+                return
+            ino = self.inodes[ino].parent_ino
+
+    # --- attributes -------------------------------------------------------------------------
+
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Inode:
+        """Change attributes as chmod/chown/truncate/utimensat do; ctime follows any change."""
+        self._check_writable()
+        inode = self.get(ino)
+        now = time.time_ns()
+        changed = False
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL)
+            self.truncate(inode, size)
+            changed = True
+        if mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+            changed = True
+        if uid is not None and uid != 0xFFFFFFFF:
+            inode.uid = uid
+            changed = True
+        if gid is not None and gid != 0xFFFFFFFF:
+            inode.gid = gid
+            changed = True
+        if atime_ns is not None:
+            inode.atime_ns = atime_ns
+            changed = True
+        if mtime_ns is not None:
+            inode.mtime_ns = mtime_ns
+            changed = True
+        if changed:
+            inode.ctime_ns = now if ctime_ns is None else ctime_ns
+        elif ctime_ns is not None:
+            inode.ctime_ns = ctime_ns
+        return inode
+
+    def truncate(self, inode: Inode, size: int) -> None:
+        """Set a regular file's size: pages past the end are freed, growing is sparse."""
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size > MAX_FILE_BYTES:
+            raise FsError(errno.EFBIG)
+        assert inode.pages is not None
+        if size == inode.size_bytes:
+            return
+        file_data.truncate(self.ram, inode.pages, self.pool, inode.size_bytes, size)
+        inode.size_bytes = size
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+
+    # --- open files and data ----------------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> int:
+        """Open inode *ino* with open(2) *flags* (O_TRUNC applied here); return a handle."""
+        inode = self.get(ino)
+        accmode = flags & os.O_ACCMODE
+        writable = accmode in (os.O_WRONLY, os.O_RDWR)
+        if writable:
+            self._check_writable()
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and inode.is_reg and writable:
+            self.truncate(inode, 0)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = OpenFile(ino, writable, bool(flags & os.O_APPEND))
+        inode.open_handles += 1
+        return fh
+
+    def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[int, Inode]:
+        """Create a regular file and open it (O_CREAT|O_EXCL is the kernel's to enforce)."""
+        inode = self.mknod(parent_ino, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        return self.open(inode.ino, flags & ~os.O_TRUNC), inode
+
+    def release(self, fh: int) -> None:
+        """Close a handle; free the inode if that was the last reference."""
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        inode = self.inodes.get(handle.ino)
+        if inode is not None:
+            inode.open_handles -= 1
+            self._free_if_unreferenced(inode)
+
+    def handle(self, fh: int) -> OpenFile:
+        """Return open handle *fh* (EBADF if unknown)."""
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def writers(self) -> int:
+        """How many handles are open for writing."""
+        return sum(1 for h in self.handles.values() if h.writable)
+
+    def read(self, fh: int, off: int, length: int) -> bytes | bytearray | memoryview:
+        """Read from an open regular file."""
+        inode = self.get(self.handle(fh).ino)
+        if inode.pages is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+        self._touch_atime(inode)
+        return file_data.read(self.ram, inode.pages, inode.size_bytes, off, length)
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        """Write to an open regular file; return the bytes written (all of them)."""
+        self._check_writable()
+        handle = self.handle(fh)
+        inode = self.get(handle.ino)
+        if inode.pages is None or not handle.writable:
+            raise FsError(errno.EBADF)
+        if handle.append:
+            off = inode.size_bytes
+        end = off + len(data)
+        if off < 0 or end > MAX_FILE_BYTES:
+            raise FsError(errno.EFBIG)
+        file_data.write(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
+        if end > inode.size_bytes:
+            inode.size_bytes = end
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        return len(data)
+
+    def _touch_atime(self, inode: Inode) -> None:
+        """Update atime as relatime does: only if it is not newer than mtime/ctime or a day old."""
+        if self.read_only:
+            return
+        now = time.time_ns()
+        if (
+            inode.atime_ns <= inode.mtime_ns
+            or inode.atime_ns <= inode.ctime_ns
+            or now - inode.atime_ns >= RELATIME_WINDOW_NS
+        ):
+            inode.atime_ns = now
+
+    # --- extended attributes ----------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        """Return the value of xattr *name* (ENODATA if absent)."""
+        inode = self.get(ino)
+        _check_xattr_name(name)
+        try:
+            return inode.xattrs[name]
+        except KeyError:
+            raise FsError(errno.ENODATA) from None
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        """Create or replace xattr *name*."""
+        self._check_writable()
+        inode = self.get(ino)
+        _check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        old = inode.xattrs.get(name)
+        used = sum(len(k) + len(v) for k, v in inode.xattrs.items())
+        used += len(name) + len(value) - (0 if old is None else len(name) + len(old))
+        if used > XATTR_SPACE_MAX:
+            raise FsError(errno.ENOSPC)
+        inode.xattrs[name] = value
+        inode.ctime_ns = time.time_ns()
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Return the names of an inode's xattrs."""
+        return list(self.get(ino).xattrs)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove xattr *name* (ENODATA if absent)."""
+        self._check_writable()
+        inode = self.get(ino)
+        _check_xattr_name(name)
+        if inode.xattrs.pop(name, None) is None:
+            raise FsError(errno.ENODATA)
+        inode.ctime_ns = time.time_ns()
+
+    # --- the whole mount --------------------------------------------------------------------
+
+    def stats(self) -> FsStats:
+        """Return statfs figures: pages against size=, inodes against nr_inodes=."""
+        used = self.pool.used_pages
+        total = self.pool.limit_pages or used + self.pool.available_pages()
+        inodes = len(self.inodes)
+        max_inodes = self.max_inodes or inodes + 1_000_000
+        return FsStats(total, max(0, total - used), max_inodes, max(0, max_inodes - inodes))
+
+    def owned_pfns(self) -> PfnArray:
+        """Every pfn the mount holds: its files' pages and the pool's idle ones."""
+        parts = [i.pages.all_pfns() for i in self.inodes.values() if i.pages is not None]
+        parts.append(self.pool.idle_pages)
+        return np.concatenate(parts)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"/" in name or not name:
+        raise FsError(errno.EINVAL)
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name or len(name) > XATTR_NAME_MAX:
+        raise FsError(errno.ERANGE)
+    if not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES:
+        raise FsError(errno.EOPNOTSUPP)

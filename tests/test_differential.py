@@ -1,0 +1,205 @@
+"""Differential test: one random sequence of operations on kernel tmpfs and on pkramfs.
+
+Every operation's result or errno must match, and afterwards the two trees must be identical:
+listings, file contents, symlink targets, xattrs and stat (type, mode, size, nlink, uid, gid).
+"""
+
+import ctypes
+import errno
+import os
+import random
+import shutil
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .conftest import Mounts
+
+pytestmark = pytest.mark.mounted
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE
+
+# Few names, shallow: operations keep meeting the same files, so state builds up.
+names = st.sampled_from(["a", "b"])
+paths = st.lists(names, min_size=1, max_size=2).map("/".join)
+offsets = st.sampled_from([0, 1, 100, 4095, 4096, 4097, 8191, 3 * 4096 + 7, 100_000, 1 << 21])
+lengths = st.sampled_from([0, 1, 10, 4096, 5000, 12_289, 70_000])
+modes = st.sampled_from([0o600, 0o644, 0o755, 0o700, 0o777, 0o1777, 0o2755, 0o4755])
+xattr_names = st.sampled_from(["user.a", "user.b", "trusted.t", "security.s", "os2.bad"])
+
+operations = st.one_of(
+    st.tuples(st.just("create"), paths, modes),
+    st.tuples(
+        st.just("write"),
+        paths,
+        offsets,
+        lengths,
+        st.integers(0, 9),
+        st.sampled_from(["", "append", "trunc"]),
+    ),
+    st.tuples(st.just("read"), paths, offsets, lengths),
+    st.tuples(st.just("truncate"), paths, st.sampled_from([0, 1, 4095, 4096, 5000, 1 << 20])),
+    st.tuples(st.just("mkdir"), paths, modes),
+    st.tuples(st.just("rmdir"), paths),
+    st.tuples(st.just("unlink"), paths),
+    st.tuples(st.just("rename"), paths, paths, st.sampled_from(RENAME_FLAGS)),
+    st.tuples(st.just("link"), paths, paths),
+    st.tuples(st.just("symlink"), st.sampled_from(["a", "../b", "/nowhere", "c/a"]), paths),
+    st.tuples(st.just("readlink"), paths),
+    st.tuples(st.just("mkfifo"), paths),
+    st.tuples(st.just("chmod"), paths, modes),
+    st.tuples(st.just("chown"), paths, st.sampled_from([0, 1000]), st.sampled_from([0, 100])),
+    st.tuples(st.just("utime"), paths, st.integers(0, 2**40), st.integers(0, 2**40)),
+    st.tuples(
+        st.just("setxattr"),
+        paths,
+        xattr_names,
+        st.binary(max_size=20),
+        st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]),
+    ),
+    st.tuples(st.just("getxattr"), paths, xattr_names),
+    st.tuples(st.just("listxattr"), paths),
+    st.tuples(st.just("removexattr"), paths, xattr_names),
+    st.tuples(st.just("listdir"), paths),
+    st.tuples(st.just("stat"), paths),
+)
+
+
+def _stat_tuple(s: os.stat_result) -> tuple[int, ...]:
+    size = s.st_size
+    return (stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), size, s.st_nlink, s.st_uid, s.st_gid)
+
+
+def apply(root: Path, op: tuple[Any, ...]) -> tuple[str, Any]:
+    """Apply *op* under *root*; return ("ok", result) or ("err", errno name)."""
+    kind, *args = op
+    try:
+        return ("ok", _apply(root, kind, args))
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
+
+
+def _apply(root: Path, kind: str, args: list[Any]) -> Any:
+    p = str(root / args[0]) if kind != "symlink" else str(root / args[1])
+    if kind == "create":
+        os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, args[1]))
+    elif kind == "write":
+        _, off, length, seed, how = args
+        # O_NONBLOCK: opening a fifo must not wait for a peer (it has no effect on files).
+        flags = os.O_WRONLY | os.O_NONBLOCK
+        flags |= {"": 0, "append": os.O_APPEND, "trunc": os.O_TRUNC}[how]
+        data = random.Random(seed).randbytes(length)
+        fd = os.open(p, flags)
+        try:
+            return os.write(fd, data) if how == "append" else os.pwrite(fd, data, off)
+        finally:
+            os.close(fd)
+    elif kind == "read":
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.pread(fd, args[2], args[1])
+        finally:
+            os.close(fd)
+    elif kind == "truncate":
+        os.truncate(p, args[1])
+    elif kind == "mkdir":
+        os.mkdir(p, args[1])
+    elif kind == "rmdir":
+        os.rmdir(p)
+    elif kind == "unlink":
+        os.unlink(p)
+    elif kind == "rename":
+        if (
+            _libc.renameat2(_AT_FDCWD, p.encode(), _AT_FDCWD, str(root / args[1]).encode(), args[2])
+            != 0
+        ):
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    elif kind == "link":
+        os.link(p, str(root / args[1]), follow_symlinks=False)
+    elif kind == "symlink":
+        os.symlink(args[0], p)
+    elif kind == "readlink":
+        return os.readlink(p)
+    elif kind == "mkfifo":
+        os.mkfifo(p, 0o640)
+    elif kind == "chmod":
+        os.chmod(p, args[1], follow_symlinks=False) if not os.path.islink(p) else None
+    elif kind == "chown":
+        os.chown(p, args[1], args[2], follow_symlinks=False)
+    elif kind == "utime":
+        os.utime(p, ns=(args[1], args[2]), follow_symlinks=False)
+        s = os.lstat(p)
+        return (s.st_atime_ns, s.st_mtime_ns)
+    elif kind == "setxattr":
+        os.setxattr(p, args[1], args[2], args[3], follow_symlinks=False)
+    elif kind == "getxattr":
+        return os.getxattr(p, args[1], follow_symlinks=False)
+    elif kind == "listxattr":
+        return sorted(os.listxattr(p, follow_symlinks=False))
+    elif kind == "removexattr":
+        os.removexattr(p, args[1], follow_symlinks=False)
+    elif kind == "listdir":
+        return sorted(os.listdir(p))
+    elif kind == "stat":
+        return _stat_tuple(os.lstat(p))
+    else:
+        raise AssertionError(kind)
+    return None
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Everything comparable about the tree under *root*."""
+    tree: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, ""]:
+            full = os.path.join(dirpath, name) if name else dirpath
+            rel = os.path.relpath(full, root)
+            s = os.lstat(full)
+            entry: dict[str, Any] = {"stat": _stat_tuple(s)}
+            if stat.S_ISREG(s.st_mode):
+                entry["data"] = Path(full).read_bytes()
+            elif stat.S_ISLNK(s.st_mode):
+                entry["target"] = os.readlink(full)
+            if not stat.S_ISLNK(s.st_mode):
+                entry["xattrs"] = {n: os.getxattr(full, n) for n in sorted(os.listxattr(full))}
+            tree[rel] = entry
+    return tree
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(operations, min_size=1, max_size=30))
+def test_same_results_as_kernel_tmpfs(
+    ops: list[tuple[Any, ...]], shared_pair: tuple[Path, Path]
+) -> None:
+    tmpfs_base, pkram_base = shared_pair
+    case = uuid.uuid4().hex[:8]
+    ref, ours = tmpfs_base / case, pkram_base / case
+    ref.mkdir()
+    ours.mkdir()
+    try:
+        for op in ops:
+            expected = apply(ref, op)
+            got = apply(ours, op)
+            assert got == expected, f"{op}: tmpfs gave {expected}, pkramfs gave {got}"
+        assert snapshot(ours) == snapshot(ref)
+    finally:
+        shutil.rmtree(ref)
+        shutil.rmtree(ours)
+
+
+@pytest.fixture
+def shared_pair(mounts: Mounts, kernel_tmpfs: Path) -> tuple[Path, Path]:
+    """A kernel tmpfs and a pkramfs, both empty, for one hypothesis run."""
+    return kernel_tmpfs, mounts.mount("size=256M")

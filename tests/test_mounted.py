@@ -1,0 +1,244 @@
+"""Real FUSE mounts in subprocesses: the CLI, mount(8), fstab, ENOSPC, several mounts, cleanup."""
+
+import errno
+import hashlib
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from kexec_sim.machine import Machine
+from pkramfs import control
+from pkramfs.checker import check_machine
+
+from .conftest import BIN, Mounts, _wait_gone
+
+pytestmark = pytest.mark.mounted
+
+
+def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, env=env)
+
+
+def path_env() -> dict[str, str]:
+    """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+def test_write_read_md5_and_unmount_frees_pages(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mount("pkram=t1")
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    (mnt / "f").write_bytes(data)
+    subprocess.run(["sync"], check=True)
+    got = run("md5sum", str(mnt / "f")).stdout.split()[0]
+    assert got == hashlib.md5(data).hexdigest()
+    st = os.stat(mnt / "f")
+    assert st.st_size == len(data)
+    assert st.st_blocks == ((len(data) + 4095) // 4096) * 8
+    owner = control.query_status(str(mnt))["owner_id"]
+    assert machine.page_ownership().count_by_owner()[owner] >= len(data) // 4096
+    mounts.unmount(mnt)
+    assert not os.path.ismount(mnt)
+    assert machine.page_ownership().count_by_owner().get(owner, 0) == 0
+
+
+def test_control_file_is_hidden_and_root_only(mounts: Mounts) -> None:
+    mnt = mounts.mount()
+    (mnt / "visible").write_text("x")
+    assert os.listdir(mnt) == ["visible"]
+    st = os.stat(control.control_path(str(mnt)))
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == 0
+    status = control.query_status(str(mnt))
+    assert status["pid"] > 0 and status["inodes"] == 2
+
+
+def test_option_errors_mount_nothing(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mountpoint()
+    for opts, named in [("bogus", "bogus"), ("size=xyz", "size"), ("huge=maybe", "huge")]:
+        result = run(str(BIN / "pkramfs"), "none", str(mnt), "-o", f"machine={machine.path},{opts}")
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+        assert not os.path.ismount(mnt)
+    result = run(
+        str(BIN / "pkramfs"), "none", str(mnt / "missing"), "-o", f"machine={machine.path}"
+    )
+    assert result.returncode == 32 and "does not exist" in result.stderr
+
+
+def test_mount8_fuse_type_and_umount(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mountpoint()
+    result = run(
+        "mount",
+        "-t",
+        "fuse.pkramfs",
+        "-o",
+        f"machine={machine.path},size=64M",
+        "none",
+        str(mnt),
+        env=path_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    mounts.track(mnt)
+    assert os.path.ismount(mnt)
+    (mnt / "a").write_text("hello")
+    assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 64 << 20
+    pid = control.query_status(str(mnt))["pid"]
+    assert check_machine(machine) == []
+    assert run("umount", str(mnt)).returncode == 0
+    assert not os.path.ismount(mnt)
+    _wait_exit(pid)
+
+
+def test_mount8_pkramfs_type_helper(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mountpoint()
+    result = run(
+        "mount", "-t", "pkramfs", "-o", f"machine={machine.path}", "none", str(mnt), env=path_env()
+    )
+    assert result.returncode == 0, result.stderr
+    mounts.track(mnt)
+    assert os.path.ismount(mnt)
+    line = next(
+        line for line in Path("/proc/mounts").read_text().splitlines() if f" {mnt} " in line
+    )
+    assert " fuse.pkramfs " in line
+
+
+def test_fstab_mount_a(mounts: Mounts, machine: Machine, tmp_path: Path) -> None:
+    mnt = mounts.mountpoint()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        f"none {mnt} fuse.pkramfs machine={machine.path},size=32M,mode=0755,pkram=fst 0 0\n"
+    )
+    result = run("mount", "-a", "-T", str(fstab), env=path_env())
+    assert result.returncode == 0, result.stderr
+    mounts.track(mnt)
+    assert os.path.ismount(mnt)
+    assert os.stat(mnt).st_mode & 0o7777 == 0o755
+    assert control.query_status(str(mnt))["pkram"] == "fst"
+
+
+def test_remount_ro_and_rw(mounts: Mounts) -> None:
+    mnt = mounts.mount()
+    (mnt / "f").write_text("before")
+    result = run("mount", "-o", "remount,ro", str(mnt), env=path_env())
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(OSError) as info:
+        (mnt / "g").write_text("x")
+    assert info.value.errno == errno.EROFS
+    assert control.query_status(str(mnt))["read_only"] is True
+    assert (mnt / "f").read_text() == "before"
+    result = run("mount", "-o", "remount,rw", str(mnt), env=path_env())
+    assert result.returncode == 0, result.stderr
+    (mnt / "g").write_text("after")
+    assert (mnt / "g").read_text() == "after"
+
+
+def test_enospc_keeps_existing_data(mounts: Mounts) -> None:
+    mnt = mounts.mount("size=1M")
+    keep = os.urandom(512 * 1024)
+    (mnt / "keep").write_bytes(keep)
+    with pytest.raises(OSError) as info, open(mnt / "big", "wb") as f:
+        f.write(os.urandom(1024 * 1024))
+        f.flush()
+    assert info.value.errno == errno.ENOSPC
+    assert (mnt / "keep").read_bytes() == keep
+    os.unlink(mnt / "big")
+    (mnt / "again").write_bytes(b"x" * 100_000)  # space is back
+
+
+def test_machine_ram_exhaustion_is_enospc(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mount("size=0")  # unlimited: only the machine's RAM bounds it
+    with pytest.raises(OSError) as info, open(mnt / "huge", "wb") as f:
+        chunk = b"z" * (1 << 20)
+        for _ in range(machine.ram_bytes >> 20):
+            f.write(chunk)
+    assert info.value.errno == errno.ENOSPC
+    os.unlink(mnt / "huge")
+
+
+def test_two_mounts_write_concurrently(mounts: Mounts) -> None:
+    a, b = mounts.mount("pkram=a"), mounts.mount("pkram=b")
+    payloads = {a: os.urandom(3 << 20), b: os.urandom(3 << 20)}
+    errors: list[BaseException] = []
+
+    def writer(mnt: Path) -> None:
+        try:
+            for i in range(8):
+                (mnt / f"f{i}").write_bytes(payloads[mnt][i * 1000 :])
+                if i % 3 == 2:
+                    os.unlink(mnt / f"f{i - 1}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(m,)) for m in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for mnt in (a, b):
+        assert (mnt / "f7").read_bytes() == payloads[mnt][7000:]
+        assert not (mnt / "f1").exists()
+
+
+def test_killed_daemon_pages_are_reclaimed(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mount()
+    (mnt / "f").write_bytes(b"q" * (2 << 20))
+    status = control.query_status(str(mnt))
+    os.kill(status["pid"], signal.SIGKILL)
+    _wait_exit(status["pid"])
+    run("fusermount3", "-u", "-z", str(mnt))
+    ownership = machine.page_ownership()
+    assert ownership.count_by_owner().get(status["owner_id"], 0) > 0
+    assert status["owner_id"] in ownership.reclaim_dead_owners()
+    assert ownership.count_by_owner().get(status["owner_id"], 0) == 0
+
+
+def test_statfs_reflects_options(mounts: Mounts) -> None:
+    mnt = mounts.mount("size=8M,nr_inodes=100")
+    st = os.statvfs(mnt)
+    assert st.f_bsize == 4096 and st.f_blocks == 2048 and st.f_files == 100
+    assert st.f_namemax == 255
+    (mnt / "f").write_bytes(b"x" * 8192)
+    st2 = os.statvfs(mnt)
+    assert st2.f_bfree == st.f_bfree - 2 and st2.f_ffree == st.f_ffree - 1
+
+
+def test_mmap_shared_write_and_read(mounts: Mounts) -> None:
+    mnt = mounts.mount()
+    path = mnt / "m"
+    path.write_bytes(bytes(8192))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 8192) as m:
+        m[4000:4010] = b"0123456789"
+        m.flush()
+    subprocess.run(["sync"], check=True)
+    assert path.read_bytes()[4000:4010] == b"0123456789"
+
+
+def test_other_users_get_tmpfs_permissions(mounts: Mounts) -> None:
+    mnt = mounts.mount()
+    (mnt / "open").mkdir(mode=0o777)
+    os.chmod(mnt / "open", 0o777)
+    (mnt / "closed").mkdir(mode=0o700)
+    code = (
+        "import os, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        f"open({str(mnt / 'open' / 'mine')!r}, 'w').write('x')\n"
+        f"try:\n    os.listdir({str(mnt / 'closed')!r})\nexcept PermissionError:\n"
+        "    sys.exit(0)\nsys.exit(3)\n"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    st = os.stat(mnt / "open" / "mine")
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+
+def _wait_exit(pid: int) -> None:
+    _wait_gone(pid)

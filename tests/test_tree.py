@@ -1,0 +1,263 @@
+"""Operations-level tests: the Tree model over a real machine's RAM, no FUSE in between."""
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from kexec_sim.machine import Machine
+from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
+from pkramfs.errors import FsError
+from pkramfs.page_pool import PagePool
+from pkramfs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Tree
+
+R = ROOT_INO
+
+
+@pytest.fixture
+def tree(machine: Machine) -> Iterator[Tree]:
+    """A Tree with 16 MiB of size= on the test machine; the ownership check runs afterwards."""
+    ownership = machine.page_ownership()
+    owner = ownership.register_owner("ops-test", os.getpid())
+    pool = PagePool(ownership, owner, limit_pages=4096)
+    t = Tree(
+        machine.ram(), pool, root_mode=0o1777, root_uid=0, root_gid=0, max_inodes=64, huge=False
+    )
+    yield t
+    problems = ownership.check({owner: t.owned_pfns()})
+    assert problems == []
+    ownership.unregister_owner(owner)
+    assert ownership.count_by_owner().get(owner, 0) == 0
+
+
+def errno_of(fn: object, *args: object, **kwargs: object) -> int:
+    with pytest.raises(FsError) as info:
+        fn(*args, **kwargs)  # type: ignore[operator]
+    return info.value.errno
+
+
+def new_file(tree: Tree, name: bytes, parent: int = R) -> tuple[int, int]:
+    fh, inode = tree.create(parent, name, 0o644, os.O_RDWR, 0, 0)
+    return fh, inode.ino
+
+
+def test_write_read_across_pages_and_holes(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    tree.write(fh, 4090, b"x" * 20)
+    tree.write(fh, 5 * PAGE_SIZE + 1, b"tail")
+    data = bytes(tree.read(fh, 0, 10 * PAGE_SIZE))
+    assert len(data) == 5 * PAGE_SIZE + 5
+    assert data[4090:4110] == b"x" * 20
+    assert data[:4090] == bytes(4090)
+    assert data[4110 : 5 * PAGE_SIZE + 1] == bytes(5 * PAGE_SIZE + 1 - 4110)
+    assert data[-4:] == b"tail"
+    assert tree.get(ino).blocks_512 == 3 * 8  # pages 0, 1 and 5 only: the rest are holes
+
+
+def test_sparse_truncate_costs_nothing(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"big")
+    tree.setattr(ino, size=999_999_999_999_999)
+    inode = tree.get(ino)
+    assert inode.size_bytes == 999_999_999_999_999
+    assert inode.blocks_512 == 0
+    assert bytes(tree.read(fh, 999_999_999_999_990, 100)) == bytes(9)
+    tree.write(fh, 999_999_999_999_000, b"end")
+    assert inode.blocks_512 == 8
+
+
+def test_truncate_down_then_up_reads_zeros(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    tree.write(fh, 0, b"a" * 10000)
+    tree.setattr(ino, size=5000)
+    tree.setattr(ino, size=12000)
+    data = bytes(tree.read(fh, 0, 20000))
+    assert data == b"a" * 5000 + bytes(7000)
+    tree.write(fh, 11000, b"b")
+    assert bytes(tree.read(fh, 10990, 20)) == bytes(10) + b"b" + bytes(999)[:9]
+
+
+def test_write_beyond_eof_lands_at_its_offset(tree: Tree) -> None:
+    fh, _ = new_file(tree, b"f")
+    tree.write(fh, 0, b"abc")
+    tree.write(fh, 100_000, b"xyz")
+    data = bytes(tree.read(fh, 0, 200_000))
+    assert len(data) == 100_003
+    assert data[:3] == b"abc" and data[-3:] == b"xyz" and data[3:100_000] == bytes(99_997)
+
+
+def test_scattered_pages_round_trip(tree: Tree, machine: Machine) -> None:
+    """Pages allocated out of order (many runs) still read back right (numpy path)."""
+    fhs = [new_file(tree, f"f{i}".encode())[0] for i in range(4)]
+    payload = {}
+    for page in range(40):  # interleave allocations so no file has consecutive pfns
+        for i, fh in enumerate(fhs):
+            chunk = bytes([i * 40 + page]) * PAGE_SIZE
+            tree.write(fh, page * PAGE_SIZE, chunk)
+            payload.setdefault(i, []).append(chunk)
+    for i, fh in enumerate(fhs):
+        assert bytes(tree.read(fh, 100, 40 * PAGE_SIZE)) == b"".join(payload[i])[100:]
+        tree.write(fh, 50, b"Z" * (38 * PAGE_SIZE))
+        expect = bytearray(b"".join(payload[i]))
+        expect[50 : 50 + 38 * PAGE_SIZE] = b"Z" * (38 * PAGE_SIZE)
+        assert bytes(tree.read(fh, 0, 40 * PAGE_SIZE)) == bytes(expect)
+
+
+def test_enospc_takes_nothing(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    tree.write(fh, 0, b"1" * (4000 * PAGE_SIZE))
+    used = tree.pool.used_pages
+    assert errno_of(tree.write, fh, 4000 * PAGE_SIZE, b"2" * (200 * PAGE_SIZE)) == errno.ENOSPC
+    assert tree.pool.used_pages == used
+    assert tree.get(ino).size_bytes == 4000 * PAGE_SIZE
+    tree.setattr(ino, size=0)
+    tree.write(fh, 0, b"3" * (200 * PAGE_SIZE))  # space came back
+    assert bytes(tree.read(fh, 0, 10)) == b"3" * 10
+
+
+def test_directory_link_counts_and_sizes(tree: Tree) -> None:
+    d = tree.mkdir(R, b"d", 0o755, 0, 0)
+    tree.mkdir(d.ino, b"e", 0o755, 0, 0)
+    assert tree.get(R).nlink == 3
+    assert d.nlink == 3
+    assert d.reported_size == 60  # tmpfs: 20 bytes per entry, . and .. included
+    assert errno_of(tree.rmdir, R, b"d") == errno.ENOTEMPTY
+    tree.rmdir(d.ino, b"e")
+    tree.rmdir(R, b"d")
+    assert tree.get(R).nlink == 2
+    assert errno_of(tree.unlink, R, b"d") == errno.ENOENT
+
+
+def test_rename_semantics(tree: Tree) -> None:
+    a = tree.mkdir(R, b"a", 0o755, 0, 0)
+    b = tree.mkdir(R, b"b", 0o755, 0, 0)
+    tree.mkdir(a.ino, b"sub", 0o755, 0, 0)
+    assert errno_of(tree.rename, R, b"a", a.ino, b"x") == errno.EINVAL  # into itself
+    _, f = new_file(tree, b"f")
+    assert errno_of(tree.rename, R, b"f", R, b"a") == errno.EISDIR
+    assert errno_of(tree.rename, R, b"b", R, b"f") == errno.ENOTDIR
+    assert errno_of(tree.rename, R, b"b", R, b"a") == errno.ENOTEMPTY
+    tree.rename(R, b"a", R, b"b")  # over an empty dir
+    assert tree.child(R, b"b").ino == a.ino
+    assert tree.get(R).nlink == 3
+    assert errno_of(tree.rename, R, b"f", R, b"b", RENAME_NOREPLACE) == errno.EEXIST
+    tree.rename(R, b"f", R, b"b", RENAME_EXCHANGE)
+    assert tree.child(R, b"f").ino == a.ino and tree.child(R, b"b").ino == f
+    assert errno_of(tree.rename, R, b"f", a.ino, b"moved") == errno.EINVAL  # 'f' is a now
+    assert b.nlink == 0
+
+
+def test_rename_exchange_fixes_link_counts(tree: Tree) -> None:
+    d1 = tree.mkdir(R, b"d1", 0o755, 0, 0)
+    d2 = tree.mkdir(R, b"d2", 0o755, 0, 0)
+    tree.mkdir(d1.ino, b"sub", 0o755, 0, 0)
+    new_file(tree, b"file", d2.ino)
+    tree.rename(d1.ino, b"sub", d2.ino, b"file", RENAME_EXCHANGE)
+    assert d1.nlink == 2 and d2.nlink == 3
+    assert tree.child(d2.ino, b"file").is_dir
+    assert tree.child(d2.ino, b"file").parent_ino == d2.ino
+
+
+def test_hard_links_keep_data_until_last_name_and_handle(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    tree.write(fh, 0, b"data")
+    tree.link(ino, R, b"g")
+    assert tree.get(ino).nlink == 2
+    tree.unlink(R, b"f")
+    tree.unlink(R, b"g")
+    assert ino in tree.inodes  # open and looked up still
+    assert bytes(tree.read(fh, 0, 4)) == b"data"
+    tree.release(fh)
+    tree.forget(ino, tree.get(ino).lookups)
+    assert ino not in tree.inodes
+
+
+def test_special_files_and_symlinks(tree: Tree) -> None:
+    fifo = tree.mknod(R, b"p", stat.S_IFIFO | 0o600, 0, 0, 0)
+    dev = tree.mknod(R, b"c", stat.S_IFCHR | 0o600, os.makedev(1, 3), 0, 0)
+    link = tree.symlink(R, b"l", b"target/path", 0, 0)
+    assert stat.S_ISFIFO(fifo.mode) and stat.S_ISCHR(dev.mode)
+    assert dev.rdev == os.makedev(1, 3)
+    assert link.target == b"target/path" and link.size_bytes == 11
+    assert errno_of(tree.symlink, R, b"long", b"x" * 4096, 0, 0) == errno.ENAMETOOLONG
+
+
+def test_xattrs(tree: Tree) -> None:
+    _, ino = new_file(tree, b"f")
+    tree.setxattr(ino, b"user.a", b"1")
+    tree.setxattr(ino, b"trusted.b", b"2")
+    tree.setxattr(ino, b"security.c", b"")
+    assert sorted(tree.listxattr(ino)) == [b"security.c", b"trusted.b", b"user.a"]
+    assert tree.getxattr(ino, b"user.a") == b"1"
+    assert errno_of(tree.getxattr, ino, b"user.none") == errno.ENODATA
+    assert errno_of(tree.setxattr, ino, b"os2.x", b"v") == errno.EOPNOTSUPP
+    assert errno_of(tree.setxattr, ino, b"user.big", b"v" * 65537) == errno.E2BIG
+    tree.removexattr(ino, b"user.a")
+    assert errno_of(tree.removexattr, ino, b"user.a") == errno.ENODATA
+
+
+def test_limits(tree: Tree) -> None:
+    assert errno_of(tree.mkdir, R, b"n" * 256, 0o755, 0, 0) == errno.ENAMETOOLONG
+    for i in range(62):  # root + 63 more reach nr_inodes=64
+        new_file(tree, f"f{i}".encode())
+    new_file(tree, b"last")
+    assert errno_of(new_file, tree, b"one-too-many") == errno.ENOSPC
+
+
+def test_setgid_directory_inheritance(tree: Tree) -> None:
+    d = tree.mkdir(R, b"d", 0o2775, 0, 50)
+    sub = tree.mkdir(d.ino, b"sub", 0o755, 7, 7)
+    _, f = tree.create(d.ino, b"f", 0o644, os.O_WRONLY, 7, 7)
+    assert sub.gid == 50 and sub.mode & stat.S_ISGID
+    assert f.gid == 50
+
+
+def test_times_follow_tmpfs(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    inode = tree.get(ino)
+    before = (inode.mtime_ns, inode.ctime_ns)
+    tree.write(fh, 0, b"x")
+    assert inode.mtime_ns >= before[0] and inode.ctime_ns >= before[1]
+    tree.setattr(ino, atime_ns=123, mtime_ns=456_000_000_789)
+    assert (inode.atime_ns, inode.mtime_ns) == (123, 456_000_000_789)
+    ctime = inode.ctime_ns
+    tree.setxattr(ino, b"user.t", b"")
+    assert inode.ctime_ns >= ctime
+    root = tree.get(R)
+    m = root.mtime_ns
+    tree.unlink(R, b"f")
+    assert root.mtime_ns >= m
+
+
+def test_read_only_refuses_changes(tree: Tree) -> None:
+    fh, ino = new_file(tree, b"f")
+    tree.read_only = True
+    assert errno_of(tree.write, fh, 0, b"x") == errno.EROFS
+    assert errno_of(tree.mkdir, R, b"d", 0o755, 0, 0) == errno.EROFS
+    assert errno_of(tree.open, ino, os.O_WRONLY) == errno.EROFS
+    tree.open(ino, os.O_RDONLY)
+
+
+def test_huge_pages_are_aligned_runs(machine: Machine) -> None:
+    ownership = machine.page_ownership()
+    owner = ownership.register_owner("huge-test", os.getpid())
+    pool = PagePool(ownership, owner, limit_pages=0)
+    tree = Tree(
+        machine.ram(), pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=True
+    )
+    try:
+        fh, ino = new_file(tree, b"h")
+        data = os.urandom(3 * HUGE_PAGES * PAGE_SIZE + 5)
+        tree.write(fh, 10, data)
+        pages = tree.get(ino).pages
+        assert pages is not None
+        assert pages.huge_chunks() == [0, 1, 2, 3]
+        _, pfns = pages.entries()
+        assert (pfns.reshape(-1, HUGE_PAGES)[:, 0] % HUGE_PAGES == 0).all()
+        assert np.all(np.diff(pfns.reshape(-1, HUGE_PAGES), axis=1) == 1)
+        assert bytes(tree.read(fh, 0, len(data) + 10)) == bytes(10) + data
+        assert ownership.check({owner: tree.owned_pfns()}) == []
+    finally:
+        ownership.unregister_owner(owner)
