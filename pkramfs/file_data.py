@@ -15,7 +15,21 @@ from .file_pages import CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .page_pool import PagePool
 
 _MAX_LOOPED_RUNS = 8  # above this many runs, the middle pages are copied with one numpy copy
+_SMALL_PAGES = 16  # requests up to this many pages use Python ints: numpy calls cost more
 _PAGE_MASK = PAGE_SIZE - 1
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _small_runs(pfns: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive present pfns in a short list (holes excluded)."""
+    runs = []
+    start = 0
+    for i in range(1, len(pfns) + 1):
+        if i == len(pfns) or pfns[i] == HOLE or pfns[i] != pfns[i - 1] + 1:
+            if pfns[start] != HOLE:
+                runs.append((start, i))
+            start = i
+    return runs
 
 
 def _runs(pfns: PfnArray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,8 +50,10 @@ def read(
     length = min(length, size_bytes - off)
     first = off >> PAGE_SHIFT
     count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
-    pfns = pages.lookup(first, count)
     in_off = off & _PAGE_MASK
+    if count <= _SMALL_PAGES:
+        return _read_small(ram, pages.lookup_list(first, count), in_off, length)
+    pfns = pages.lookup(first, count)
     starts, ends = _runs(pfns)
     if len(starts) == 1 and starts[0] == 0 and ends[0] == count:
         base = int(pfns[0]) * PAGE_SIZE + in_off
@@ -55,11 +71,66 @@ def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, 
         return
     first = off >> PAGE_SHIFT
     count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
+    if count <= _SMALL_PAGES and not huge:
+        _write_small(ram, pages, pool, first, count, off & _PAGE_MASK, memoryview(data))
+        return
     pfns = pages.lookup(first, count)
     if (pfns == HOLE).any():
         pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
     starts, ends = _runs(pfns)
     _copy_runs(ram, pfns, starts, ends, off & _PAGE_MASK, memoryview(data), to_ram=True)
+
+
+def _read_small(
+    ram: Ram, pfns: list[int], in_off: int, length: int
+) -> bytes | bytearray | memoryview:
+    runs = _small_runs(pfns)
+    if len(runs) == 1 and runs[0] == (0, len(pfns)):
+        base = pfns[0] * PAGE_SIZE + in_off
+        return ram.buffer[base : base + length]
+    out = bytearray(length)
+    _copy_small_runs(ram, pfns, runs, in_off, memoryview(out), to_ram=False)
+    return out
+
+
+def _write_small(
+    ram: Ram,
+    pages: FilePages,
+    pool: PagePool,
+    first: int,
+    count: int,
+    in_off: int,
+    data: memoryview,
+) -> None:
+    pfns = pages.lookup_list(first, count)
+    if HOLE in pfns:
+        holes = [i for i, pfn in enumerate(pfns) if pfn == HOLE]
+        for i, pfn in zip(holes, pool.take(len(holes)).tolist(), strict=True):
+            pfns[i] = pfn
+            pages.set_page(first + i, pfn)
+            if i in (0, count - 1):  # edge pages may be partly written: the rest reads zero
+                ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = _ZERO_PAGE
+    _copy_small_runs(ram, pfns, _small_runs(pfns), in_off, data, to_ram=True)
+
+
+def _copy_small_runs(
+    ram: Ram,
+    pfns: list[int],
+    runs: list[tuple[int, int]],
+    in_off: int,
+    buf: memoryview,
+    *,
+    to_ram: bool,
+) -> None:
+    for start, end in runs:
+        buf_lo = max(0, start * PAGE_SIZE - in_off)
+        buf_hi = min(len(buf), end * PAGE_SIZE - in_off)
+        ram_lo = pfns[start] * PAGE_SIZE + (in_off if start == 0 else 0)
+        ram_hi = ram_lo + buf_hi - buf_lo
+        if to_ram:
+            ram.buffer[ram_lo:ram_hi] = buf[buf_lo:buf_hi]
+        else:
+            buf[buf_lo:buf_hi] = ram.buffer[ram_lo:ram_hi]
 
 
 def truncate(ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int) -> None:

@@ -37,6 +37,29 @@ class FilePages:
                 out[out_lo : out_lo + hi - lo] = chunk[lo:hi]
         return out
 
+    def lookup_list(self, first_index: int, count: int) -> list[int]:
+        """Like `lookup`, as Python ints: cheaper than numpy for a few pages."""
+        chunk_no = first_index >> CHUNK_SHIFT
+        lo = first_index & CHUNK_MASK
+        if lo + count > CHUNK_PAGES:
+            pfns: list[int] = self.lookup(first_index, count).tolist()
+            return pfns
+        chunk = self._chunks.get(chunk_no)  # the usual case: one chunk
+        if chunk is None:
+            return [HOLE] * count
+        pfns = chunk[lo : lo + count].tolist()
+        return pfns
+
+    def set_page(self, index: int, pfn: int) -> None:
+        """Record *pfn* for the hole at page *index* (one page of `assign`)."""
+        chunk_no = index >> CHUNK_SHIFT
+        chunk = self._chunks.get(chunk_no)
+        if chunk is None:
+            chunk = self._chunks[chunk_no] = np.full(CHUNK_PAGES, HOLE, dtype=np.int64)
+        assert chunk[index & CHUNK_MASK] == HOLE, "page assigned twice"
+        chunk[index & CHUNK_MASK] = pfn
+        self.nr_pages += 1
+
     def assign(self, first_index: int, pfns: PfnArray) -> None:
         """Record *pfns* for pages from *first_index*; HOLE entries leave a page unchanged.
 

@@ -26,7 +26,7 @@ class PkramFilesystem:
         name = f"pkramfs:{options.pkram or '-'}:{mountpoint}"
         self.owner_id = self.ownership.register_owner(name, os.getpid())
         limit_pages = options.resolved_size_pages(self.machine.nr_pages)
-        self.pool = PagePool(self.ownership, self.owner_id, limit_pages)
+        self.pool = PagePool(self.ownership, self.ram, self.owner_id, limit_pages)
         self.tree = Tree(
             self.ram,
             self.pool,

@@ -21,7 +21,8 @@ class MountEntry:
         return "ro" in self.options
 
 
-def _unescape(field: str) -> str:
+def unescape_field(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) of a /proc/mounts field."""
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -34,7 +35,9 @@ def pkramfs_mounts(proc_mounts: str = "/proc/mounts") -> list[MountEntry]:
             if len(fields) >= 4 and fields[2] == FSTYPE:
                 entries.append(
                     MountEntry(
-                        _unescape(fields[0]), _unescape(fields[1]), tuple(fields[3].split(","))
+                        unescape_field(fields[0]),
+                        unescape_field(fields[1]),
+                        tuple(fields[3].split(",")),
                     )
                 )
     return entries

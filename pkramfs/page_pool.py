@@ -13,6 +13,7 @@ import numpy as np
 from kexec_sim.errors import OutOfMemory
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import HUGE_PAGES, PfnArray
+from kexec_sim.ram import Ram
 
 from .errors import FsError
 
@@ -23,24 +24,26 @@ MAX_IDLE_PAGES = 4 * BATCH_PAGES  # above this, pages given back go back to the 
 class PagePool:
     """Hand out and take back pages of one mount; ``limit_pages`` 0 means no ``size=`` limit."""
 
-    __slots__ = ("_free", "_ownership", "limit_pages", "owner_id", "used_pages")
+    __slots__ = ("_free", "_next", "_ownership", "_ram", "limit_pages", "owner_id", "used_pages")
 
-    def __init__(self, ownership: PageOwnership, owner_id: int, limit_pages: int) -> None:
+    def __init__(self, ownership: PageOwnership, ram: Ram, owner_id: int, limit_pages: int) -> None:
         self._ownership = ownership
+        self._ram = ram
         self.owner_id = owner_id
         self.limit_pages = limit_pages
         self.used_pages = 0  # pages held by files (the pool's own idle pages not included)
-        self._free: PfnArray = np.empty(0, dtype=np.int64)
+        self._free: PfnArray = np.empty(0, dtype=np.int64)  # idle pages are _free[_next:]
+        self._next = 0
 
     @property
     def idle_pages(self) -> PfnArray:
         """Pages owned by the mount but held by no file."""
-        return self._free
+        return self._free[self._next :]
 
     def available_pages(self) -> int:
         """Pages a file may still take before ``size=`` is reached (machine RAM aside)."""
         if self.limit_pages == 0:
-            return len(self._free) + self._ownership.free_pages()
+            return len(self._free) - self._next + self._ownership.free_pages()
         return max(0, self.limit_pages - self.used_pages)
 
     def take(self, n_pages: int) -> PfnArray:
@@ -48,8 +51,8 @@ class PagePool:
         if n_pages == 0:
             return np.empty(0, dtype=np.int64)
         self._check_limit(n_pages)
-        if len(self._free) < n_pages:
-            want = n_pages - len(self._free)
+        if len(self._free) - self._next < n_pages:
+            want = n_pages - (len(self._free) - self._next)
             try:
                 batch = self._ownership.allocate(self.owner_id, max(want, BATCH_PAGES))
             except OutOfMemory:
@@ -57,8 +60,11 @@ class PagePool:
                     batch = self._ownership.allocate(self.owner_id, want)
                 except OutOfMemory:
                     raise FsError(errno.ENOSPC, "the machine's RAM is full") from None
-            self._free = np.concatenate([self._free, batch])
-        pages, self._free = self._free[:n_pages], self._free[n_pages:]
+            self._ram.populate(batch)
+            self._free = np.concatenate([self.idle_pages, batch])
+            self._next = 0
+        pages = self._free[self._next : self._next + n_pages]
+        self._next += n_pages
         self.used_pages += n_pages
         return pages
 
@@ -69,6 +75,7 @@ class PagePool:
             base = int(self._ownership.allocate_huge(self.owner_id, 1)[0])
         except OutOfMemory:
             return None
+        self._ram.populate(np.arange(base, base + HUGE_PAGES, dtype=np.int64))
         self.used_pages += HUGE_PAGES
         return base
 
@@ -77,16 +84,17 @@ class PagePool:
         if len(pfns) == 0:
             return
         self.used_pages -= len(pfns)
-        self._free = np.concatenate([self._free, pfns])
-        if len(self._free) > MAX_IDLE_PAGES:
-            excess, self._free = self._free[BATCH_PAGES:], self._free[:BATCH_PAGES]
-            self._ownership.free(self.owner_id, excess)
+        idle = np.concatenate([self.idle_pages, pfns])
+        if len(idle) > MAX_IDLE_PAGES:
+            self._ownership.free(self.owner_id, idle[BATCH_PAGES:])
+            idle = idle[:BATCH_PAGES]
+        self._free, self._next = idle, 0
 
     def release_all(self) -> None:
         """Return the idle pages to the machine (at unmount)."""
-        if len(self._free):
-            self._ownership.free(self.owner_id, self._free)
-        self._free = np.empty(0, dtype=np.int64)
+        if len(self.idle_pages):
+            self._ownership.free(self.owner_id, self.idle_pages)
+        self._free, self._next = np.empty(0, dtype=np.int64), 0
 
     def _check_limit(self, n_pages: int) -> None:
         if self.limit_pages and self.used_pages + n_pages > self.limit_pages:

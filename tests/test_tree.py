@@ -22,10 +22,9 @@ def tree(machine: Machine) -> Iterator[Tree]:
     """A Tree with 16 MiB of size= on the test machine; the ownership check runs afterwards."""
     ownership = machine.page_ownership()
     owner = ownership.register_owner("ops-test", os.getpid())
-    pool = PagePool(ownership, owner, limit_pages=4096)
-    t = Tree(
-        machine.ram(), pool, root_mode=0o1777, root_uid=0, root_gid=0, max_inodes=64, huge=False
-    )
+    ram = machine.ram()
+    pool = PagePool(ownership, ram, owner, limit_pages=4096)
+    t = Tree(ram, pool, root_mode=0o1777, root_uid=0, root_gid=0, max_inodes=64, huge=False)
     yield t
     problems = ownership.check({owner: t.owned_pfns()})
     assert problems == []
@@ -243,10 +242,9 @@ def test_read_only_refuses_changes(tree: Tree) -> None:
 def test_huge_pages_are_aligned_runs(machine: Machine) -> None:
     ownership = machine.page_ownership()
     owner = ownership.register_owner("huge-test", os.getpid())
-    pool = PagePool(ownership, owner, limit_pages=0)
-    tree = Tree(
-        machine.ram(), pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=True
-    )
+    ram = machine.ram()
+    pool = PagePool(ownership, ram, owner, limit_pages=0)
+    tree = Tree(ram, pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=True)
     try:
         fh, ino = new_file(tree, b"h")
         data = os.urandom(3 * HUGE_PAGES * PAGE_SIZE + 5)
