@@ -30,7 +30,8 @@ MAX_FILE_BYTES = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-XATTR_SPACE_MAX = 1 << 20  # per inode, names plus values
+XATTR_SPACE_PER_INODE = 1024  # like tmpfs's ispace: the mount's xattr bytes <= nr_inodes * 1 KiB
+XATTR_SPACE_UNLIMITED = 1 << 30  # with nr_inodes=0, still a bound on the daemon's memory
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -75,6 +76,7 @@ class Tree:
         self.huge = huge
         self.read_only = False
         self.inodes: dict[int, Inode] = {}
+        self.xattr_bytes = 0  # names and values of every inode's xattrs
         self.handles: dict[int, OpenFile] = {}
         self._next_ino = FIRST_FREE_INO
         self._next_fh = 1
@@ -261,6 +263,7 @@ class Tree:
             return
         if inode.pages is not None:
             file_data.free_all(inode.pages, self.pool)
+        self.xattr_bytes -= sum(len(k) + len(v) for k, v in inode.xattrs.items())
         del self.inodes[inode.ino]
 
     # --- renaming ---------------------------------------------------------------------------
@@ -534,12 +537,18 @@ class Tree:
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
         old = inode.xattrs.get(name)
-        used = sum(len(k) + len(v) for k, v in inode.xattrs.items())
-        used += len(name) + len(value) - (0 if old is None else len(name) + len(old))
-        if used > XATTR_SPACE_MAX:
+        growth = len(value) - len(old) if old is not None else len(name) + len(value)
+        if self.xattr_bytes + growth > self.xattr_space():
             raise FsError(errno.ENOSPC)
         inode.xattrs[name] = value
+        self.xattr_bytes += growth
         inode.ctime_ns = time.time_ns()
+
+    def xattr_space(self) -> int:
+        """The bytes of xattr names and values the whole mount may hold."""
+        if not self.max_inodes:
+            return XATTR_SPACE_UNLIMITED
+        return self.max_inodes * XATTR_SPACE_PER_INODE
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Return the names of an inode's xattrs."""
@@ -550,8 +559,10 @@ class Tree:
         self._check_writable()
         inode = self.get(ino)
         _check_xattr_name(name)
-        if inode.xattrs.pop(name, None) is None:
+        value = inode.xattrs.pop(name, None)
+        if value is None:
             raise FsError(errno.ENODATA)
+        self.xattr_bytes -= len(name) + len(value)
         inode.ctime_ns = time.time_ns()
 
     # --- the whole mount --------------------------------------------------------------------

@@ -197,6 +197,20 @@ def test_xattrs(tree: Tree) -> None:
     assert errno_of(tree.removexattr, ino, b"user.a") == errno.ENODATA
 
 
+def test_xattr_space_is_bounded_like_tmpfs_ispace(tree: Tree) -> None:
+    """nr_inodes=64 gives the mount 64 KiB of xattr space, freed with the xattr or inode."""
+    _, a = new_file(tree, b"a")
+    _, b = new_file(tree, b"b")
+    tree.setxattr(a, b"user.big", b"x" * 60_000)
+    assert errno_of(tree.setxattr, b, b"user.big", b"y" * 10_000) == errno.ENOSPC
+    tree.removexattr(a, b"user.big")
+    tree.setxattr(b, b"user.big", b"y" * 60_000)
+    tree.unlink(R, b"b")
+    tree.forget(b, tree.get(b).lookups)
+    tree.release(next(fh for fh, h in tree.handles.items() if h.ino == b))
+    assert tree.xattr_bytes == 0
+
+
 def test_limits(tree: Tree) -> None:
     assert errno_of(tree.mkdir, R, b"n" * 256, 0o755, 0, 0) == errno.ENAMETOOLONG
     for i in range(62):  # root + 63 more reach nr_inodes=64
