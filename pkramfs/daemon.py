@@ -82,7 +82,8 @@ async def _serve_until_stopped(mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
-        await pyfuse3.main()
+        # One worker: handlers never await, so more tasks only add scheduling (measured ~20%).
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
