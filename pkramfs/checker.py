@@ -14,6 +14,7 @@ from kexec_sim.pages import PfnArray
 
 from . import control
 from .errors import MountError
+from .filesystem import OWNER_PREFIX
 from .mounts import pkramfs_mounts
 
 
@@ -21,11 +22,19 @@ def gather_claims(machine: Machine) -> dict[int, PfnArray]:
     """Ask every running mount of *machine* for its pages; return {owner id: pfns}."""
     claims: dict[int, PfnArray] = {}
     machine_dir = str(Path(machine.path).resolve())
+    # Only mounts whose daemons registered on this machine: never query a foreign mount.
+    registered = {
+        info.name.split(":", 2)[2]
+        for info in machine.page_ownership().owners().values()
+        if info.name.startswith(OWNER_PREFIX)
+    }
     for entry in pkramfs_mounts():
+        if entry.mountpoint not in registered:
+            continue
         try:
             status = control.query_status(entry.mountpoint)
         except MountError:
-            continue  # a stale or foreign mount: not ours to check
+            continue  # a daemon that is gone: its pages are reclaimed as a dead owner's
         if str(Path(status["machine"]).resolve()) != machine_dir:
             continue
         path = control.query_claims_path(entry.mountpoint)

@@ -11,6 +11,7 @@ import numpy as np
 from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 
+from .errors import FsError
 from .file_pages import CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .page_pool import PagePool
 
@@ -65,7 +66,10 @@ def read(
 
 
 def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, huge: bool) -> None:
-    """Store *data* at *off*, allocating pages for holes (all or nothing: ENOSPC takes none)."""
+    """Store *data* at *off*, allocating pages for holes.
+
+    All or nothing: on ENOSPC no page is taken and nothing is written.
+    """
     length = len(data)
     if length == 0:
         return
@@ -163,13 +167,19 @@ def _fill_holes(
     huge: bool,
 ) -> PfnArray:
     """Allocate pages for the holes of a write and zero what the write will not cover."""
+    new_huge = []
     if huge:
-        _fill_huge_chunks(ram, pages, pool, first, len(pfns), start_byte, end_byte)
+        new_huge = _fill_huge_chunks(ram, pages, pool, first, len(pfns), start_byte, end_byte)
         pfns = pages.lookup(first, len(pfns))
     holes = np.flatnonzero(pfns == HOLE)
     if len(holes) == 0:
         return pfns
-    new = pool.take(len(holes))
+    try:
+        new = pool.take(len(holes))
+    except FsError:  # ENOSPC: the write takes nothing, huge pages included
+        for chunk_no in new_huge:
+            pool.give_back(pages.remove_huge(chunk_no))
+        raise
     pfns = pfns.copy()
     pfns[holes] = new
     fresh = np.full(len(pfns), HOLE, dtype=np.int64)
@@ -190,15 +200,20 @@ def _fill_huge_chunks(
     count: int,
     start_byte: int,
     end_byte: int,
-) -> None:
-    """Give each empty 2 MiB chunk the write touches a huge page, when one is free."""
+) -> list[int]:
+    """Give each empty 2 MiB chunk the write touches a huge page, when one is free.
+
+    Returns the chunks that got one.
+    """
+    assigned = []
     for chunk_no in range(first >> CHUNK_SHIFT, ((first + count - 1) >> CHUNK_SHIFT) + 1):
         if not pages.chunk_is_empty(chunk_no):
             continue
         base = pool.take_huge()
         if base is None:
-            return  # no aligned free run: small pages from here on
+            break  # no aligned free run: small pages from here on
         pages.assign_huge(chunk_no, base)
+        assigned.append(chunk_no)
         chunk_lo = chunk_no * CHUNK_PAGES * PAGE_SIZE
         chunk_hi = chunk_lo + CHUNK_PAGES * PAGE_SIZE
         ram_lo = base * PAGE_SIZE
@@ -207,6 +222,7 @@ def _fill_huge_chunks(
         if end_byte < chunk_hi:
             lo = max(end_byte, chunk_lo)
             _zero(ram, ram_lo + lo - chunk_lo, chunk_hi - lo)
+    return assigned
 
 
 def _zero(ram: Ram, ram_byte: int, length: int) -> None:

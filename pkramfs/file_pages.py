@@ -85,6 +85,13 @@ class FilePages:
         self._huge.add(chunk_no)
         self.nr_pages += CHUNK_PAGES
 
+    def remove_huge(self, chunk_no: int) -> PfnArray:
+        """Undo `assign_huge`: drop huge chunk *chunk_no* and return its 512 pfns."""
+        assert chunk_no in self._huge, "not a huge chunk"
+        self._huge.discard(chunk_no)
+        self.nr_pages -= CHUNK_PAGES
+        return self._chunks.pop(chunk_no)
+
     def is_huge(self, chunk_no: int) -> bool:
         """Return whether chunk *chunk_no* is one whole huge page."""
         return chunk_no in self._huge

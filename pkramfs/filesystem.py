@@ -1,5 +1,6 @@
 """One mounted pkramfs: the machine it lives on, its pages, its tree and its options."""
 
+import errno
 import os
 import time
 from typing import Any
@@ -8,10 +9,12 @@ import numpy as np
 
 from kexec_sim.machine import Machine
 
-from .errors import MountError, OptionError
+from .errors import FsError, MountError, OptionError
 from .options import MountOptions, parse_options
 from .page_pool import PagePool
 from .tree import Tree
+
+OWNER_PREFIX = "pkramfs:"  # owner names: pkramfs:<pkram name or ->:<mountpoint>
 
 
 class PkramFilesystem:
@@ -23,7 +26,7 @@ class PkramFilesystem:
         self.machine = Machine.open(options.machine)
         self.ram = self.machine.ram()
         self.ownership = self.machine.page_ownership()
-        name = f"pkramfs:{options.pkram or '-'}:{mountpoint}"
+        name = f"{OWNER_PREFIX}{options.pkram or '-'}:{mountpoint}"
         self.owner_id = self.ownership.register_owner(name, os.getpid())
         limit_pages = options.resolved_size_pages(self.machine.nr_pages)
         self.pool = PagePool(self.ownership, self.ram, self.owner_id, limit_pages)
@@ -84,6 +87,8 @@ class PkramFilesystem:
                 raise MountError("nr_inodes= is smaller than the inodes in use")
             self.tree.max_inodes = new.nr_inodes
         if "ro" in new.kernel_flags or "rw" in new.kernel_flags:
+            if new.read_only and not self.tree.read_only and self.tree.writers():
+                raise FsError(errno.EBUSY, "a file is open for writing")
             self.tree.read_only = new.read_only
 
     def close(self) -> None:

@@ -27,6 +27,7 @@ from .options import MountOptions, parse_options, split_option_list
 EXIT_USAGE = 1
 EXIT_FAILED = 32
 REMOUNT_ONLY = ("remount", "preserve")
+READY = b"mounted\n"  # what the daemon writes to the pipe once the mount is live
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse_args(sys.argv[1:] if argv is None else argv, helper)
         items = [item for text in args.options for item in split_option_list(text)]
-        options = parse_options(items)
-        if options.remount:
-            return _remount(args.mountpoint, items, options)
-        if options.preserve:
+        if "remount" in items:
+            return _remount(args.mountpoint, items)
+        if "preserve" in items:
             raise OptionError("'preserve' only goes with 'remount'")
+        options = parse_options(items)  # option errors first, before any machine is touched
         if helper and args.flag_f:
             return 0  # mount -f: fake it
         machine = Machine.open(options.machine)
@@ -67,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         options.fsname = options.fsname or (None if args.source == "none" else args.source)
         mountpoint = _check_mountpoint(args.mountpoint)
         foreground = args.flag_f and not helper
-        return _mount(options, mountpoint, foreground=foreground, debug=args.debug)
+        return _mount(options, mountpoint, machine.path, foreground=foreground, debug=args.debug)
     except OptionError as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PkramfsError, MachineError) as exc:
+    except (PkramfsError, MachineError, OSError, ValueError) as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -83,18 +84,29 @@ def _check_mountpoint(path: str) -> str:
     return real
 
 
-def _remount(mountpoint: str, items: list[str], options: MountOptions) -> int:
-    """Forward ``-o remount,...`` to the daemon, then apply ro/rw to the kernel's mount."""
+def _remount(mountpoint: str, items: list[str]) -> int:
+    """Forward ``-o remount,...`` to the daemon, then apply ro/rw to the kernel's mount.
+
+    Going read-only, the daemon changes first (it answers EBUSY while a file is open for
+    writing) and is put back if the kernel then refuses; going read-write, the kernel first,
+    since the control file takes commands only on a writable mount.
+    """
     mountpoint = _check_mountpoint(mountpoint)
+    machine = Machine.open(control.query_status(mountpoint)["machine"], create=False)
+    options = parse_options(items, ram_bytes=machine.ram_bytes)
     if options.preserve:
         raise MountError("remount,preserve is not available yet")
     forwarded = [item for item in items if item not in REMOUNT_ONLY]
     changes_mode = "ro" in options.kernel_flags or "rw" in options.kernel_flags
     if changes_mode and not options.read_only:
-        _kernel_remount(mountpoint, "rw")  # the control file is writable only on a rw mount
+        _kernel_remount(mountpoint, "rw")
     control.send_command(mountpoint, "remount", options=forwarded)
     if changes_mode and options.read_only:
-        _kernel_remount(mountpoint, "ro")  # after the daemon: it refuses writes from now on
+        try:
+            _kernel_remount(mountpoint, "ro")
+        except MountError:
+            control.send_command(mountpoint, "remount", options=["rw"])
+            raise
     return 0
 
 
@@ -110,7 +122,10 @@ def _kernel_remount(mountpoint: str, flag: str) -> None:
         raise MountError(f"remount,{flag} of {mountpoint}: {result.stderr.strip()}")
 
 
-def _mount(options: MountOptions, mountpoint: str, *, foreground: bool, debug: bool) -> int:
+def _mount(
+    options: MountOptions, mountpoint: str, machine_dir: Path, *, foreground: bool, debug: bool
+) -> int:
+    """Start the daemon; return once the mount is live (or failed), or serve (foreground)."""
     if foreground:
         _setup_logging(debug)
         return _run_daemon(options, mountpoint, _print_error)
@@ -121,10 +136,10 @@ def _mount(options: MountOptions, mountpoint: str, *, foreground: bool, debug: b
         code = 1
         try:
             os.setsid()
-            _detach_stdio(options, debug)
+            _detach_stdio(machine_dir, options, debug)
 
             def report(error: str | None) -> None:
-                os.write(write_fd, (error or "").encode() or b"\n")
+                os.write(write_fd, error.encode() if error else READY)
                 os.close(write_fd)
 
             code = _run_daemon(options, mountpoint, report)
@@ -132,17 +147,12 @@ def _mount(options: MountOptions, mountpoint: str, *, foreground: bool, debug: b
             os._exit(code)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
-    if message or _child_failed(pid):
-        print(f"pkramfs: {message or 'the mount daemon died while mounting'}", file=sys.stderr)
+        message = pipe.read()
+    if message != READY:  # an error, or nothing at all: the daemon died before mounting
+        reason = message.decode(errors="replace").strip() or "the mount daemon died"
+        print(f"pkramfs: {reason}", file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def _child_failed(pid: int) -> bool:
-    """Whether the daemon already exited with an error (it never reported readiness)."""
-    done, status = os.waitpid(pid, os.WNOHANG)
-    return done != 0 and os.waitstatus_to_exitcode(status) != 0
 
 
 def _run_daemon(options: MountOptions, mountpoint: str, ready: Callable[[str | None], None]) -> int:
@@ -162,10 +172,9 @@ def _print_error(error: str | None) -> None:
         print(f"pkramfs: {error}", file=sys.stderr)
 
 
-def _detach_stdio(options: MountOptions, debug: bool) -> None:
+def _detach_stdio(machine_dir: Path, options: MountOptions, debug: bool) -> None:
     """Point stdin at /dev/null and stdout/stderr at the mount's log file."""
-    machine = Machine.open(options.machine)
-    log_dir = machine.path / "logs"
+    log_dir = machine_dir / "logs"
     log_dir.mkdir(mode=0o700, exist_ok=True)
     log_path = log_dir / f"pkramfs-{options.pkram or 'anon'}-{os.getpid()}.log"
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -14,6 +14,7 @@ from typing import Any, ParamSpec, TypeVar
 import msgpack
 import pyfuse3
 
+from kexec_sim.errors import MachineError
 from kexec_sim.pages import PAGE_SIZE
 
 from . import control
@@ -125,6 +126,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            caller_uid=ctx.uid,
         )
         return self._attrs(result)
 
@@ -188,7 +190,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode == control.CONTROL_INO:
             raise pyfuse3.FUSEError(errno.EPERM)
-        fh = _call(self.tree.open, inode, flags)
+        fh = _call(self.tree.open, inode, flags, ctx.uid)
         return self._file_info(fh, flags)
 
     async def create(
@@ -247,7 +249,7 @@ class Operations(pyfuse3.Operations):
         self._dir_snapshots.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        figures = self.tree.stats()
+        figures = _call(self.tree.stats)
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = PAGE_SIZE
         data.f_blocks = figures.total_pages
@@ -285,14 +287,18 @@ class Operations(pyfuse3.Operations):
         _call(self.tree.removexattr, inode, name)
 
     def _control_query(self, name: bytes) -> bytes:
-        if name == control.STATUS_XATTR:
-            status = {**self.fs.status(), "requests": self.requests}
-            packed: bytes = msgpack.packb(status, use_bin_type=True)
-            return packed
-        if name == control.ERROR_XATTR:
-            return self._last_control_error
-        if name == control.CLAIMS_XATTR:
-            return self.fs.dump_claims().encode()
+        try:
+            if name == control.STATUS_XATTR:
+                status = {**self.fs.status(), "requests": self.requests}
+                packed: bytes = msgpack.packb(status, use_bin_type=True)
+                return packed
+            if name == control.ERROR_XATTR:
+                return self._last_control_error
+            if name == control.CLAIMS_XATTR:
+                return self.fs.dump_claims().encode()
+        except (OSError, MachineError) as exc:  # the machine directory, not the tree, failed
+            log.error("control query %r failed: %s", name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     def _control_command(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -303,9 +309,9 @@ class Operations(pyfuse3.Operations):
         try:
             request = control.decode_request(value)
             self._run_command(request)
-        except (ValueError, PkramfsError) as exc:
+        except (ValueError, PkramfsError, MachineError, OSError) as exc:
             self._last_control_error = str(exc).encode()
-            code = exc.errno if isinstance(exc, FsError) else errno.EINVAL
+            code = exc.errno if isinstance(exc, FsError | OSError) and exc.errno else errno.EINVAL
             raise pyfuse3.FUSEError(code) from None
         self._last_control_error = b""
 

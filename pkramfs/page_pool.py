@@ -41,7 +41,7 @@ class PagePool:
         return self._free[self._next :]
 
     def available_pages(self) -> int:
-        """Pages a file may still take before ``size=`` is reached (machine RAM aside)."""
+        """Pages a file may still take: up to ``size=``, or the machine's free RAM if unlimited."""
         if self.limit_pages == 0:
             return len(self._free) - self._next + self._ownership.free_pages()
         return max(0, self.limit_pages - self.used_pages)
@@ -69,8 +69,10 @@ class PagePool:
         return pages
 
     def take_huge(self) -> int | None:
-        """Return the base pfn of a free aligned 2 MiB run for a file, or None if there is none."""
-        self._check_limit(HUGE_PAGES)
+        """Return the base pfn of a free aligned 2 MiB run for a file, or None if there is none
+        or ``size=`` leaves no room for one (the caller falls back to small pages, as tmpfs)."""
+        if self.limit_pages and self.used_pages + HUGE_PAGES > self.limit_pages:
+            return None
         try:
             base = int(self._ownership.allocate_huge(self.owner_id, 1)[0])
         except OutOfMemory:

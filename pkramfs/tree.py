@@ -35,15 +35,19 @@ XATTR_SPACE_UNLIMITED = 1 << 30  # with nr_inodes=0, still a bound on the daemon
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+CAPABILITY_XATTR = b"security.capability"
 
 
 @dataclass
 class OpenFile:
-    """An open file handle: the inode and whether it may write."""
+    """An open file handle: the inode, whether it may write, and who opened it.
+
+    O_APPEND needs nothing here: the kernel turns an appending write into one at EOF.
+    """
 
     ino: int
     writable: bool
-    append: bool
+    opener_uid: int
 
 
 @dataclass
@@ -300,6 +304,8 @@ class Tree:
             raise FsError(errno.EEXIST)
         if target is moved:
             return  # two names of one inode: rename does nothing
+        if new_parent.nlink == 0:
+            raise FsError(errno.ENOENT)
         if moved.is_dir:
             self._check_not_into_itself(moved, new_parent)
             if target is not None:
@@ -310,8 +316,6 @@ class Tree:
                     raise FsError(errno.ENOTEMPTY)
         elif target is not None and target.is_dir:
             raise FsError(errno.EISDIR)
-        if new_parent.nlink == 0:
-            raise FsError(errno.ENOENT)
         now = time.time_ns()
         if target is not None:
             if target.is_dir:
@@ -386,8 +390,13 @@ class Tree:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        caller_uid: int = 0,
     ) -> Inode:
-        """Change attributes as chmod/chown/truncate/utimensat do; ctime follows any change."""
+        """Change attributes as chmod/chown/truncate/utimensat do; ctime follows any change.
+
+        Like the VFS, a chown of a non-directory drops set-uid (and set-gid with group-exec)
+        and file capabilities; a truncate drops them unless the caller is root (CAP_FSETID).
+        """
         self._check_writable()
         inode = self.get(ino)
         now = time.time_ns()
@@ -397,17 +406,21 @@ class Tree:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
-            self.truncate(inode, size)
+            self._truncate(inode, size)
+            self._kill_privileges(inode, caller_uid)
             changed = True
         if mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
             changed = True
+        chown = False
         if uid is not None and uid != 0xFFFFFFFF:
             inode.uid = uid
-            changed = True
+            changed = chown = True
         if gid is not None and gid != 0xFFFFFFFF:
             inode.gid = gid
-            changed = True
+            changed = chown = True
+        if chown and not inode.is_dir:
+            self._kill_privileges(inode, caller_uid, chown=True)
         if atime_ns is not None:
             inode.atime_ns = atime_ns
             changed = True
@@ -420,7 +433,7 @@ class Tree:
             inode.ctime_ns = ctime_ns
         return inode
 
-    def truncate(self, inode: Inode, size: int) -> None:
+    def _truncate(self, inode: Inode, size: int) -> None:
         """Set a regular file's size: pages past the end are freed, growing is sparse."""
         if size < 0:
             raise FsError(errno.EINVAL)
@@ -433,22 +446,42 @@ class Tree:
         inode.size_bytes = size
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
 
+    def _kill_privileges(self, inode: Inode, caller_uid: int, *, chown: bool = False) -> None:
+        """Drop what a modified file must not keep, as the VFS's file_remove_privs does.
+
+        File capabilities always go; set-uid, and set-gid when group-exec is set, go on a
+        chown, or when the caller is not root (root stands for CAP_FSETID here).
+        """
+        capability = inode.xattrs.pop(CAPABILITY_XATTR, None)
+        if capability is not None:
+            self.xattr_bytes -= len(CAPABILITY_XATTR) + len(capability)
+        if chown or caller_uid != 0:
+            inode.mode &= ~stat.S_ISUID
+            if inode.mode & stat.S_IXGRP:
+                inode.mode &= ~stat.S_ISGID
+
     # --- open files and data ----------------------------------------------------------------
 
-    def open(self, ino: int, flags: int) -> int:
-        """Open inode *ino* with open(2) *flags* (O_TRUNC applied here); return a handle."""
+    def open(self, ino: int, flags: int, caller_uid: int = 0) -> int:
+        """Open inode *ino* with open(2) *flags*; return a handle.
+
+        O_TRUNC is applied here (the kernel leaves it to us: atomic O_TRUNC), stamping mtime and
+        ctime even when the file was empty already, as tmpfs does.
+        """
         inode = self.get(ino)
         accmode = flags & os.O_ACCMODE
         writable = accmode in (os.O_WRONLY, os.O_RDWR)
-        if writable:
+        if writable or flags & os.O_TRUNC:
             self._check_writable()
             if inode.is_dir:
                 raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and inode.is_reg and writable:
-            self.truncate(inode, 0)
+        if flags & os.O_TRUNC and inode.is_reg:
+            self._truncate(inode, 0)
+            self._kill_privileges(inode, caller_uid)
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = OpenFile(ino, writable, bool(flags & os.O_APPEND))
+        self.handles[fh] = OpenFile(ino, writable, caller_uid)
         inode.open_handles += 1
         return fh
 
@@ -457,7 +490,7 @@ class Tree:
     ) -> tuple[int, Inode]:
         """Create a regular file and open it (O_CREAT|O_EXCL is the kernel's to enforce)."""
         inode = self.mknod(parent_ino, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
-        return self.open(inode.ino, flags & ~os.O_TRUNC), inode
+        return self.open(inode.ino, flags & ~os.O_TRUNC, uid), inode
 
     def release(self, fh: int) -> None:
         """Close a handle; free the inode if that was the last reference."""
@@ -495,14 +528,14 @@ class Tree:
         inode = self.get(handle.ino)
         if inode.pages is None or not handle.writable:
             raise FsError(errno.EBADF)
-        if handle.append:
-            off = inode.size_bytes
         end = off + len(data)
         if off < 0 or end > MAX_FILE_BYTES:
             raise FsError(errno.EFBIG)
         file_data.write(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
         if end > inode.size_bytes:
             inode.size_bytes = end
+        if inode.xattrs or inode.mode & (stat.S_ISUID | stat.S_ISGID):
+            self._kill_privileges(inode, handle.opener_uid)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
         return len(data)
 
@@ -569,11 +602,15 @@ class Tree:
 
     def stats(self) -> FsStats:
         """Return statfs figures: pages against size=, inodes against nr_inodes=."""
-        used = self.pool.used_pages
-        total = self.pool.limit_pages or used + self.pool.available_pages()
-        inodes = len(self.inodes)
-        max_inodes = self.max_inodes or inodes + 1_000_000
-        return FsStats(total, max(0, total - used), max_inodes, max(0, max_inodes - inodes))
+        pages = self.pool.limit_pages
+        inodes = self.max_inodes
+        # As tmpfs: an unlimited size= or nr_inodes= reports 0 total and 0 free.
+        return FsStats(
+            pages,
+            max(0, pages - self.pool.used_pages) if pages else 0,
+            inodes,
+            max(0, inodes - len(self.inodes)) if inodes else 0,
+        )
 
     def owned_pfns(self) -> PfnArray:
         """Every pfn the mount holds: its files' pages and the pool's idle ones."""

@@ -10,12 +10,14 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Mounts
@@ -29,7 +31,8 @@ RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE
 # Few names, shallow: operations keep meeting the same files, so state builds up.
 names = st.sampled_from(["a", "b"])
 paths = st.lists(names, min_size=1, max_size=2).map("/".join)
-offsets = st.sampled_from([0, 1, 100, 4095, 4096, 4097, 8191, 3 * 4096 + 7, 100_000, 1 << 21])
+OFFSETS = [0, 1, 100, 4095, 4096, 4097, 8191, 3 * 4096 + 7, 100_000, (1 << 21) - 3, 1 << 40]
+offsets = st.sampled_from(OFFSETS)
 lengths = st.sampled_from([0, 1, 10, 4096, 5000, 12_289, 70_000])
 modes = st.sampled_from([0o600, 0o644, 0o755, 0o700, 0o777, 0o1777, 0o2755, 0o4755])
 xattr_names = st.sampled_from(["user.a", "user.b", "trusted.t", "security.s", "os2.bad"])
@@ -45,7 +48,9 @@ operations = st.one_of(
         st.sampled_from(["", "append", "trunc"]),
     ),
     st.tuples(st.just("read"), paths, offsets, lengths),
-    st.tuples(st.just("truncate"), paths, st.sampled_from([0, 1, 4095, 4096, 5000, 1 << 20])),
+    st.tuples(
+        st.just("truncate"), paths, st.sampled_from([0, 1, 4095, 4096, 5000, 1 << 20, 1 << 45])
+    ),
     st.tuples(st.just("mkdir"), paths, modes),
     st.tuples(st.just("rmdir"), paths),
     st.tuples(st.just("unlink"), paths),
@@ -155,6 +160,23 @@ def _apply(root: Path, kind: str, args: list[Any]) -> Any:
     return None
 
 
+WINDOW = 256 * 1024
+
+
+def _sample_contents(path: str, size: int) -> list[bytes]:
+    """The whole file when small; else windows around every offset the operations use
+    (a sparse file of a terabyte cannot be read whole)."""
+    with open(path, "rb") as f:
+        if size <= 4 * WINDOW:
+            return [f.read()]
+        starts = sorted({0, size - WINDOW, *(max(0, o - 8) for o in OFFSETS if o < size)})
+        samples = []
+        for start in starts:
+            f.seek(start)
+            samples.append(f.read(WINDOW))
+        return samples
+
+
 def snapshot(root: Path) -> dict[str, Any]:
     """Everything comparable about the tree under *root*."""
     tree: dict[str, Any] = {}
@@ -165,7 +187,7 @@ def snapshot(root: Path) -> dict[str, Any]:
             s = os.lstat(full)
             entry: dict[str, Any] = {"stat": _stat_tuple(s)}
             if stat.S_ISREG(s.st_mode):
-                entry["data"] = Path(full).read_bytes()
+                entry["data"] = _sample_contents(full, s.st_size)
             elif stat.S_ISLNK(s.st_mode):
                 entry["target"] = os.readlink(full)
             if not stat.S_ISLNK(s.st_mode):
@@ -180,6 +202,17 @@ def snapshot(root: Path) -> dict[str, Any]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=st.lists(operations, min_size=1, max_size=30))
+@example(  # always covered: a terabyte-sparse file, O_APPEND and O_TRUNC on it
+    ops=[
+        ("create", "a", 0o644),
+        ("write", "a", 1 << 40, 5000, 1, ""),
+        ("write", "a", 0, 10, 2, "append"),
+        ("read", "a", (1 << 40) - 8, 70_000),
+        ("truncate", "a", 1 << 45),
+        ("stat", "a"),
+        ("write", "a", 4095, 12_289, 3, "trunc"),
+    ]
+)
 def test_same_results_as_kernel_tmpfs(
     ops: list[tuple[Any, ...]], shared_pair: tuple[Path, Path]
 ) -> None:
@@ -199,7 +232,16 @@ def test_same_results_as_kernel_tmpfs(
         shutil.rmtree(ours)
 
 
-@pytest.fixture
-def shared_pair(mounts: Mounts, kernel_tmpfs: Path) -> tuple[Path, Path]:
-    """A kernel tmpfs and a pkramfs, both empty, for one hypothesis run."""
-    return kernel_tmpfs, mounts.mount("size=256M")
+@pytest.fixture(params=["size=256M", "size=64M,huge=always"])
+def shared_pair(
+    request: pytest.FixtureRequest, mounts: Mounts, work_root: Path
+) -> Iterator[tuple[Path, Path]]:
+    """A kernel tmpfs and a pkramfs with the same options, both empty, for one hypothesis run."""
+    options: str = request.param
+    tmpfs = work_root / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    tmpfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(tmpfs)], check=True)
+    try:
+        yield tmpfs, mounts.mount(options)
+    finally:
+        subprocess.run(["umount", "-l", str(tmpfs)], check=False)

@@ -228,20 +228,65 @@ def test_setgid_directory_inheritance(tree: Tree) -> None:
 
 
 def test_times_follow_tmpfs(tree: Tree) -> None:
+    """Each change stamps the times tmpfs stamps (set to 1 ns first, so a miss is visible)."""
+    fh, ino = new_file(tree, b"f")
+    inode, root = tree.get(ino), tree.get(R)
+
+    def reset() -> None:
+        for i in (inode, root):
+            i.atime_ns = i.mtime_ns = i.ctime_ns = 1
+
+    reset()
+    tree.write(fh, 0, b"x")
+    assert inode.mtime_ns > 1 and inode.ctime_ns > 1 and inode.atime_ns == 1
+    tree.setattr(ino, atime_ns=123, mtime_ns=456_000_000_789)
+    assert (inode.atime_ns, inode.mtime_ns) == (123, 456_000_000_789) and inode.ctime_ns > 1
+    reset()
+    tree.setxattr(ino, b"user.t", b"")
+    assert inode.ctime_ns > 1 and inode.mtime_ns == 1
+    reset()
+    tree.release(tree.open(ino, os.O_WRONLY | os.O_TRUNC))  # O_TRUNC stamps even when empty
+    tree.release(tree.open(ino, os.O_WRONLY | os.O_TRUNC))
+    assert inode.mtime_ns > 1 and inode.ctime_ns > 1
+    reset()
+    tree.link(ino, R, b"g")
+    assert inode.ctime_ns > 1 and root.mtime_ns > 1 and inode.mtime_ns == 1
+    reset()
+    tree.rename(R, b"g", R, b"h")
+    assert inode.ctime_ns > 1 and root.mtime_ns > 1 and root.ctime_ns > 1
+    reset()
+    tree.unlink(R, b"f")
+    assert root.mtime_ns > 1 and root.ctime_ns > 1 and inode.ctime_ns > 1
+
+
+def test_chown_write_and_truncate_drop_privileges(tree: Tree) -> None:
+    """As the VFS: chown drops set-id bits for anyone; writes and truncates by non-root do;
+    file capabilities go on any of them."""
     fh, ino = new_file(tree, b"f")
     inode = tree.get(ino)
-    before = (inode.mtime_ns, inode.ctime_ns)
-    tree.write(fh, 0, b"x")
-    assert inode.mtime_ns >= before[0] and inode.ctime_ns >= before[1]
-    tree.setattr(ino, atime_ns=123, mtime_ns=456_000_000_789)
-    assert (inode.atime_ns, inode.mtime_ns) == (123, 456_000_000_789)
-    ctime = inode.ctime_ns
-    tree.setxattr(ino, b"user.t", b"")
-    assert inode.ctime_ns >= ctime
-    root = tree.get(R)
-    m = root.mtime_ns
-    tree.unlink(R, b"f")
-    assert root.mtime_ns >= m
+
+    def arm() -> None:
+        inode.mode = stat.S_IFREG | 0o6755
+        tree.setxattr(ino, b"security.capability", b"caps")
+
+    arm()
+    tree.write(fh, 0, b"root keeps set-id")
+    assert inode.mode & 0o7777 == 0o6755 and b"security.capability" not in inode.xattrs
+    arm()
+    tree.setattr(ino, uid=1000, caller_uid=0)
+    assert inode.mode & 0o7777 == 0o0755
+    arm()
+    user_fh = tree.open(ino, os.O_WRONLY, caller_uid=1000)
+    tree.write(user_fh, 0, b"user")
+    assert inode.mode & 0o7777 == 0o0755
+    arm()
+    tree.setattr(ino, size=1, caller_uid=1000)
+    assert inode.mode & 0o7777 == 0o0755 and b"security.capability" not in inode.xattrs
+    inode.mode = stat.S_IFREG | 0o2745  # set-gid without group-exec is mandatory locking: kept
+    tree.setattr(ino, gid=5, caller_uid=0)
+    assert inode.mode & 0o7777 == 0o2745
+    assert tree.xattr_bytes == 0
+    tree.release(user_fh)
 
 
 def test_read_only_refuses_changes(tree: Tree) -> None:
@@ -251,6 +296,31 @@ def test_read_only_refuses_changes(tree: Tree) -> None:
     assert errno_of(tree.mkdir, R, b"d", 0o755, 0, 0) == errno.EROFS
     assert errno_of(tree.open, ino, os.O_WRONLY) == errno.EROFS
     tree.open(ino, os.O_RDONLY)
+
+
+def test_huge_pages_fall_back_and_enospc_takes_nothing(machine: Machine) -> None:
+    """Near size= a huge page no longer fits: small pages serve; ENOSPC undoes huge pages."""
+    ownership = machine.page_ownership()
+    owner = ownership.register_owner("huge-limit", os.getpid())
+    ram = machine.ram()
+    pool = PagePool(ownership, ram, owner, limit_pages=HUGE_PAGES + 100)
+    tree = Tree(ram, pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=True)
+    try:
+        fh, ino = new_file(tree, b"h")
+        tree.write(fh, 0, b"a")  # one huge page
+        tree.write(fh, HUGE_PAGES * PAGE_SIZE, b"b")  # no room for a second: a small page
+        pages = tree.get(ino).pages
+        assert pages is not None and pages.huge_chunks() == [0]
+        assert tree.pool.used_pages == HUGE_PAGES + 1
+        fh2, ino2 = new_file(tree, b"g")
+        tree.pool.limit_pages = 2 * HUGE_PAGES + 10  # room for a huge page, not for the rest
+        big = b"c" * ((HUGE_PAGES + 20) * PAGE_SIZE)
+        assert errno_of(tree.write, fh2, 0, big) == errno.ENOSPC
+        assert tree.get(ino2).blocks_512 == 0 and tree.pool.used_pages == HUGE_PAGES + 1
+        assert bytes(tree.read(fh, 0, 2)) == b"a\0"
+        assert ownership.check({owner: tree.owned_pfns()}) == []
+    finally:
+        ownership.unregister_owner(owner)
 
 
 def test_huge_pages_are_aligned_runs(machine: Machine) -> None:
