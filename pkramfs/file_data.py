@@ -93,7 +93,9 @@ def _read_small(
         base = pfns[0] * PAGE_SIZE + in_off
         return ram.buffer[base : base + length]
     out = bytearray(length)
-    _copy_small_runs(ram, pfns, runs, in_off, memoryview(out), to_ram=False)
+    buf = memoryview(out)
+    for start, end in runs:
+        _copy_span(ram, pfns[start], start, end, in_off, buf, to_ram=False)
     return out
 
 
@@ -114,27 +116,8 @@ def _write_small(
             pages.set_page(first + i, pfn)
             if i in (0, count - 1):  # edge pages may be partly written: the rest reads zero
                 ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = _ZERO_PAGE
-    _copy_small_runs(ram, pfns, _small_runs(pfns), in_off, data, to_ram=True)
-
-
-def _copy_small_runs(
-    ram: Ram,
-    pfns: list[int],
-    runs: list[tuple[int, int]],
-    in_off: int,
-    buf: memoryview,
-    *,
-    to_ram: bool,
-) -> None:
-    for start, end in runs:
-        buf_lo = max(0, start * PAGE_SIZE - in_off)
-        buf_hi = min(len(buf), end * PAGE_SIZE - in_off)
-        ram_lo = pfns[start] * PAGE_SIZE + (in_off if start == 0 else 0)
-        ram_hi = ram_lo + buf_hi - buf_lo
-        if to_ram:
-            ram.buffer[ram_lo:ram_hi] = buf[buf_lo:buf_hi]
-        else:
-            buf[buf_lo:buf_hi] = ram.buffer[ram_lo:ram_hi]
+    for start, end in _small_runs(pfns):
+        _copy_span(ram, pfns[start], start, end, in_off, data, to_ram=True)
 
 
 def truncate(ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int) -> None:
@@ -243,8 +226,8 @@ def _copy_runs(
     count = len(pfns)
     if len(starts) > _MAX_LOOPED_RUNS and count > 2:
         # Many scattered pages: the two edge pages by slice, the full middle pages at once.
-        _copy_span(ram, pfns, 0, 1, in_off, buf, to_ram)
-        _copy_span(ram, pfns, count - 1, count, in_off, buf, to_ram)
+        _copy_span(ram, int(pfns[0]), 0, 1, in_off, buf, to_ram)
+        _copy_span(ram, int(pfns[-1]), count - 1, count, in_off, buf, to_ram)
         mid = pfns[1 : count - 1]
         lo = PAGE_SIZE - in_off
         flat = np.frombuffer(buf, dtype=np.uint8)[lo : lo + len(mid) * PAGE_SIZE]
@@ -256,14 +239,16 @@ def _copy_runs(
             window[present] = ram.pages[mid[present]]
         return
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        _copy_span(ram, pfns, start, end, in_off, buf, to_ram)
+        _copy_span(ram, int(pfns[start]), start, end, in_off, buf, to_ram)
 
 
 def _copy_span(
-    ram: Ram, pfns: PfnArray, start: int, end: int, in_off: int, buf: memoryview, to_ram: bool
+    ram: Ram, pfn: int, start: int, end: int, in_off: int, buf: memoryview, to_ram: bool
 ) -> None:
-    """Copy pages [start, end) of the request, which are consecutive in RAM (or a hole)."""
-    pfn = int(pfns[start])
+    """Copy pages [start, end) of the request, consecutive in RAM from *pfn* (or a hole).
+
+    *buf* holds the request's bytes, which begin *in_off* bytes into its page 0.
+    """
     if pfn == HOLE:
         return
     buf_lo = max(0, start * PAGE_SIZE - in_off)
