@@ -17,8 +17,7 @@ from . import control
 from .checker import check_machine
 from .errors import PkramfsError
 
-EXIT_PROBLEM = 1
-EXIT_USAGE = 2
+EXIT_PROBLEM = 1  # argparse itself exits 2 on a usage error
 
 
 def main(argv: list[str] | None = None) -> int:

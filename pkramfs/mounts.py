@@ -15,11 +15,6 @@ class MountEntry:
     mountpoint: str
     options: tuple[str, ...]
 
-    @property
-    def read_only(self) -> bool:
-        """Whether the kernel's mount is read-only."""
-        return "ro" in self.options
-
 
 def unescape_field(field: str) -> str:
     """Undo the octal escapes (``\\040`` for a space) of a /proc/mounts field."""
