@@ -101,7 +101,7 @@ def test_write_beyond_eof_lands_at_its_offset(tree: Tree) -> None:
 def test_scattered_pages_round_trip(tree: Tree, machine: Machine) -> None:
     """Pages allocated out of order (many runs) still read back right (numpy path)."""
     fhs = [new_file(tree, f"f{i}".encode())[0] for i in range(4)]
-    payload = {}
+    payload: dict[int, list[bytes]] = {}
     for page in range(40):  # interleave allocations so no file has consecutive pfns
         for i, fh in enumerate(fhs):
             chunk = bytes([i * 40 + page]) * PAGE_SIZE
