@@ -1,7 +1,11 @@
 """Shared fixtures: private machines in /dev/shm, real mounts with guaranteed cleanup.
 
-Every mount a test starts is torn down in ``finally`` (lazy unmount, then terminate, then kill),
-and the ownership checker runs over the machine after each test that mounted something.
+Every mount a test starts is torn down in ``finally`` (unmount, lazily if need be, then wait
+for the daemon, escalating to SIGTERM and SIGKILL). Teardown never talks to a daemon: it finds
+daemons in the machine's owner registry and mounts in /proc/self/mounts, so a hung daemon
+cannot block it. After each test that mounted something, the ownership checker runs over the
+machine and the daemons' logs must hold no error. A test that outlives pytest-timeout's limit
+has this session's daemons killed, since a request to a hung daemon ignores SIGALRM.
 """
 
 import contextlib
@@ -10,32 +14,164 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_timeout
 
 from kexec_sim.machine import Machine
+from kexec_sim.owners import OwnerInfo, OwnerRegistry
+from kexec_sim.process import process_start_time
 from pkramfs.checker import check_machine
-from pkramfs.mounts import pkramfs_mounts
+from pkramfs.mounts import unescape_field
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
+COMMAND_TIMEOUT_S = 30.0
+LOG_ALARMS = ("ERROR", "CRITICAL", "Traceback")
+KILL_AFTER_TIMEOUT_S = 5.0
+EXIT_AFTER_TIMEOUT_S = 65.0
+_WATCHDOG = pytest.StashKey[list[threading.Timer]]()
 
 
 def _run(*cmd: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check, **kw)  # type: ignore[call-overload]
 
 
+def _try(*cmd: str) -> bool:
+    """Run a cleanup command with a timeout; return whether it succeeded (never raise)."""
+    try:
+        return _run(*cmd, check=False, timeout=COMMAND_TIMEOUT_S).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _mountpoints() -> list[str]:
+    """Return every mountpoint of this mount namespace, in mount order (no syscall on them)."""
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+        return [unescape_field(line.split()[1]) for line in f if len(line.split()) > 1]
+
+
+def _canonical(path: Path) -> str:
+    """*path* with its parent resolved, the way the daemon names it; never stats *path* itself."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def _is_mounted(path: Path) -> bool:
+    """Whether something is mounted on *path* (from /proc, without touching the mount)."""
+    return _canonical(path) in _mountpoints()
+
+
+def _machine_dirs(root: Path) -> list[Path]:
+    """The machines in *root*, found without looking into a mount (a hung one would block)."""
+    base = os.path.realpath(root)
+    mounted = set(_mountpoints())
+    try:
+        paths = [os.path.join(base, name) for name in os.listdir(base)]
+    except OSError:
+        return []
+    return [
+        Path(path)
+        for path in paths
+        if path not in mounted and os.path.isfile(os.path.join(path, "machine.json"))
+    ]
+
+
+def _registered_owners(machine_dir: Path) -> list[OwnerInfo]:
+    """The owners in the machine's registry (``boot/owners.json``), read without the lock.
+
+    The registry is replaced atomically, so a lock-free read is consistent, and a daemon hung
+    while holding ``boot/lock`` cannot block the teardown. Empty if the machine is half made.
+    """
+    try:
+        registry = OwnerRegistry.load(machine_dir / "boot" / "owners.json")
+    except Exception:  # best effort: missing, corrupt or half-written machine
+        return []
+    return [info for info in registry.owners.values() if info.pid != os.getpid()]
+
+
+def daemon_owners(machine: Machine, mnt: Path) -> list[OwnerInfo]:
+    """The live registered owners serving *mnt* (named ``pkramfs:{pkram or '-'}:{mnt}``)."""
+    suffix = ":" + _canonical(mnt)
+    return [
+        info
+        for info in _registered_owners(machine.path)
+        if info.name.startswith("pkramfs:")
+        and info.name.endswith(suffix)
+        and process_start_time(info.pid) == info.pid_start_time
+    ]
+
+
+def wait_exit(pid: int, start_time: int | None = None, timeout_s: float = 10.0) -> bool:
+    """Wait for process *pid* to exit; return True if it did so by itself within *timeout_s*.
+
+    Otherwise send SIGTERM, then SIGKILL, 5 s apart, and return False. *start_time* (from
+    /proc, as in the owner registry) guards against a reused pid; a zombie counts as gone.
+    """
+    if start_time is None:
+        start_time = process_start_time(pid)
+        if start_time is None:
+            return True
+    for sig, wait_s in ((None, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while process_start_time(pid) == start_time:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        else:
+            return sig is None
+    return False
+
+
+def _session_root() -> Path:
+    """The directory of this session's machines and mounts (see ``work_root``)."""
+    given = os.environ.get("PKRAMFS_TEST_ROOT")  # scripts/test names it, to clean up after us
+    return Path(given) if given else SHM_BASE / f"pkramfs-tests-{os.getpid()}"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: pytest_timeout.Settings) -> None:
+    """Back pytest-timeout's SIGALRM up for tests stuck in a request to a hung daemon.
+
+    Such a request ignores signals until its daemon dies. Shortly after the timeout, kill this
+    session's daemons: the pending SIGALRM then fails the test and its fixtures clean up. If
+    the test is still stuck a minute later, dump the stacks and exit (pytest-timeout's thread
+    method): CI must never hang. Returns None, so pytest-timeout still sets its own timer.
+    """
+    timers = [
+        threading.Timer(
+            settings.timeout + KILL_AFTER_TIMEOUT_S, _kill_daemons_under, [_session_root()]
+        ),
+        threading.Timer(
+            settings.timeout + EXIT_AFTER_TIMEOUT_S, pytest_timeout.timeout_timer, [item, settings]
+        ),
+    ]
+    for timer in timers:
+        timer.daemon = True
+        timer.start()
+    item.stash[_WATCHDOG] = timers
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    """Stop the watchdog of *item* (pytest-timeout cancels its own timer as well)."""
+    for timer in item.stash.get(_WATCHDOG, []):
+        timer.cancel()
+
+
 @pytest.fixture(scope="session")
 def work_root() -> Iterator[Path]:
     """A private directory for this session's machines and mountpoints, wiped at the end."""
-    given = os.environ.get("PKRAMFS_TEST_ROOT")  # scripts/test names it, to clean up after us
-    root = Path(given) if given else SHM_BASE / f"pkramfs-tests-{os.getpid()}"
+    root = _session_root()
     root.mkdir(mode=0o755, exist_ok=True)  # 0755: tests as other users must reach the mounts
     try:
         yield root
@@ -45,18 +181,19 @@ def work_root() -> Iterator[Path]:
 
 
 def _unmount_everything_under(root: Path) -> None:
-    for entry in pkramfs_mounts():
-        if entry.mountpoint.startswith(str(root)):
-            _run("fusermount3", "-u", "-z", entry.mountpoint, check=False)
-    for machine_json in root.glob("*/machine.json"):
-        _kill_owners(machine_json.parent)
+    """Lazily unmount every mount below *root*, then SIGKILL every machine's registered owners."""
+    prefix = os.path.realpath(root) + "/"
+    for mountpoint in reversed(_mountpoints()):  # the innermost first
+        if mountpoint.startswith(prefix):
+            _try("umount", "-l", "-c", mountpoint)
+    _kill_daemons_under(root)
 
 
-def _kill_owners(machine_dir: Path) -> None:
-    """SIGKILL every process still registered as a page owner of the machine (not ourselves)."""
-    with contextlib.suppress(Exception):  # best effort: the machine may be half made
-        for info in Machine.open(str(machine_dir), create=False).page_ownership().owners().values():
-            if info.pid != os.getpid():
+def _kill_daemons_under(root: Path) -> None:
+    """SIGKILL the live registered owners (but us) of every machine in *root*."""
+    for machine_dir in _machine_dirs(root):
+        for info in _registered_owners(machine_dir):
+            if process_start_time(info.pid) == info.pid_start_time:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(info.pid, signal.SIGKILL)
 
@@ -89,75 +226,75 @@ class Mounts:
         """Mount a pkramfs with ``-o machine=...,OPTIONS`` through the CLI; return where."""
         mnt = mountpoint or self.mountpoint()
         opts = f"machine={self.machine.path}" + (f",{options}" if options else "")
+        self.track(mnt)  # before any assertion: a half-made mount is torn down too
         result = _run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts, check=False)
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert os.path.ismount(mnt)
-        self.mountpoints.append(mnt)
         return mnt
 
     def track(self, mnt: Path) -> None:
         """Tear down *mnt* too (mounted some other way, e.g. by mount(8))."""
-        self.mountpoints.append(mnt)
+        if mnt not in self.mountpoints:
+            self.mountpoints.append(mnt)
 
-    def unmount(self, mnt: Path) -> None:
-        """Unmount *mnt* and wait for its daemon to exit."""
-        pid = _daemon_pid(mnt)
-        _run("fusermount3", "-u", str(mnt), check=False)
-        if os.path.ismount(mnt):
-            _run("fusermount3", "-u", "-z", str(mnt), check=False)
-        if pid:
-            _wait_gone(pid)
+    def unmount(self, mnt: Path) -> bool:
+        """Unmount *mnt* (lazily if need be); return whether its daemon then exited by itself.
 
-    def teardown(self) -> None:
-        """Unmount everything: lazily, then terminate, then kill the daemons."""
+        A daemon that does not exit within 10 s is sent SIGTERM, then SIGKILL.
+        """
+        daemons = daemon_owners(self.machine, mnt)  # before: an exiting daemon unregisters
+        if not _try("fusermount3", "-u", str(mnt)) and _is_mounted(mnt):
+            _try("fusermount3", "-u", "-z", str(mnt))
+        return all([wait_exit(info.pid, info.pid_start_time) for info in daemons])
+
+    def teardown(self) -> list[str]:
+        """Unmount everything and end every daemon of the machine; return what went wrong.
+
+        Each daemon that had to be killed is a problem: unmounting must end a daemon.
+        """
+        problems = []
         for mnt in self.mountpoints:
-            if os.path.ismount(mnt):
-                self.unmount(mnt)
+            if _is_mounted(mnt) and not self.unmount(mnt):
+                problems.append(f"the daemon of {mnt} did not exit after unmount (killed)")
+        for info in _registered_owners(self.machine.path):  # untracked or stuck daemons
+            if process_start_time(info.pid) != info.pid_start_time:
+                continue
+            for mountpoint in _mountpoints():
+                if info.name.endswith(":" + mountpoint):
+                    _try("fusermount3", "-u", "-z", mountpoint)
+            if not wait_exit(info.pid, info.pid_start_time):
+                problems.append(f"{info.name} (pid {info.pid}) outlived its mount (killed)")
+        return problems
 
 
-def _daemon_pid(mnt: Path) -> int | None:
-    from pkramfs import control
-    from pkramfs.errors import MountError
-
-    try:
-        return int(control.query_status(str(mnt))["pid"])
-    except (MountError, OSError, KeyError):
-        return None
-
-
-def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    sig = signal.SIGTERM
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if time.monotonic() > deadline:
-            if sig == signal.SIGKILL:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            sig = signal.SIGKILL
-            deadline = time.monotonic() + 5
-        time.sleep(0.02)
+def log_errors(machine: Machine) -> list[str]:
+    """Return the lines of the machine's daemon logs that report an error or a traceback."""
+    return [
+        f"{log.name}: {line}"
+        for log in sorted((machine.path / "logs").glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if any(alarm in line for alarm in LOG_ALARMS)
+    ]
 
 
 @pytest.fixture
 def mounts(machine: Machine, work_root: Path) -> Iterator[Mounts]:
-    """Mount factory on the test's machine; checks page ownership, then unmounts everything."""
+    """Mount factory on the test's machine; checks ownership, unmounts everything, reads logs."""
     factory = Mounts(machine, work_root)
     try:
         yield factory
-        problems = check_machine(machine)
+        problems = check_machine(machine)  # this machine's mounts only
         assert problems == [], "ownership checker: " + "; ".join(problems)
     finally:
-        factory.teardown()
+        stuck = factory.teardown()
+    assert stuck == [], "; ".join(stuck)
     # After every daemon is gone, no page may remain owned by anybody.
-    after = machine.page_ownership()
-    after.reclaim_dead_owners()
-    leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
+    with machine.page_ownership() as after:
+        after.reclaim_dead_owners()
+        leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
     assert leftover == {}, f"pages still owned after unmount: {leftover}"
+    errors = log_errors(machine)
+    assert errors == [], "errors in the daemon logs:\n" + "\n".join(errors)
 
 
 @pytest.fixture
@@ -169,4 +306,4 @@ def kernel_tmpfs(work_root: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        _run("umount", "-l", str(path), check=False)
+        _try("umount", "-l", str(path))

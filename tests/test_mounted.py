@@ -10,13 +10,14 @@ import sys
 import threading
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from kexec_sim.machine import Machine
 from pkramfs import control
 from pkramfs.checker import check_machine
 
-from .conftest import BIN, Mounts, _wait_gone
+from .conftest import BIN, Mounts, wait_exit
 
 pytestmark = pytest.mark.mounted
 
@@ -42,7 +43,7 @@ def test_write_read_md5_and_unmount_frees_pages(mounts: Mounts, machine: Machine
     assert st.st_blocks == ((len(data) + 4095) // 4096) * 8
     owner = control.query_status(str(mnt))["owner_id"]
     assert machine.page_ownership().count_by_owner()[owner] >= len(data) // 4096
-    mounts.unmount(mnt)
+    assert mounts.unmount(mnt), "the daemon did not exit by itself after the unmount"
     assert not os.path.ismount(mnt)
     assert machine.page_ownership().count_by_owner().get(owner, 0) == 0
 
@@ -84,8 +85,8 @@ def test_mount8_fuse_type_and_umount(mounts: Mounts, machine: Machine) -> None:
         str(mnt),
         env=path_env(),
     )
+    mounts.track(mnt)  # before asserting: a failed assertion still unmounts
     assert result.returncode == 0, result.stderr
-    mounts.track(mnt)
     assert os.path.ismount(mnt)
     (mnt / "a").write_text("hello")
     assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 64 << 20
@@ -93,7 +94,7 @@ def test_mount8_fuse_type_and_umount(mounts: Mounts, machine: Machine) -> None:
     assert check_machine(machine) == []
     assert run("umount", str(mnt)).returncode == 0
     assert not os.path.ismount(mnt)
-    _wait_exit(pid)
+    assert wait_exit(pid), "umount did not end the daemon"
 
 
 def test_mount8_pkramfs_type_helper(mounts: Mounts, machine: Machine) -> None:
@@ -101,8 +102,8 @@ def test_mount8_pkramfs_type_helper(mounts: Mounts, machine: Machine) -> None:
     result = run(
         "mount", "-t", "pkramfs", "-o", f"machine={machine.path}", "none", str(mnt), env=path_env()
     )
+    mounts.track(mnt)  # before asserting: a failed assertion still unmounts
     assert result.returncode == 0, result.stderr
-    mounts.track(mnt)
     assert os.path.ismount(mnt)
     line = next(
         line for line in Path("/proc/mounts").read_text().splitlines() if f" {mnt} " in line
@@ -117,8 +118,8 @@ def test_fstab_mount_a(mounts: Mounts, machine: Machine, tmp_path: Path) -> None
         f"none {mnt} fuse.pkramfs machine={machine.path},size=32M,mode=0755,pkram=fst 0 0\n"
     )
     result = run("mount", "-a", "-T", str(fstab), env=path_env())
+    mounts.track(mnt)  # before asserting: a failed assertion still unmounts
     assert result.returncode == 0, result.stderr
-    mounts.track(mnt)
     assert os.path.ismount(mnt)
     assert os.stat(mnt).st_mode & 0o7777 == 0o755
     assert control.query_status(str(mnt))["pkram"] == "fst"
@@ -193,7 +194,7 @@ def test_killed_daemon_pages_are_reclaimed(mounts: Mounts, machine: Machine) -> 
     (mnt / "f").write_bytes(b"q" * (2 << 20))
     status = control.query_status(str(mnt))
     os.kill(status["pid"], signal.SIGKILL)
-    _wait_exit(status["pid"])
+    assert wait_exit(status["pid"])
     run("fusermount3", "-u", "-z", str(mnt))
     ownership = machine.page_ownership()
     assert ownership.count_by_owner().get(status["owner_id"], 0) > 0
@@ -240,8 +241,33 @@ def test_other_users_get_tmpfs_permissions(mounts: Mounts) -> None:
     assert (st.st_uid, st.st_gid) == (65534, 65534)
 
 
-def _wait_exit(pid: int) -> None:
-    _wait_gone(pid)
+def test_control_file_refuses_other_users(mounts: Mounts) -> None:
+    """Only root may query the daemon's status or send it a command; the kernel checks 0600."""
+    mnt = mounts.mount()
+    ctrl = control.control_path(str(mnt))
+    command = msgpack.packb({"cmd": "remount", "options": ["ro"]}, use_bin_type=True)
+    code = (
+        "import errno, os\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        f"os.stat({ctrl!r})  # visible: only its mode keeps this user out\n"
+        "def attempt(call, *args):\n"
+        "    try:\n"
+        "        call(*args)\n"
+        "    except OSError as exc:\n"
+        "        return errno.errorcode.get(exc.errno, str(exc.errno))\n"
+        "    return 'allowed'\n"
+        f"print(attempt(os.getxattr, {ctrl!r}, {control.STATUS_XATTR.decode()!r}))\n"
+        f"print(attempt(os.setxattr, {ctrl!r}, {control.COMMAND_XATTR.decode()!r}, {command!r}))\n"
+    )
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    status_outcome, command_outcome = result.stdout.split()
+    assert status_outcome in ("EACCES", "EPERM"), f"status query as nobody: {status_outcome}"
+    assert command_outcome in ("EACCES", "EPERM"), f"command as nobody: {command_outcome}"
+    assert control.query_status(str(mnt))["read_only"] is False  # the command had no effect
+    (mnt / "still-writable").write_text("x")
+    control.send_command(str(mnt), "remount", options=["size=16M"])  # root may
+    assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 16 << 20
 
 
 def test_write_only_handles_spare_the_capability_query(mounts: Mounts) -> None:
