@@ -40,8 +40,10 @@ EXIT_AFTER_TIMEOUT_S = 65.0
 _WATCHDOG = pytest.StashKey[list[threading.Timer]]()
 
 
-def _run(*cmd: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, **kw)  # type: ignore[call-overload]
+def _run(
+    *cmd: str, check: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def _try(*cmd: str) -> bool:
