@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             return _remount(args.mountpoint, items)
         if "preserve" in items:
             raise OptionError("'preserve' only goes with 'remount'")
-        options = parse_options(items)  # option errors first, before any machine is touched
+        # Option errors first, before any machine is touched (a size=N% is checked for syntax
+        # here and resolved against the machine's RAM below).
+        options = parse_options(items, ram_bytes=0)
         if helper and args.flag_f:
             return 0  # mount -f: fake it
         machine = Machine.open(options.machine)
@@ -161,7 +163,7 @@ def _run_daemon(options: MountOptions, mountpoint: str, ready: Callable[[str | N
 
     try:
         fs = PkramFilesystem(options, mountpoint=mountpoint)
-    except (PkramfsError, MachineError) as exc:
+    except (PkramfsError, MachineError, OSError) as exc:
         ready(str(exc))
         return EXIT_FAILED
     return serve(fs, ready)

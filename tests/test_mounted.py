@@ -305,3 +305,9 @@ def test_huge_always_round_trips(mounts: Mounts) -> None:
     assert (mnt / "h").read_bytes() == data
     st = os.stat(mnt / "h")
     assert st.st_blocks == 6 * (2 << 20) // 512  # whole 2 MiB pages, as tmpfs huge=always
+
+
+def test_size_as_a_percentage_of_ram(mounts: Mounts, machine: Machine) -> None:
+    mnt = mounts.mount("size=25%")
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == machine.ram_bytes // 4
