@@ -21,13 +21,12 @@ from . import control
 from .errors import FsError, PkramfsError
 from .filesystem import PkramFilesystem
 from .inode import Inode
-from .tree import NAME_MAX
+from .tree import CAPABILITY_XATTR, NAME_MAX
 
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT_S = 1.0
 ENTRY_TIMEOUT_S = 1.0
-CAPABILITY_XATTR = b"security.capability"  # asked before every cached write (see _file_info)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -203,7 +202,10 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
         # Write-only handles bypass the page cache: the kernel then does not ask for
         # security.capability before every write (file_remove_privs runs only on the cached
-        # write path), and a write-only descriptor cannot be mmap'ed anyway.
+        # write path), and a write-only descriptor cannot be mmap'ed anyway. What the kernel
+        # skips, Tree.write does: dropping set-id bits and file capabilities. The kernel
+        # invalidates cached pages of the range a direct write covers, so readers stay
+        # coherent.
         write_only = flags & os.O_ACCMODE == os.O_WRONLY
         return pyfuse3.FileInfo(fh=fh, direct_io=write_only, keep_cache=True)
 
