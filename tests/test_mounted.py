@@ -311,3 +311,19 @@ def test_size_as_a_percentage_of_ram(mounts: Mounts, machine: Machine) -> None:
     mnt = mounts.mount("size=25%")
     st = os.statvfs(mnt)
     assert st.f_blocks * st.f_frsize == machine.ram_bytes // 4
+
+
+def test_direct_writes_keep_cached_readers_coherent(mounts: Mounts) -> None:
+    """A write through an O_WRONLY (direct I/O) handle is seen by a reader whose pages were
+    cached, and through a shared mapping."""
+    mnt = mounts.mount()
+    path = mnt / "c"
+    path.write_bytes(b"a" * 8192)
+    with open(path, "rb") as reader, open(path, "r+b") as rw, mmap.mmap(rw.fileno(), 8192) as m:
+        assert reader.read() == b"a" * 8192 and m[:1] == b"a"  # now cached
+        fd = os.open(path, os.O_WRONLY)
+        os.pwrite(fd, b"b" * 4096, 4096)
+        os.close(fd)
+        reader.seek(0)
+        assert reader.read() == b"a" * 4096 + b"b" * 4096
+        assert m[4096:4100] == b"bbbb"
