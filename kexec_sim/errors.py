@@ -15,3 +15,7 @@ class CorruptMachine(MachineError):
 
 class MachineExists(MachineError):
     """A machine already exists where one was to be created."""
+
+
+class CorruptHandover(CorruptMachine):
+    """Handover data read back from RAM (super block, preserved-pages table) failed validation."""

@@ -1,0 +1,55 @@
+"""docs/FORMAT.md must say what the code writes: offsets and sizes of every documented field."""
+
+import re
+import struct
+from pathlib import Path
+
+from kexec_sim import preserved_pages
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
+ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*([0-9 x]+)\s*\|\s*(\w+)")
+
+
+def table_after(heading: str) -> list[tuple[int, int, str]]:
+    """The (offset, size, field) rows of the first table after *heading*."""
+    lines = DOC.read_text().splitlines()
+    start = lines.index(heading)
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("#"):
+            break
+        match = ROW.match(line)
+        if match:
+            size = 1
+            for factor in match.group(2).split("x"):
+                size *= int(factor)
+            rows.append((int(match.group(1)), size, match.group(3)))
+    return rows
+
+
+def struct_fields(layout: struct.Struct) -> list[tuple[int, int]]:
+    """(offset, size) of every field of a little-endian struct, padding included."""
+    fields = []
+    offset = 0
+    for count, code in re.findall(r"(\d*)([a-zA-Z])", layout.format.lstrip("<")):
+        n = int(count or 1)
+        size = n if code in "sx" else struct.calcsize("<" + code) * n
+        fields.append((offset, size))
+        offset += size
+    return fields
+
+
+def test_root_header_matches_the_doc() -> None:
+    rows = table_after("### Root page header (`ROOT_HEADER`, 64 bytes)")
+    assert [(o, s) for o, s, _ in rows] == struct_fields(preserved_pages.ROOT_HEADER)
+    assert preserved_pages.ROOT_HEADER.size == 64
+    assert rows[0][2] == "magic" and preserved_pages.MAGIC.decode() in DOC.read_text()
+
+
+def test_root_body_matches_the_doc() -> None:
+    rows = table_after("### Root page body")
+    n = preserved_pages.ENTRIES_PER_ROOT
+    size = preserved_pages.ROOT_HEADER.size
+    assert rows == [(size, 8 * n, "leaf"), (size + 8 * n, 4 * n, "CRC32")]
+    assert size + 12 * n <= 4096
+    assert f"`ENTRIES_PER_ROOT` = {n}" in DOC.read_text()
