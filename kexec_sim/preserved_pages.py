@@ -20,7 +20,6 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
-import numpy.typing as npt
 
 from .errors import CorruptHandover, MachineError
 from .pages import PAGE_SIZE, PfnArray
@@ -63,7 +62,7 @@ def write_table(
     nr_roots = _nr_roots(nr_ram_pages)
     marked = np.zeros(nr_leaves * PFNS_PER_LEAF, dtype=bool)
     marked[pfns] = True
-    used: npt.NDArray[np.bool_] = marked.reshape(nr_leaves, PFNS_PER_LEAF).any(axis=1)
+    used = np.asarray(marked.reshape(nr_leaves, PFNS_PER_LEAF).any(axis=1), dtype=bool)
     table = allocate(nr_roots + int(used.sum()))
     while True:  # the table's own pages may fall in leaves nothing else uses: grow until stable
         if (table <= 0).any() or (table >= nr_ram_pages).any():
