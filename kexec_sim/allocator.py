@@ -1,7 +1,8 @@
 """Next-fit search for free pages in an owner map, in numpy windows.
 
 The search starts at a cursor, scans growing windows forward to the end of RAM, then wraps
-to pfn 0. A window is one vectorized comparison, so a request near free pages touches only
+to pfn 0 (freeing pages rewinds the cursor to them, see PageOwnership.free). A window is one
+vectorized comparison, so a request near free pages touches only
 a few times its own size of the map, never the whole map.
 """
 

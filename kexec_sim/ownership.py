@@ -331,12 +331,18 @@ class PageOwnership:
     def free(self, owner_id: int, pfns: npt.ArrayLike) -> None:
         """Mark *pfns* FREE; each must be owned by *owner_id* (a registered owner or PRESERVED).
 
+        The allocator reuses the lowest of them first.
+
         Raises MachineError, changing nothing, when one is not (or is listed twice).
         """
         with self.locked():
             self._require_holder(owner_id)
             checked = self._owned_pfns(pfns, owner_id, "free")
             self._owners[checked] = FREE
+            # Rewind the next-fit cursor to the lowest page freed: pages just given back are
+            # handed out again first (the host has them resident; allocation stays compact).
+            if checked.size:
+                self._cursor[0] = min(int(self._cursor[0]), int(checked.min()))
 
     def transfer(self, pfns: npt.ArrayLike, from_owner: int, to_owner: int) -> None:
         """Move *pfns* from *from_owner* to *to_owner* (registered owners or PRESERVED).

@@ -155,11 +155,22 @@ def test_allocate_is_next_fit_and_wraps(po: PageOwnership, owner: int) -> None:
     first = po.allocate(owner, 100)
     second = po.allocate(owner, 100)
     assert second[0] == first[-1] + 1  # continues where the last allocation stopped
+    tail = po.allocate(owner, po.free_pages() - 30)  # to the end of RAM
+    assert (np.diff(tail) > 0).all()
+    po.free(owner, first[:50])
+    wrapped = po.allocate(owner, 60)  # the 50 freed pages first, then on from there
+    assert np.array_equal(wrapped[:50], first[:50])
+    assert (np.diff(wrapped) > 0).all()
+    assert po.check({owner: np.concatenate([first[50:], second, tail, wrapped])}) == []
+
+
+def test_freed_pages_are_reused_first(po: PageOwnership, owner: int) -> None:
+    """Pages just freed are warm in the host: the allocator hands them out before fresh ones."""
+    first = po.allocate(owner, 2048)
+    po.allocate(owner, 2048)
     po.free(owner, first)
-    rest = po.allocate(owner, po.free_pages() - 50)  # to the end of RAM, then wraps to pfn 0
-    assert np.array_equal(rest[-50:], first[:50])
-    assert (np.diff(rest[:-50]) > 0).all()
-    assert po.check({owner: np.concatenate([second, rest])}) == []
+    again = po.allocate(owner, 2048)
+    assert np.array_equal(np.sort(again), np.sort(first))
 
 
 def test_allocate_is_all_or_nothing(po: PageOwnership, owner: int) -> None:
