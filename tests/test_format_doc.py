@@ -4,7 +4,7 @@ import re
 import struct
 from pathlib import Path
 
-from kexec_sim import preserved_pages
+from kexec_sim import preserved_pages, super_block
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*([0-9 x]+)\s*\|\s*(\w+)")
@@ -53,3 +53,10 @@ def test_root_body_matches_the_doc() -> None:
     assert rows == [(size, 8 * n, "leaf"), (size + 8 * n, 4 * n, "CRC32")]
     assert size + 12 * n <= 4096
     assert f"`ENTRIES_PER_ROOT` = {n}" in DOC.read_text()
+
+
+def test_super_block_matches_the_doc() -> None:
+    rows = table_after("### Super block (`SUPER_BLOCK`, 64 bytes)")
+    assert [(o, s) for o, s, _ in rows] == struct_fields(super_block.SUPER_BLOCK)
+    assert super_block.SUPER_BLOCK.size == 64
+    assert super_block.MAGIC.decode() in DOC.read_text()

@@ -1,0 +1,62 @@
+"""The super block: round trip and refusal of bad pfns and corrupted bytes."""
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kexec_sim.errors import CorruptHandover
+from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
+from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
+
+NR_PAGES = 4096
+
+
+@pytest.fixture
+def ram(tmp_path: Path) -> Iterator[Ram]:
+    path = tmp_path / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(NR_PAGES * PAGE_SIZE)
+    r = Ram(path, NR_PAGES)
+    yield r
+    r.close()
+
+
+def test_round_trip(ram: Ram) -> None:
+    sb = SuperBlock(generation=3, nr_ram_pages=NR_PAGES, table_root_pfn=77, node_list_pfn=99)
+    write_super_block(ram, 500, sb)
+    assert read_super_block(ram, 500) == sb
+
+
+@pytest.mark.parametrize("pfn", [0, -1, NR_PAGES, 123])
+def test_not_a_super_block(ram: Ram, pfn: int) -> None:
+    with pytest.raises(CorruptHandover, match="pkram="):
+        read_super_block(ram, pfn)
+
+
+@pytest.mark.parametrize(
+    ("offset", "data", "reason"),
+    [
+        (0, b"X", "magic"),
+        (8, struct.pack("<I", 7), "version"),
+        (16, b"\x09", "checksum"),
+        (100, b"\x01", "checksum"),
+    ],
+)
+def test_corruption_is_refused(ram: Ram, offset: int, data: bytes, reason: str) -> None:
+    write_super_block(ram, 500, SuperBlock(1, NR_PAGES, 0, 0))
+    at = 500 * PAGE_SIZE + offset
+    ram.buffer[at : at + len(data)] = data
+    with pytest.raises(CorruptHandover, match=reason):
+        read_super_block(ram, 500)
+
+
+def test_wrong_machine_and_wild_pfns_are_refused(ram: Ram) -> None:
+    write_super_block(ram, 500, SuperBlock(1, NR_PAGES * 2, 0, 0))
+    with pytest.raises(CorruptHandover, match="pages"):
+        read_super_block(ram, 500)
+    write_super_block(ram, 500, SuperBlock(1, NR_PAGES, NR_PAGES + 5, 0))
+    with pytest.raises(CorruptHandover, match="outside"):
+        read_super_block(ram, 500)
