@@ -115,7 +115,7 @@ def _write_small(
             pfns[i] = pfn
             pages.set_page(first + i, pfn)
             if i in (0, count - 1):  # edge pages may be partly written: the rest reads zero
-                ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = _ZERO_PAGE
+                _zero(ram, pfn * PAGE_SIZE, PAGE_SIZE)
     for start, end in _small_runs(pfns):
         _copy_span(ram, pfns[start], start, end, in_off, data, to_ram=True)
 
@@ -209,7 +209,11 @@ def _fill_huge_chunks(
 
 
 def _zero(ram: Ram, ram_byte: int, length: int) -> None:
-    ram.pages.reshape(-1)[ram_byte : ram_byte + length] = 0
+    """Zero *length* bytes of RAM (a page or less by slice, more through numpy)."""
+    if length <= PAGE_SIZE:
+        ram.buffer[ram_byte : ram_byte + length] = _ZERO_PAGE[:length]
+    else:
+        ram.pages.reshape(-1)[ram_byte : ram_byte + length] = 0
 
 
 def _copy_runs(

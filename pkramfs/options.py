@@ -7,7 +7,7 @@ malformed raises `OptionError` naming the option.
 import re
 from dataclasses import dataclass, field
 
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.pages import pages_for_bytes
 from kexec_sim.sizes import parse_size
 
 from .errors import OptionError
@@ -75,7 +75,7 @@ class MountOptions:
         """Return the page limit (0 means unlimited) for a machine of *ram_pages*."""
         if self.size_bytes is None:
             return ram_pages // 2
-        return (self.size_bytes + PAGE_SIZE - 1) // PAGE_SIZE
+        return pages_for_bytes(self.size_bytes)
 
     def resolved_nr_inodes(self, ram_pages: int) -> int:
         """Return the inode limit (0 means unlimited) for a machine of *ram_pages*."""

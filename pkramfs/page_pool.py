@@ -40,19 +40,13 @@ class PagePool:
         """Pages owned by the mount but held by no file."""
         return self._free[self._next :]
 
-    def available_pages(self) -> int:
-        """Pages a file may still take: up to ``size=``, or the machine's free RAM if unlimited."""
-        if self.limit_pages == 0:
-            return len(self._free) - self._next + self._ownership.free_pages()
-        return max(0, self.limit_pages - self.used_pages)
-
     def take(self, n_pages: int) -> PfnArray:
         """Return *n_pages* pages for a file; raise FsError(ENOSPC), taking none, if impossible."""
         if n_pages == 0:
             return np.empty(0, dtype=np.int64)
         self._check_limit(n_pages)
-        if len(self._free) - self._next < n_pages:
-            want = n_pages - (len(self._free) - self._next)
+        if len(self.idle_pages) < n_pages:
+            want = n_pages - len(self.idle_pages)
             try:
                 batch = self._ownership.allocate(self.owner_id, max(want, BATCH_PAGES))
             except OutOfMemory:
@@ -71,7 +65,7 @@ class PagePool:
     def take_huge(self) -> int | None:
         """Return the base pfn of a free aligned 2 MiB run for a file, or None if there is none
         or ``size=`` leaves no room for one (the caller falls back to small pages, as tmpfs)."""
-        if self.limit_pages and self.used_pages + HUGE_PAGES > self.limit_pages:
+        if not self._fits(HUGE_PAGES):
             return None
         try:
             base = int(self._ownership.allocate_huge(self.owner_id, 1)[0])
@@ -92,12 +86,10 @@ class PagePool:
             idle = idle[:BATCH_PAGES]
         self._free, self._next = idle, 0
 
-    def release_all(self) -> None:
-        """Return the idle pages to the machine (at unmount)."""
-        if len(self.idle_pages):
-            self._ownership.free(self.owner_id, self.idle_pages)
-        self._free, self._next = np.empty(0, dtype=np.int64), 0
+    def _fits(self, n_pages: int) -> bool:
+        """Whether files may hold *n_pages* more pages under ``size=``."""
+        return not self.limit_pages or self.used_pages + n_pages <= self.limit_pages
 
     def _check_limit(self, n_pages: int) -> None:
-        if self.limit_pages and self.used_pages + n_pages > self.limit_pages:
+        if not self._fits(n_pages):
             raise FsError(errno.ENOSPC, "the mount's size= limit is reached")
