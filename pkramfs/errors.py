@@ -21,3 +21,11 @@ class OptionError(PkramfsError):
 
 class MountError(PkramfsError):
     """Mounting, remounting or talking to a running mount failed."""
+
+
+class CorruptNode(PkramfsError):
+    """A preserved node read back from RAM failed validation; the message says where and why."""
+
+
+class NodeError(PkramfsError):
+    """A preserved-node operation cannot be done (no such node, a name already taken, ...)."""

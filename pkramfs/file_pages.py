@@ -6,6 +6,7 @@ A chunk is an int64 array of pfns, ``HOLE`` (-1) where no page is allocated. A c
 huge page (order 9): its 512 pfns are then consecutive from a 512-aligned base.
 """
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -133,6 +134,55 @@ class FilePages:
         )
         present = stacked != HOLE
         return index[present], stacked[present]
+
+    def link_entries(self) -> tuple[PfnArray, PfnArray, PfnArray]:
+        """Return (pfns, orders, file indexes) in index order: one order-9 entry per huge page."""
+        if not self._chunks:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty, empty
+        order = np.array(sorted(self._chunks), dtype=np.int64)
+        stacked = np.stack([self._chunks[c] for c in order.tolist()])
+        present = stacked != HOLE
+        if self._huge:  # a huge chunk keeps only its first page, as an order-9 entry
+            huge_rows = np.isin(order, np.fromiter(self._huge, dtype=np.int64))
+            present[huge_rows, 1:] = False
+        index = (order[:, None] << CHUNK_SHIFT) + np.arange(CHUNK_PAGES, dtype=np.int64)
+        orders = np.zeros(stacked.shape, dtype=np.int64)
+        if self._huge:
+            orders[huge_rows, 0] = HUGE_ORDER
+        return stacked[present], orders[present], index[present]
+
+    @classmethod
+    def from_link_entries(cls, pfns: PfnArray, orders: PfnArray, indexes: PfnArray) -> "FilePages":
+        """Rebuild a page index from `link_entries` output (indexes ascending, no overlap)."""
+        pages = cls()
+        if len(pfns) == 0:
+            return pages
+        chunk_nos = indexes >> CHUNK_SHIFT
+        breaks = np.flatnonzero(chunk_nos[1:] != chunk_nos[:-1]) + 1
+        bounds = np.concatenate([[0], breaks, [len(pfns)]]).tolist()
+        for lo, hi in itertools.pairwise(bounds):
+            chunk_no = int(chunk_nos[lo])
+            if orders[lo] == HUGE_ORDER:
+                pages.assign_huge(chunk_no, int(pfns[lo]))
+                continue
+            chunk = np.full(CHUNK_PAGES, HOLE, dtype=np.int64)
+            chunk[indexes[lo:hi] & CHUNK_MASK] = pfns[lo:hi]
+            pages._chunks[chunk_no] = chunk
+            pages.nr_pages += hi - lo
+        return pages
+
+    def replace_pages(self, indexes: PfnArray, new_pfns: PfnArray) -> None:
+        """Point the (small, present) pages at *indexes* to *new_pfns* (after a copy)."""
+        for index, pfn in zip(indexes.tolist(), new_pfns.tolist(), strict=True):
+            chunk = self._chunks[index >> CHUNK_SHIFT]
+            assert chunk[index & CHUNK_MASK] != HOLE, "replacing a hole"
+            chunk[index & CHUNK_MASK] = pfn
+
+    def replace_huge(self, chunk_no: int, new_base: int) -> None:
+        """Point huge chunk *chunk_no* to the 2 MiB run at *new_base* (after a copy)."""
+        assert chunk_no in self._huge, "not a huge chunk"
+        self._chunks[chunk_no] = np.arange(new_base, new_base + CHUNK_PAGES, dtype=np.int64)
 
     def huge_chunks(self) -> list[int]:
         """Return the chunk numbers that are whole huge pages, sorted."""

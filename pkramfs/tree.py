@@ -82,7 +82,7 @@ class Tree:
         self.inodes: dict[int, Inode] = {}
         self.xattr_bytes = 0  # names and values of every inode's xattrs
         self.handles: dict[int, OpenFile] = {}
-        self._next_ino = FIRST_FREE_INO
+        self.next_ino = FIRST_FREE_INO
         self._next_fh = 1
         root = Inode(ROOT_INO, stat.S_IFDIR | root_mode, root_uid, root_gid, time.time_ns())
         root.nlink = 2
@@ -199,8 +199,8 @@ class Tree:
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         now = time.time_ns()
-        inode = Inode(self._next_ino, mode, uid, gid, now)
-        self._next_ino += 1
+        inode = Inode(self.next_ino, mode, uid, gid, now)
+        self.next_ino += 1
         inode.nlink = 2 if inode.is_dir else 1
         if inode.is_dir:
             inode.parent_ino = parent.ino
@@ -611,6 +611,17 @@ class Tree:
             inodes,
             max(0, inodes - len(self.inodes)) if inodes else 0,
         )
+
+    def install(self, inodes: dict[int, Inode], next_ino: int) -> None:
+        """Replace this fresh, empty tree by restored *inodes* (their pages already the mount's)."""
+        assert len(self.inodes) == 1, "install into a fresh tree only"
+        inodes[ROOT_INO].lookups = 1
+        self.inodes = inodes
+        self.next_ino = next_ino
+        self.xattr_bytes = sum(
+            len(k) + len(v) for inode in inodes.values() for k, v in inode.xattrs.items()
+        )
+        self.pool.used_pages += sum(i.pages.nr_pages for i in inodes.values() if i.pages)
 
     def owned_pfns(self) -> PfnArray:
         """Every pfn the mount holds: its files' pages and the pool's idle ones."""

@@ -1,0 +1,101 @@
+"""Chains of checksummed metadata pages in RAM: the common frame of link and byte pages.
+
+Every metadata page of a preserved node starts with the same 32-byte header (``CHAIN_HEADER``):
+a magic naming the page kind, a CRC32 of the whole page with the crc field zero, a count (what
+it means is the page kind's), the pfn of the next page of the chain (0 for the last) and one
+kind-specific u64. Chains are written all at once from a (pages, 512) uint64 array and read
+back with every page checked: magic, checksum, pfn in RAM, no page visited twice (a cycle),
+no more pages than the node says (a runaway chain).
+"""
+
+import struct
+import zlib
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.ram import Ram
+
+from .errors import CorruptNode
+
+CHAIN_HEADER = struct.Struct("<8sIIQQ")  # magic crc count next extra
+HEADER_WORDS = CHAIN_HEADER.size // 8
+WORDS_PER_PAGE = PAGE_SIZE // 8
+_CRC_MASK = np.uint64(0xFFFFFFFF)
+
+Words = npt.NDArray[np.uint64]
+
+
+def magic_word(magic: bytes) -> np.uint64:
+    """Return an 8-byte magic as the little-endian u64 it is stored as."""
+    return np.frombuffer(magic, dtype="<u8")[0]
+
+
+def new_pages(n_pages: int, magic: bytes, next_pfns: PfnArray) -> Words:
+    """Return *n_pages* zeroed pages as (n, 512) words, magic set and chained to *next_pfns*."""
+    words = np.zeros((n_pages, WORDS_PER_PAGE), dtype=np.uint64)
+    words[:, 0] = magic_word(magic)
+    words[:, 2] = next_pfns
+    return words
+
+
+def chain_next(pfns: PfnArray) -> PfnArray:
+    """Return the next-pfn of each page of a chain laid out on *pfns* (0 after the last)."""
+    following = np.zeros(len(pfns), dtype=np.int64)
+    following[:-1] = pfns[1:]
+    return following
+
+
+def seal_and_store(ram: Ram, pfns: PfnArray, words: Words, counts: npt.ArrayLike) -> None:
+    """Set each page's count, compute its CRC and write the pages to RAM at *pfns*."""
+    words[:, 1] = np.asarray(counts, dtype=np.uint64) << np.uint64(32)
+    as_bytes = words.view(np.uint8)
+    crcs = np.fromiter((zlib.crc32(row) for row in as_bytes), dtype=np.uint64, count=len(words))
+    words[:, 1] |= crcs
+    ram.pages[pfns] = as_bytes.reshape(len(pfns), PAGE_SIZE)
+
+
+def read_chain(
+    ram: Ram, first_pfn: int, n_pages: int, magic: bytes, what: str
+) -> tuple[PfnArray, Words]:
+    """Walk a chain of exactly *n_pages* from *first_pfn*; return its pfns and a copy of its words.
+
+    Raises CorruptNode naming *what* and the reason for a pfn outside RAM, a page visited
+    twice, a wrong magic or checksum, or a chain longer or shorter than *n_pages*.
+    """
+    if n_pages == 0:
+        if first_pfn != 0:
+            raise CorruptNode(f"{what}: starts at pfn {first_pfn} but has no pages")
+        return np.empty(0, dtype=np.int64), np.empty((0, WORDS_PER_PAGE), dtype=np.uint64)
+    all_words = ram.pages.view(np.uint64)
+    pfns = np.empty(n_pages, dtype=np.int64)
+    pfn = first_pfn
+    for position in range(n_pages):
+        if not 0 < pfn < ram.nr_pages:
+            raise CorruptNode(f"{what}: page {position} at pfn {pfn} is outside RAM")
+        pfns[position] = pfn
+        pfn = int(all_words[pfn, 2])
+    if pfn != 0 and (pfns == pfn).any():
+        raise CorruptNode(f"{what}: the chain links back to pfn {pfn} (a cycle)")
+    if pfn != 0:
+        raise CorruptNode(f"{what}: the chain goes on past its {n_pages} pages (pfn {pfn})")
+    ordered = np.sort(pfns)
+    if (ordered[1:] == ordered[:-1]).any():
+        raise CorruptNode(f"{what}: the chain visits a page twice (a cycle)")
+    words = all_words[pfns]  # a copy: what is checked is what is used
+    bad_magic = np.flatnonzero(words[:, 0] != magic_word(magic))
+    if bad_magic.size:
+        raise CorruptNode(f"{what}: pfn {int(pfns[bad_magic[0]])} is not a {magic.decode()} page")
+    stored = words[:, 1] & _CRC_MASK
+    words[:, 1] &= ~_CRC_MASK
+    as_bytes = words.view(np.uint8)
+    for position, row in enumerate(as_bytes):
+        if zlib.crc32(row) != int(stored[position]):
+            raise CorruptNode(f"{what}: checksum mismatch in pfn {int(pfns[position])}")
+    return pfns, words
+
+
+def counts_of(words: Words) -> npt.NDArray[np.int64]:
+    """Return the count field of each page of a chain read by `read_chain`."""
+    return (words[:, 1] >> np.uint64(32)).astype(np.int64)

@@ -1,0 +1,146 @@
+"""Page streams: which pfns hold a node's file pages, as chained link pages of 64-bit entries.
+
+A link page (``LINK_MAGIC``) is a chain page (kexec-free RAM, see page_chain) whose count is its
+number of entries (1..508) and whose extra word is a base file index, a multiple of 2**32. Each
+entry is one u64::
+
+    bits 36..63  pfn (28 bits: RAM up to 1 TiB)
+    bits  4..35  file page index minus the page's base index (32 bits)
+    bits  0..3   order: the entry covers 2**order pages (0: 4 KiB, 9: one 2 MiB huge page)
+
+so a huge page is one entry and a 1 GiB file of small pages 262,144 entries in 517 pages.
+A node has one stream for all its files, in file order; each file (object) names the slice of
+entries that is its own, so a tree of small files costs 8 bytes per file, not a page.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim.pages import HUGE_ORDER, PfnArray
+from kexec_sim.ram import Ram
+
+from . import page_chain
+from .errors import CorruptNode
+
+LINK_MAGIC = b"PKRMLNK1"
+ENTRIES_PER_LINK = page_chain.WORDS_PER_PAGE - page_chain.HEADER_WORDS  # 508
+PFN_SHIFT = 36
+INDEX_SHIFT = 4
+INDEX_BITS = 32
+ORDER_MASK = 0xF
+ORDERS = (0, HUGE_ORDER)
+MAX_PFN = 1 << (64 - PFN_SHIFT)
+
+Int64s = npt.NDArray[np.int64]
+
+
+def _layout(indexes: Int64s) -> tuple[Int64s, Int64s]:
+    """Return where each link page starts in the entries and its base index.
+
+    A page holds up to ENTRIES_PER_LINK entries whose indexes share their high 32 bits.
+    """
+    n = len(indexes)
+    high = indexes >> INDEX_BITS
+    breaks = np.flatnonzero(high[1:] != high[:-1]) + 1
+    if breaks.size == 0:  # the usual case: every index below 2**32 (files under 16 TiB)
+        starts = np.arange(0, n, ENTRIES_PER_LINK, dtype=np.int64)
+    else:
+        run_starts = np.concatenate([[0], breaks])
+        run_ends = np.concatenate([breaks, [n]])
+        starts = np.concatenate(
+            [
+                np.arange(s, e, ENTRIES_PER_LINK, dtype=np.int64)
+                for s, e in zip(run_starts, run_ends, strict=True)
+            ]
+        )
+    return starts, high[starts] << INDEX_BITS
+
+
+def link_pages_needed(indexes: Int64s) -> int:
+    """Return how many link pages a stream of entries with *indexes* takes."""
+    return 0 if len(indexes) == 0 else len(_layout(indexes)[0])
+
+
+def write_stream(
+    ram: Ram, link_pfns: PfnArray, pfns: Int64s, orders: Int64s, indexes: Int64s
+) -> None:
+    """Write the entries (pfn, order, file index) as a chain of link pages on *link_pfns*.
+
+    *link_pfns* must be exactly ``link_pages_needed(indexes)`` pages.
+    """
+    if len(pfns) == 0:
+        return
+    starts, bases = _layout(indexes)
+    assert len(starts) == len(link_pfns), "wrong number of link pages"
+    counts = np.diff(np.concatenate([starts, [len(pfns)]]))
+    words = page_chain.new_pages(len(link_pfns), LINK_MAGIC, page_chain.chain_next(link_pfns))
+    words[:, 3] = bases.astype(np.uint64)
+    body = words[:, page_chain.HEADER_WORDS :]
+    if bases.any() or (counts[:-1] != ENTRIES_PER_LINK).any():
+        page_of_entry = np.repeat(np.arange(len(starts)), counts)
+        slot = np.arange(len(pfns)) - np.repeat(starts, counts)
+        offsets = indexes - bases[page_of_entry]
+        body[page_of_entry, slot] = _encode(pfns, orders, offsets)
+    else:  # every page full but the last, all bases 0: a reshape places the entries
+        padded = np.zeros(body.size, dtype=np.uint64)
+        padded[: len(pfns)] = _encode(pfns, orders, indexes)
+        body[:] = padded.reshape(body.shape)
+    page_chain.seal_and_store(ram, link_pfns, words, counts)
+
+
+def _encode(pfns: Int64s, orders: Int64s, offsets: Int64s) -> npt.NDArray[np.uint64]:
+    entries = pfns.astype(np.uint64) << np.uint64(PFN_SHIFT)
+    entries |= offsets.astype(np.uint64) << np.uint64(INDEX_SHIFT)
+    entries |= orders.astype(np.uint64)
+    return entries
+
+
+def read_stream(
+    ram: Ram, first_pfn: int, n_pages: int, n_entries: int, what: str
+) -> tuple[PfnArray, Int64s, Int64s, Int64s]:
+    """Read and validate a stream; return (link pfns, entry pfns, orders, file indexes).
+
+    Raises CorruptNode for a bad chain, a wrong entry count, a pfn outside RAM, an unknown
+    order, or a huge entry whose pfn or index is not 512-aligned.
+    """
+    link_pfns, words = page_chain.read_chain(ram, first_pfn, n_pages, LINK_MAGIC, what)
+    empty = np.empty(0, dtype=np.int64)
+    if n_pages == 0:
+        if n_entries:
+            raise CorruptNode(f"{what}: {n_entries} entries but no link pages")
+        return link_pfns, empty, empty, empty
+    counts = page_chain.counts_of(words)
+    if ((counts < 1) | (counts > ENTRIES_PER_LINK)).any() or int(counts.sum()) != n_entries:
+        raise CorruptNode(
+            f"{what}: link pages hold {int(counts.sum())} entries, node says {n_entries}"
+        )
+    bases = words[:, 3]
+    if (bases & np.uint64((1 << INDEX_BITS) - 1)).any():
+        raise CorruptNode(f"{what}: a link page's base index is not a multiple of 2**32")
+    used = np.arange(ENTRIES_PER_LINK) < counts[:, None]
+    entries = words[:, page_chain.HEADER_WORDS :][used]
+    page_bases = np.repeat(bases, counts)
+    pfns = (entries >> np.uint64(PFN_SHIFT)).astype(np.int64)
+    orders = (entries & np.uint64(ORDER_MASK)).astype(np.int64)
+    offsets = (entries >> np.uint64(INDEX_SHIFT)) & np.uint64((1 << INDEX_BITS) - 1)
+    indexes = (page_bases + offsets).astype(np.int64)
+    huge = orders == HUGE_ORDER
+    if not np.isin(orders, ORDERS).all():
+        raise CorruptNode(f"{what}: an entry has an unknown order")
+    if ((pfns[huge] | indexes[huge]) & ((1 << HUGE_ORDER) - 1)).any():
+        raise CorruptNode(f"{what}: a huge entry is not 2 MiB aligned")
+    too_far = pfns + (1 << orders) > ram.nr_pages
+    if (pfns <= 0).any() or too_far.any():
+        raise CorruptNode(f"{what}: an entry points outside RAM")
+    return link_pfns, pfns, orders, indexes
+
+
+def expand_pages(pfns: Int64s, orders: Int64s) -> PfnArray:
+    """Return every pfn the entries cover (a huge entry's 512 pages), in entry order."""
+    sizes = np.left_shift(1, orders)
+    if (orders == 0).all():
+        return pfns.copy()
+    offsets = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(sizes) - sizes, sizes
+    )
+    return np.repeat(pfns, sizes) + offsets

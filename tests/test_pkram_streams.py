@@ -1,0 +1,211 @@
+"""Page streams, byte streams and tree records: round trips and refusal of corruption."""
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE
+from kexec_sim.ram import Ram
+from pkramfs import byte_stream, page_chain, page_stream, tree_record
+from pkramfs.errors import CorruptNode
+from pkramfs.file_pages import FilePages
+from pkramfs.inode import Inode
+from pkramfs.tree import ROOT_INO
+
+NR_PAGES = 1 << 16
+
+
+@pytest.fixture
+def ram(tmp_path: Path) -> Iterator[Ram]:
+    path = tmp_path / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(NR_PAGES * PAGE_SIZE)
+    r = Ram(path, NR_PAGES)
+    yield r
+    r.close()
+
+
+def entries(n_small: int, n_huge: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse file: small pages at scattered indexes, then huge pages far beyond 2**32."""
+    rng = np.random.default_rng(7)
+    small_idx = np.sort(rng.choice(1 << 20, n_small, replace=False)).astype(np.int64)
+    small_pfn = rng.choice(np.arange(1, 20_000), n_small, replace=False).astype(np.int64)
+    huge_idx = (np.int64(5) << 40) + np.arange(n_huge, dtype=np.int64) * 512 * 7
+    huge_pfn = 32768 + np.arange(n_huge, dtype=np.int64) * 512
+    pfns = np.concatenate([small_pfn, huge_pfn])
+    orders = np.concatenate([np.zeros(n_small, np.int64), np.full(n_huge, HUGE_ORDER, np.int64)])
+    return pfns, orders, np.concatenate([small_idx, huge_idx])
+
+
+def write_links(ram: Ram, pfns: np.ndarray, orders: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    n = page_stream.link_pages_needed(idx)
+    links = np.arange(60_000, 60_000 + n, dtype=np.int64)[::-1].copy()  # a descending chain
+    page_stream.write_stream(ram, links, pfns, orders, idx)
+    return links
+
+
+def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
+    pfns, orders, idx = entries(3000, 40)
+    links = write_links(ram, pfns, orders, idx)
+    assert len(links) == 7  # 3000 small -> 6 pages, the huge ones (other high bits) -> 1
+    got_links, got_pfns, got_orders, got_idx = page_stream.read_stream(
+        ram, int(links[0]), len(links), len(pfns), "test"
+    )
+    assert (got_links == links).all()
+    assert (got_pfns == pfns).all() and (got_orders == orders).all() and (got_idx == idx).all()
+    expanded = page_stream.expand_pages(got_pfns, got_orders)
+    assert len(expanded) == 3000 + 40 * 512
+    assert (expanded[3000:3512] == np.arange(32768, 32768 + 512)).all()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("flip", "checksum mismatch"),
+        ("cycle", "cycle"),
+        ("magic", "is not a PKRMLNK1 page"),
+        ("outside", "outside RAM"),
+        ("count", "entries"),
+    ],
+)
+def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str) -> None:
+    pfns, orders, idx = entries(2000, 0)
+    links = write_links(ram, pfns, orders, idx)
+    words = ram.pages.view(np.uint64)
+    n_entries = len(pfns)
+    if damage == "flip":
+        ram.pages[int(links[2]), 1000] ^= 0x10
+    elif damage == "cycle":
+        words[int(links[3]), 2] = links[1]
+    elif damage == "magic":
+        ram.pages[int(links[1]), 0] ^= 1
+    elif damage == "outside":
+        words[int(links[2]), 2] = NR_PAGES + 5
+    else:
+        n_entries += 1
+    with pytest.raises(CorruptNode, match=reason):
+        page_stream.read_stream(ram, int(links[0]), len(links), n_entries, "test")
+
+
+def test_page_stream_refuses_entries_outside_ram_and_misaligned_huge(ram: Ram) -> None:
+    for pfns, orders, idx, reason in [
+        (np.array([NR_PAGES]), np.array([HUGE_ORDER]), np.array([512]), "outside RAM"),
+        (np.array([513]), np.array([HUGE_ORDER]), np.array([0]), "aligned"),
+        (np.array([5]), np.array([3]), np.array([0]), "unknown order"),
+    ]:
+        links = write_links(
+            ram, pfns.astype(np.int64), orders.astype(np.int64), idx.astype(np.int64)
+        )
+        with pytest.raises(CorruptNode, match=reason):
+            page_stream.read_stream(ram, int(links[0]), 1, 1, "test")
+
+
+def test_byte_stream_round_trip_and_damage(ram: Ram) -> None:
+    data = np.random.default_rng(3).bytes(3 * byte_stream.BYTES_PER_PAGE + 17)
+    pfns = np.array([100, 7, 4000, 55], dtype=np.int64)
+    byte_stream.write_stream(ram, pfns, data)
+    got_pfns, got = byte_stream.read_stream(ram, 100, 4, len(data), "meta")
+    assert got == data and (got_pfns == pfns).all()
+    with pytest.raises(CorruptNode, match="cannot hold"):
+        byte_stream.read_stream(ram, 100, 4, len(data) + byte_stream.BYTES_PER_PAGE, "meta")
+    ram.pages[4000, page_chain.CHAIN_HEADER.size + 5] ^= 0xFF
+    with pytest.raises(CorruptNode, match="checksum mismatch in pfn 4000"):
+        byte_stream.read_stream(ram, 100, 4, len(data), "meta")
+
+
+def sample_inodes() -> dict[int, Inode]:
+    root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 1)
+    sub = Inode(3, stat.S_IFDIR | 0o700, 5, 6, 2)
+    big = Inode(4, stat.S_IFREG | 0o644, 1000, 1000, 3)
+    link = Inode(5, stat.S_IFLNK | 0o777, 0, 0, 4)
+    fifo = Inode(6, stat.S_IFIFO | 0o600, 0, 0, 5)
+    root.parent_ino, sub.parent_ino = ROOT_INO, ROOT_INO
+    root.nlink, sub.nlink, big.nlink, link.nlink, fifo.nlink = 3, 2, 2, 1, 1
+    root.entries = {b"sub": 3, b"big": 4, b"ln": 5}
+    sub.entries = {b"hard": 4, b"fifo": 6}
+    big.pages = FilePages()
+    big.pages.assign(3, np.array([900, 901, 950], dtype=np.int64))
+    big.pages.assign_huge(4, 1024)
+    big.size_bytes = 5 * 512 * PAGE_SIZE
+    big.xattrs = {b"user.k": b"v" * 100}
+    link.target = b"../somewhere"
+    link.size_bytes = len(link.target)
+    big.atime_ns, big.mtime_ns, big.ctime_ns = 111, 222_333_444_555, 333
+    return {i.ino: i for i in (root, sub, big, link, fifo)}
+
+
+class FakeTree:
+    """What snapshot reads of a Tree: inodes and the next inode number."""
+
+    def __init__(self, inodes: dict[int, Inode]) -> None:
+        self.inodes = inodes
+        self.next_ino = 7
+
+
+def test_tree_record_round_trip() -> None:
+    inodes = sample_inodes()
+    snap = tree_record.snapshot(FakeTree(inodes), {"huge": "always"})  # type: ignore[arg-type]
+    assert snap.nr_objects == 5 and len(snap.pfns) == 4  # 3 small + 1 huge entry
+    rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
+    assert rebuilt.mount == {"huge": "always"} and rebuilt.next_ino == 7
+    for ino, old in inodes.items():
+        new = rebuilt.inodes[ino]
+        for field in (
+            "mode",
+            "uid",
+            "gid",
+            "nlink",
+            "size_bytes",
+            "atime_ns",
+            "mtime_ns",
+            "ctime_ns",
+            "xattrs",
+            "entries",
+            "target",
+            "parent_ino",
+            "rdev",
+        ):
+            assert getattr(new, field) == getattr(old, field), (ino, field)
+    new_pages = rebuilt.inodes[4].pages
+    assert new_pages is not None and new_pages.huge_chunks() == [4]
+    assert (new_pages.lookup(0, 5 * 512) == inodes[4].pages.lookup(0, 5 * 512)).all()  # type: ignore[union-attr]
+
+
+def mutate(meta: bytes, change: str) -> bytes:
+    doc = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+    records = {r[0]: r for r in doc["inodes"]}
+    if change == "loop":  # a directory inside itself
+        records[3][11][1].append([b"self", 3])
+    elif change == "nlink":
+        records[4][4] = 1
+    elif change == "name":
+        records[1][11][1][0][0] = b"a/b"
+    elif change == "dangling":
+        records[1][11][1].append([b"ghost", 99])
+    elif change == "slice":
+        records[4][11] = [1, 3]
+    elif change == "type":
+        records[6][1] = 0o170644
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+@pytest.mark.parametrize("change", ["loop", "nlink", "name", "dangling", "slice", "type"])
+def test_tree_record_refuses_an_impossible_tree(change: str) -> None:
+    snap = tree_record.snapshot(FakeTree(sample_inodes()), {})  # type: ignore[arg-type]
+    with pytest.raises(CorruptNode):
+        tree_record.rebuild(mutate(snap.meta, change), snap.pfns, snap.orders, snap.indexes, "t")
+
+
+def test_tree_record_refuses_garbage() -> None:
+    with pytest.raises(CorruptNode, match=r"not msgpack|metadata"):
+        tree_record.rebuild(
+            b"\xc1\xc1garbage",
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+            "t",
+        )
