@@ -6,7 +6,6 @@ A chunk is an int64 array of pfns, ``HOLE`` (-1) where no page is allocated. A c
 huge page (order 9): its 512 pfns are then consecutive from a 512-aligned base.
 """
 
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -152,25 +151,17 @@ class FilePages:
             orders[huge_rows, 0] = HUGE_ORDER
         return stacked[present], orders[present], index[present]
 
-    @classmethod
-    def from_link_entries(cls, pfns: PfnArray, orders: PfnArray, indexes: PfnArray) -> "FilePages":
-        """Rebuild a page index from `link_entries` output (indexes ascending, no overlap)."""
-        pages = cls()
-        if len(pfns) == 0:
-            return pages
-        chunk_nos = indexes >> CHUNK_SHIFT
-        breaks = np.flatnonzero(chunk_nos[1:] != chunk_nos[:-1]) + 1
-        bounds = np.concatenate([[0], breaks, [len(pfns)]]).tolist()
-        for lo, hi in itertools.pairwise(bounds):
-            chunk_no = int(chunk_nos[lo])
-            if orders[lo] == HUGE_ORDER:
-                pages.assign_huge(chunk_no, int(pfns[lo]))
-                continue
-            chunk = np.full(CHUNK_PAGES, HOLE, dtype=np.int64)
-            chunk[indexes[lo:hi] & CHUNK_MASK] = pfns[lo:hi]
-            pages._chunks[chunk_no] = chunk
-            pages.nr_pages += hi - lo
-        return pages
+    def chunks(self) -> list[tuple[int, PfnArray, bool]]:
+        """Return (chunk number, its 512 pfns, whether it is one huge page), by chunk number."""
+        return [(c, self._chunks[c], c in self._huge) for c in sorted(self._chunks)]
+
+    def adopt_chunk(self, chunk_no: int, pfns: PfnArray, huge: bool, n_pages: int) -> None:
+        """Install a whole chunk rebuilt from a preserved node (*n_pages* present in it)."""
+        assert chunk_no not in self._chunks, "chunk adopted twice"
+        self._chunks[chunk_no] = pfns
+        if huge:
+            self._huge.add(chunk_no)
+        self.nr_pages += n_pages
 
     def replace_pages(self, indexes: PfnArray, new_pfns: PfnArray) -> None:
         """Point the (small, present) pages at *indexes* to *new_pfns* (after a copy)."""

@@ -13,7 +13,6 @@ target bytes, anything else nil.
 """
 
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PfnArray
 
 from .errors import CorruptNode
-from .file_pages import FilePages
+from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .inode import Inode
 from .tree import (
     FIRST_FREE_INO,
@@ -73,8 +72,7 @@ class RebuiltTree:
 def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
     """Record every linked inode of *tree* (open-but-unlinked files are not preserved)."""
     records: list[list[Any]] = []
-    columns: list[tuple[PfnArray, PfnArray, PfnArray]] = []
-    n_entries = 0
+    files: list[tuple[list[int], FilePages]] = []
     for ino in sorted(tree.inodes):
         inode = tree.inodes[ino]
         if inode.nlink == 0:
@@ -83,11 +81,9 @@ def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
         if inode.entries is not None:
             content = [inode.parent_ino, [[name, child] for name, child in inode.entries.items()]]
         elif inode.pages is not None:
-            pfns, orders, indexes = inode.pages.link_entries()
-            content = [n_entries, len(pfns)]
-            if len(pfns):
-                columns.append((pfns, orders, indexes))
-                n_entries += len(pfns)
+            content = [0, 0]  # its slice of the page stream, filled in below
+            if inode.pages.nr_pages:
+                files.append((content, inode.pages))
         elif inode.target is not None:
             content = inode.target
         records.append(
@@ -106,15 +102,53 @@ def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
                 content,
             ]
         )
+    pfns, orders, indexes, per_file = _gather_entries([pages for _, pages in files])
+    first = 0
+    for (content, _), count in zip(files, per_file.tolist(), strict=True):
+        content[0], content[1] = first, count
+        first += count
     meta = msgpack.packb(
         {"format": RECORD_FORMAT, "mount": mount, "next_ino": tree.next_ino, "inodes": records},
         use_bin_type=True,
     )
-    if columns:
-        pfns, orders, indexes = (np.concatenate(c) for c in zip(*columns, strict=True))
-    else:
-        pfns = orders = indexes = np.empty(0, dtype=np.int64)
     return TreeSnapshot(meta, pfns, orders, indexes, len(records))
+
+
+_BATCH_CHUNKS = 4096  # chunks stacked at once (16 MiB)
+
+
+def _gather_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
+    """Return the page-stream entries of *files* in order, and how many belong to each file."""
+    arrays: list[PfnArray] = []
+    chunk_nos: list[int] = []
+    huge: list[bool] = []
+    owners: list[int] = []
+    for file_no, pages in enumerate(files):
+        for chunk_no, chunk, is_huge in pages.chunks():
+            arrays.append(chunk)
+            chunk_nos.append(chunk_no)
+            huge.append(is_huge)
+            owners.append(file_no)
+    parts: list[tuple[PfnArray, PfnArray, PfnArray]] = []
+    per_chunk: list[PfnArray] = []
+    span = np.arange(CHUNK_PAGES, dtype=np.int64)
+    for lo in range(0, len(arrays), _BATCH_CHUNKS):
+        hi = min(lo + _BATCH_CHUNKS, len(arrays))
+        stacked = np.stack(arrays[lo:hi])
+        present = stacked != HOLE
+        is_huge = np.array(huge[lo:hi], dtype=bool)
+        present[is_huge, 1:] = False  # a huge page is one entry: its first pfn, order 9
+        orders = np.zeros(stacked.shape, dtype=np.int64)
+        orders[is_huge, 0] = HUGE_ORDER
+        index = (np.array(chunk_nos[lo:hi], dtype=np.int64)[:, None] << CHUNK_SHIFT) + span
+        parts.append((stacked[present], orders[present], index[present]))
+        per_chunk.append(present.sum(axis=1))
+    if not parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(len(files), dtype=np.int64)
+    pfns, orders, indexes = (np.concatenate(column) for column in zip(*parts, strict=True))
+    counts = np.bincount(owners, weights=np.concatenate(per_chunk), minlength=len(files))
+    return pfns, orders, indexes, counts.astype(np.int64)
 
 
 def rebuild(
@@ -154,13 +188,17 @@ def rebuild(
                 name, child = entry
                 check.name(name)
                 check.that(name not in inode.entries, f"name {name!r} twice in inode {inode.ino}")
-                inode.entries[name] = check.integer(child, "entry", ROOT_INO + 1, next_ino)
+                if not (type(child) is int and ROOT_INO < child < next_ino):
+                    check.that(False, f"inode {inode.ino}: entry {name!r} names inode {child!r}")
+                inode.entries[name] = child
         elif inode.is_reg:
             check.that(
                 isinstance(content, list) and len(content) == 2, f"inode {inode.ino}: bad pages"
             )
-            first = check.integer(content[0], "first entry", 0, len(pfns))
-            count = check.integer(content[1], "entry count", 0, len(pfns) - first)
+            first, count = content
+            if not (type(first) is int and type(count) is int and 0 <= first <= len(pfns)):
+                check.that(False, f"inode {inode.ino}: bad page slice")
+            check.that(0 <= count <= len(pfns) - first, f"inode {inode.ino}: bad page slice")
             slices.append((first, count, inode))
         elif stat.S_ISLNK(inode.mode):
             check.that(isinstance(content, bytes) and 0 < len(content) < PAGE_SIZE, "bad symlink")
@@ -202,25 +240,16 @@ class _Checker:
         )
 
     def inode(self, record: object, next_ino: int) -> tuple[Inode, object]:
-        self.that(isinstance(record, list) and len(record) == _FIELDS, "bad inode record")
+        """Build an Inode from a record; fail naming the first bad field."""
+        if not _plausible(record, next_ino):
+            self._explain(record, next_ino)
         assert isinstance(record, list)
-        ino = self.integer(record[0], "inode number", ROOT_INO, next_ino - 1)
-        self.that(ino == ROOT_INO or ino >= FIRST_FREE_INO, f"inode number {ino} is reserved")
-        mode = self.integer(record[1], "mode", 0, 0o177777)
-        self.that(stat.S_IFMT(mode) in _KINDS, f"inode {ino}: unknown file type")
-        inode = Inode(ino, mode, 0, 0, 0)
-        inode.uid = self.integer(record[2], "uid", 0, 2**32 - 1)
-        inode.gid = self.integer(record[3], "gid", 0, 2**32 - 1)
-        inode.nlink = self.integer(record[4], "nlink", 1, 2**32 - 1)
-        inode.rdev = self.integer(record[5], "rdev", 0, 2**64 - 1)
-        inode.size_bytes = self.integer(record[6], "size", 0, MAX_FILE_BYTES)
-        inode.atime_ns = self.integer(record[7], "atime", -_MAX_TIME_NS, _MAX_TIME_NS)
-        inode.mtime_ns = self.integer(record[8], "mtime", -_MAX_TIME_NS, _MAX_TIME_NS)
-        inode.ctime_ns = self.integer(record[9], "ctime", -_MAX_TIME_NS, _MAX_TIME_NS)
-        xattrs = record[10]
+        ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime, xattrs, content = record
+        inode = Inode(ino, mode, uid, gid, 0)
+        inode.nlink, inode.rdev, inode.size_bytes = nlink, rdev, size
+        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
         if xattrs is not None:
             self.that(isinstance(xattrs, dict), f"inode {ino}: bad xattrs")
-            assert isinstance(xattrs, dict)
             for key, value in xattrs.items():
                 self.that(
                     isinstance(key, bytes)
@@ -231,34 +260,121 @@ class _Checker:
                     f"inode {ino}: bad xattr {key!r}",
                 )
             inode.xattrs = dict(xattrs)
-        return inode, record[11]
+        return inode, content
+
+    def _explain(self, record: object, next_ino: int) -> None:
+        """Fail with the reason a record is not plausible (the slow path of `inode`)."""
+        self.that(isinstance(record, list) and len(record) == _FIELDS, "bad inode record")
+        assert isinstance(record, list)
+        ino = self.integer(record[0], "inode number", ROOT_INO, next_ino - 1)
+        self.that(ino == ROOT_INO or ino >= FIRST_FREE_INO, f"inode number {ino} is reserved")
+        mode = self.integer(record[1], f"inode {ino}: mode", 0, 0o177777)
+        self.that(stat.S_IFMT(mode) in _KINDS, f"inode {ino}: unknown file type")
+        for position, (field, low, high) in enumerate(_INT_FIELDS, start=2):
+            self.integer(record[position], f"inode {ino}: {field}", low, high)
+        raise CorruptNode(f"{self.what}: inode {ino}: bad record")
+
+
+_INT_FIELDS = (
+    ("uid", 0, 2**32 - 1),
+    ("gid", 0, 2**32 - 1),
+    ("nlink", 1, 2**32 - 1),
+    ("rdev", 0, 2**64 - 1),
+    ("size", 0, MAX_FILE_BYTES),
+    ("atime", -_MAX_TIME_NS, _MAX_TIME_NS),
+    ("mtime", -_MAX_TIME_NS, _MAX_TIME_NS),
+    ("ctime", -_MAX_TIME_NS, _MAX_TIME_NS),
+)
+_KIND_SET = frozenset(_KINDS)
+_INT_ONLY = {int}
+
+
+def _plausible(record: object, next_ino: int) -> bool:
+    """Whether a record has the right shape and every number in range (one fast pass)."""
+    if type(record) is not list or len(record) != _FIELDS:
+        return False
+    ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime = record[:10]
+    if set(map(type, record[:10])) != _INT_ONLY:
+        return False
+    return (
+        (ino == ROOT_INO or FIRST_FREE_INO <= ino < next_ino)
+        and 0 <= mode <= 0o177777
+        and stat.S_IFMT(mode) in _KIND_SET
+        and 0 <= uid < 2**32
+        and 0 <= gid < 2**32
+        and 1 <= nlink < 2**32
+        and 0 <= rdev < 2**64
+        and 0 <= size <= MAX_FILE_BYTES
+        and -_MAX_TIME_NS <= atime <= _MAX_TIME_NS
+        and -_MAX_TIME_NS <= mtime <= _MAX_TIME_NS
+        and -_MAX_TIME_NS <= ctime <= _MAX_TIME_NS
+    )
 
 
 def _attach_pages(
     check: _Checker,
-    slices: Iterable[tuple[int, int, Inode]],
+    slices: list[tuple[int, int, Inode]],
     pfns: PfnArray,
     orders: PfnArray,
     indexes: PfnArray,
 ) -> None:
-    """Give each regular file its slice of entries, which must tile the stream in order."""
+    """Give each regular file its slice of entries, which must tile the stream in order.
+
+    Within a file the entries must ascend without overlap and end before the end of the file
+    (rounded up to 2 MiB, where a huge page may reach); all checked at once over the arrays.
+    """
+    with_pages = [(first, count, inode) for first, count, inode in slices if count]
     position = 0
-    for first, count, inode in slices:
-        check.that(first == position or count == 0, f"inode {inode.ino}: page slice out of order")
-        position = first + count if count else position
-        lo, hi = first, first + count
-        file_indexes, file_orders = indexes[lo:hi], orders[lo:hi]
-        if count:
-            ends = file_indexes + (np.int64(1) << file_orders)
-            check.that(
-                bool((file_indexes[1:] >= ends[:-1]).all()), f"inode {inode.ino}: pages overlap"
-            )
-            limit = -(-max(inode.size_bytes, 1) // (PAGE_SIZE << HUGE_ORDER)) << HUGE_ORDER
-            check.that(
-                int(ends[-1]) <= limit, f"inode {inode.ino}: a page lies past the end of file"
-            )
-        inode.pages = FilePages.from_link_entries(pfns[lo:hi], file_orders, file_indexes)
+    for first, count, inode in with_pages:
+        check.that(first == position, f"inode {inode.ino}: page slice out of order")
+        position += count
     check.that(position == len(pfns), "page stream entries belong to no file")
+    for _, _, inode in slices:
+        inode.pages = FilePages()
+    if not with_pages:
+        return
+    counts = np.array([count for _, count, _ in with_pages], dtype=np.int64)
+    file_of = np.repeat(np.arange(len(with_pages)), counts)
+    ends = indexes + (np.int64(1) << orders)
+    same_file = file_of[1:] == file_of[:-1]
+    overlap = same_file & (indexes[1:] < ends[:-1])
+    if overlap.any():
+        inode = with_pages[int(file_of[1:][overlap][0])][2]
+        check.that(False, f"inode {inode.ino}: pages overlap or are out of order")
+    huge_span = PAGE_SIZE << HUGE_ORDER
+    sizes = [inode.size_bytes for _, _, inode in with_pages]
+    limits = np.array([-(-max(size, 1) // huge_span) << HUGE_ORDER for size in sizes])
+    past_end = ends > limits[file_of]
+    if past_end.any():
+        inode = with_pages[int(file_of[past_end][0])][2]
+        check.that(False, f"inode {inode.ino}: a page lies past the end of file")
+    # One row of 512 pfns per (file, chunk): a huge entry fills its row, small ones scatter.
+    chunk_nos = indexes >> CHUNK_SHIFT
+    new_chunk = np.ones(len(pfns), dtype=bool)
+    new_chunk[1:] = ~same_file | (chunk_nos[1:] != chunk_nos[:-1])
+    row_of = np.cumsum(new_chunk) - 1
+    rows = np.full((int(row_of[-1]) + 1, CHUNK_PAGES), HOLE, dtype=np.int64)
+    small = orders == 0
+    rows[row_of[small], indexes[small] & CHUNK_MASK] = pfns[small]
+    huge_rows = row_of[~small]
+    rows[huge_rows] = pfns[~small][:, None] + np.arange(CHUNK_PAGES, dtype=np.int64)
+    is_huge = np.zeros(len(rows), dtype=bool)
+    is_huge[huge_rows] = True
+    starts = np.flatnonzero(new_chunk)
+    pages_per_row = np.bincount(row_of, weights=np.left_shift(1, orders)).astype(np.int64)
+    files = [inode.pages for _, _, inode in with_pages]
+    for row, (entry, chunk_no, huge_row, n_pages) in enumerate(
+        zip(
+            starts.tolist(),
+            chunk_nos[starts].tolist(),
+            is_huge.tolist(),
+            pages_per_row.tolist(),
+            strict=True,
+        )
+    ):
+        pages = files[int(file_of[entry])]
+        assert pages is not None
+        pages.adopt_chunk(chunk_no, rows[row], huge_row, n_pages)  # views of one array
 
 
 def _check_structure(check: _Checker, inodes: dict[int, Inode]) -> None:
