@@ -3,7 +3,13 @@
 kexec_sim knows pages and owners, never files. The public surface is re-exported here.
 """
 
-from kexec_sim.errors import CorruptMachine, MachineError, MachineExists, OutOfMemory
+from kexec_sim.errors import (
+    CorruptHandover,
+    CorruptMachine,
+    MachineError,
+    MachineExists,
+    OutOfMemory,
+)
 from kexec_sim.machine import (
     DEFAULT_MACHINE_DIR,
     DEFAULT_RAM_BYTES,
@@ -13,7 +19,7 @@ from kexec_sim.machine import (
     resolve_machine_dir,
 )
 from kexec_sim.memmap import MemoryMap, MemoryRegion, RegionType
-from kexec_sim.owners import FIRMWARE, FREE, KERNEL, NOSAVE, PRESERVED, OwnerInfo
+from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, KERNEL, NOSAVE, PRESERVED, OwnerInfo
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import (
     HUGE_ORDER,
@@ -33,6 +39,7 @@ __all__ = [
     "DEFAULT_RAM_BYTES",
     "FIRMWARE",
     "FREE",
+    "HANDOVER",
     "HUGE_ORDER",
     "HUGE_PAGES",
     "HUGE_SIZE",
@@ -43,6 +50,7 @@ __all__ = [
     "PAGE_SIZE",
     "PRESERVED",
     "BootRecord",
+    "CorruptHandover",
     "CorruptMachine",
     "Machine",
     "MachineError",

@@ -3,7 +3,8 @@
 The search starts at a cursor, scans growing windows forward to the end of RAM, then wraps
 to pfn 0 (freeing pages rewinds the cursor to them, see PageOwnership.free). A window is one
 vectorized comparison, so a request near free pages touches only
-a few times its own size of the map, never the whole map.
+a few times its own size of the map, never the whole map. An optional ``avoid`` range of pfns
+(``start, end_exclusive``) is masked out of every window: its pages are never returned.
 """
 
 import numpy as np
@@ -15,27 +16,50 @@ from kexec_sim.pages import HUGE_PAGES, PfnArray
 MIN_WINDOW_PAGES = 16384
 """The first window scanned for a request (grown x2 per window)."""
 
+PfnRange = tuple[int, int]
+"""A range of pfns ``(start, end_exclusive)``."""
+
 
 def find_free_pages(
-    owner_map: npt.NDArray[np.int32], n_pages: int, cursor_pfn: int
+    owner_map: npt.NDArray[np.int32],
+    n_pages: int,
+    cursor_pfn: int,
+    avoid: PfnRange | None = None,
 ) -> PfnArray | None:
-    """Return *n_pages* free pfns in next-fit order from *cursor_pfn*, or None if fewer exist."""
-    return _find_free_units(owner_map, 1, n_pages, cursor_pfn)
+    """Return *n_pages* free pfns in next-fit order from *cursor_pfn*, or None if fewer exist.
+
+    No pfn of the range *avoid* is returned.
+    """
+    return _find_free_units(owner_map, 1, n_pages, cursor_pfn, avoid)
 
 
 def find_free_huge(
-    owner_map: npt.NDArray[np.int32], n_huge: int, cursor_pfn: int
+    owner_map: npt.NDArray[np.int32],
+    n_huge: int,
+    cursor_pfn: int,
+    avoid: PfnRange | None = None,
 ) -> PfnArray | None:
-    """Return base pfns of *n_huge* free aligned HUGE_PAGES runs from *cursor_pfn*, or None."""
-    units = _find_free_units(owner_map, HUGE_PAGES, n_huge, cursor_pfn)
+    """Return base pfns of *n_huge* free aligned HUGE_PAGES runs from *cursor_pfn*, or None.
+
+    No run overlapping the range *avoid* is returned.
+    """
+    units = _find_free_units(owner_map, HUGE_PAGES, n_huge, cursor_pfn, avoid)
     return None if units is None else units * HUGE_PAGES
 
 
 def _find_free_units(
-    owner_map: npt.NDArray[np.int32], unit_pages: int, n_units: int, cursor_pfn: int
+    owner_map: npt.NDArray[np.int32],
+    unit_pages: int,
+    n_units: int,
+    cursor_pfn: int,
+    avoid: PfnRange | None,
 ) -> PfnArray | None:
     """Return indexes of *n_units* free units of *unit_pages* pages (all FREE), or None."""
     nr_units = owner_map.size // unit_pages
+    # The units overlapping *avoid*, as a half-open range of unit indexes (empty if none).
+    avoid_first, avoid_end = 0, 0
+    if avoid is not None and avoid[1] > avoid[0]:
+        avoid_first, avoid_end = avoid[0] // unit_pages, -(-avoid[1] // unit_pages)
     if n_units == 0:
         return np.empty(0, dtype=np.int64)
     if n_units > nr_units:
@@ -53,6 +77,8 @@ def _find_free_units(
                 free = owner_map[position:end] == FREE
             else:
                 free = ~units[position:end].any(axis=1)
+            if avoid_first < end and avoid_end > position:
+                free[max(avoid_first - position, 0) : avoid_end - position] = False
             hits = np.flatnonzero(free)[:missing]
             if hits.size:
                 found.append(hits.astype(np.int64, copy=False) + position)

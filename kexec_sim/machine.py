@@ -4,13 +4,21 @@ Layout (directories 0700, files 0600)::
 
     machine.json    {"format": 1, "ram_bytes", "page_size", "memory_map", "created_ns"}
     RAM             the physical memory, a sparse file of ram_bytes
-    boot.json       {"generation", "cmdline", "booted_ns"} of the current boot (1 = first)
+    boot.json       {"generation", "cmdline", "booted_ns", "powered", "kernel_image"} of the
+                    current boot (1 = first); kernel_image is {"start_pfn", "nr_pages"} of
+                    the image a kexec loaded, or null (the memory map's KERNEL region)
     cmdline         the current boot's command line, like /proc/cmdline
     sys/kernel/     values the running kernel exports (like /sys/kernel)
+      pkram         this boot's PKRAM super block pfn, decimal, newline-terminated
+    logs/           boot-<generation>.log: what early boot did (pkramfs daemons log here too)
     boot/           state of the current boot only, recreated by every boot:
       page-owners   the page-ownership map (kexec_sim.ownership)
       owners.json   the registry of owners
       lock          the lock serializing changes to both
+      kexec-load.json  the image ``kexec-sim load`` staged (kexec_sim.image), if any
+
+A powered-off machine (``kexec-sim poweroff``) has "powered": false in boot.json and no boot
+state: nothing can open its page ownership until ``kexec-sim boot``.
 
 The directory is the explicit path given, else ``$KEXEC_SIM_MACHINE``, else
 ``/dev/shm/kexec-sim/default``.
@@ -22,9 +30,13 @@ import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kexec_sim.allocator import PfnRange
+from kexec_sim.boot import EarlyBoot, early_boot
+from kexec_sim.cmdline import MAX_CMDLINE_BYTES, check_cmdline
 from kexec_sim.errors import CorruptMachine, MachineError, MachineExists
 from kexec_sim.filelock import FileLock
 from kexec_sim.jsonfile import (
@@ -36,16 +48,28 @@ from kexec_sim.jsonfile import (
     write_text_atomic,
 )
 from kexec_sim.memmap import MIN_PAGES, MemoryMap
+from kexec_sim.owners import FREE, KERNEL, boot_owner_map
 from kexec_sim.ownership import LOCK_FILE, MAP_FILE, REGISTRY_FILE, PageOwnership
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
+
+__all__ = [
+    "DEFAULT_MACHINE_DIR",
+    "DEFAULT_RAM_BYTES",
+    "MACHINE_ENV",
+    "MAX_CMDLINE_BYTES",
+    "BootRecord",
+    "Machine",
+    "check_cmdline",
+    "check_ram_bytes",
+    "resolve_machine_dir",
+]
 
 MACHINE_ENV = "KEXEC_SIM_MACHINE"
 DEFAULT_MACHINE_DIR = Path("/dev/shm/kexec-sim/default")
 DEFAULT_RAM_BYTES = 8 << 30
 MIN_RAM_BYTES = MIN_PAGES * PAGE_SIZE
 MAX_RAM_BYTES = 1 << 40
-MAX_CMDLINE_BYTES = 4096
 MACHINE_FORMAT = 1
 
 MACHINE_FILE = "machine.json"
@@ -54,6 +78,8 @@ BOOT_FILE = "boot.json"
 CMDLINE_FILE = "cmdline"
 BOOT_DIR = "boot"
 SYS_KERNEL_DIR = "sys/kernel"
+PKRAM_EXPORT = "pkram"
+LOGS_DIR = "logs"
 
 
 def resolve_machine_dir(path: str | os.PathLike[str] | None) -> Path:
@@ -71,12 +97,6 @@ def check_ram_bytes(ram_bytes: int) -> None:
         )
 
 
-def check_cmdline(cmdline: str) -> None:
-    """Raise ValueError unless *cmdline* is one line of at most MAX_CMDLINE_BYTES."""
-    if "\n" in cmdline or "\0" in cmdline or len(cmdline.encode()) > MAX_CMDLINE_BYTES:
-        raise ValueError(f"a command line is one line of at most {MAX_CMDLINE_BYTES} bytes")
-
-
 @dataclass(frozen=True)
 class BootRecord:
     """The current boot of a machine (``boot.json``)."""
@@ -84,6 +104,9 @@ class BootRecord:
     generation: int
     cmdline: str
     booted_ns: int
+    powered: bool = True
+    kernel_image: PfnRange | None = None
+    """The pfn range of the image a kexec loaded; None: the memory map's KERNEL region."""
 
 
 class Machine:
@@ -218,10 +241,25 @@ class Machine:
             data = read_json_object(self.path / BOOT_FILE)
         except FileNotFoundError:
             raise CorruptMachine(f"{where}: missing") from None
+        powered = data.get("powered", True)
+        if not isinstance(powered, bool):
+            raise CorruptMachine(f"{where}: 'powered' must be true or false, got {powered!r}")
+        image = data.get("kernel_image")
+        kernel_image = None
+        if image is not None:
+            if not isinstance(image, dict):
+                raise CorruptMachine(f"{where}: 'kernel_image' must be an object or null")
+            start = get_int(image, "start_pfn", where)
+            end = start + get_int(image, "nr_pages", where)
+            if end > self.nr_pages:
+                raise CorruptMachine(f"{where}: kernel image {start}..{end} is outside RAM")
+            kernel_image = (start, end)
         return BootRecord(
             generation=get_int(data, "generation", where, minimum=1),
             cmdline=get_str(data, "cmdline", where),
             booted_ns=get_int(data, "booted_ns", where),
+            powered=powered,
+            kernel_image=kernel_image,
         )
 
     @property
@@ -234,21 +272,80 @@ class Machine:
         """The current boot's command line."""
         return self.boot_record().cmdline
 
-    def start_boot(self, cmdline: str) -> None:
+    @property
+    def powered(self) -> bool:
+        """Whether the machine is running (False after ``kexec-sim poweroff``)."""
+        return self.boot_record().powered
+
+    @property
+    def super_block_pfn(self) -> int:
+        """The current boot's PKRAM super block pfn, as exported in ``sys/kernel/pkram``.
+
+        Raises MachineError when the machine is powered off, CorruptMachine when the export
+        is missing or not a pfn of this RAM.
+        """
+        self._require_powered()
+        path = self.sys_kernel_dir / PKRAM_EXPORT
+        try:
+            text = path.read_text(encoding="ascii", errors="replace")
+        except FileNotFoundError:
+            raise CorruptMachine(f"{path}: missing") from None
+        value = text.removesuffix("\n")
+        if not (value.isascii() and value.isdigit()) or not 0 < int(value) < self.nr_pages:
+            raise CorruptMachine(f"{path}: {text[:40]!r} is not a pfn of this RAM")
+        return int(value)
+
+    def _require_powered(self) -> None:
+        if not self.powered:
+            raise MachineError(f"machine {self.path} is powered off: run 'kexec-sim boot'")
+
+    def start_boot(
+        self,
+        cmdline: str,
+        *,
+        kernel_image: PfnRange | None = None,
+        held: PageOwnership | None = None,
+    ) -> EarlyBoot:
         """Boot the machine again with *cmdline*: next generation, fresh boot/ state.
 
-        The new ownership map has every usable page FREE and no owners; processes of the
-        previous boot keep a detached copy and get MachineError from it. RAM is untouched.
-        Takes boot/lock: never call it inside ``PageOwnership.locked()`` (that deadlocks).
-        Raises ValueError for a bad command line.
+        The new ownership map has every usable page FREE, the pages of *kernel_image* (a pfn
+        range: where a kexec wrote the new kernel; None: the memory map's KERNEL region)
+        KERNEL, and no owners; early boot (kexec_sim.boot) then reserves what ``pkram=``
+        hands over and exports the super block pfn in ``sys/kernel/pkram``. Processes of the
+        previous boot keep a detached copy of the map and get MachineError from it. RAM is
+        untouched but for the super block. Powers the machine on if it was off.
+
+        Takes boot/lock, unless the caller holds it through *held* (a PageOwnership of the
+        previous boot inside its ``locked()``); never call it inside another object's
+        ``locked()`` (that deadlocks). Raises ValueError for a bad command line.
         """
         check_cmdline(cmdline)
+        generation = self.boot_record().generation + 1
+        if held is not None:
+            with held.locked():
+                return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
         lock = FileLock(self.boot_dir / LOCK_FILE)
         try:
             with lock.held():
-                _write_boot(self.path, self.boot_record().generation + 1, cmdline, self.memory_map)
+                return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
         finally:
             lock.close()
+
+    def record_power_off(self, held: PageOwnership) -> None:
+        """Mark the machine powered off and drop the boot state (the caller holds *held*'s lock).
+
+        Open ownership maps become stale, nothing is exported in ``sys/kernel``, and
+        ``page_ownership()`` raises MachineError until the next ``start_boot``.
+        """
+        with held.locked():
+            record = self.boot_record()
+            for name in (MAP_FILE, REGISTRY_FILE):
+                with suppress(FileNotFoundError):
+                    (self.boot_dir / name).unlink()
+            _clear_boot_dir(self.boot_dir)
+            with suppress(FileNotFoundError):
+                (self.sys_kernel_dir / PKRAM_EXPORT).unlink()
+            _write_boot_record(self.path, replace(record, powered=False))
 
     # -- the hardware ---------------------------------------------------------------------
 
@@ -257,7 +354,11 @@ class Machine:
         return Ram(self.path / RAM_FILE, self.nr_pages)
 
     def page_ownership(self) -> PageOwnership:
-        """Open the current boot's page-ownership map (close the result when done)."""
+        """Open the current boot's page-ownership map (close the result when done).
+
+        Raises MachineError when the machine is powered off.
+        """
+        self._require_powered()
         return PageOwnership(self.boot_dir, self.memory_map, self.nr_pages)
 
 
@@ -298,12 +399,11 @@ def _populate(path: Path, ram_bytes: int, cmdline: str) -> None:
     (path / "sys").mkdir(mode=0o700)
     (path / SYS_KERNEL_DIR).mkdir(mode=0o700)
     (path / BOOT_DIR).mkdir(mode=0o700)
-    _write_boot(path, 1, cmdline, memory_map)
+    _write_boot(path, 1, cmdline, memory_map, None)
 
 
-def _write_boot(path: Path, generation: int, cmdline: str, memory_map: MemoryMap) -> None:
-    """Make *generation* the current boot: fresh boot/ state, then boot.json and cmdline."""
-    boot_dir = path / BOOT_DIR
+def _clear_boot_dir(boot_dir: Path) -> None:
+    """Remove the previous boot's files from *boot_dir*, but those replaced by rename."""
     keep = {LOCK_FILE, MAP_FILE, REGISTRY_FILE}  # replaced by rename, never missing
     for entry in boot_dir.iterdir():
         if entry.name not in keep:
@@ -311,10 +411,52 @@ def _write_boot(path: Path, generation: int, cmdline: str, memory_map: MemoryMap
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def _write_boot(
+    path: Path,
+    generation: int,
+    cmdline: str,
+    memory_map: MemoryMap,
+    kernel_image: PfnRange | None,
+) -> EarlyBoot:
+    """Make *generation* the current boot: fresh boot/ state after early boot, boot.json."""
+    boot_dir = path / BOOT_DIR
+    _clear_boot_dir(boot_dir)
     nr_pages = (path / RAM_FILE).stat().st_size // PAGE_SIZE
-    PageOwnership.format(boot_dir, memory_map, nr_pages)
+    owner_map = boot_owner_map(memory_map, nr_pages)
+    if kernel_image is not None:
+        image = owner_map[kernel_image[0] : kernel_image[1]]
+        image[image == FREE] = KERNEL
+    with Ram(path / RAM_FILE, nr_pages) as ram:
+        booted = early_boot(ram, owner_map, cmdline, generation)
+    PageOwnership.format(
+        boot_dir,
+        owner_map,
+        super_block_pfn=booted.super_block_pfn,
+        kernel_image=kernel_image or (0, 0),
+    )
+    write_text_atomic(path / SYS_KERNEL_DIR / PKRAM_EXPORT, f"{booted.super_block_pfn}\n")
+    logs = path / LOGS_DIR
+    logs.mkdir(mode=0o700, exist_ok=True)
+    write_text_atomic(logs / f"boot-{generation}.log", "".join(f"{line}\n" for line in booted.log))
+    _write_boot_record(path, BootRecord(generation, cmdline, time.time_ns(), True, kernel_image))
+    return booted
+
+
+def _write_boot_record(path: Path, record: BootRecord) -> None:
+    """Write boot.json and cmdline for *record*."""
+    image = record.kernel_image
     write_json_atomic(
         path / BOOT_FILE,
-        {"generation": generation, "cmdline": cmdline, "booted_ns": time.time_ns()},
+        {
+            "generation": record.generation,
+            "cmdline": record.cmdline,
+            "booted_ns": record.booted_ns,
+            "powered": record.powered,
+            "kernel_image": None
+            if image is None
+            else {"start_pfn": image[0], "nr_pages": image[1] - image[0]},
+        },
     )
-    write_text_atomic(path / CMDLINE_FILE, cmdline + "\n")
+    write_text_atomic(path / CMDLINE_FILE, record.cmdline + "\n")

@@ -22,6 +22,8 @@ KERNEL = -2
 NOSAVE = -3
 PRESERVED = -4
 """Pages handed over a kexec, owned by nobody until a restore transfers them."""
+HANDOVER = -5
+"""The handover ABI's own pages: this boot's super block (and, during an exec, the table)."""
 
 SPECIAL_OWNER_NAMES: Mapping[int, str] = {
     FREE: "free",
@@ -29,6 +31,7 @@ SPECIAL_OWNER_NAMES: Mapping[int, str] = {
     KERNEL: "kernel",
     NOSAVE: "nosave",
     PRESERVED: "preserved",
+    HANDOVER: "handover",
 }
 RESERVED_OWNERS = (FIRMWARE, KERNEL, NOSAVE)
 """The owners of the memory map's non-usable regions (and nothing else)."""
@@ -40,9 +43,39 @@ REGION_OWNER: Mapping[RegionType, int] = {
 }
 MAX_OWNER_ID = (1 << 31) - 1
 MAX_NAME_CHARS = 255
+MAX_MOUNTPOINT_CHARS = 4096
 REGISTRY_FORMAT = 1
 _FEW_IDS = 16  # up to this many ids, one comparison pass per id beats np.isin
 _BINCOUNT_MAX_RANGE = 1 << 20  # ids spanning less than this are counted with np.bincount
+
+
+def check_mountpoint(mountpoint: str | None) -> None:
+    """Raise ValueError unless *mountpoint* is None or an absolute, printable path."""
+    if mountpoint is None:
+        return
+    if (
+        not mountpoint.startswith("/")
+        or len(mountpoint) > MAX_MOUNTPOINT_CHARS
+        or not mountpoint.isprintable()
+    ):
+        raise ValueError(
+            f"mountpoint must be an absolute printable path of at most {MAX_MOUNTPOINT_CHARS} "
+            f"characters, got {mountpoint[:100]!r}"
+        )
+
+
+def _get_mountpoint(raw: Mapping[str, object], where: str) -> str | None:
+    """The optional ``mountpoint`` of a registry entry (absent in older registries)."""
+    value = raw.get("mountpoint")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise CorruptMachine(f"{where}: 'mountpoint' must be a string or null, got {value!r}")
+    try:
+        check_mountpoint(value)
+    except ValueError as exc:
+        raise CorruptMachine(f"{where}: {exc}") from None
+    return value
 
 
 def owner_name(owner_id: int) -> str:
@@ -96,6 +129,8 @@ class OwnerInfo:
     pid: int
     pid_start_time: int
     registered_ns: int
+    mountpoint: str | None = None
+    """The mount the owner serves, if any (``kexec-sim exec`` unmounts it lazily)."""
 
     def to_dict(self) -> dict[str, object]:
         """Return the JSON form stored in owners.json (the id is the key, not a field)."""
@@ -104,6 +139,7 @@ class OwnerInfo:
             "pid": self.pid,
             "pid_start_time": self.pid_start_time,
             "registered_ns": self.registered_ns,
+            "mountpoint": self.mountpoint,
         }
 
 
@@ -153,6 +189,7 @@ class OwnerRegistry:
                 pid=get_int(raw, "pid", entry, minimum=1),
                 pid_start_time=get_int(raw, "pid_start_time", entry),
                 registered_ns=get_int(raw, "registered_ns", entry),
+                mountpoint=_get_mountpoint(raw, entry),
             )
         if next_id > MAX_OWNER_ID + 1:
             raise CorruptMachine(f"{where}: next_id {next_id} exceeds the int32 owner range")

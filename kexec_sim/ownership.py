@@ -5,7 +5,8 @@ id per pfn (see kexec_sim.owners for the ids). Every process of the boot maps it
 changes it only while holding ``boot/lock`` (``PageOwnership.locked()``); the registry of
 owners is ``boot/owners.json``. A process that dies leaves its owner registered until
 ``reclaim_dead_owners`` (run on every registration and before reporting OutOfMemory) frees
-its pages.
+its pages. A transfer is journaled (kexec_sim.transfer_journal): a process killed in the middle
+of one leaves none or all of its pfns moved, as the next holder of the lock sees the map.
 
 Header (little-endian, padded to HEADER_BYTES so the owner array is page aligned)::
 
@@ -15,10 +16,17 @@ Header (little-endian, padded to HEADER_BYTES so the owner array is page aligned
     16  u64 nr_pages
     24  u64 allocator next-fit cursor (pfn)
     32  u64 registry serial (bumped on every owners.json write; caches key on it)
+    40  u64 super block pfn: this boot's HANDOVER page (0 = none)
+    48  u64 first pfn of this boot's kernel image (KERNEL pages outside the memory map's
+        KERNEL regions)
+    56  u64 pages of the kernel image (0 = none)
+
+The fields from 40 on are written when the boot formats the map and never change.
 """
 
 import mmap
 import os
+import signal
 import struct
 import time
 from collections.abc import Iterator, Mapping
@@ -29,13 +37,14 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.allocator import find_free_huge, find_free_pages
+from kexec_sim.allocator import PfnRange, find_free_huge, find_free_pages
 from kexec_sim.errors import CorruptMachine, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
 from kexec_sim.memmap import MemoryMap
 from kexec_sim.owners import (
     FIRMWARE,
     FREE,
+    HANDOVER,
     KERNEL,
     MAX_NAME_CHARS,
     MAX_OWNER_ID,
@@ -43,7 +52,7 @@ from kexec_sim.owners import (
     PRESERVED,
     OwnerInfo,
     OwnerRegistry,
-    boot_owner_map,
+    check_mountpoint,
     count_owners,
     owned_by_any,
     owner_name,
@@ -51,10 +60,12 @@ from kexec_sim.owners import (
 from kexec_sim.ownership_check import find_problems
 from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray, as_pfn_array
 from kexec_sim.process import is_alive, process_start_time
+from kexec_sim.transfer_journal import read_journal, remove_journal, write_journal
 
 __all__ = [
     "FIRMWARE",
     "FREE",
+    "HANDOVER",
     "KERNEL",
     "NOSAVE",
     "PRESERVED",
@@ -68,9 +79,12 @@ LOCK_FILE = "lock"
 MAGIC = b"KSIMOWN\0"
 VERSION = 1
 HEADER_BYTES = PAGE_SIZE
-_HEADER = struct.Struct("<8sIIQQQ")
+_HEADER = struct.Struct("<8sIIQQQQQQ")
 _CURSOR_OFFSET = 24
 _SERIAL_OFFSET = 32
+FAULT_ENV = "KEXEC_SIM_FAULT"
+"""Fault injection for tests: ``transfer-midway`` kills a transfer half applied."""
+_FORMAT_CHUNK_PAGES = 1 << 18  # a fresh map is written in chunks of 1 MiB, all-FREE ones skipped
 
 
 def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
@@ -113,6 +127,11 @@ class PageOwnership:
         self._owners = np.frombuffer(self._mmap, dtype="<i4", count=nr_pages, offset=HEADER_BYTES)
         self._cursor = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_CURSOR_OFFSET)
         self._serial = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_SERIAL_OFFSET)
+        sb_pfn, image_pfn, image_pages = _HEADER.unpack_from(self._mmap)[6:]
+        self.super_block_pfn: int = sb_pfn
+        """This boot's super block (its HANDOVER page), 0 when it has none."""
+        self.kernel_image: PfnRange = (image_pfn, image_pfn + image_pages)
+        """The pfn range of this boot's kernel image (owned by KERNEL)."""
 
     def _map_file(self, map_path: Path) -> mmap.mmap:
         size_bytes = os.fstat(self._fd).st_size
@@ -121,7 +140,9 @@ class PageOwnership:
                 f"{map_path}: {size_bytes} bytes, expected a map of {self.nr_pages} pages"
             )
         mapped = mmap.mmap(self._fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        magic, version, header_bytes, nr_pages, cursor, _ = _HEADER.unpack_from(mapped)
+        magic, version, header_bytes, nr_pages, cursor, _, sb_pfn, image_pfn, image_pages = (
+            _HEADER.unpack_from(mapped)
+        )
         problem = None
         if magic != MAGIC:
             problem = f"bad magic {magic!r}"
@@ -129,30 +150,51 @@ class PageOwnership:
             problem = f"unsupported version {version} (header {header_bytes} bytes)"
         elif nr_pages != self.nr_pages or cursor >= nr_pages:
             problem = f"header says {nr_pages} pages (cursor {cursor}), machine has {self.nr_pages}"
+        elif sb_pfn >= nr_pages or image_pfn + image_pages > nr_pages:
+            problem = (
+                f"super block pfn {sb_pfn} or kernel image {image_pfn}+{image_pages} outside RAM"
+            )
         if problem is not None:
             mapped.close()
             raise CorruptMachine(f"{map_path}: {problem}")
         return mapped
 
     @staticmethod
-    def format(boot_dir: Path, memory_map: MemoryMap, nr_pages: int) -> None:
-        """Write a fresh boot state in *boot_dir*: every usable page FREE, no owners.
+    def format(
+        boot_dir: Path,
+        owner_map: npt.NDArray[np.int32],
+        *,
+        super_block_pfn: int = 0,
+        kernel_image: PfnRange = (0, 0),
+    ) -> None:
+        """Write a fresh boot state in *boot_dir*: the map *owner_map* (one id per pfn), no owners.
 
+        *super_block_pfn* and *kernel_image* (a pfn range) go into the header for the checker.
         Replaces the files by rename, so processes of an older boot keep a detached copy.
         The caller holds ``boot/lock`` (or is the only user of *boot_dir*).
         """
+        nr_pages = owner_map.size
+        image_pages = kernel_image[1] - kernel_image[0]
+        header = _HEADER.pack(
+            MAGIC,
+            VERSION,
+            HEADER_BYTES,
+            nr_pages,
+            0,
+            0,
+            super_block_pfn,
+            kernel_image[0],
+            image_pages,
+        )
         tmp = boot_dir / f".{MAP_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, HEADER_BYTES + 4 * nr_pages)  # sparse: FREE is zero
-            os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, nr_pages, 0, 0), 0)
-            owner_map = boot_owner_map(memory_map, nr_pages)
-            for region in memory_map.covering(nr_pages):
-                start, end = region.start_pfn, region.end_pfn_exclusive
-                if owner_map[start] != FREE:
-                    os.pwrite(
-                        fd, owner_map[start:end].astype("<i4").tobytes(), HEADER_BYTES + 4 * start
-                    )
+            os.pwrite(fd, header, 0)
+            for start in range(0, nr_pages, _FORMAT_CHUNK_PAGES):
+                chunk = owner_map[start : start + _FORMAT_CHUNK_PAGES]
+                if chunk.any():
+                    os.pwrite(fd, chunk.astype("<i4").tobytes(), HEADER_BYTES + 4 * start)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -195,6 +237,7 @@ class PageOwnership:
         with self._lock.held():
             if self._lock.depth == 1:
                 self._check_current()
+                self._replay_journal()  # first of all: a half-done transfer is finished
             yield
 
     def _check_current(self) -> None:
@@ -204,7 +247,19 @@ class PageOwnership:
         except FileNotFoundError:
             current = -1
         if current != self._ino:
-            raise MachineError("the machine has booted again: this page ownership map is stale")
+            raise MachineError(
+                "the machine has booted again or powered off: this page ownership map is stale"
+            )
+
+    def _replay_journal(self) -> None:
+        """Finish a transfer whose process was killed midway (see kexec_sim.transfer_journal)."""
+        journal = read_journal(self.boot_dir, self.nr_pages)
+        if journal is None:
+            return
+        current = self._owners[journal.pfns]
+        started = (current == journal.from_owner) | (current == journal.to_owner)
+        self._owners[journal.pfns[started]] = journal.to_owner
+        remove_journal(self.boot_dir)
 
     @property
     def owner_map(self) -> npt.NDArray[np.int32]:
@@ -228,14 +283,16 @@ class PageOwnership:
         registry.save(self._registry_path)
         self._registry, self._registry_serial = registry, int(self._serial[0])
 
-    def register_owner(self, name: str, pid: int) -> int:
+    def register_owner(self, name: str, pid: int, mountpoint: str | None = None) -> int:
         """Register an owner kept alive by process *pid*; return its new id.
 
-        Reclaims dead owners first. Raises ValueError for a bad name, MachineError when *pid*
-        is not a running process or the ids of this boot are exhausted.
+        *mountpoint* is the mount the owner serves, if any: ``kexec-sim exec`` unmounts it.
+        Reclaims dead owners first. Raises ValueError for a bad name or mountpoint,
+        MachineError when *pid* is not a running process or the ids of this boot are exhausted.
         """
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
             raise ValueError(f"owner name must be 1..{MAX_NAME_CHARS} printable characters")
+        check_mountpoint(mountpoint)
         with self.locked():
             self.reclaim_dead_owners()
             start_time = process_start_time(pid)
@@ -245,7 +302,7 @@ class PageOwnership:
             owner_id = old.next_id
             if owner_id > MAX_OWNER_ID:
                 raise MachineError("owner ids of this boot are exhausted")
-            info = OwnerInfo(owner_id, name, pid, start_time, time.time_ns())
+            info = OwnerInfo(owner_id, name, pid, start_time, time.time_ns(), mountpoint)
             self._save_registry(OwnerRegistry(owner_id + 1, {**old.owners, owner_id: info}))
             return owner_id
 
@@ -280,38 +337,42 @@ class PageOwnership:
         return registry
 
     def _require_holder(self, owner_id: int, *, allow_free: bool = False) -> None:
-        """A holder of pages a caller may move: a registered owner, PRESERVED (or FREE)."""
-        if owner_id == PRESERVED or (allow_free and owner_id == FREE):
+        """A holder of pages a caller may move: registered, PRESERVED, HANDOVER (or FREE)."""
+        if owner_id in (PRESERVED, HANDOVER) or (allow_free and owner_id == FREE):
             return
         self._require_registered(owner_id)
 
     # -- allocation -----------------------------------------------------------------------
 
-    def allocate(self, owner_id: int, n_pages: int) -> PfnArray:
+    def allocate(self, owner_id: int, n_pages: int, avoid: PfnRange | None = None) -> PfnArray:
         """Give *n_pages* free usable pages to *owner_id*; return their pfns (next-fit order).
 
-        All or nothing: raises OutOfMemory (nothing allocated) when fewer than *n_pages* are
-        free after reclaiming dead owners, MachineError when *owner_id* is not registered.
+        No page of *avoid* (a pfn range ``(start, end_exclusive)``) is given. All or nothing:
+        raises OutOfMemory (nothing allocated) when fewer than *n_pages* are free after
+        reclaiming dead owners, MachineError when *owner_id* is not registered.
         """
-        return self._allocate(owner_id, n_pages, 1)
+        return self._allocate(owner_id, n_pages, 1, avoid)
 
-    def allocate_huge(self, owner_id: int, n_huge: int) -> PfnArray:
+    def allocate_huge(self, owner_id: int, n_huge: int, avoid: PfnRange | None = None) -> PfnArray:
         """Give *owner_id* *n_huge* free, naturally aligned runs of HUGE_PAGES pages.
 
-        Returns the base pfn of each run. All or nothing: raises OutOfMemory (the caller may
-        fall back to small pages), MachineError when *owner_id* is not registered.
+        Returns the base pfn of each run; no run overlaps *avoid* (a pfn range). All or
+        nothing: raises OutOfMemory (the caller may fall back to small pages), MachineError
+        when *owner_id* is not registered.
         """
-        return self._allocate(owner_id, n_huge, HUGE_PAGES)
+        return self._allocate(owner_id, n_huge, HUGE_PAGES, avoid)
 
-    def _allocate(self, owner_id: int, n_units: int, unit_pages: int) -> PfnArray:
+    def _allocate(
+        self, owner_id: int, n_units: int, unit_pages: int, avoid: PfnRange | None
+    ) -> PfnArray:
         if n_units < 0:
             raise ValueError(f"cannot allocate {n_units} units")
         find = find_free_pages if unit_pages == 1 else find_free_huge
         with self.locked():
             self._require_registered(owner_id)
-            found = find(self._owners, n_units, int(self._cursor[0]))
+            found = find(self._owners, n_units, int(self._cursor[0]), avoid)
             if found is None and self.reclaim_dead_owners():
-                found = find(self._owners, n_units, int(self._cursor[0]))
+                found = find(self._owners, n_units, int(self._cursor[0]), avoid)
             if found is None:
                 what = "pages" if unit_pages == 1 else "huge pages"
                 raise OutOfMemory(
@@ -329,7 +390,7 @@ class PageOwnership:
             return found
 
     def free(self, owner_id: int, pfns: npt.ArrayLike) -> None:
-        """Mark *pfns* FREE; each must be owned by *owner_id* (a registered owner or PRESERVED).
+        """Mark *pfns* FREE; each must be owned by *owner_id* (registered, PRESERVED, HANDOVER).
 
         The allocator reuses the lowest of them first.
 
@@ -345,16 +406,25 @@ class PageOwnership:
                 self._cursor[0] = min(int(self._cursor[0]), int(checked.min()))
 
     def transfer(self, pfns: npt.ArrayLike, from_owner: int, to_owner: int) -> None:
-        """Move *pfns* from *from_owner* to *to_owner* (registered owners or PRESERVED).
+        """Move *pfns* from *from_owner* to *to_owner* (registered, PRESERVED or HANDOVER).
 
-        *from_owner* may also be FREE, to claim specific free pages. Raises MachineError,
-        changing nothing, when a pfn is not owned by *from_owner* (or is listed twice).
+        *from_owner* may also be FREE, to claim specific free pages. Crash-atomic: a process
+        killed midway leaves none or all of *pfns* moved, as the next lock holder sees it.
+        Raises MachineError, changing nothing, when a pfn is not owned by *from_owner* (or is
+        listed twice).
         """
         with self.locked():
             self._require_holder(from_owner, allow_free=True)
             self._require_holder(to_owner)
             checked = self._owned_pfns(pfns, from_owner, "transfer")
+            if checked.size == 0:
+                return
+            write_journal(self.boot_dir, checked, from_owner, to_owner)
+            if os.environ.get(FAULT_ENV) == "transfer-midway":
+                self._owners[checked[: checked.size // 2]] = to_owner
+                os.kill(os.getpid(), signal.SIGKILL)
             self._owners[checked] = to_owner
+            remove_journal(self.boot_dir)
 
     def _owned_pfns(self, pfns: npt.ArrayLike, owner_id: int, verb: str) -> PfnArray:
         """Return *pfns* checked: in RAM, distinct, all owned by *owner_id*."""
@@ -400,4 +470,11 @@ class PageOwnership:
         """
         with self.locked():
             registered = self._load_registry().owners.keys()
-            return find_problems(self._owners, self.memory_map, registered, claims)
+            return find_problems(
+                self._owners,
+                self.memory_map,
+                registered,
+                claims,
+                super_block_pfn=self.super_block_pfn,
+                kernel_image=self.kernel_image,
+            )

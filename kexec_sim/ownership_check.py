@@ -12,6 +12,8 @@ import numpy.typing as npt
 from kexec_sim.memmap import MemoryMap, RegionType
 from kexec_sim.owners import (
     FREE,
+    HANDOVER,
+    KERNEL,
     PRESERVED,
     REGION_OWNER,
     RESERVED_OWNERS,
@@ -35,11 +37,16 @@ def find_problems(
     memory_map: MemoryMap,
     registered: Collection[int],
     claims: Mapping[int, PfnArray],
+    *,
+    super_block_pfn: int = 0,
+    kernel_image: tuple[int, int] = (0, 0),
 ) -> list[str]:
     """Return human-readable problems of *owner_map* against *claims* (empty list = clean).
 
     *claims* maps owner ids to the pfns each believes it owns. Only owners present in
     *claims* are checked for leaks, so a caller may check its own owners while others run.
+    *super_block_pfn* (0 = none) is the one page HANDOVER may own outside an exec;
+    *kernel_image* is the pfn range of the boot's kernel image, owned by KERNEL.
     """
     nr_pages = owner_map.size
     problems: list[str] = []
@@ -49,7 +56,8 @@ def find_problems(
     problems += _check_claimed_owned(owner_map, pfns, labels)
     problems += _check_leaks(owner_map, pfns, labels, claims.keys())
     problems += _check_unregistered(owner_map, registered)
-    problems += _check_reserved(owner_map, memory_map)
+    problems += _check_reserved(owner_map, memory_map, kernel_image)
+    problems += _check_handover(owner_map, super_block_pfn)
     return problems
 
 
@@ -147,7 +155,7 @@ def _check_leaks(
 
 
 def _check_unregistered(owner_map: npt.NDArray[np.int32], registered: Collection[int]) -> list[str]:
-    known = {*registered, FREE, PRESERVED, *RESERVED_OWNERS}
+    known = {*registered, FREE, PRESERVED, HANDOVER, *RESERVED_OWNERS}
     counts = count_owners(owner_map)
     unknown = sorted(set(counts) - known)
     problems: list[str] = []
@@ -166,16 +174,24 @@ def _check_unregistered(owner_map: npt.NDArray[np.int32], registered: Collection
     return problems
 
 
-def _check_reserved(owner_map: npt.NDArray[np.int32], memory_map: MemoryMap) -> list[str]:
-    """Reserved owners must own exactly the non-usable regions (holes count as FIRMWARE)."""
+def _check_reserved(
+    owner_map: npt.NDArray[np.int32], memory_map: MemoryMap, kernel_image: tuple[int, int]
+) -> list[str]:
+    """Reserved owners must own exactly the non-usable regions (holes count as FIRMWARE),
+    plus KERNEL the usable pages of the kernel image."""
     missing: dict[int, list[npt.NDArray[np.int64]]] = {}
     stray: list[npt.NDArray[np.int64]] = []
+    unmarked: list[npt.NDArray[np.int64]] = []
+    image = np.zeros(owner_map.size, dtype=np.bool_)
+    image[kernel_image[0] : kernel_image[1]] = True
     for region in memory_map.covering(owner_map.size):
         start, end = region.start_pfn, region.end_pfn_exclusive
         chunk = owner_map[start:end]
         if region.type is RegionType.USABLE:
+            in_image = image[start:end]
             reserved = (chunk <= max(RESERVED_OWNERS)) & (chunk >= min(RESERVED_OWNERS))
-            stray.append(np.flatnonzero(reserved) + start)
+            stray.append(np.flatnonzero(reserved & ~(in_image & (chunk == KERNEL))) + start)
+            unmarked.append(np.flatnonzero(in_image & (chunk != KERNEL)) + start)
         else:
             expected = REGION_OWNER[region.type]
             missing.setdefault(expected, []).append(np.flatnonzero(chunk != expected) + start)
@@ -187,11 +203,36 @@ def _check_reserved(owner_map: npt.NDArray[np.int32], memory_map: MemoryMap) -> 
                 f"{bad.size} pfns of the memory map's {owner_name(owner)} regions are not owned "
                 f"by {owner_name(owner)}, e.g. {_examples(bad)}"
             )
+    bad = np.concatenate(unmarked) if unmarked else np.empty(0, dtype=np.int64)
+    if bad.size:
+        problems.append(
+            f"{bad.size} usable pfns of the kernel image ({kernel_image[0]}.."
+            f"{kernel_image[1] - 1}) are not owned by kernel, e.g. {_examples(bad)}"
+        )
     bad = np.concatenate(stray) if stray else np.empty(0, dtype=np.int64)
     if bad.size:
         holders = sorted(set(owner_map[bad[:EXAMPLES]].tolist()))
         problems.append(
             f"{bad.size} usable pfns are owned by a reserved owner "
             f"({', '.join(owner_name(h) for h in holders)}), e.g. {_examples(bad)}"
+        )
+    return problems
+
+
+def _check_handover(owner_map: npt.NDArray[np.int32], super_block_pfn: int) -> list[str]:
+    """HANDOVER owns the boot's super block and nothing else (outside an exec)."""
+    handover = np.flatnonzero(owner_map == HANDOVER)
+    problems: list[str] = []
+    stray = handover[handover != super_block_pfn] if super_block_pfn else handover
+    if stray.size:
+        where = f"pfn {super_block_pfn}" if super_block_pfn else "none"
+        problems.append(
+            f"{stray.size} pfns are owned by handover but are not this boot's super block "
+            f"({where}), e.g. {_examples(stray)}"
+        )
+    if super_block_pfn and owner_map[super_block_pfn] != HANDOVER:
+        problems.append(
+            f"this boot's super block, pfn {super_block_pfn}, is owned by "
+            f"{owner_name(int(owner_map[super_block_pfn]))}, not handover"
         )
     return problems

@@ -132,6 +132,15 @@ def read_table(ram: Ram, root_pfn: int) -> PfnArray:
 
     Raises CorruptHandover, naming what is wrong, when anything fails validation.
     """
+    return walk_table(ram, root_pfn)[0]
+
+
+def walk_table(ram: Ram, root_pfn: int) -> tuple[PfnArray, PfnArray]:
+    """Walk the table from *root_pfn*; return (every marked pfn sorted, the table's own pages).
+
+    The table's pages are among the marked ones. Raises CorruptHandover, naming what is
+    wrong, when anything fails validation.
+    """
     nr_ram_pages = ram.nr_pages
     nr_leaves = _nr_leaves(nr_ram_pages)
     table: list[int] = []
@@ -178,7 +187,7 @@ def read_table(ram: Ram, root_pfn: int) -> PfnArray:
     at = np.minimum(np.searchsorted(marked, own), max(0, len(marked) - 1))
     if len(marked) == 0 or (marked[at] != own).any():
         raise CorruptHandover("a page of the table is not marked preserved itself")
-    return marked
+    return marked, own
 
 
 def _read_leaves(

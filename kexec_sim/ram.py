@@ -104,6 +104,34 @@ class Ram:
                     raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
                 self._pages[start : start + count] = 0
 
+    def punch_range(self, start_pfn: int, nr_pages: int) -> None:
+        """Give the pages ``start_pfn .. start_pfn + nr_pages - 1`` back to the host (zeros).
+
+        Falls back to zero-filling when the host cannot punch holes. Raises MachineError for
+        a range outside RAM, OSError when the host refuses.
+        """
+        self._check_range(start_pfn, nr_pages)
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if nr_pages and _fallocate(self._fd, mode, start_pfn * PAGE_SIZE, nr_pages * PAGE_SIZE):
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
+            self._pages[start_pfn : start_pfn + nr_pages] = 0
+
+    def fill_range(self, start_pfn: int, nr_pages: int, pattern_byte: int) -> None:
+        """Fill the pages ``start_pfn .. start_pfn + nr_pages - 1`` with *pattern_byte*."""
+        if not 0 <= pattern_byte <= 0xFF:
+            raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
+        self._check_range(start_pfn, nr_pages)
+        self._pages[start_pfn : start_pfn + nr_pages] = pattern_byte
+
+    def _check_range(self, start_pfn: int, nr_pages: int) -> None:
+        if start_pfn < 0 or nr_pages < 0 or start_pfn + nr_pages > self.nr_pages:
+            raise MachineError(
+                f"pages {start_pfn}+{nr_pages} are outside the machine's RAM "
+                f"(0..{self.nr_pages - 1})"
+            )
+
     def populate(self, pfns: npt.ArrayLike) -> None:
         """Make the pages *pfns* resident and mapped writable ahead of use (best effort).
 

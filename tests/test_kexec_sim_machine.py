@@ -50,10 +50,12 @@ def test_create_lays_out_the_directory(machine: Machine) -> None:
         "boot/page-owners",
         "boot/owners.json",
         "boot/lock",
+        "sys/kernel/pkram",
+        "logs/boot-1.log",
     ]
     for name in files:
         assert stat.S_IMODE((root / name).stat().st_mode) == 0o600, name
-    for name in ["", "sys", "sys/kernel", "boot"]:
+    for name in ["", "sys", "sys/kernel", "boot", "logs"]:
         assert stat.S_IMODE((root / name).stat().st_mode) == 0o700, name
     assert sorted(p.name for p in root.parent.iterdir()) == ["machine"]  # no staging left
     config = json.loads((root / "machine.json").read_text())
@@ -62,7 +64,10 @@ def test_create_lays_out_the_directory(machine: Machine) -> None:
     )
     assert MemoryMap.from_dict(config["memory_map"], machine.nr_pages) == machine.memory_map
     assert (root / "RAM").stat().st_size == RAM_BYTES
-    assert (root / "RAM").stat().st_blocks == 0  # sparse
+    assert (root / "RAM").stat().st_blocks * 512 <= 4096  # sparse: the super block only
+    assert (root / "sys/kernel/pkram").read_text() == "256\n"  # the first usable page
+    assert machine.super_block_pfn == 256
+    assert "new empty super block at pfn 256" in (root / "logs/boot-1.log").read_text()
     assert (machine.generation, machine.cmdline) == (1, "")
     assert (root / "cmdline").read_text() == "\n"
     assert machine.nr_pages == RAM_BYTES // 4096

@@ -1,5 +1,6 @@
 """The page-ownership map: allocation, free/transfer checks, dead owners, concurrency, checker."""
 
+import json
 import os
 import select
 import signal
@@ -17,6 +18,7 @@ import kexec_sim.process
 from kexec_sim import (
     FIRMWARE,
     FREE,
+    HANDOVER,
     HUGE_PAGES,
     KERNEL,
     NOSAVE,
@@ -29,12 +31,15 @@ from kexec_sim import (
     PfnArray,
     RegionType,
 )
-from kexec_sim.ownership import HEADER_BYTES, MAP_FILE
+from kexec_sim.owners import OwnerRegistry
+from kexec_sim.ownership import FAULT_ENV, HEADER_BYTES, MAP_FILE
+from kexec_sim.transfer_journal import JOURNAL_FILE, write_journal
 
 REPO = Path(__file__).resolve().parents[1]
 RAM_BYTES = 64 << 20
 NR_PAGES = RAM_BYTES // 4096
-USABLE_PAGES = 30 * 256  # 1..16 MiB and 49..64 MiB of the default map
+SUPER_BLOCK_PFN = 256  # the boot's super block: the first usable page (HANDOVER)
+USABLE_PAGES = 30 * 256 - 1  # 1..16 MiB and 49..64 MiB of the default map, but the super block
 HUGE_RUNS = 14  # aligned 2 MiB runs inside 1..16 MiB (7) and 49..64 MiB (7)
 TIMEOUT_S = 60
 
@@ -75,13 +80,17 @@ def poke(machine: Machine, pfn: int, owner_id: int) -> None:
 def test_fresh_map_follows_memory_map(machine: Machine, po: PageOwnership) -> None:
     assert po.count_by_owner() == {
         FREE: USABLE_PAGES,
+        HANDOVER: 1,
         FIRMWARE: machine.memory_map.pages_of_type(RegionType.FIRMWARE),
         KERNEL: machine.memory_map.pages_of_type(RegionType.KERNEL),
         NOSAVE: machine.memory_map.pages_of_type(RegionType.NOSAVE),
     }
     assert po.free_pages() == USABLE_PAGES
     free = po.pages_of(FREE)
-    assert np.array_equal(free, np.flatnonzero(machine.memory_map.usable_mask(NR_PAGES)))
+    usable = np.flatnonzero(machine.memory_map.usable_mask(NR_PAGES))
+    assert np.array_equal(free, usable[usable != SUPER_BLOCK_PFN])
+    assert po.pages_of(HANDOVER).tolist() == [SUPER_BLOCK_PFN] == [po.super_block_pfn]
+    assert po.kernel_image == (0, 0)
     assert po.owners() == {}
     assert po.check({}) == []
 
@@ -237,11 +246,13 @@ def test_map_header_matches_the_documented_layout(
 ) -> None:
     pfns = po.allocate(owner, 10)
     header = (machine.boot_dir / MAP_FILE).read_bytes()[:HEADER_BYTES]
-    magic, version, header_bytes, nr_pages, cursor, serial = struct.unpack_from("<8sIIQQQ", header)
+    fields = struct.unpack_from("<8sIIQQQQQQ", header)
+    magic, version, header_bytes, nr_pages, cursor, serial, sb, image, image_pages = fields
     assert (magic, version, header_bytes, nr_pages) == (b"KSIMOWN\0", 1, 4096, NR_PAGES)
     assert cursor == pfns[-1] + 1
     assert serial == 1  # one registry write: the registration
-    assert header[40:] == bytes(HEADER_BYTES - 40)
+    assert (sb, image, image_pages) == (SUPER_BLOCK_PFN, 0, 0)
+    assert header[64:] == bytes(HEADER_BYTES - 64)
 
 
 # -- free and transfer --------------------------------------------------------------------
@@ -389,7 +400,7 @@ def test_dead_owner_is_reclaimed(machine: Machine, po: PageOwnership, tmp_path: 
 def test_allocation_reclaims_dead_owners_before_giving_up(
     machine: Machine, po: PageOwnership, owner: int, tmp_path: Path
 ) -> None:
-    child = start_child(machine, "hog", USABLE_PAGES // 2, 2, tmp_path / "hog.npy")
+    child = start_child(machine, "hog", USABLE_PAGES, 1, tmp_path / "hog.npy")
     try:
         hog = int(read_line(child))
         say(child, "go")
@@ -552,3 +563,155 @@ def test_checker_finds_reserved_regions_off_the_memory_map(
         f"1 pfns of the memory map's kernel regions are not owned by kernel, e.g. {kernel_pfn}",
         f"1 usable pfns are owned by a reserved owner (firmware), e.g. {usable_pfn}",
     ]
+
+
+# -- crash-atomic transfers -----------------------------------------------------------------
+
+MIDWAY_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from kexec_sim import PRESERVED, Machine
+    with Machine.open(sys.argv[1], create=False).page_ownership() as po:
+        owner_id = po.register_owner("preserver", os.getpid())
+        pfns = po.allocate(owner_id, 1000)
+        np.save(sys.argv[2], pfns)
+        po.transfer(pfns, owner_id, PRESERVED)  # KEXEC_SIM_FAULT kills us half way
+    print("not killed", flush=True)
+    """
+)
+
+
+def raw_map(machine: Machine) -> np.ndarray:
+    """The ownership map as a process sees it without the lock (no journal replayed)."""
+    return np.fromfile(machine.boot_dir / MAP_FILE, dtype="<i4", offset=HEADER_BYTES)
+
+
+def test_a_transfer_killed_midway_is_finished_by_the_next_lock_holder(
+    machine: Machine, po: PageOwnership, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "transfer-midway"}
+    out = tmp_path / "pfns.npy"
+    child = subprocess.run(
+        [sys.executable, "-c", MIDWAY_CHILD, str(machine.path), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL and "not killed" not in child.stdout
+    pfns = np.sort(np.load(out))
+    before = raw_map(machine)[pfns]
+    assert np.count_nonzero(before == PRESERVED) == 500  # the map was left half done
+    assert (machine.boot_dir / JOURNAL_FILE).exists()
+    # The owner is dead: reclaiming it first would free the 500 pages not yet moved. The
+    # journal is replayed before anything else, so all 1000 are preserved and none freed.
+    (dead,) = po.reclaim_dead_owners()
+    assert np.array_equal(po.pages_of(PRESERVED), pfns)
+    assert po.pages_of(dead).size == 0 and dead not in po.owners()
+    assert not (machine.boot_dir / JOURNAL_FILE).exists()
+    assert po.check({}) == []
+
+
+def test_replaying_a_journal_is_idempotent(machine: Machine, po: PageOwnership, owner: int) -> None:
+    pfns = po.allocate(owner, 10)
+    po.transfer(pfns[:4], owner, PRESERVED)  # as if a killed transfer had done 4 of 10
+    write_journal(machine.boot_dir, pfns, owner, PRESERVED)
+    with po.locked():
+        assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
+    write_journal(machine.boot_dir, pfns, owner, PRESERVED)  # replayed again: no change
+    assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
+    assert po.check({owner: pfns[:0]}) == []
+
+
+def test_a_tampered_journal_is_a_corrupt_machine(
+    machine: Machine, po: PageOwnership, owner: int
+) -> None:
+    pfns = po.allocate(owner, 10)
+    write_journal(machine.boot_dir, pfns, owner, PRESERVED)
+    path = machine.boot_dir / JOURNAL_FILE
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CorruptMachine, match="transfer-journal"):
+        po.free_pages()
+
+
+def test_transfers_to_and_from_handover(po: PageOwnership, owner: int) -> None:
+    pfns = po.allocate(owner, 3)
+    po.transfer(pfns, owner, HANDOVER)
+    po.transfer(pfns[:1], HANDOVER, PRESERVED)
+    po.free(HANDOVER, pfns[1:])
+    assert po.pages_of(PRESERVED).tolist() == [pfns[0]]
+    assert po.pages_of(HANDOVER).tolist() == [SUPER_BLOCK_PFN]
+
+
+# -- allocation around a range --------------------------------------------------------------
+
+
+def test_allocate_avoids_a_range(po: PageOwnership, owner: int) -> None:
+    avoid = (300, 4000)
+    pfns = po.allocate(owner, 1000, avoid=avoid)
+    assert not ((pfns >= avoid[0]) & (pfns < avoid[1])).any()
+    assert pfns[:43].tolist() == list(range(257, 300))  # then on after the range
+    assert pfns[43] == avoid[1]
+    everything = po.allocate(owner, po.free_pages() - (avoid[1] - 300), avoid=avoid)
+    with pytest.raises(OutOfMemory):
+        po.allocate(owner, 1, avoid=avoid)  # only the avoided range is left
+    assert po.allocate(owner, 1).tolist() == [300]
+    assert po.check({owner: np.concatenate([pfns, everything, [300]])}) == []
+
+
+def test_allocate_huge_avoids_runs_overlapping_a_range(po: PageOwnership, owner: int) -> None:
+    avoid = (HUGE_PAGES + 1, 3 * HUGE_PAGES + 1)  # touches the runs at 1, 2 and 3
+    bases = po.allocate_huge(owner, 3, avoid=avoid)
+    assert bases.tolist() == [4 * HUGE_PAGES, 5 * HUGE_PAGES, 6 * HUGE_PAGES]
+    assert po.allocate_huge(owner, 1).tolist() == [7 * HUGE_PAGES]  # next fit, not avoided
+    assert po.allocate_huge(owner, 1, avoid=(0, 0)).tolist()[0] != 2 * HUGE_PAGES + 5
+
+
+# -- owners with mountpoints ----------------------------------------------------------------
+
+
+def test_owner_mountpoint_is_registered(machine: Machine, po: PageOwnership) -> None:
+    owner_id = po.register_owner("pkramfs:x:/mnt/x", os.getpid(), mountpoint="/mnt/a b")
+    assert po.owners()[owner_id].mountpoint == "/mnt/a b"
+    plain = po.register_owner("plain", os.getpid())
+    assert po.owners()[plain].mountpoint is None
+    with pytest.raises(ValueError, match="mountpoint"):
+        po.register_owner("bad", os.getpid(), mountpoint="relative/path")
+    registry = json.loads((machine.boot_dir / "owners.json").read_text())
+    del registry["owners"][str(owner_id)]["mountpoint"]  # as written before mountpoints
+    (machine.boot_dir / "owners.json").write_text(json.dumps(registry))
+    assert OwnerRegistry.load(machine.boot_dir / "owners.json").owners[owner_id].mountpoint is None
+
+
+# -- the checker and HANDOVER ---------------------------------------------------------------
+
+
+def test_checker_wants_handover_to_own_the_super_block_only(
+    machine: Machine, po: PageOwnership
+) -> None:
+    free_pfn = int(po.pages_of(FREE)[0])
+    poke(machine, free_pfn, HANDOVER)
+    assert po.check({}) == [
+        f"1 pfns are owned by handover but are not this boot's super block (pfn "
+        f"{SUPER_BLOCK_PFN}), e.g. {free_pfn}"
+    ]
+    poke(machine, free_pfn, FREE)
+    poke(machine, SUPER_BLOCK_PFN, FREE)
+    assert po.check({}) == [
+        f"this boot's super block, pfn {SUPER_BLOCK_PFN}, is owned by free, not handover"
+    ]
+
+
+def test_checker_accepts_the_kernel_image_outside_the_kernel_region(machine: Machine) -> None:
+    image = (600, 700)  # usable pages where a kexec put the kernel
+    machine.start_boot("", kernel_image=image)
+    with machine.page_ownership() as po:
+        assert po.kernel_image == image
+        assert np.array_equal(po.pages_of(KERNEL)[:100], np.arange(*image))
+        assert po.check({}) == []
+        poke(machine, 650, FREE)
+        assert po.check({}) == [
+            "1 usable pfns of the kernel image (600..699) are not owned by kernel, e.g. 650"
+        ]
