@@ -1,4 +1,5 @@
-"""kexec_sim: a simulated machine — RAM addressed by pfn, its firmware map, page ownership.
+"""kexec_sim: a simulated machine — RAM addressed by pfn, its firmware map, page ownership,
+boot, kexec and the PKRAM handover (super block, preserved-pages table).
 
 kexec_sim knows pages and owners, never files. The public surface is re-exported here.
 """
@@ -9,6 +10,19 @@ from kexec_sim.errors import (
     MachineError,
     MachineExists,
     OutOfMemory,
+)
+from kexec_sim.kexec import (
+    ExecReport,
+    HandoverRefused,
+    LoadedImage,
+    exec_,
+    load,
+    loaded_image,
+    next_kernel_range,
+    power_on,
+    poweroff,
+    reboot,
+    unload,
 )
 from kexec_sim.machine import (
     DEFAULT_MACHINE_DIR,
@@ -52,6 +66,9 @@ __all__ = [
     "BootRecord",
     "CorruptHandover",
     "CorruptMachine",
+    "ExecReport",
+    "HandoverRefused",
+    "LoadedImage",
     "Machine",
     "MachineError",
     "MachineExists",
@@ -65,6 +82,14 @@ __all__ = [
     "Ram",
     "RegionType",
     "as_pfn_array",
+    "exec_",
+    "load",
+    "loaded_image",
+    "next_kernel_range",
     "pages_for_bytes",
+    "power_on",
+    "poweroff",
+    "reboot",
     "resolve_machine_dir",
+    "unload",
 ]

@@ -41,8 +41,11 @@ def test_init_then_status(capsys: pytest.CaptureFixture[str], machine_dir: Path)
     assert (code, err) == (0, "")
     assert f"machine:     {machine_dir}" in out
     assert "generation:  1" in out
-    for line in ["free:", "firmware:", "kernel:", "nosave:", "preserved:", "owned:"]:
+    for line in ["free:", "firmware:", "kernel:", "nosave:", "preserved:", "owned:", "handover:"]:
         assert line in out
+    assert (
+        "powered:     on" in out and "super block: pfn 256" in out and "loaded:      nothing" in out
+    )
 
 
 def test_status_json_counts_pages_per_owner(
@@ -51,22 +54,25 @@ def test_status_json_counts_pages_per_owner(
     assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "1GiB")[0] == 0
     machine = Machine.open(machine_dir, create=False)
     with machine.page_ownership() as po:
-        owner = po.register_owner("mytmpfs", os.getpid())
+        owner = po.register_owner("mytmpfs", os.getpid(), mountpoint="/mnt/my tmpfs")
         po.allocate(owner, 1000)
     monkeypatch.setenv(MACHINE_ENV, str(machine_dir))  # no --machine: the environment decides
     code, out, err = run(capsys, "status", "--json")
     assert (code, err) == (0, "")
     report = json.loads(out)
     assert report["machine"] == str(machine_dir)
-    assert (report["generation"], report["cmdline"]) == (1, "")
+    assert (report["generation"], report["cmdline"], report["powered"]) == (1, "", True)
+    assert report["super_block_pfn"] == 256 and report["loaded"] is None
     pages = report["pages"]
     assert pages["total"] == 1 << 18
     assert (pages["firmware"], pages["kernel"], pages["nosave"]) == (256, 8192, 256)
-    assert pages["owned"] == 1000
-    assert pages["free"] == pages["total"] - 256 - 8192 - 256 - 1000
-    assert report["owners"] == [
-        {"id": owner, "name": "mytmpfs", "pid": os.getpid(), "alive": True, "pages": 1000}
-    ]
+    assert pages["reserved"] == 256 + 8192 + 256
+    assert (pages["owned"], pages["handover"], pages["preserved"]) == (1000, 1, 0)
+    assert pages["free"] == pages["total"] - 256 - 8192 - 256 - 1000 - 1
+    assert report["bytes"] == {kind: n * 4096 for kind, n in pages.items()}
+    me = {"id": owner, "name": "mytmpfs", "pid": os.getpid(), "alive": True, "pages": 1000}
+    assert report["owners"] == [{**me, "mountpoint": "/mnt/my tmpfs"}]
+    assert report["mounts"] == [{**me, "mountpoint": "/mnt/my tmpfs"}]
 
 
 def test_check_reclaims_dead_owners(capsys: pytest.CaptureFixture[str], machine_dir: Path) -> None:

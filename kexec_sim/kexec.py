@@ -1,0 +1,448 @@
+"""kexec, reboot and power: ending the current boot and starting the next one.
+
+``exec_`` is ``kexec -e``: it stops every process of the current boot (kexec_sim.shutdown),
+then, holding the ownership lock to the end, writes the preserved-pages table and the super
+block (when the staged command line hands them over with ``pkram=``), scrubs every page that is
+neither handed over nor firmware (kexec_sim.scrub), writes the staged image over its range
+(kexec_sim.image) and boots the next generation, whose early boot (kexec_sim.boot) reserves the
+handed-over pages before anything can allocate. ``reboot`` does the same but hands nothing
+over; ``poweroff`` loses all of RAM and ``power_on`` (``kexec-sim boot``) starts afresh.
+
+Refusals happen before anything changes: nothing staged, a ``pkram=`` that is not this boot's
+super block (a usage error, unless forced), a damaged super block (unless forced), a preserved
+page inside the staged image's range.
+"""
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim import scrub as scrubbing
+from kexec_sim.allocator import PfnRange, find_free_pages
+from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
+from kexec_sim.errors import CorruptHandover, MachineError, OutOfMemory
+from kexec_sim.image import (
+    DEFAULT_IMAGE_BYTES,
+    LoadedImage,
+    default_kernel_range,
+    image_data,
+    load,
+    loaded_image,
+    next_kernel_range,
+    synthetic_image,
+    unload,
+    write_image,
+)
+from kexec_sim.machine import Machine
+from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, PRESERVED, OwnerInfo
+from kexec_sim.ownership import PageOwnership
+from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.preserved_pages import write_table
+from kexec_sim.ram import Ram
+from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_owners
+from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
+
+__all__ = [
+    "DEFAULT_IMAGE_BYTES",
+    "DEFAULT_SCRUB",
+    "DEFAULT_STOP_TIMEOUT_S",
+    "SCRUB_ENV",
+    "ExecReport",
+    "HandoverRefused",
+    "LoadedImage",
+    "StoppedOwner",
+    "exec_",
+    "load",
+    "loaded_image",
+    "next_kernel_range",
+    "power_on",
+    "poweroff",
+    "reboot",
+    "unload",
+]
+
+SCRUB_ENV = "KEXEC_SIM_SCRUB"
+"""The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
+DEFAULT_SCRUB = "punch"
+
+
+class HandoverRefused(ValueError):
+    """exec refuses the staged ``pkram=``: it is not this boot's super block (a usage error)."""
+
+
+@dataclass(frozen=True)
+class ExecReport:
+    """What an exec, reboot, boot or poweroff did."""
+
+    action: str
+    generation: int
+    """The generation booted (for poweroff: the one powered off)."""
+    cmdline: str
+    image_range: PfnRange | None
+    scrub: str
+    super_block_pfn: int
+    preserved_pages: int
+    """Pages the new boot reserved as PRESERVED (the handed-over data)."""
+    table_pages: int
+    scrubbed_pages: int
+    stopped: tuple[StoppedOwner, ...]
+    warnings: tuple[str, ...]
+    durations_s: Mapping[str, float]
+
+    def stopped_by(self, how: str) -> int:
+        """How many processes were stopped *how* (``term``, ``kill``, ...)."""
+        return len({s.pid for s in self.stopped if s.how == how})
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form (``kexec-sim exec --json``)."""
+        data = asdict(self)
+        data["durations_s"] = dict(self.durations_s)
+        data["warnings"] = list(self.warnings)
+        data["stopped"] = [asdict(s) for s in self.stopped]
+        return data
+
+
+class _Phases:
+    """Wall-clock durations of named phases."""
+
+    def __init__(self) -> None:
+        self.durations_s: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.durations_s[name] = self.durations_s.get(name, 0.0) + time.perf_counter() - start
+
+
+def _check_scrub(mode: str) -> None:
+    if mode not in scrubbing.SCRUB_MODES:
+        raise ValueError(
+            f"scrub mode must be one of {', '.join(scrubbing.SCRUB_MODES)}, got {mode!r}"
+        )
+
+
+def _losses(po: PageOwnership, owners: Mapping[int, OwnerInfo]) -> list[str]:
+    """One warning per registered owner holding pages: those pages are lost."""
+    counts = po.count_by_owner()
+    return [
+        f"{info.mountpoint or info.name} (owner {owner_id}): {counts[owner_id]} pages not "
+        "preserved, lost"
+        for owner_id, info in sorted(owners.items())
+        if counts.get(owner_id, 0)
+    ]
+
+
+def _stop_warnings(stopped: list[StoppedOwner]) -> list[str]:
+    return [f"{s.name} (pid {s.pid}) survived SIGKILL" for s in stopped if s.how == "alive"]
+
+
+def _refuse_preserved_in(owner_map: npt.NDArray[np.int32], image: LoadedImage) -> None:
+    chunk = owner_map[image.start_pfn : image.end_pfn]
+    hits = np.flatnonzero((chunk == PRESERVED) | (chunk == HANDOVER))
+    if hits.size:
+        raise MachineError(
+            f"preserved pfn {image.start_pfn + int(hits[0])} ({hits.size} preserved pages) lies "
+            f"in the loaded image's range {image.start_pfn}..{image.end_pfn - 1}: load again "
+            "(the load address avoids preserved pages)"
+        )
+
+
+def _handover_plan(
+    ram: Ram, po: PageOwnership, sb_pfn: int, wanted: int | None, force: bool
+) -> tuple[SuperBlock | None, list[str]]:
+    """Decide whether exec hands the preserved pages over: (the current super block, warnings).
+
+    Raises MachineError, unless *force*, when the super block is damaged.
+    """
+    preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
+    lost = f"{preserved} preserved pages are not handed over"
+    if wanted is None:
+        reason = f"no {PKRAM_PARAM}= on the command line"
+        return None, [f"{lost} ({reason}): scrubbed"] if preserved else []
+    if wanted != sb_pfn:
+        reason = f"{PKRAM_PARAM}={wanted} is not this boot's super block, pfn {sb_pfn}; --force"
+        return None, [f"{lost} ({reason}): scrubbed"]
+    try:
+        return read_super_block(ram, sb_pfn), []
+    except CorruptHandover as exc:
+        if not force:
+            raise MachineError(
+                f"this boot's super block is damaged ({exc}): nothing can be handed over "
+                "(exec --force scrubs the preserved pages)"
+            ) from None
+        return None, [f"{lost} (the super block is damaged: {exc}; --force): scrubbed"]
+
+
+def _write_handover(
+    ram: Ram, po: PageOwnership, sb_pfn: int, sb: SuperBlock, avoid: PfnRange, generation: int
+) -> tuple[PfnArray, PfnArray]:
+    """Write the table of the PRESERVED and HANDOVER pages and the super block naming it.
+
+    The table's pages come from free pages outside *avoid* (they become HANDOVER). Returns
+    (the pages handed over but the table, the table's pages). Raises OutOfMemory.
+    """
+    pfns = np.flatnonzero((po.owner_map == PRESERVED) | (po.owner_map == HANDOVER))
+
+    def allocate(n_pages: int) -> PfnArray:
+        found = find_free_pages(po.owner_map, n_pages, 0, avoid)
+        if found is None:
+            raise OutOfMemory(f"no {n_pages} free pages for the preserved-pages table")
+        po.transfer(found, FREE, HANDOVER)
+        return found
+
+    def release(unused: PfnArray) -> None:
+        if unused.size:
+            po.free(HANDOVER, unused)
+
+    root, table = write_table(ram, pfns.astype(np.int64), allocate, release)
+    write_super_block(ram, sb_pfn, SuperBlock(generation, ram.nr_pages, root, sb.node_list_pfn))
+    return pfns.astype(np.int64), table
+
+
+def exec_(
+    machine: Machine,
+    *,
+    scrub: str = DEFAULT_SCRUB,
+    force: bool = False,
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+) -> ExecReport:
+    """Boot the staged image (``kexec -e``); return what happened.
+
+    *scrub* is ``punch`` or ``poison`` (kexec_sim.scrub); *stop_timeout_s* the grace period
+    between SIGTERM and SIGKILL. Raises MachineError when nothing is staged, a preserved page
+    lies in the staged range, or (unless *force*) the super block is damaged;
+    HandoverRefused (a ValueError) when, unless *force*, the staged ``pkram=`` is not this
+    boot's super block; ValueError for a bad *scrub*. Nothing changes when it raises.
+    """
+    _check_scrub(scrub)
+    sb_pfn = machine.super_block_pfn
+    image = loaded_image(machine)
+    if image is None:
+        raise MachineError("nothing loaded: run kexec-sim load first")
+    wanted = pkram_pfn(image.cmdline, machine.nr_pages)
+    if wanted is not None and wanted != sb_pfn and not force:
+        raise HandoverRefused(
+            f"the loaded command line's {PKRAM_PARAM}={wanted} is not this boot's super block "
+            f"(pfn {sb_pfn}, sys/kernel/{PKRAM_PARAM}): load again with {PKRAM_PARAM}={sb_pfn}, "
+            "or exec --force to hand nothing over"
+        )
+    phases = _Phases()
+    generation = machine.generation + 1
+    with machine.page_ownership() as po, machine.ram() as ram:
+        with po.locked():
+            _refuse_preserved_in(po.owner_map, image)
+            _handover_plan(ram, po, sb_pfn, wanted, force)
+            owners = po.owners()
+            warnings = _losses(po, owners)
+        with phases("stop"):
+            stopped = stop_owners(owners, stop_timeout_s)
+        warnings += _stop_warnings(stopped)
+        with po.locked():
+            po.reclaim_dead_owners()
+            _refuse_preserved_in(po.owner_map, image)
+            sb, plan_warnings = _handover_plan(ram, po, sb_pfn, wanted, force)
+            warnings += plan_warnings
+            keep = po.owner_map == FIRMWARE
+            with phases("table"):
+                if sb is not None:
+                    handed, table = _write_handover(
+                        ram, po, sb_pfn, sb, image.pfn_range, generation - 1
+                    )
+                    keep[handed] = True
+                    keep[table] = True
+            with phases("scrub"):
+                scrubbed = scrubbing.scrub(ram, keep, scrub)
+            with phases("image"):
+                write_image(ram, image.start_pfn, image_data(machine, image, generation))
+            with phases("boot"):
+                booted = machine.start_boot(image.cmdline, kernel_image=image.pfn_range, held=po)
+    return ExecReport(
+        action="exec",
+        generation=generation,
+        cmdline=image.cmdline,
+        image_range=image.pfn_range,
+        scrub=scrub,
+        super_block_pfn=booted.super_block_pfn,
+        preserved_pages=booted.preserved_pages,
+        table_pages=booted.table_pages,
+        scrubbed_pages=scrubbed,
+        stopped=tuple(stopped),
+        warnings=tuple(warnings + list(booted.warnings)),
+        durations_s=phases.durations_s,
+    )
+
+
+def reboot(
+    machine: Machine,
+    *,
+    scrub: str = DEFAULT_SCRUB,
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+) -> ExecReport:
+    """Reboot: stop every process, scrub all RAM but firmware, boot the next generation.
+
+    Nothing is handed over; the new command line is the current one without ``pkram=``.
+    A staged image is dropped (the firmware boots its kernel at the preferred address).
+    Raises MachineError when the machine is powered off, ValueError for a bad *scrub*.
+    """
+    _check_scrub(scrub)
+    phases = _Phases()
+    record = machine.boot_record()
+    cmdline = without_param(record.cmdline, PKRAM_PARAM)
+    kernel = default_kernel_range(machine)
+    with machine.page_ownership() as po, machine.ram() as ram:
+        with po.locked():
+            owners = po.owners()
+            warnings = _losses(po, owners)
+        with phases("stop"):
+            stopped = stop_owners(owners, stop_timeout_s)
+        warnings += _stop_warnings(stopped)
+        with po.locked():
+            po.reclaim_dead_owners()
+            preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
+            if preserved:
+                warnings.append(
+                    f"{preserved} preserved pages are scrubbed (a reboot hands over nothing)"
+                )
+            with phases("scrub"):
+                scrubbed = scrubbing.scrub(ram, po.owner_map == FIRMWARE, scrub)
+            with phases("image"):
+                _write_default_image(ram, kernel, cmdline, record.generation + 1)
+            with phases("boot"):
+                booted = machine.start_boot(cmdline, kernel_image=kernel, held=po)
+    return _boot_report(
+        "reboot",
+        record.generation + 1,
+        cmdline,
+        kernel,
+        scrub,
+        scrubbed,
+        stopped,
+        warnings,
+        booted.super_block_pfn,
+        booted.warnings,
+        phases,
+    )
+
+
+def poweroff(machine: Machine, *, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> ExecReport:
+    """Power the machine off: stop every process, lose all of RAM (punched), no boot state.
+
+    Raises MachineError when it is already off.
+    """
+    phases = _Phases()
+    record = machine.boot_record()
+    with machine.page_ownership() as po, machine.ram() as ram:
+        with po.locked():
+            owners = po.owners()
+            warnings = _losses(po, owners)
+            preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
+            if preserved:
+                warnings.append(f"{preserved} preserved pages are lost (power off)")
+        with phases("stop"):
+            stopped = stop_owners(owners, stop_timeout_s)
+        warnings += _stop_warnings(stopped)
+        with po.locked():
+            with phases("scrub"):
+                ram.punch_range(0, ram.nr_pages)
+            machine.record_power_off(held=po)
+    return _boot_report(
+        "poweroff",
+        record.generation,
+        record.cmdline,
+        None,
+        "punch",
+        machine.nr_pages,
+        stopped,
+        warnings,
+        0,
+        (),
+        phases,
+    )
+
+
+def power_on(machine: Machine) -> ExecReport:
+    """Power a machine on (``kexec-sim boot``): a fresh boot of the next generation.
+
+    The command line is the last one without ``pkram=``. Raises MachineError when the
+    machine is running already.
+    """
+    if machine.powered:
+        raise MachineError(
+            f"machine {machine.path} is running already: use 'kexec-sim reboot' or 'poweroff'"
+        )
+    phases = _Phases()
+    record = machine.boot_record()
+    cmdline = without_param(record.cmdline, PKRAM_PARAM)
+    kernel = default_kernel_range(machine)
+    with phases("image"), machine.ram() as ram:
+        _write_default_image(ram, kernel, cmdline, record.generation + 1)
+    with phases("boot"):
+        booted = machine.start_boot(cmdline, kernel_image=kernel)
+    return _boot_report(
+        "boot",
+        record.generation + 1,
+        cmdline,
+        kernel,
+        "none",
+        0,
+        [],
+        [],
+        booted.super_block_pfn,
+        booted.warnings,
+        phases,
+    )
+
+
+def _write_default_image(ram: Ram, kernel: PfnRange, cmdline: str, generation: int) -> None:
+    size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE
+    write_image(ram, kernel[0], synthetic_image(cmdline, generation, size_bytes))
+
+
+def _boot_report(
+    action: str,
+    generation: int,
+    cmdline: str,
+    kernel: PfnRange | None,
+    scrub_mode: str,
+    scrubbed: int,
+    stopped: list[StoppedOwner],
+    warnings: list[str],
+    sb_pfn: int,
+    boot_warnings: tuple[str, ...],
+    phases: _Phases,
+) -> ExecReport:
+    return ExecReport(
+        action=action,
+        generation=generation,
+        cmdline=cmdline,
+        image_range=kernel,
+        scrub=scrub_mode,
+        super_block_pfn=sb_pfn,
+        preserved_pages=0,
+        table_pages=0,
+        scrubbed_pages=scrubbed,
+        stopped=tuple(stopped),
+        warnings=tuple(warnings + list(boot_warnings)),
+        durations_s=phases.durations_s,
+    )
+
+
+def check_scrub_env() -> str:
+    """The scrub mode ``$KEXEC_SIM_SCRUB`` asks for (DEFAULT_SCRUB when unset).
+
+    Raises ValueError when it names no mode.
+    """
+    mode = os.environ.get(SCRUB_ENV) or DEFAULT_SCRUB
+    if mode not in scrubbing.SCRUB_MODES:
+        raise ValueError(
+            f"${SCRUB_ENV}={mode!r}: scrub mode must be one of {', '.join(scrubbing.SCRUB_MODES)}"
+        )
+    return mode
