@@ -277,13 +277,15 @@ def _choose_start(
     return int(starts[secrets.randbelow(starts.size)] if kaslr else starts[0])
 
 
-def image_data(machine: Machine, image: LoadedImage, generation: int) -> npt.NDArray[np.uint8]:
-    """The bytes of *image* as it boots *generation*: the kernel file's copy, else synthetic.
+def write_image(ram: Ram, machine: Machine, image: LoadedImage, generation: int) -> None:
+    """Write *image* over its range as it boots *generation* (the kexec segment).
 
-    Raises CorruptMachine when the copy of the kernel file is missing or has the wrong size.
+    The kernel file's copy if one was loaded, else a synthetic image. Raises CorruptMachine
+    when the copy is missing or has the wrong size.
     """
     if image.kernel_file is None:
-        return synthetic_image(image.cmdline, generation, image.image_bytes)
+        write_synthetic_image(ram, image.start_pfn, image.cmdline, generation, image.image_bytes)
+        return
     path = machine.boot_dir / IMAGE_COPY_FILE
     try:
         data = np.fromfile(path, dtype=np.uint8)
@@ -291,26 +293,32 @@ def image_data(machine: Machine, image: LoadedImage, generation: int) -> npt.NDA
         raise CorruptMachine(f"{path}: missing (load the kernel again)") from None
     if data.size != image.image_bytes:
         raise CorruptMachine(f"{path}: {data.size} bytes, the load record says {image.image_bytes}")
-    return data
+    _segment(ram, image.start_pfn, data.size)[:] = data
 
 
-def synthetic_image(cmdline: str, generation: int, size_bytes: int) -> npt.NDArray[np.uint8]:
-    """A made-up kernel of *size_bytes*: a header (generation, command line), then filler.
+def write_synthetic_image(
+    ram: Ram, start_pfn: int, cmdline: str, generation: int, size_bytes: int
+) -> None:
+    """Write a made-up kernel of *size_bytes* at *start_pfn*: a header, then filler.
 
-    The header is text ending in a NUL byte; every 8-byte word of page *i* after it holds *i*.
+    The header is text naming *generation* and *cmdline*, ending in a NUL byte; every 8-byte
+    word of image page *i* after it holds *i* (the last page is filled whole).
     """
-    header = IMAGE_MAGIC + f"generation {generation}\ncmdline {cmdline}\n".encode() + b"\0"
     nr_pages = pages_for_bytes(size_bytes)
-    words = np.repeat(np.arange(nr_pages, dtype="<u8"), PAGE_SIZE // 8)
-    data = words.view(np.uint8)[:size_bytes].copy()
+    _segment(ram, start_pfn, size_bytes)
+    words = ram.pages[start_pfn : start_pfn + nr_pages].view("<u8")
+    words[:] = np.arange(nr_pages, dtype="<u8")[:, None]
+    header = IMAGE_MAGIC + f"generation {generation}\ncmdline {cmdline}\n".encode() + b"\0"
     head = min(len(header), size_bytes)
-    data[:head] = np.frombuffer(header[:head], dtype=np.uint8)
-    return data
+    _segment(ram, start_pfn, head)[:] = np.frombuffer(header[:head], dtype=np.uint8)
 
 
-def write_image(ram: Ram, start_pfn: int, data: npt.NDArray[np.uint8]) -> None:
-    """Write *data* into RAM from *start_pfn* (the kexec segment)."""
+def _segment(ram: Ram, start_pfn: int, size_bytes: int) -> npt.NDArray[np.uint8]:
+    """The *size_bytes* of RAM from *start_pfn*, populated; MachineError if they leave RAM."""
+    nr_pages = pages_for_bytes(size_bytes)
+    if start_pfn < 0 or start_pfn + nr_pages > ram.nr_pages:
+        raise MachineError(f"an image of {size_bytes} bytes at pfn {start_pfn} leaves RAM")
+    ram.populate(np.arange(start_pfn, start_pfn + nr_pages, dtype=np.int64))
     offset = start_pfn * PAGE_SIZE
-    if start_pfn < 0 or offset + data.size > ram.nr_pages * PAGE_SIZE:
-        raise MachineError(f"an image of {data.size} bytes at pfn {start_pfn} leaves RAM")
-    ram.pages.reshape(-1)[offset : offset + data.size] = data
+    segment: npt.NDArray[np.uint8] = ram.pages.reshape(-1)[offset : offset + size_bytes]
+    return segment

@@ -30,13 +30,12 @@ from kexec_sim.image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
     default_kernel_range,
-    image_data,
     load,
     loaded_image,
     next_kernel_range,
-    synthetic_image,
     unload,
     write_image,
+    write_synthetic_image,
 )
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, PRESERVED, OwnerInfo
@@ -261,7 +260,7 @@ def exec_(
             with phases("scrub"):
                 scrubbed = scrubbing.scrub(ram, keep, scrub)
             with phases("image"):
-                write_image(ram, image.start_pfn, image_data(machine, image, generation))
+                write_image(ram, machine, image, generation)
             with phases("boot"):
                 booted = machine.start_boot(image.cmdline, kernel_image=image.pfn_range, held=po)
     return ExecReport(
@@ -403,7 +402,7 @@ def power_on(machine: Machine) -> ExecReport:
 
 def _write_default_image(ram: Ram, kernel: PfnRange, cmdline: str, generation: int) -> None:
     size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE
-    write_image(ram, kernel[0], synthetic_image(cmdline, generation, size_bytes))
+    write_synthetic_image(ram, kernel[0], cmdline, generation, size_bytes)
 
 
 def _boot_report(
