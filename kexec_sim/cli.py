@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from kexec_sim import kexec
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
-from kexec_sim.errors import MachineError, MachineExists
+from kexec_sim.errors import CorruptMachine, MachineError, MachineExists
 from kexec_sim.image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
 from kexec_sim.owners import (
@@ -176,8 +176,11 @@ def _page_report(machine: Machine, ownership: PageOwnership | None) -> dict[str,
         }
         for owner_id, info in sorted(owners.items())
     ]
+    try:
+        report["super_block_pfn"] = machine.super_block_pfn
+    except CorruptMachine as exc:  # status is how one finds out: report it, do not fail
+        report["super_block_error"] = str(exc)
     report.update(
-        super_block_pfn=machine.super_block_pfn,
         pages=pages,
         bytes={kind: n * PAGE_SIZE for kind, n in pages.items()},
         loaded=_image_report(image),
@@ -204,7 +207,12 @@ def _print_report(report: dict[str, Any]) -> None:
         print("powered:     off (run 'kexec-sim boot')")
         return
     print("powered:     on")
-    print(f"super block: pfn {report['super_block_pfn']} (sys/kernel/{PKRAM_PARAM})")
+    if report["super_block_pfn"] is None:
+        print(
+            f"super block: none ({report.get('super_block_error')}; 'kexec-sim reboot' makes one)"
+        )
+    else:
+        print(f"super block: pfn {report['super_block_pfn']} (sys/kernel/{PKRAM_PARAM})")
     for kind in PAGE_KINDS:
         print(f"  {kind + ':':<14}{pages[kind]:>12} pages  {_format_bytes(report['bytes'][kind])}")
     for owner in report["owners"]:

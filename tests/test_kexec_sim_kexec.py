@@ -456,3 +456,14 @@ def test_scrub_mode_from_the_environment(cli: Cli, monkeypatch: pytest.MonkeyPat
     assert "$KEXEC_SIM_SCRUB='bleach'" in cli.error(2, "exec")
     assert "invalid choice: 'bleach'" in cli.error(2, "exec", "--scrub", "bleach")
     assert "--stop-timeout" in cli.error(2, "exec", "--scrub", "punch", "--stop-timeout", "-1")
+
+
+def test_a_missing_super_block_export(machine: Machine, cli: Cli) -> None:
+    (machine.path / "sys/kernel/pkram").unlink()  # e.g. a machine made by an older version
+    status = json.loads(cli.ok("status", "--json"))
+    assert status["super_block_pfn"] is None and "pkram: missing" in status["super_block_error"]
+    assert "'kexec-sim reboot' makes one" in cli.ok("status")
+    cli.ok("load")
+    assert "sys/kernel/pkram: missing" in cli.error(1, "exec")
+    cli.ok("reboot")
+    assert json.loads(cli.ok("status", "--json"))["super_block_pfn"] == SB_PFN
