@@ -101,9 +101,14 @@ def children() -> Iterator[list["subprocess.Popen[str]"]]:
 
 
 def sleeper(children: list["subprocess.Popen[str]"], ignore_term: bool = False) -> int:
-    """Start a process that sleeps (ignoring SIGTERM if asked); return its pid once ready."""
-    handler = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore_term else ""
-    code = f"import signal, time; {handler}print('ready', flush=True); time.sleep(1000)"
+    """Start a process that sleeps; return its pid (once it ignores SIGTERM, if asked)."""
+    if not ignore_term:
+        children.append(subprocess.Popen(["sleep", "1000"], text=True))
+        return children[-1].pid
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(1000)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     children.append(child)
     assert child.stdout is not None and child.stdout.readline() == "ready\n"
@@ -350,6 +355,8 @@ def test_kaslr_avoids_preserved_pages(
     [
         (["--kaslr", "--addr", "0x200000"], "not allowed with argument"),
         (["--reuse-cmdline", "--command-line", "x"], "not allowed with argument"),
+        (["--append", "a\nb"], "one line of at most 4096 bytes"),
+        (["--append", "x" * 4097], "one line of at most 4096 bytes"),
         (["--append", "pkram=abc"], "pkram=abc: not a pfn"),
         (["--append", "pkram=0"], "not a page of this RAM"),
         (["--append", "pkram=1 pkram=2"], "given 2 times"),
