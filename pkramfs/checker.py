@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from kexec_sim.machine import Machine
+from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import PfnArray
+from kexec_sim.ram import Ram
 
 from . import control
-from .errors import MountError
+from .errors import MountError, NodeError
 from .filesystem import OWNER_PREFIX
 from .mounts import pkramfs_mounts
+from .node_store import NodeInfo, NodeStore
 
 
 def gather_claims(machine: Machine) -> dict[int, PfnArray]:
@@ -43,8 +46,55 @@ def gather_claims(machine: Machine) -> dict[int, PfnArray]:
     return claims
 
 
-def check_machine(machine: Machine) -> list[str]:
-    """Return the ownership problems of *machine* (empty when every page is accounted for)."""
+def _store(machine: Machine) -> tuple[NodeStore, PageOwnership, Ram]:
+    ram = machine.ram()
     ownership = machine.page_ownership()
-    ownership.reclaim_dead_owners()
-    return ownership.check(gather_claims(machine))
+    return NodeStore(machine, ram, ownership), ownership, ram
+
+
+def check_machine(machine: Machine) -> list[str]:
+    """Return the ownership problems of *machine* (empty when every page is accounted for):
+    the mounts' pages, and every preserved page named by exactly one valid node."""
+    store, ownership, ram = _store(machine)
+    try:
+        ownership.reclaim_dead_owners()
+        problems = ownership.check(gather_claims(machine))
+        return problems + store.check()
+    finally:
+        ownership.close()
+        ram.close()
+
+
+def list_nodes(machine: Machine) -> tuple[list[NodeInfo], str | None]:
+    """Return the preserved nodes of *machine* and why the list walk stopped early, if so."""
+    store, ownership, ram = _store(machine)
+    try:
+        return store.nodes()
+    finally:
+        ownership.close()
+        ram.close()
+
+
+def discard_node(machine: Machine, name: str) -> int:
+    """Free preserved node *name* and its pages; return how many pages were freed.
+
+    Refused (NodeError) while a running mount uses that name: its pages are its files.
+    """
+    store, ownership, ram = _store(machine)
+    try:
+        prefix = f"{OWNER_PREFIX}{name}:"
+        for info in ownership.owners().values():
+            if info.name.startswith(prefix):
+                where = info.name[len(prefix) :]
+                raise NodeError(
+                    f"pkram node {name!r} belongs to the running mount at {where}: "
+                    "unmount it or remount it rw"
+                )
+        owner_id = ownership.register_owner(f"pkramfs-ctl:discard:{name}", os.getpid())
+        try:
+            return store.discard(name, owner_id)
+        finally:
+            ownership.unregister_owner(owner_id)
+    finally:
+        ownership.close()
+        ram.close()

@@ -1,7 +1,9 @@
 """``pkramfs-ctl``: talk to running pkramfs mounts.
 
 ``pkramfs-ctl status MOUNTPOINT [--json]`` shows a mount's state; ``pkramfs-ctl check
-[--machine DIR]`` runs the ownership checker over every mount of a machine.
+[--machine DIR]`` runs the ownership checker over every mount of a machine and its preserved
+nodes; ``pkramfs-ctl nodes [--machine DIR] [--json]`` lists the preserved nodes (like reading
+/sys/kernel/pkram's list), ``pkramfs-ctl discard NAME [--machine DIR]`` frees one.
 
 Exit codes: 0 fine; 1 the check found problems or a mount did not answer; 2 bad invocation.
 """
@@ -9,12 +11,13 @@ Exit codes: 0 fine; 1 the check found problems or a mount did not answer; 2 bad 
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from kexec_sim.errors import MachineError
 from kexec_sim.machine import Machine
 
 from . import control
-from .checker import check_machine
+from .checker import check_machine, discard_node, list_nodes
 from .errors import PkramfsError
 
 EXIT_PROBLEM = 1  # argparse itself exits 2 on a usage error
@@ -29,8 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     check = sub.add_parser("check", help="check page ownership over a machine's mounts")
     check.add_argument("--machine", default=None)
+    nodes = sub.add_parser("nodes", help="list the preserved nodes of a machine")
+    nodes.add_argument("--machine", default=None)
+    nodes.add_argument("--json", action="store_true")
+    discard = sub.add_parser("discard", help="free a preserved node and its pages")
+    discard.add_argument("name")
+    discard.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
     try:
+        if args.command == "nodes":
+            return _list_nodes(Machine.open(args.machine, create=False), args.json)
+        if args.command == "discard":
+            freed = discard_node(Machine.open(args.machine, create=False), args.name)
+            print(f"discarded pkram node {args.name!r}: {freed} pages freed")
+            return 0
         if args.command == "status":
             state = control.query_status(args.mountpoint)
             if args.json:
@@ -47,3 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     except (PkramfsError, MachineError) as exc:
         print(f"pkramfs-ctl: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
+
+
+def _list_nodes(machine: Machine, as_json: bool) -> int:
+    infos, stopped = list_nodes(machine)
+    if as_json:
+        print(json.dumps({"nodes": [asdict(i) for i in infos], "list_error": stopped}, indent=2))
+    else:
+        print(
+            f"{'NAME':<24} {'PFN':>10} {'STATE':<9} {'GEN':>4} {'PAGES':>10} {'FILES':>8}  PROBLEM"
+        )
+        for info in infos:
+            print(
+                f"{info.name:<24} {info.pfn:>10} {info.state:<9} {info.generation:>4} "
+                f"{info.data_pages:>10} {info.objects:>8}  {info.error or ''}"
+            )
+        if stopped:
+            print(f"(list walk stopped: {stopped})")
+    bad = stopped is not None or any(i.error for i in infos)
+    return EXIT_PROBLEM if bad else 0

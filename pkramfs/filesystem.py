@@ -1,18 +1,28 @@
 """One mounted pkramfs: the machine it lives on, its pages, its tree and its options."""
 
 import errno
+import logging
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from kexec_sim.errors import OutOfMemory
 from kexec_sim.machine import Machine
+from kexec_sim.ownership import PageOwnership
+from kexec_sim.pages import PfnArray
 
-from .errors import FsError, MountError, OptionError
-from .options import MountOptions, parse_options
+from . import preserve
+from .errors import FsError, MountError, NodeError, OptionError
+from .node_store import NodeStore
+from .options import HUGE_POLICIES, MountOptions, parse_options
 from .page_pool import PagePool
+from .preserve import Preserved, PreserveStats
 from .tree import Tree
+
+log = logging.getLogger(__name__)
 
 OWNER_PREFIX = "pkramfs:"  # owner names: pkramfs:<pkram name or ->:<mountpoint>
 
@@ -27,7 +37,9 @@ class PkramFilesystem:
         self.ram = self.machine.ram()
         self.ownership = self.machine.page_ownership()
         name = f"{OWNER_PREFIX}{options.pkram or '-'}:{mountpoint}"
-        self.owner_id = self.ownership.register_owner(name, os.getpid())
+        if options.pkram is not None:
+            _check_name_free(self.ownership, options.pkram)
+        self.owner_id = self.ownership.register_owner(name, os.getpid(), mountpoint=mountpoint)
         limit_pages = options.resolved_size_pages(self.machine.nr_pages)
         self.pool = PagePool(self.ownership, self.ram, self.owner_id, limit_pages)
         self.tree = Tree(
@@ -41,6 +53,44 @@ class PkramFilesystem:
         )
         self.tree.read_only = options.read_only
         self.started_ns = time.time_ns()
+        self.store = NodeStore(self.machine, self.ram, self.ownership)
+        self.preserved: Preserved | None = None
+        self.last_preserve: PreserveStats | None = None
+        self.restored: PreserveStats | None = None
+        if options.pkram is not None:
+            try:
+                self._restore(options.pkram)
+            except BaseException:
+                self.close()
+                raise
+
+    def _restore(self, name: str) -> None:
+        """Bring back the tree of node *name*, if there is one; the mount's settings with it."""
+        restored = preserve.restore(self.store, self.tree, self.owner_id, name)
+        if restored is None:
+            return
+        saved, self.restored = restored
+        log.info(
+            "restored pkram node %r: %d objects, %d pages in %.1f ms",
+            name,
+            self.restored.objects,
+            self.restored.data_pages,
+            self.restored.seconds * 1e3,
+        )
+        size_pages, max_inodes = saved.get("size_pages"), saved.get("max_inodes")
+        if self.options.size_bytes is None and isinstance(size_pages, int):
+            self.pool.limit_pages = max(0, size_pages)
+        if self.options.nr_inodes is None and isinstance(max_inodes, int):
+            self.tree.max_inodes = max(0, max_inodes)
+        if self.options.huge is None and saved.get("huge") in HUGE_POLICIES:
+            self.tree.huge = saved["huge"] == "always"
+
+    def _mount_settings(self) -> dict[str, object]:
+        return {
+            "size_pages": self.pool.limit_pages,
+            "max_inodes": self.tree.max_inodes,
+            "huge": "always" if self.tree.huge else "never",
+        }
 
     def status(self) -> dict[str, Any]:
         """Return what ``pkramfs-ctl status`` shows (small: fits in one xattr)."""
@@ -52,13 +102,16 @@ class PkramFilesystem:
             "owner_id": self.owner_id,
             "pkram": self.options.pkram,
             "read_only": self.tree.read_only,
-            "huge": self.options.huge,
+            "huge": "always" if self.tree.huge else "never",
             "size_pages": self.pool.limit_pages,
             "used_pages": self.pool.used_pages,
             "idle_pages": len(self.pool.idle_pages),
             "inodes": len(self.tree.inodes),
             "max_inodes": self.tree.max_inodes,
             "open_writers": self.tree.writers(),
+            "preserved_node": None if self.preserved is None else self.preserved.node_pfn,
+            "last_preserve": None if self.last_preserve is None else asdict(self.last_preserve),
+            "restored": None if self.restored is None else asdict(self.restored),
         }
 
     def dump_claims(self) -> str:
@@ -66,7 +119,7 @@ class PkramFilesystem:
         path = str(self.machine.boot_dir / f"claims-{self.owner_id}.npy")
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as out:
-            np.save(out, self.tree.owned_pfns())
+            np.save(out, self.owned_pfns())
         os.replace(tmp, path)
         return path
 
@@ -86,12 +139,66 @@ class PkramFilesystem:
             if new.nr_inodes and new.nr_inodes < len(self.tree.inodes):
                 raise MountError("nr_inodes= is smaller than the inodes in use")
             self.tree.max_inodes = new.nr_inodes
-        if "ro" in new.kernel_flags or "rw" in new.kernel_flags:
+        if new.preserve:
+            self._preserve()
+        elif "ro" in new.kernel_flags or "rw" in new.kernel_flags:
             if new.read_only and not self.tree.read_only and self.tree.writers():
                 raise FsError(errno.EBUSY, "a file is open for writing")
+            if not new.read_only and self.preserved is not None:
+                preserve.cancel(self.store, self.owner_id, self.preserved)
+                self.preserved = None
+                log.info("preservation cancelled: the node is discarded, the mount is writable")
             self.tree.read_only = new.read_only
+
+    def _preserve(self) -> None:
+        """``remount,preserve``: record the tree in a node of RAM; the mount becomes read-only."""
+        if self.options.pkram is None:
+            raise FsError(errno.EINVAL, "remount,preserve needs a mount made with -o pkram=NAME")
+        if self.tree.writers():
+            raise FsError(errno.EBUSY, "a file is open for writing")
+        if self.preserved is not None:
+            return  # already preserved, and read-only since
+        self.pool.give_back_idle()
+        try:
+            self.preserved, self.last_preserve = preserve.preserve(
+                self.store, self.tree, self.owner_id, self.options.pkram, self._mount_settings()
+            )
+        except NodeError as exc:
+            raise FsError(errno.EEXIST, str(exc)) from None
+        except OutOfMemory as exc:
+            raise FsError(errno.ENOMEM, str(exc)) from None
+        self.tree.read_only = True
+        stats = self.last_preserve
+        log.info(
+            "preserved as pkram node %r at pfn %d: %d objects, %d entries, %d pages "
+            "(%d relocated) in %.1f ms",
+            self.options.pkram,
+            self.preserved.node_pfn,
+            stats.objects,
+            stats.entries,
+            stats.data_pages,
+            stats.relocated_pages,
+            stats.seconds * 1e3,
+        )
+
+    def owned_pfns(self) -> PfnArray:
+        """The pages this mount owns: its files' (unless preserved) and the pool's idle ones."""
+        if self.preserved is None:
+            return self.tree.owned_pfns()
+        preserved = np.sort(self.preserved.pages)
+        mine = self.tree.owned_pfns()
+        return mine[~np.isin(mine, preserved)]
 
     def close(self) -> None:
         """Give every page back to the machine and leave the ownership registry (unmount)."""
         self.ownership.unregister_owner(self.owner_id)
         self.ram.close()
+
+
+def _check_name_free(ownership: PageOwnership, name: str) -> None:
+    """Refuse a second live mount with the same ``pkram=NAME`` on one boot (EBUSY)."""
+    prefix = f"{OWNER_PREFIX}{name}:"
+    for info in ownership.owners().values():
+        if info.name.startswith(prefix):
+            where = info.name[len(prefix) :]
+            raise MountError(f"pkram={name} is in use by the mount at {where} (pid {info.pid})")

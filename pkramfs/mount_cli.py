@@ -26,7 +26,6 @@ from .options import MountOptions, parse_options, split_option_list
 
 EXIT_USAGE = 1
 EXIT_FAILED = 32
-REMOUNT_ONLY = ("remount", "preserve")
 READY = b"mounted\n"  # what the daemon writes to the pipe once the mount is live
 
 
@@ -89,21 +88,21 @@ def _check_mountpoint(path: str) -> str:
 def _remount(mountpoint: str, items: list[str]) -> int:
     """Forward ``-o remount,...`` to the daemon, then apply ro/rw to the kernel's mount.
 
-    Going read-only, the daemon changes first (it answers EBUSY while a file is open for
-    writing) and is put back if the kernel then refuses; going read-write, the kernel first,
-    since the control file takes commands only on a writable mount.
+    Going read-only (``ro``, or ``preserve`` which implies it), the daemon changes first (it
+    answers EBUSY while a file is open for writing) and is put back if the kernel then refuses;
+    going read-write, the kernel first, since the control file takes commands only on a
+    writable mount (the daemon then cancels a preservation).
     """
     mountpoint = _check_mountpoint(mountpoint)
     machine = Machine.open(control.query_status(mountpoint)["machine"], create=False)
     options = parse_options(items, ram_bytes=machine.ram_bytes)
-    if options.preserve:
-        raise MountError("remount,preserve is not available yet")
-    forwarded = [item for item in items if item not in REMOUNT_ONLY]
-    changes_mode = "ro" in options.kernel_flags or "rw" in options.kernel_flags
-    if changes_mode and not options.read_only:
+    forwarded = [item for item in items if item != "remount"]
+    to_read_only = options.read_only or options.preserve
+    changes_mode = "ro" in options.kernel_flags or "rw" in options.kernel_flags or options.preserve
+    if changes_mode and not to_read_only:
         _kernel_remount(mountpoint, "rw")
     control.send_command(mountpoint, "remount", options=forwarded)
-    if changes_mode and options.read_only:
+    if changes_mode and to_read_only:
         try:
             _kernel_remount(mountpoint, "ro")
         except MountError:

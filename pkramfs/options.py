@@ -61,7 +61,7 @@ class MountOptions:
     mode: int = 0o1777
     uid: int = 0
     gid: int = 0
-    huge: str = "never"
+    huge: str | None = None  # None: "never", or what a restored node says
     pkram: str | None = None
     machine: str | None = None
     fsname: str | None = None

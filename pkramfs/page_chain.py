@@ -29,7 +29,7 @@ Words = npt.NDArray[np.uint64]
 
 def magic_word(magic: bytes) -> np.uint64:
     """Return an 8-byte magic as the little-endian u64 it is stored as."""
-    return np.frombuffer(magic, dtype="<u8")[0]
+    return np.uint64(int.from_bytes(magic, "little"))
 
 
 def new_pages(n_pages: int, magic: bytes, next_pfns: PfnArray) -> Words:

@@ -86,6 +86,12 @@ class PagePool:
             idle = idle[:BATCH_PAGES]
         self._free, self._next = idle, 0
 
+    def give_back_idle(self) -> None:
+        """Return every idle page to the machine (before a preserve: nothing left over)."""
+        if len(self.idle_pages):
+            self._ownership.free(self.owner_id, self.idle_pages)
+        self._free, self._next = np.empty(0, dtype=np.int64), 0
+
     def _fits(self, n_pages: int) -> bool:
         """Whether files may hold *n_pages* more pages under ``size=``."""
         return not self.limit_pages or self.used_pages + n_pages <= self.limit_pages

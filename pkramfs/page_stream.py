@@ -143,4 +143,5 @@ def expand_pages(pfns: Int64s, orders: Int64s) -> PfnArray:
     offsets = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(
         np.cumsum(sizes) - sizes, sizes
     )
-    return np.repeat(pfns, sizes) + offsets
+    expanded: PfnArray = np.repeat(pfns, sizes) + offsets
+    return expanded

@@ -136,10 +136,10 @@ def _gather_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArra
         hi = min(lo + _BATCH_CHUNKS, len(arrays))
         stacked = np.stack(arrays[lo:hi])
         present = stacked != HOLE
-        is_huge = np.array(huge[lo:hi], dtype=bool)
-        present[is_huge, 1:] = False  # a huge page is one entry: its first pfn, order 9
+        huge_rows = np.array(huge[lo:hi], dtype=bool)
+        present[huge_rows, 1:] = False  # a huge page is one entry: its first pfn, order 9
         orders = np.zeros(stacked.shape, dtype=np.int64)
-        orders[is_huge, 0] = HUGE_ORDER
+        orders[huge_rows, 0] = HUGE_ORDER
         index = (np.array(chunk_nos[lo:hi], dtype=np.int64)[:, None] << CHUNK_SHIFT) + span
         parts.append((stacked[present], orders[present], index[present]))
         per_chunk.append(present.sum(axis=1))
@@ -239,7 +239,7 @@ class _Checker:
             f"bad file name {name!r}",
         )
 
-    def inode(self, record: object, next_ino: int) -> tuple[Inode, object]:
+    def inode(self, record: object, next_ino: int) -> tuple[Inode, Any]:
         """Build an Inode from a record; fail naming the first bad field."""
         if not _plausible(record, next_ino):
             self._explain(record, next_ino)

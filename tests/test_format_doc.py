@@ -5,6 +5,7 @@ import struct
 from pathlib import Path
 
 from kexec_sim import preserved_pages, super_block
+from pkramfs import byte_stream, page_chain, page_stream, pkram_node
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*([0-9 x]+)\s*\|\s*(\w+)")
@@ -60,3 +61,28 @@ def test_super_block_matches_the_doc() -> None:
     assert [(o, s) for o, s, _ in rows] == struct_fields(super_block.SUPER_BLOCK)
     assert super_block.SUPER_BLOCK.size == 64
     assert super_block.MAGIC.decode() in DOC.read_text()
+
+
+def test_node_page_matches_the_doc() -> None:
+    rows = table_after("### Node page (`NODE_HEADER`, 184 bytes, then zeros)")
+    assert [(o, s) for o, s, _ in rows] == struct_fields(pkram_node.NODE_HEADER)
+    assert pkram_node.NODE_HEADER.size == 184
+    by_name = {name: offset for offset, _, name in rows}
+    assert by_name["next"] == 8 * pkram_node.NEXT_WORD
+    assert by_name["state"] == 8 * pkram_node.STATE_WORD
+    for state in pkram_node.STATES:
+        assert state.rstrip(b"\0").decode() in DOC.read_text()
+
+
+def test_chain_header_and_bodies_match_the_doc() -> None:
+    rows = table_after("### Chain page header (`CHAIN_HEADER`, 32 bytes)")
+    assert [(o, s) for o, s, _ in rows] == struct_fields(page_chain.CHAIN_HEADER)
+    text = DOC.read_text()
+    for magic in (page_stream.LINK_MAGIC, byte_stream.BYTE_MAGIC, pkram_node.NODE_MAGIC):
+        assert magic.decode() in text
+    link = table_after("### Link page body (`pkramfs/page_stream.py`)")
+    assert link == [(32, 8 * page_stream.ENTRIES_PER_LINK, "entry")]
+    assert f"bits {page_stream.PFN_SHIFT}-63 pfn" in text
+    assert f"bits {page_stream.INDEX_SHIFT}-{page_stream.PFN_SHIFT - 1} file page index" in text
+    body = table_after("### Byte page body (`pkramfs/byte_stream.py`)")
+    assert body == [(byte_stream.HEADER_BYTES, byte_stream.BYTES_PER_PAGE, "data")]

@@ -1,0 +1,352 @@
+"""The preserved nodes of a machine: publish, find, take (restore), cancel, discard, check.
+
+Every operation holds the machine's ownership lock, so it sees the node list and page owners as
+one consistent state, and starts by removing the remains of a process that died half-way (a
+node still SAVING or TAKEN: whoever holds the lock knows its writer is gone). Page ownership
+moves with ``PageOwnership.transfer``, which is crash-atomic, so a node's pages are either all
+PRESERVED or all someone else's.
+
+Everything read from RAM is validated (page_chain, page_stream, byte_stream, tree_record) and
+every page a node names must be PRESERVED and named once: a node failing that is refused with
+the reason and left exactly as it is.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kexec_sim.machine import Machine
+from kexec_sim.ownership import PRESERVED, PageOwnership
+from kexec_sim.pages import PfnArray
+from kexec_sim.ram import Ram
+
+from . import byte_stream, page_stream
+from .errors import CorruptNode, NodeError
+from .pkram_node import (
+    COMPLETE,
+    SAVING,
+    TAKEN,
+    ListedNode,
+    NodeHeader,
+    link_first,
+    set_node_state,
+    unlink,
+    walk_list,
+)
+
+FAULT_ENV = "PKRAMFS_FAULT"  # tests: "preserve:<step>" kills the process at that step
+
+
+@dataclass
+class NodeContents:
+    """A node read back and validated: its header, metadata bytes, entries and every page."""
+
+    pfn: int
+    header: NodeHeader
+    meta: bytes
+    meta_pfns: PfnArray
+    link_pfns: PfnArray
+    pfns: PfnArray
+    orders: PfnArray
+    indexes: PfnArray
+    data_pfns: PfnArray
+
+    @property
+    def metadata_pfns(self) -> PfnArray:
+        """The node page, its byte pages and its link pages."""
+        return np.concatenate([[self.pfn], self.meta_pfns, self.link_pfns]).astype(np.int64)
+
+    @property
+    def all_pfns(self) -> PfnArray:
+        """Every page the node holds: metadata and file data."""
+        return np.concatenate([self.metadata_pfns, self.data_pfns])
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as ``pkramfs-ctl nodes`` lists it."""
+
+    name: str
+    pfn: int
+    state: str
+    generation: int
+    data_pages: int
+    objects: int
+    error: str | None
+
+
+def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
+    """Read, validate and return everything node *listed* holds; CorruptNode if it is bad."""
+    if listed.error is not None or listed.header is None:
+        raise CorruptNode(listed.error or "unreadable node")
+    header = listed.header
+    what = f"pkram node {header.name!r}"
+    meta_pfns, meta = byte_stream.read_stream(
+        ram, header.meta_pfn, header.meta_pages, header.meta_bytes, f"{what} metadata"
+    )
+    link_pfns, pfns, orders, indexes = page_stream.read_stream(
+        ram, header.links_pfn, header.link_pages, header.nr_entries, f"{what} page stream"
+    )
+    data_pfns = page_stream.expand_pages(pfns, orders)
+    if len(data_pfns) != header.data_pages:
+        raise CorruptNode(
+            f"{what}: entries cover {len(data_pfns)} pages, node says {header.data_pages}"
+        )
+    contents = NodeContents(
+        listed.pfn, header, meta, meta_pfns, link_pfns, pfns, orders, indexes, data_pfns
+    )
+    everything = np.sort(contents.all_pfns)
+    twice = everything[1:][everything[1:] == everything[:-1]]
+    if twice.size:
+        raise CorruptNode(f"{what}: pfn {int(twice[0])} is named twice")
+    return contents
+
+
+def _fault_point(step: str) -> None:
+    """Die here if the tests asked to (``PKRAMFS_FAULT=preserve:<step>``)."""
+    if os.environ.get(FAULT_ENV) == f"preserve:{step}":
+        os.kill(os.getpid(), 9)
+
+
+class NodeStore:
+    """The node list of one machine's current boot, seen through one process's mappings."""
+
+    def __init__(self, machine: Machine, ram: Ram, ownership: PageOwnership) -> None:
+        self.machine = machine
+        self.ram = ram
+        self.ownership = ownership
+
+    @property
+    def sb_pfn(self) -> int:
+        """This boot's super block pfn (where the node list starts)."""
+        return self.machine.super_block_pfn
+
+    def _walk(self) -> list[ListedNode]:
+        nodes, _ = walk_list(self.ram, self.sb_pfn)
+        return nodes
+
+    # -- listing ----------------------------------------------------------------------------
+
+    def nodes(self) -> tuple[list[NodeInfo], str | None]:
+        """List the nodes (validating each fully) and why the list walk stopped early, if it did."""
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            listed, stopped = walk_list(self.ram, self.sb_pfn)
+            infos = []
+            for node in listed:
+                error = node.error
+                if error is None:
+                    try:
+                        self._check_owned(read_contents(self.ram, node))
+                    except CorruptNode as exc:
+                        error = str(exc)
+                header = node.header
+                infos.append(
+                    NodeInfo(
+                        header.name if header else node.raw_name,
+                        node.pfn,
+                        node.state.rstrip(b"\0").decode("ascii", errors="replace"),
+                        header.generation if header else 0,
+                        header.data_pages if header else 0,
+                        header.nr_objects if header else 0,
+                        error,
+                    )
+                )
+            return infos, stopped
+
+    def _check_owned(self, contents: NodeContents) -> None:
+        """Every page of the node must be PRESERVED."""
+        owners = self.ownership.owner_map[contents.all_pfns]
+        wrong = np.flatnonzero(owners != PRESERVED)
+        if wrong.size:
+            pfn = int(contents.all_pfns[wrong[0]])
+            raise CorruptNode(
+                f"pkram node {contents.header.name!r}: pfn {pfn} is not a preserved page "
+                f"({wrong.size} such pages)"
+            )
+
+    def _find(self, name: str) -> tuple[ListedNode | None, ListedNode | None]:
+        """Return the COMPLETE node named *name* and a damaged node that may be it."""
+        damaged = None
+        for node in self._walk():
+            if node.header is not None and node.header.name == name and node.state == COMPLETE:
+                return node, None
+            if node.error is not None and node.raw_name == name and damaged is None:
+                damaged = node
+        return None, damaged
+
+    # -- preserving -------------------------------------------------------------------------
+
+    def publish(self, owner_id: int, node_pfn: int, name: str, pages: PfnArray) -> None:
+        """Make the node written at *node_pfn* (all its *pages* owned by *owner_id*) preserved.
+
+        Linked as SAVING, its pages handed to PRESERVED in one transfer, then COMPLETE: the
+        one store that makes it restorable. Raises NodeError if *name* is already preserved.
+        """
+        _fault_point("written")
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            node, _ = self._find(name)
+            if node is not None:
+                raise NodeError(f"a preserved node named {name!r} already exists (pfn {node.pfn})")
+            link_first(self.ram, self.sb_pfn, node_pfn)
+            _fault_point("linked")
+            try:
+                self.ownership.transfer(pages, owner_id, PRESERVED)
+            except BaseException:
+                unlink(self.ram, self.sb_pfn, self._walk()[0])
+                raise
+            _fault_point("transferred")
+            set_node_state(self.ram, node_pfn, COMPLETE)
+        _fault_point("complete")
+
+    def cancel(self, owner_id: int, node_pfn: int, pages: PfnArray) -> None:
+        """Undo `publish` of the node at *node_pfn*: its *pages* go back to *owner_id*."""
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            node = next((n for n in self._walk() if n.pfn == node_pfn), None)
+            if node is None or node.state != COMPLETE:
+                raise NodeError(f"the preserved node at pfn {node_pfn} is gone (discarded?)")
+            set_node_state(self.ram, node_pfn, TAKEN)
+            self.ownership.transfer(pages, PRESERVED, owner_id)
+            unlink(self.ram, self.sb_pfn, node)
+
+    # -- restoring --------------------------------------------------------------------------
+
+    def take(
+        self, name: str, owner_id: int, parse: Callable[[NodeContents], object]
+    ) -> tuple[NodeContents, object] | None:
+        """Validate node *name*, parse it with *parse*, then give all its pages to *owner_id*.
+
+        Returns None when there is no node of that name. Raises CorruptNode, changing nothing,
+        when the node (or *parse*) finds it bad.
+        """
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            node, damaged = self._find(name)
+            if node is None:
+                if damaged is not None:
+                    raise CorruptNode(f"pkram node {name!r}: {damaged.error or 'damaged'}")
+                return None
+            contents = read_contents(self.ram, node)
+            self._check_owned(contents)
+            parsed = parse(contents)
+            set_node_state(self.ram, node.pfn, TAKEN)
+            self.ownership.transfer(contents.all_pfns, PRESERVED, owner_id)
+            unlink(self.ram, self.sb_pfn, node)
+            return contents, parsed
+
+    # -- discarding -------------------------------------------------------------------------
+
+    def discard(self, name: str, owner_id: int) -> int:
+        """Remove node *name* and free the pages it holds; return how many were freed.
+
+        A damaged node gives back the pages it can still be shown to hold (its own page and
+        whatever of its streams reads back, if PRESERVED and named by no other node); then,
+        if every remaining node reads back whole, PRESERVED pages that no node names are
+        freed too (what the damaged node held but could no longer say).
+        *owner_id* is a registered owner of the caller, which holds the pages for a moment.
+        """
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            listed = self._walk()
+            node = next((n for n in listed if n.header is not None and n.header.name == name), None)
+            node = node or next((n for n in listed if n.raw_name == name), None)
+            if node is None:
+                raise NodeError(f"no preserved node named {name!r}")
+            pages = self._attributable_pages(node, [n for n in listed if n.pfn != node.pfn])
+            set_node_state(self.ram, node.pfn, TAKEN)
+            self.ownership.transfer(pages, PRESERVED, owner_id)
+            unlink(self.ram, self.sb_pfn, node)
+            self.ownership.free(owner_id, pages)
+            return len(pages) + self._free_orphans(owner_id)
+
+    def _free_orphans(self, owner_id: int) -> int:
+        """Free the PRESERVED pages no node names, if every remaining node reads back whole
+        (a damaged one might name them); return how many. Lock held."""
+        listed, stopped = walk_list(self.ram, self.sb_pfn)
+        named: list[PfnArray] = [np.empty(0, dtype=np.int64)]
+        for node in listed:
+            try:
+                named.append(read_contents(self.ram, node).all_pfns)
+            except CorruptNode:
+                return 0
+        if stopped is not None:
+            return 0
+        preserved = np.flatnonzero(self.ownership.owner_map == PRESERVED)
+        orphans = preserved[~np.isin(preserved, np.concatenate(named))]
+        if orphans.size:
+            self.ownership.transfer(orphans, PRESERVED, owner_id)
+            self.ownership.free(owner_id, orphans)
+        return int(orphans.size)
+
+    def _attributable_pages(self, node: ListedNode, others: list[ListedNode]) -> PfnArray:
+        """The PRESERVED pages *node* can be shown to hold that no other node names."""
+        try:
+            candidates = read_contents(self.ram, node).all_pfns
+        except CorruptNode:
+            candidates = np.array([node.pfn], dtype=np.int64)
+        claimed = [np.empty(0, dtype=np.int64)]
+        for other in others:
+            try:
+                claimed.append(read_contents(self.ram, other).all_pfns)
+            except CorruptNode:
+                claimed.append(np.array([other.pfn], dtype=np.int64))
+        candidates = np.sort(candidates)  # read_contents proved them distinct
+        keep = ~np.isin(candidates, np.concatenate(claimed))
+        keep &= self.ownership.owner_map[candidates] == PRESERVED
+        return candidates[keep]
+
+    def _remove_dead_remains(self) -> None:
+        """Remove nodes left SAVING or TAKEN by a process that died (lock held).
+
+        Their pages are freed only when every one of them is still PRESERVED and named by no
+        other node (the dead writer's transfer had completed); otherwise they belong to
+        someone else by now and the node is only unlinked.
+        """
+        while True:
+            listed = self._walk()
+            dead = next((n for n in listed if n.state in (SAVING, TAKEN) and n.error is None), None)
+            if dead is None:
+                return
+            try:
+                contents = read_contents(self.ram, dead)
+            except CorruptNode:
+                unlink(self.ram, self.sb_pfn, dead)
+                continue
+            pages = self._attributable_pages(dead, [n for n in listed if n.pfn != dead.pfn])
+            unlink(self.ram, self.sb_pfn, dead)
+            if len(pages) == len(contents.all_pfns):
+                self.ownership.free(PRESERVED, pages)
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Problems of the preserved pages: every PRESERVED page named by exactly one node."""
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            listed, stopped = walk_list(self.ram, self.sb_pfn)
+            problems = [stopped] if stopped else []
+            named: list[PfnArray] = []
+            damaged = False
+            for node in listed:
+                try:
+                    contents = read_contents(self.ram, node)
+                    self._check_owned(contents)
+                    named.append(contents.all_pfns)
+                except CorruptNode as exc:
+                    problems.append(str(exc))
+                    damaged = True
+            everything = np.sort(np.concatenate(named)) if named else np.empty(0, dtype=np.int64)
+            twice = everything[1:][everything[1:] == everything[:-1]]
+            if twice.size:
+                problems.append(f"pfn {int(twice[0])} is named by two nodes")
+            preserved = np.flatnonzero(self.ownership.owner_map == PRESERVED)
+            orphans = np.setdiff1d(preserved, everything, assume_unique=True)
+            if orphans.size and not damaged:
+                problems.append(
+                    f"{orphans.size} preserved pages belong to no node (pfn {int(orphans[0])})"
+                )
+            return problems

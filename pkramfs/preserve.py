@@ -1,0 +1,168 @@
+"""Preserving a mount's tree into a PKRAM node, cancelling that, and restoring it.
+
+Preserve copies no file data: the node records which pfns hold each file and those pages change
+owner to PRESERVED. The exception is pages lying where the next kernel will be loaded (the
+range ``kexec-sim load`` chose, else the default kernel range), which kexec would overwrite:
+they are copied to pages outside it first. The cost is a few numpy passes over the pfn arrays
+(and one msgpack record per inode), not a pass over the bytes.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from kexec_sim.kexec import next_kernel_range
+
+from kexec_sim.ownership import PageOwnership
+from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PfnArray
+
+from . import byte_stream, page_stream, tree_record
+from .errors import CorruptNode
+from .file_pages import CHUNK_SHIFT
+from .node_store import NodeContents, NodeStore
+from .pkram_node import NodeHeader, write_node
+from .tree import Tree
+
+
+@dataclass
+class Preserved:
+    """A published node of this mount: where it is and every page it holds."""
+
+    node_pfn: int
+    pages: PfnArray
+    metadata_pfns: PfnArray
+    seconds: float
+
+
+@dataclass
+class PreserveStats:
+    """What a preserve or restore did, for status and the benchmarks."""
+
+    data_pages: int
+    entries: int
+    objects: int
+    relocated_pages: int
+    seconds: float
+
+
+def relocate_out_of(
+    tree: Tree, ownership: PageOwnership, owner_id: int, start: int, end: int
+) -> int:
+    """Copy file pages in pfn range [start, end) to pages outside it; return pages moved."""
+    ram = tree.ram
+    with ownership.locked():
+        if not (ownership.owner_map[start:end] == owner_id).any():
+            return 0
+    moved = 0
+    for inode in tree.inodes.values():
+        if inode.pages is None or inode.pages.nr_pages == 0:
+            continue
+        pfns, orders, indexes = inode.pages.link_entries()
+        inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
+        if not inside.any():
+            continue
+        small = inside & (orders == 0)
+        if small.any():
+            old = pfns[small]
+            new = ownership.allocate(owner_id, len(old), avoid=(start, end))
+            ram.pages[new] = ram.pages[old]
+            inode.pages.replace_pages(indexes[small], new)
+            ownership.free(owner_id, old)
+            moved += len(old)
+        huge = inside & (orders == HUGE_ORDER)
+        for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
+            new_base = int(ownership.allocate_huge(owner_id, 1, avoid=(start, end))[0])
+            ram.pages[new_base : new_base + HUGE_PAGES] = ram.pages[base : base + HUGE_PAGES]
+            inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
+            ownership.free(owner_id, np.arange(base, base + HUGE_PAGES, dtype=np.int64))
+            moved += HUGE_PAGES
+    return moved
+
+
+def preserve(
+    store: NodeStore, tree: Tree, owner_id: int, name: str, mount: dict[str, object]
+) -> tuple[Preserved, PreserveStats]:
+    """Record *tree* as node *name* and hand its pages to PRESERVED; the tree must be quiet.
+
+    Raises NodeError if a node of that name is already preserved, OutOfMemory if no page is
+    left for the node's metadata; in both cases nothing is preserved.
+    """
+    started = time.perf_counter()
+    machine, ram, ownership = store.machine, store.ram, store.ownership
+    start, end = next_kernel_range(machine)
+    relocated = relocate_out_of(tree, ownership, owner_id, start, end)
+    snap = tree_record.snapshot(tree, mount)
+    n_links = page_stream.link_pages_needed(snap.indexes)
+    n_meta = byte_stream.pages_needed(len(snap.meta))
+    metadata = ownership.allocate(owner_id, 1 + n_meta + n_links, avoid=(start, end))
+    node_pfn, meta_pfns, link_pfns = (
+        int(metadata[0]),
+        metadata[1 : 1 + n_meta],
+        metadata[1 + n_meta :],
+    )
+    try:
+        byte_stream.write_stream(ram, meta_pfns, snap.meta)
+        page_stream.write_stream(ram, link_pfns, snap.pfns, snap.orders, snap.indexes)
+        data_pfns = page_stream.expand_pages(snap.pfns, snap.orders)
+        header = NodeHeader(
+            name=name,
+            generation=machine.generation,
+            saved_ns=time.time_ns(),
+            meta_pfn=int(meta_pfns[0]) if n_meta else 0,
+            meta_bytes=len(snap.meta),
+            meta_pages=n_meta,
+            links_pfn=int(link_pfns[0]) if n_links else 0,
+            link_pages=n_links,
+            nr_entries=len(snap.pfns),
+            data_pages=len(data_pfns),
+            nr_objects=snap.nr_objects,
+        )
+        write_node(ram, node_pfn, header)
+        pages = np.concatenate([metadata, data_pfns])
+        store.publish(owner_id, node_pfn, name, pages)
+    except BaseException:
+        ownership.free(owner_id, metadata)
+        raise
+    seconds = time.perf_counter() - started
+    stats = PreserveStats(len(data_pfns), len(snap.pfns), snap.nr_objects, relocated, seconds)
+    return Preserved(node_pfn, pages, metadata, seconds), stats
+
+
+def cancel(store: NodeStore, owner_id: int, preserved: Preserved) -> None:
+    """Take a published node back (``remount,rw``): its pages are the mount's again."""
+    store.cancel(owner_id, preserved.node_pfn, preserved.pages)
+    store.ownership.free(owner_id, preserved.metadata_pfns)
+
+
+def restore(
+    store: NodeStore, tree: Tree, owner_id: int, name: str
+) -> tuple[dict[str, object], PreserveStats] | None:
+    """Fill the fresh *tree* from node *name*; None if there is none (an empty fs).
+
+    Raises CorruptNode, changing nothing, when the node fails validation.
+    """
+    started = time.perf_counter()
+
+    def parse(contents: NodeContents) -> tree_record.RebuiltTree:
+        what = f"pkram node {name!r}"
+        return tree_record.rebuild(
+            contents.meta, contents.pfns, contents.orders, contents.indexes, what
+        )
+
+    try:
+        taken = store.take(name, owner_id, parse)
+    except CorruptNode as exc:
+        raise CorruptNode(
+            f"{exc}; the node is left preserved (pkramfs-ctl discard {name} frees it)"
+        ) from None
+    if taken is None:
+        return None
+    contents, rebuilt = taken
+    assert isinstance(rebuilt, tree_record.RebuiltTree)
+    tree.install(rebuilt.inodes, rebuilt.next_ino)
+    store.ownership.free(owner_id, contents.metadata_pfns)
+    seconds = time.perf_counter() - started
+    stats = PreserveStats(
+        len(contents.data_pfns), len(contents.pfns), contents.header.nr_objects, 0, seconds
+    )
+    return rebuilt.mount, stats

@@ -1,0 +1,376 @@
+"""The PKRAM handover end to end: real mounts, remount,preserve, kexec-sim load/exec, restore.
+
+Every kexec here scrubs with poison (KEXEC_SIM_SCRUB=poison from the machine fixture), so a
+restore that read any page that was not preserved would return poison, not the data.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kexec_sim.machine import Machine
+from kexec_sim.ownership import PRESERVED
+from kexec_sim.pages import PAGE_SIZE
+from pkramfs.checker import check_machine
+
+from .conftest import BIN, Mounts
+
+Snapshot = dict[str, tuple[object, ...]]
+
+
+def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, check=False, timeout=120, env=env
+    )
+
+
+def kexec_sim(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args)
+
+
+def ctl(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "pkramfs-ctl"), *args, "--machine", str(machine.path))
+
+
+def preserve(mnt: Path) -> None:
+    result = run("mount", "-o", "remount,preserve,ro", str(mnt))
+    assert result.returncode == 0, result.stderr
+
+
+def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Load the next kernel with pkram= this boot's super block and exec it."""
+    sb = (machine.path / "sys/kernel/pkram").read_text().strip()
+    loaded = kexec_sim(machine, "load", "--append", f"pkram={sb}", *extra)
+    assert loaded.returncode == 0, loaded.stderr
+    result = kexec_sim(machine, "exec")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def snapshot(root: Path) -> Snapshot:
+    """Every name below *root*: inode, type, mode, owners, size, links, rdev, times, xattrs,
+    symlink target. Read before any content (reading changes atime)."""
+    result: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            xattrs = (
+                {
+                    x: os.getxattr(path, x, follow_symlinks=False)
+                    for x in sorted(os.listxattr(path, follow_symlinks=False))
+                }
+                if not stat.S_ISLNK(st.st_mode)
+                else {}
+            )
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            result[str(path.relative_to(root))] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink,
+                st.st_rdev,
+                st.st_atime_ns,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_blocks,
+                xattrs,
+                target,
+            )
+    return result
+
+
+def sampled_md5(path: Path) -> str:
+    """md5 of a file, or for one over 64 MiB (sparse here) of 64 KiB at 32 spread offsets
+    and the last 64 KiB: the 20 TiB sparse file is not read whole."""
+    size = path.stat().st_size
+    if size <= 64 << 20:
+        return md5(path)
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for offset in [size * i // 32 for i in range(32)] + [4096 * 3, max(0, size - 65536)]:
+            f.seek(offset)
+            digest.update(f.read(65536))
+    return digest.hexdigest()
+
+
+def contents(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sampled_md5(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def make_tree(root: Path, seed: int = 0) -> None:
+    """Every file type, hard links, xattrs, set times, sparse and big files."""
+    rand = os.urandom
+    (root / "dir/sub/deeper").mkdir(parents=True)
+    (root / "dir/sub/deeper/file").write_bytes(rand(10_000 + seed))
+    (root / "empty").touch()
+    (root / "big").write_bytes(rand(3 * 1024 * 1024 + 123))
+    with open(root / "sparse", "wb") as f:
+        f.seek(5 << 30)
+        f.write(b"far away")
+        f.seek(4096 * 3)
+        f.write(rand(5000))
+    with open(root / "sparse-past-16TiB", "wb") as f:
+        f.seek(20 << 40)
+        f.write(b"beyond 2**32 pages")
+    os.link(root / "big", root / "dir/hardlink-to-big")
+    os.link(root / "big", root / "dir/sub/another-link")
+    os.symlink("../big", root / "dir/symlink")
+    os.symlink("/nowhere/at/all", root / "dangling")
+    os.mkfifo(root / "fifo", 0o640)
+    os.mknod(root / "chardev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(root / "blockdev", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    os.setxattr(root / "big", "user.color", b"blue")
+    os.setxattr(root / "dir", "trusted.secret", b"\x00\x01\x02" * 50)
+    os.setxattr(root / "empty", "security.label", b"system_u:object_r")
+    os.chown(root / "dir/sub", 1234, 5678)
+    os.chmod(root / "dir/sub/deeper/file", 0o4751)
+    os.utime(root / "empty", ns=(1_000_000_123, 2_000_000_456))
+    os.utime(root / "dir/sub/deeper", ns=(123_456_789_012_345_678, 987_654_321))
+
+
+def test_the_user_flow_at_small_size(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mountpoint()
+    mounts.track(mnt)
+    opts = f"pkram=mytmpfs,machine={machine.path}"
+    assert run("mount", "-t", "fuse.pkramfs", "-o", opts, "none", str(mnt)).returncode == 0
+    (mnt / "testfile").write_bytes(os.urandom(24 << 20))
+    before = md5(mnt / "testfile")
+    preserve(mnt)
+    mounted = Path("/proc/mounts").read_text().splitlines()
+    options = next(line.split()[3] for line in mounted if line.split()[1] == str(mnt))
+    assert options.split(",")[0] == "ro"
+    with pytest.raises(OSError) as raised:
+        (mnt / "other").write_bytes(b"x")
+    assert raised.value.errno == errno.EROFS
+    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    assert status["preserved_node"] and status["read_only"]
+    kexec(machine)
+    assert not os.path.ismount(mnt)  # exec stopped the old daemon
+    mounts.mount("pkram=mytmpfs", mnt)
+    assert md5(mnt / "testfile") == before
+
+
+def test_full_tree_round_trip(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mount("pkram=tree")
+    make_tree(mnt)
+    huge = mounts.mount("pkram=hugetree,huge=always,size=64M")
+    (huge / "h").write_bytes(os.urandom(9 << 20))
+    (huge / "small").write_bytes(b"tiny")
+    before = {m: (contents(m), snapshot(m)) for m in (mnt, huge)}
+    huge_blocks = os.stat(huge / "h").st_blocks
+    preserve(mnt)
+    preserve(huge)
+    kexec(machine)
+    for m, name in ((mnt, "tree"), (huge, "hugetree")):
+        mounts.mount(f"pkram={name}", m)
+        after_meta = snapshot(m)
+        assert after_meta == before[m][1]
+        assert contents(m) == before[m][0]
+    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(huge), "--json").stdout)
+    assert status["huge"] == "always"  # the mount's options came back with the tree
+    assert status["restored"]["entries"] < 20  # the 9 MiB file's huge pages are one entry each
+    assert os.stat(huge / "h").st_blocks == huge_blocks
+    with open(mnt / "sparse", "rb") as f:
+        f.seek(5 << 30)
+        assert f.read() == b"far away"
+    assert (mnt / "dir/sub/deeper/file").stat().st_mode & 0o7777 == 0o4751
+
+
+def test_two_mounts_restore_independently_and_an_unpreserved_one_is_lost(
+    machine: Machine, mounts: Mounts
+) -> None:
+    a, b, c = mounts.mount("pkram=a"), mounts.mount("pkram=b"), mounts.mount()
+    for m, text in ((a, b"alpha"), (b, b"beta"), (c, b"gone")):
+        (m / "f").write_bytes(text * 10_000)
+    preserve(a)
+    preserve(b)
+    result = kexec(machine)
+    assert str(c) in result.stderr  # warned: the unpreserved mount loses its data
+    b2 = mounts.mount("pkram=b", b)
+    assert (b2 / "f").read_bytes() == b"beta" * 10_000
+    mounts.mount("pkram=nothing-here", c)
+    assert list(c.iterdir()) == []  # a name with no node: an empty fs
+    mounts.mount("pkram=a", a)
+    assert (a / "f").read_bytes() == b"alpha" * 10_000
+
+
+def test_cancel_by_remount_rw_then_preserve_again(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mount("pkram=cancel")
+    (mnt / "one").write_bytes(b"1" * 100_000)
+    preserve(mnt)
+    assert "cancel" in ctl(machine, "nodes").stdout
+    assert run("mount", "-o", "remount,rw", str(mnt)).returncode == 0
+    assert "cancel" not in ctl(machine, "nodes").stdout  # the node is discarded
+    (mnt / "two").write_bytes(b"2" * 100_000)  # writable again, pages are the mount's
+    (mnt / "one").write_bytes(b"3" * 5)
+    assert check_machine(machine) == []
+    preserve(mnt)
+    kexec(machine)
+    mounts.mount("pkram=cancel", mnt)
+    assert (mnt / "one").read_bytes() == b"33333"
+    assert (mnt / "two").read_bytes() == b"2" * 100_000
+
+
+def test_preserve_refuses_a_writer_and_a_mount_without_pkram(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("pkram=busy")
+    with open(mnt / "open-for-writing", "wb") as writer:
+        writer.write(b"data")
+        result = run("mount", "-o", "remount,preserve,ro", str(mnt))
+        assert result.returncode == 32 and "open for writing" in result.stderr
+    (mnt / "still-writable").write_bytes(b"yes")
+    plain = mounts.mount()
+    result = run("mount", "-o", "remount,preserve,ro", str(plain))
+    assert result.returncode == 32 and "pkram=NAME" in result.stderr
+    (plain / "still-writable").write_bytes(b"yes")
+    assert ctl(machine, "nodes").stdout.count("\n") == 1  # the header line only
+
+
+def preserved_pfns(machine: Machine) -> list[int]:
+    with machine.page_ownership() as ownership:
+        return [int(p) for p in ownership.pages_of(PRESERVED)]
+
+
+def test_load_addr_conflict_and_relocation_out_of_the_load_range(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("pkram=reloc")
+    data = os.urandom(6 << 20)
+    (mnt / "f").write_bytes(data)
+    # The first usable pages (from 1 MiB, after the super block) hold the file: load the next
+    # kernel over them before preserving.
+    loaded = kexec_sim(
+        machine,
+        "load",
+        "--addr",
+        hex(2 << 20),
+        "--image-size",
+        "4M",
+        "--append",
+        "pkram=" + (machine.path / "sys/kernel/pkram").read_text().strip(),
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    preserve(mnt)
+    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    assert status["last_preserve"]["relocated_pages"] > 0
+    pfns = preserved_pfns(machine)
+    assert not any((2 << 20) // PAGE_SIZE <= p < (6 << 20) // PAGE_SIZE for p in pfns)
+    conflict = kexec_sim(machine, "load", "--addr", hex(pfns[len(pfns) // 2] * PAGE_SIZE))
+    assert conflict.returncode == 2 and "preserved" in conflict.stderr
+    assert "Traceback" not in conflict.stderr
+    # Loading the first range again (a conflict-free one) and exec: the data survives.
+    kexec(machine, ("--addr", hex(2 << 20), "--image-size", "4M"))
+    mounts.mount("pkram=reloc", mnt)
+    assert (mnt / "f").read_bytes() == data
+
+
+def test_chained_cycles(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mountpoint()
+    expected: dict[str, bytes] = {}
+    for cycle in range(4):
+        mounts.mount("pkram=chain", mnt)
+        assert {p.name: p.read_bytes() for p in mnt.iterdir()} == expected
+        payload = os.urandom(100_000 + cycle)
+        (mnt / f"cycle-{cycle}").write_bytes(payload)
+        expected[f"cycle-{cycle}"] = payload
+        if cycle:
+            (mnt / "cycle-0").write_bytes(payload[:10])
+            expected["cycle-0"] = payload[:10]
+        preserve(mnt)
+        assert check_machine(machine) == []
+        kexec(machine)
+        assert check_machine(machine) == []
+    mounts.mount("pkram=chain", mnt)
+    assert {p.name: p.read_bytes() for p in mnt.iterdir()} == expected
+
+
+def corrupt_node_metadata(machine: Machine, name: str) -> None:
+    nodes = json.loads(ctl(machine, "nodes", "--json").stdout)["nodes"]
+    pfn = next(n["pfn"] for n in nodes if n["name"] == name)
+    with open(machine.path / "RAM", "r+b") as ram:
+        ram.seek(pfn * PAGE_SIZE + 48)  # the metadata stream's first pfn: point it elsewhere
+        ram.write((12345).to_bytes(8, "little"))
+
+
+def test_corrupted_node_is_refused_and_left_reserved_while_others_restore(
+    machine: Machine, mounts: Mounts
+) -> None:
+    good, bad = mounts.mount("pkram=good"), mounts.mount("pkram=bad")
+    (good / "f").write_bytes(b"good" * 1000)
+    (bad / "f").write_bytes(b"bad" * 1000)
+    preserve(good)
+    preserve(bad)
+    kexec(machine)
+    corrupt_node_metadata(machine, "bad")
+    reserved = preserved_pfns(machine)
+    result = run(str(BIN / "pkramfs"), "none", str(bad), "-o", f"pkram=bad,machine={machine.path}")
+    assert result.returncode == 32
+    assert (
+        "'bad'" in result.stderr
+        and "checksum" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    assert not os.path.ismount(bad)
+    assert preserved_pfns(machine) == reserved  # nothing freed, nothing taken
+    listing = ctl(machine, "nodes")
+    assert listing.returncode == 1 and "checksum" in listing.stdout
+    mounts.mount("pkram=good", good)
+    assert (good / "f").read_bytes() == b"good" * 1000
+    discarded = ctl(machine, "discard", "bad")
+    assert discarded.returncode == 0, discarded.stderr
+    assert preserved_pfns(machine) == []
+    assert check_machine(machine) == []
+
+
+@pytest.mark.parametrize(
+    "fault, restored",
+    [
+        ("PKRAMFS_FAULT=preserve:written", False),
+        ("PKRAMFS_FAULT=preserve:linked", False),
+        ("KEXEC_SIM_FAULT=transfer-midway", False),
+        ("PKRAMFS_FAULT=preserve:transferred", False),
+        ("PKRAMFS_FAULT=preserve:complete", True),
+    ],
+)
+def test_a_daemon_killed_during_preserve_leaves_a_consistent_state(
+    machine: Machine, mounts: Mounts, monkeypatch: pytest.MonkeyPatch, fault: str, restored: bool
+) -> None:
+    key, value = fault.split("=")
+    mnt = mounts.mountpoint()
+    mounts.track(mnt)
+    env = {**os.environ, key: value}
+    opts = f"pkram=victim,machine={machine.path}"
+    assert run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts, env=env).returncode == 0
+    for i in range(50):
+        (mnt / f"f{i}").write_bytes(os.urandom(50_000))
+    expected = contents(mnt)
+    result = run("mount", "-o", "remount,preserve,ro", str(mnt))
+    assert result.returncode == 32  # the daemon died under the request
+    run("umount", "-l", str(mnt))
+    assert check_machine(machine) == []  # dead remains cleaned, dead owner reclaimed
+    kexec(machine)
+    assert check_machine(machine) == []
+    mounts.mount("pkram=victim", mnt)
+    assert contents(mnt) == (expected if restored else {})
