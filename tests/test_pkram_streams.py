@@ -190,7 +190,8 @@ def mutate(meta: bytes, change: str) -> bytes:
         records[4][11] = [1, 3]
     elif change == "type":
         records[6][1] = 0o170644
-    return msgpack.packb(doc, use_bin_type=True)
+    packed: bytes = msgpack.packb(doc, use_bin_type=True)
+    return packed
 
 
 @pytest.mark.parametrize("change", ["loop", "nlink", "name", "dangling", "slice", "type"])
