@@ -289,7 +289,10 @@ class Machine:
         try:
             text = path.read_text(encoding="ascii", errors="replace")
         except FileNotFoundError:
-            raise CorruptMachine(f"{path}: missing") from None
+            raise CorruptMachine(
+                f"{path}: missing (a machine booted by an older kexec-sim has no PKRAM super "
+                f"block: 'kexec-sim --machine {self.path} reboot' gives it one)"
+            ) from None
         value = text.removesuffix("\n")
         if not (value.isascii() and value.isdigit()) or not 0 < int(value) < self.nr_pages:
             raise CorruptMachine(f"{path}: {text[:40]!r} is not a pfn of this RAM")
