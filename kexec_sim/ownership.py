@@ -58,7 +58,7 @@ from kexec_sim.owners import (
     owner_name,
 )
 from kexec_sim.ownership_check import find_problems
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray, as_pfn_array
+from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray, as_pfn_array, runs_in_order
 from kexec_sim.process import is_alive, process_start_time
 from kexec_sim.transfer_journal import read_journal, remove_journal, write_journal
 
@@ -85,6 +85,17 @@ _SERIAL_OFFSET = 32
 FAULT_ENV = "KEXEC_SIM_FAULT"
 """Fault injection for tests: ``transfer-midway`` kills a transfer half applied."""
 _FORMAT_CHUNK_PAGES = 1 << 18  # a fresh map is written in chunks of 1 MiB, all-FREE ones skipped
+
+
+_MAX_RUNS = 4096  # up to this many runs of consecutive pfns, slices beat fancy indexing
+
+
+def _few_runs(pfns: PfnArray) -> tuple[PfnArray, PfnArray] | None:
+    """The runs of *pfns* (see runs_in_order) when there are few enough to loop over."""
+    if pfns.size < 64:
+        return None
+    runs = runs_in_order(pfns)
+    return runs if runs[0].size <= _MAX_RUNS else None
 
 
 def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
@@ -399,7 +410,7 @@ class PageOwnership:
         with self.locked():
             self._require_holder(owner_id)
             checked = self._owned_pfns(pfns, owner_id, "free")
-            self._owners[checked] = FREE
+            self._assign(checked, FREE)
             # Rewind the next-fit cursor to the lowest page freed: pages just given back are
             # handed out again first (the host has them resident; allocation stays compact).
             if checked.size:
@@ -423,12 +434,24 @@ class PageOwnership:
             if os.environ.get(FAULT_ENV) == "transfer-midway":
                 self._owners[checked[: checked.size // 2]] = to_owner
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._owners[checked] = to_owner
+            self._assign(checked, to_owner)
             remove_journal(self.boot_dir)
+
+    def _assign(self, pfns: PfnArray, owner_id: int) -> None:
+        """Set the owner of *pfns* (checked), by slices when they form few runs."""
+        runs = _few_runs(pfns)
+        if runs is None:
+            self._owners[pfns] = owner_id
+            return
+        for start, length in zip(*(a.tolist() for a in runs), strict=True):
+            self._owners[start : start + length] = owner_id
 
     def _owned_pfns(self, pfns: npt.ArrayLike, owner_id: int, verb: str) -> PfnArray:
         """Return *pfns* checked: in RAM, distinct, all owned by *owner_id*."""
         checked = as_pfn_array(pfns, self.nr_pages)
+        runs = _few_runs(checked)
+        if runs is not None and self._runs_owned(runs, owner_id):
+            return checked  # distinct (runs do not overlap) and all owned: the fast path
         if checked.size > 1 and not (np.diff(checked) > 0).all():
             ordered = np.sort(checked)
             twice = ordered[1:][ordered[1:] == ordered[:-1]]
@@ -442,6 +465,18 @@ class PageOwnership:
                 f"{owner_name(owner_id)}: {_describe(checked[wrong], actual[wrong])}"
             )
         return checked
+
+    def _runs_owned(self, runs: tuple[PfnArray, PfnArray], owner_id: int) -> bool:
+        """Whether the runs do not overlap and every page of them is owned by *owner_id*."""
+        starts, lengths = runs
+        order = np.argsort(starts, kind="stable")
+        reach = np.maximum.accumulate((starts + lengths)[order])  # no run starts before it
+        if (starts[order][1:] < reach[:-1]).any():
+            return False
+        return not any(
+            (self._owners[start : start + length] != owner_id).any()
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)
+        )
 
     # -- queries --------------------------------------------------------------------------
 

@@ -42,3 +42,47 @@ def as_pfn_array(pfns: npt.ArrayLike, nr_pages: int) -> PfnArray:
         bad = low if low < 0 else high
         raise MachineError(f"pfn {bad} is outside the machine's RAM (0..{nr_pages - 1})")
     return array.astype(np.int64, copy=False)
+
+
+def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
+    """Split *pfns* (as given, not sorted) into runs of consecutive pfns: (starts, lengths).
+
+    Pages a file or an allocation holds are mostly consecutive, so a few runs stand for
+    millions of pfns and per-run slices replace per-pfn fancy indexing.
+    """
+    if pfns.size == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [pfns.size])))
+    return pfns[starts], lengths.astype(np.int64)
+
+
+def expand_runs(starts: PfnArray, lengths: PfnArray) -> PfnArray:
+    """Undo `runs_in_order`: every pfn of the runs, in order."""
+    total = int(lengths.sum())
+    offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    expanded: PfnArray = np.repeat(starts, lengths) + offsets
+    return expanded
+
+
+def first_repeat(pfns: PfnArray, nr_pages: int) -> int | None:
+    """Return a pfn listed more than once in *pfns* (all in ``0..nr_pages-1``), or None.
+
+    Few runs of consecutive pfns: the runs are compared; otherwise a bitmap of RAM counts
+    the distinct pfns. No sort of the whole array either way.
+    """
+    starts, lengths = runs_in_order(pfns)
+    if starts.size <= 4096:
+        order = np.argsort(starts, kind="stable")
+        ordered, ends = starts[order], (starts + lengths)[order]
+        covered = np.maximum.accumulate(ends)[:-1]  # the furthest any earlier run reaches
+        clash = np.flatnonzero(ordered[1:] < covered)
+        return None if clash.size == 0 else int(ordered[clash[0] + 1])
+    seen = np.zeros(nr_pages, dtype=np.bool_)
+    seen[pfns] = True
+    if np.count_nonzero(seen) == pfns.size:
+        return None
+    ordered = np.sort(pfns)
+    return int(ordered[1:][ordered[1:] == ordered[:-1]][0])

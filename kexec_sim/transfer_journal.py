@@ -7,8 +7,10 @@ process killed in between and replays it: every listed pfn owned by ``from`` or 
 ``to`` is given to ``to`` (idempotent). The model is a crashed process, not a crashed host:
 like the map itself, the journal is not fsynced.
 
-Layout (little-endian): ``JOURNAL_HEADER`` (32 bytes: magic ``KSIMTXJ1``, from owner i32,
-to owner i32, pfn count u64, CRC32 of the pfn bytes u32, 4 zero bytes), then the pfns (i64).
+Layout (little-endian): ``JOURNAL_HEADER`` (32 bytes: magic ``KSIMTXJ2``, from owner i32,
+to owner i32, run count u64, CRC32 of the body u32, 4 zero bytes), then the pfns as runs of
+consecutive pfns: (first pfn i64, length i64) pairs, so a transfer of millions of mostly
+consecutive pages writes a few bytes.
 """
 
 import os
@@ -21,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from kexec_sim.errors import CorruptMachine
-from kexec_sim.pages import PfnArray
+from kexec_sim.pages import PfnArray, expand_runs, runs_in_order
 
 JOURNAL_FILE = "transfer-journal"
-MAGIC = b"KSIMTXJ1"
+MAGIC = b"KSIMTXJ2"
 JOURNAL_HEADER = struct.Struct("<8siiQI4x")
 
 
@@ -39,8 +41,9 @@ class Journal:
 
 def write_journal(boot_dir: Path, pfns: PfnArray, from_owner: int, to_owner: int) -> None:
     """Record the transfer of *pfns* in *boot_dir*, atomically (temporary file + rename)."""
-    body = np.ascontiguousarray(pfns, dtype="<i8").tobytes()
-    header = JOURNAL_HEADER.pack(MAGIC, from_owner, to_owner, len(pfns), zlib.crc32(body))
+    starts, lengths = runs_in_order(np.asarray(pfns, dtype=np.int64))
+    body = np.stack([starts, lengths], axis=1).astype("<i8").tobytes()
+    header = JOURNAL_HEADER.pack(MAGIC, from_owner, to_owner, len(starts), zlib.crc32(body))
     tmp = boot_dir / f".{JOURNAL_FILE}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -69,9 +72,12 @@ def read_journal(boot_dir: Path, nr_pages: int) -> Journal | None:
     body = data[JOURNAL_HEADER.size :]
     if magic != MAGIC:
         raise CorruptMachine(f"{path}: bad magic {magic!r}")
-    if len(body) != 8 * count or zlib.crc32(body) != crc:
-        raise CorruptMachine(f"{path}: {count} pfns announced, body does not match")
-    pfns = np.frombuffer(body, dtype="<i8").astype(np.int64)
+    if len(body) != 16 * count or zlib.crc32(body) != crc:
+        raise CorruptMachine(f"{path}: {count} runs announced, body does not match")
+    runs = np.frombuffer(body, dtype="<i8").astype(np.int64).reshape(count, 2)
+    if (runs[:, 1] < 1).any() or (runs[:, 0] < 0).any() or (runs.sum(axis=1) > nr_pages).any():
+        raise CorruptMachine(f"{path}: a run is outside the machine's RAM")
+    pfns = expand_runs(runs[:, 0], runs[:, 1])
     if pfns.size and (int(pfns.min()) < 0 or int(pfns.max()) >= nr_pages):
         raise CorruptMachine(f"{path}: a pfn is outside the machine's RAM")
     return Journal(pfns, from_owner, to_owner)

@@ -19,7 +19,7 @@ import numpy as np
 
 from kexec_sim.machine import Machine
 from kexec_sim.ownership import PRESERVED, PageOwnership
-from kexec_sim.pages import PfnArray
+from kexec_sim.pages import PfnArray, first_repeat
 from kexec_sim.ram import Ram
 
 from . import byte_stream, page_stream
@@ -97,10 +97,9 @@ def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
     contents = NodeContents(
         listed.pfn, header, meta, meta_pfns, link_pfns, pfns, orders, indexes, data_pfns
     )
-    everything = np.sort(contents.all_pfns)
-    twice = everything[1:][everything[1:] == everything[:-1]]
-    if twice.size:
-        raise CorruptNode(f"{what}: pfn {int(twice[0])} is named twice")
+    twice = first_repeat(contents.all_pfns, ram.nr_pages)
+    if twice is not None:
+        raise CorruptNode(f"{what}: pfn {twice} is named twice")
     return contents
 
 

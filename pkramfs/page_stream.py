@@ -28,7 +28,6 @@ PFN_SHIFT = 36
 INDEX_SHIFT = 4
 INDEX_BITS = 32
 ORDER_MASK = 0xF
-ORDERS = (0, HUGE_ORDER)
 MAX_PFN = 1 << (64 - PFN_SHIFT)
 
 Int64s = npt.NDArray[np.int64]
@@ -40,6 +39,9 @@ def _layout(indexes: Int64s) -> tuple[Int64s, Int64s]:
     A page holds up to ENTRIES_PER_LINK entries whose indexes share their high 32 bits.
     """
     n = len(indexes)
+    if int(indexes.max()) >> INDEX_BITS == 0:  # the usual case: files under 16 TiB
+        starts = np.arange(0, n, ENTRIES_PER_LINK, dtype=np.int64)
+        return starts, np.zeros(len(starts), dtype=np.int64)
     high = indexes >> INDEX_BITS
     breaks = np.flatnonzero(high[1:] != high[:-1]) + 1
     if breaks.size == 0:  # the usual case: every index below 2**32 (files under 16 TiB)
@@ -89,9 +91,10 @@ def write_stream(
 
 
 def _encode(pfns: Int64s, orders: Int64s, offsets: Int64s) -> npt.NDArray[np.uint64]:
-    entries = pfns.astype(np.uint64) << np.uint64(PFN_SHIFT)
-    entries |= offsets.astype(np.uint64) << np.uint64(INDEX_SHIFT)
-    entries |= orders.astype(np.uint64)
+    # All three are non-negative int64: reinterpret them as uint64 rather than convert.
+    entries = pfns.view(np.uint64) << np.uint64(PFN_SHIFT)
+    entries |= offsets.view(np.uint64) << np.uint64(INDEX_SHIFT)
+    entries |= orders.view(np.uint64)
     return entries
 
 
@@ -120,12 +123,14 @@ def read_stream(
     used = np.arange(ENTRIES_PER_LINK) < counts[:, None]
     entries = words[:, page_chain.HEADER_WORDS :][used]
     page_bases = np.repeat(bases, counts)
-    pfns = (entries >> np.uint64(PFN_SHIFT)).astype(np.int64)
-    orders = (entries & np.uint64(ORDER_MASK)).astype(np.int64)
+    # Shifted right, every field fits in 63 bits: view the results as int64, no copies.
+    pfns = (entries >> np.uint64(PFN_SHIFT)).view(np.int64)
+    orders = (entries & np.uint64(ORDER_MASK)).view(np.int64)
     offsets = (entries >> np.uint64(INDEX_SHIFT)) & np.uint64((1 << INDEX_BITS) - 1)
-    indexes = (page_bases + offsets).astype(np.int64)
+    offsets += page_bases
+    indexes = offsets.view(np.int64)
     huge = orders == HUGE_ORDER
-    if not np.isin(orders, ORDERS).all():
+    if not ((orders == 0) | huge).all():
         raise CorruptNode(f"{what}: an entry has an unknown order")
     if ((pfns[huge] | indexes[huge]) & ((1 << HUGE_ORDER) - 1)).any():
         raise CorruptNode(f"{what}: a huge entry is not 2 MiB aligned")

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from kexec_sim.kexec import next_kernel_range
 
+from kexec_sim.kexec import next_kernel_range
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PfnArray
 
@@ -95,6 +95,7 @@ def preserve(
     n_links = page_stream.link_pages_needed(snap.indexes)
     n_meta = byte_stream.pages_needed(len(snap.meta))
     metadata = ownership.allocate(owner_id, 1 + n_meta + n_links, avoid=(start, end))
+    ram.populate(metadata)  # fault the new pages in at once, not one store at a time
     node_pfn, meta_pfns, link_pfns = (
         int(metadata[0]),
         metadata[1 : 1 + n_meta],

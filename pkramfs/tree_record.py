@@ -138,15 +138,26 @@ def _gather_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArra
         present = stacked != HOLE
         huge_rows = np.array(huge[lo:hi], dtype=bool)
         present[huge_rows, 1:] = False  # a huge page is one entry: its first pfn, order 9
-        orders = np.zeros(stacked.shape, dtype=np.int64)
-        orders[huge_rows, 0] = HUGE_ORDER
-        index = (np.array(chunk_nos[lo:hi], dtype=np.int64)[:, None] << CHUNK_SHIFT) + span
-        parts.append((stacked[present], orders[present], index[present]))
+        bases = np.array(chunk_nos[lo:hi], dtype=np.int64) << CHUNK_SHIFT
+        if present.all():  # dense small pages: no masking at all
+            index = (bases[:, None] + span).reshape(-1)
+            parts.append((stacked.reshape(-1), np.zeros(index.size, dtype=np.int64), index))
+            per_chunk.append(np.full(hi - lo, CHUNK_PAGES, dtype=np.int64))
+            continue
+        where = np.flatnonzero(present.reshape(-1))
+        row = where >> CHUNK_SHIFT
+        orders = np.zeros(where.size, dtype=np.int64)
+        orders[huge_rows[row]] = HUGE_ORDER  # a huge row keeps only its first slot
+        index = bases[row] + (where & CHUNK_MASK)
+        parts.append((stacked.reshape(-1)[where], orders, index))
         per_chunk.append(present.sum(axis=1))
     if not parts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty, np.zeros(len(files), dtype=np.int64)
-    pfns, orders, indexes = (np.concatenate(column) for column in zip(*parts, strict=True))
+    if len(parts) == 1:
+        pfns, orders, indexes = parts[0]
+    else:
+        pfns, orders, indexes = (np.concatenate(column) for column in zip(*parts, strict=True))
     counts = np.bincount(owners, weights=np.concatenate(per_chunk), minlength=len(files))
     return pfns, orders, indexes, counts.astype(np.int64)
 
@@ -348,6 +359,8 @@ def _attach_pages(
     if past_end.any():
         inode = with_pages[int(file_of[past_end][0])][2]
         check.that(False, f"inode {inode.ino}: a page lies past the end of file")
+    if _attach_dense(with_pages, counts, pfns, orders, indexes):
+        return
     # One row of 512 pfns per (file, chunk): a huge entry fills its row, small ones scatter.
     chunk_nos = indexes >> CHUNK_SHIFT
     new_chunk = np.ones(len(pfns), dtype=bool)
@@ -375,6 +388,36 @@ def _attach_pages(
         pages = files[int(file_of[entry])]
         assert pages is not None
         pages.adopt_chunk(chunk_no, rows[row], huge_row, n_pages)  # views of one array
+
+
+def _attach_dense(
+    with_pages: list[tuple[int, int, Inode]],
+    counts: PfnArray,
+    pfns: PfnArray,
+    orders: PfnArray,
+    indexes: PfnArray,
+) -> bool:
+    """The common case at array speed: every file made of whole chunks of small pages.
+
+    Entries already checked ascending and non-overlapping, so 512 of them whose first index is
+    chunk-aligned and whose last is 511 further are exactly one full chunk. Returns False
+    (nothing done) when the stream is not like that.
+    """
+    if (counts % CHUNK_PAGES).any() or orders.any():
+        return False
+    firsts, lasts = indexes[::CHUNK_PAGES], indexes[CHUNK_PAGES - 1 :: CHUNK_PAGES]
+    if (firsts & CHUNK_MASK).any() or (lasts - firsts != CHUNK_PAGES - 1).any():
+        return False
+    rows = pfns.reshape(-1, CHUNK_PAGES)
+    chunk_nos = (firsts >> CHUNK_SHIFT).tolist()
+    row = 0
+    for (_, _, inode), n_rows in zip(with_pages, (counts // CHUNK_PAGES).tolist(), strict=True):
+        pages = inode.pages
+        assert pages is not None
+        for _ in range(n_rows):
+            pages.adopt_chunk(chunk_nos[row], rows[row], False, CHUNK_PAGES)
+            row += 1
+    return True
 
 
 def _check_structure(check: _Checker, inodes: dict[int, Inode]) -> None:
