@@ -715,3 +715,21 @@ def test_checker_accepts_the_kernel_image_outside_the_kernel_region(machine: Mac
         assert po.check({}) == [
             "1 usable pfns of the kernel image (600..699) are not owned by kernel, e.g. 650"
         ]
+
+
+def test_run_based_transfer_refuses_nested_repeats_and_foreign_pages(
+    po: PageOwnership, owner: int
+) -> None:
+    pages = np.sort(po.allocate(owner, 1000))
+    before = snapshot(po)
+    nested = np.concatenate([pages[:500], pages[100:110], pages[600:700]])  # few runs, a repeat
+    with pytest.raises(MachineError, match="listed more than once"):
+        po.transfer(nested, owner, PRESERVED)
+    other = po.register_owner("other", os.getpid())
+    foreign = np.concatenate([pages[:500], po.allocate(other, 100)])
+    before = snapshot(po)
+    with pytest.raises(MachineError, match="not owned"):
+        po.transfer(foreign, owner, PRESERVED)
+    assert (snapshot(po) == before).all()  # nothing moved
+    po.transfer(pages, owner, PRESERVED)
+    assert (po.pages_of(PRESERVED) == pages).all()

@@ -1,0 +1,34 @@
+"""Runs of consecutive pfns and repeat detection (pure functions of kexec_sim.pages)."""
+
+import numpy as np
+import pytest
+
+from kexec_sim.pages import expand_runs, first_repeat, runs_in_order
+
+
+def test_runs_round_trip_in_the_given_order() -> None:
+    pfns = np.array([5, 6, 7, 100, 3, 4, 50], dtype=np.int64)
+    starts, lengths = runs_in_order(pfns)
+    assert starts.tolist() == [5, 100, 3, 50] and lengths.tolist() == [3, 1, 2, 1]
+    assert expand_runs(starts, lengths).tolist() == pfns.tolist()
+
+
+@pytest.mark.parametrize(
+    "pfns, repeat",
+    [
+        ([0, 1, 2, 3, 10, 11], None),
+        ([10, 11, 12, 0, 1, 11], 11),  # a run inside an earlier one
+        ([*range(100), 20, 21, 50], 20),  # nested: only the first run reaches
+        ([7, 7], 7),
+    ],
+)
+def test_first_repeat_with_few_runs(pfns: list[int], repeat: int | None) -> None:
+    assert first_repeat(np.array(pfns, dtype=np.int64), 1000) == repeat
+
+
+def test_first_repeat_with_many_runs_uses_the_bitmap() -> None:
+    rng = np.random.default_rng(5)
+    pfns = rng.permutation(200_000)[:50_000].astype(np.int64)  # thousands of runs
+    assert first_repeat(pfns, 200_000) is None
+    with_repeat = np.concatenate([pfns, pfns[1234:1235]])
+    assert first_repeat(with_repeat, 200_000) == int(pfns[1234])
