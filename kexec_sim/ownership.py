@@ -58,9 +58,22 @@ from kexec_sim.owners import (
     owner_name,
 )
 from kexec_sim.ownership_check import find_problems
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray, as_pfn_array, runs_in_order
+from kexec_sim.pages import (
+    HUGE_PAGES,
+    MANY_RUNS,
+    PAGE_SIZE,
+    PageRuns,
+    PfnArray,
+    as_pfn_array,
+    runs_in_order,
+)
 from kexec_sim.process import is_alive, process_start_time
-from kexec_sim.transfer_journal import read_journal, remove_journal, write_journal
+from kexec_sim.transfer_journal import (
+    read_journal,
+    remove_journal,
+    write_journal,
+    write_journal_runs,
+)
 
 __all__ = [
     "FIRMWARE",
@@ -87,15 +100,12 @@ FAULT_ENV = "KEXEC_SIM_FAULT"
 _FORMAT_CHUNK_PAGES = 1 << 18  # a fresh map is written in chunks of 1 MiB, all-FREE ones skipped
 
 
-_MAX_RUNS = 4096  # up to this many runs of consecutive pfns, slices beat fancy indexing
-
-
 def _few_runs(pfns: PfnArray) -> tuple[PfnArray, PfnArray] | None:
     """The runs of *pfns* (see runs_in_order) when there are few enough to loop over."""
     if pfns.size < 64:
         return None
     runs = runs_in_order(pfns)
-    return runs if runs[0].size <= _MAX_RUNS else None
+    return runs if runs[0].size <= MANY_RUNS else None
 
 
 def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
@@ -436,6 +446,53 @@ class PageOwnership:
                 os.kill(os.getpid(), signal.SIGKILL)
             self._assign(checked, to_owner)
             remove_journal(self.boot_dir)
+
+    def transfer_runs(self, runs: PageRuns, from_owner: int, to_owner: int) -> None:
+        """`transfer` for pages given as runs: checks, journal and moves cost per run."""
+        if runs.starts.size > MANY_RUNS or runs.starts.size == 0:
+            self.transfer(runs.expand(), from_owner, to_owner)
+            return
+        with self.locked():
+            self._require_holder(from_owner, allow_free=True)
+            self._require_holder(to_owner)
+            if (runs.lengths < 1).any() or (runs.starts < 0).any():
+                raise MachineError("transfer: a run is empty or starts below pfn 0")
+            if int((runs.starts + runs.lengths).max()) > self.nr_pages:
+                raise MachineError("transfer: a run goes past the end of RAM")
+            twice = runs.first_repeat(self.nr_pages)
+            if twice is not None:
+                raise MachineError(f"transfer: pfn {twice} is listed more than once")
+            wrong = self._first_not_owned(runs, from_owner)
+            if wrong is not None:
+                actual = int(self._owners[wrong])
+                raise MachineError(
+                    f"transfer: pfn {wrong} is not owned by {owner_name(from_owner)} "
+                    f"({owner_name(actual)})"
+                )
+            write_journal_runs(self.boot_dir, runs.starts, runs.lengths, from_owner, to_owner)
+            if os.environ.get(FAULT_ENV) == "transfer-midway":
+                half = runs.expand()
+                self._owners[half[: half.size // 2]] = to_owner
+                os.kill(os.getpid(), signal.SIGKILL)
+            for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
+                self._owners[start : start + length] = to_owner
+            remove_journal(self.boot_dir)
+
+    def first_not_owned(self, runs: PageRuns, owner_id: int) -> int | None:
+        """Return the first pfn of *runs* not owned by *owner_id*, or None if all are."""
+        with self.locked():
+            return self._first_not_owned(runs, owner_id)
+
+    def _first_not_owned(self, runs: PageRuns, owner_id: int) -> int | None:
+        if runs.starts.size > MANY_RUNS:
+            pfns = runs.expand()
+            wrong = np.flatnonzero(self._owners[pfns] != owner_id)
+            return int(pfns[wrong[0]]) if wrong.size else None
+        for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
+            wrong = np.flatnonzero(self._owners[start : start + length] != owner_id)
+            if wrong.size:
+                return int(start) + int(wrong[0])
+        return None
 
     def _assign(self, pfns: PfnArray, owner_id: int) -> None:
         """Set the owner of *pfns* (checked), by slices when they form few runs."""

@@ -1,5 +1,6 @@
 """Page geometry of the simulated machine: sizes, orders and the pfn types."""
 
+from dataclasses import dataclass
 from typing import NewType
 
 import numpy as np
@@ -73,16 +74,69 @@ def first_repeat(pfns: PfnArray, nr_pages: int) -> int | None:
     Few runs of consecutive pfns: the runs are compared; otherwise a bitmap of RAM counts
     the distinct pfns. No sort of the whole array either way.
     """
-    starts, lengths = runs_in_order(pfns)
-    if starts.size <= 4096:
-        order = np.argsort(starts, kind="stable")
-        ordered, ends = starts[order], (starts + lengths)[order]
-        covered = np.maximum.accumulate(ends)[:-1]  # the furthest any earlier run reaches
-        clash = np.flatnonzero(ordered[1:] < covered)
-        return None if clash.size == 0 else int(ordered[clash[0] + 1])
+    runs = PageRuns.of_pfns(pfns)
+    if runs.starts.size <= MANY_RUNS:
+        return runs.first_repeat(nr_pages)
     seen = np.zeros(nr_pages, dtype=np.bool_)
     seen[pfns] = True
     if np.count_nonzero(seen) == pfns.size:
         return None
     ordered = np.sort(pfns)
     return int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+
+
+MANY_RUNS = 4096
+"""Above this many runs, per-run loops give way to one vectorized pass over every pfn."""
+
+
+@dataclass(frozen=True)
+class PageRuns:
+    """A list of pages as runs of consecutive pfns: ``starts[i] .. starts[i]+lengths[i]-1``.
+
+    What a file or a huge page holds is a few long runs: moving ownership of them, checking
+    them and journaling them costs per run, not per page.
+    """
+
+    starts: PfnArray
+    lengths: PfnArray
+
+    @classmethod
+    def of_pfns(cls, pfns: PfnArray) -> "PageRuns":
+        """The runs of *pfns*, in their order."""
+        return cls(*runs_in_order(np.asarray(pfns, dtype=np.int64)))
+
+    @classmethod
+    def of_blocks(cls, starts: PfnArray, lengths: PfnArray) -> "PageRuns":
+        """Blocks (e.g. a 2 MiB huge page: a start and 512) merged where one ends as the
+        next begins."""
+        if starts.size == 0:
+            return cls.of_pfns(starts)
+        joined = starts[1:] == starts[:-1] + lengths[:-1]
+        firsts = np.flatnonzero(np.concatenate(([True], ~joined)))
+        return cls(starts[firsts], np.add.reduceat(lengths, firsts).astype(np.int64))
+
+    @classmethod
+    def concat(cls, *parts: "PageRuns") -> "PageRuns":
+        """All runs of *parts*, in order (not merged)."""
+        return cls(
+            np.concatenate([p.starts for p in parts]).astype(np.int64),
+            np.concatenate([p.lengths for p in parts]).astype(np.int64),
+        )
+
+    @property
+    def nr_pages(self) -> int:
+        """How many pages the runs cover."""
+        return int(self.lengths.sum())
+
+    def expand(self) -> PfnArray:
+        """Every pfn, in order."""
+        return expand_runs(self.starts, self.lengths)
+
+    def first_repeat(self, nr_pages: int) -> int | None:
+        """A pfn covered twice, or None (see `first_repeat`)."""
+        if self.starts.size > MANY_RUNS:
+            return first_repeat(self.expand(), nr_pages)
+        order = np.argsort(self.starts, kind="stable")
+        ordered, ends = self.starts[order], (self.starts + self.lengths)[order]
+        clash = np.flatnonzero(ordered[1:] < np.maximum.accumulate(ends)[:-1])
+        return None if clash.size == 0 else int(ordered[clash[0] + 1])

@@ -42,6 +42,13 @@ class Journal:
 def write_journal(boot_dir: Path, pfns: PfnArray, from_owner: int, to_owner: int) -> None:
     """Record the transfer of *pfns* in *boot_dir*, atomically (temporary file + rename)."""
     starts, lengths = runs_in_order(np.asarray(pfns, dtype=np.int64))
+    write_journal_runs(boot_dir, starts, lengths, from_owner, to_owner)
+
+
+def write_journal_runs(
+    boot_dir: Path, starts: PfnArray, lengths: PfnArray, from_owner: int, to_owner: int
+) -> None:
+    """Like `write_journal`, for pages given as runs (first pfn, length)."""
     body = np.stack([starts, lengths], axis=1).astype("<i8").tobytes()
     header = JOURNAL_HEADER.pack(MAGIC, from_owner, to_owner, len(starts), zlib.crc32(body))
     tmp = boot_dir / f".{JOURNAL_FILE}.{os.getpid()}.tmp"

@@ -185,7 +185,7 @@ class PkramFilesystem:
         """The pages this mount owns: its files' (unless preserved) and the pool's idle ones."""
         if self.preserved is None:
             return self.tree.owned_pfns()
-        preserved = np.sort(self.preserved.pages)
+        preserved = self.preserved.pages.expand()
         mine = self.tree.owned_pfns()
         return mine[~np.isin(mine, preserved)]
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from kexec_sim.machine import Machine
 from kexec_sim.ownership import PRESERVED, PageOwnership
-from kexec_sim.pages import PfnArray, first_repeat
+from kexec_sim.pages import PageRuns, PfnArray
 from kexec_sim.ram import Ram
 
 from . import byte_stream, page_stream
@@ -51,7 +51,7 @@ class NodeContents:
     pfns: PfnArray
     orders: PfnArray
     indexes: PfnArray
-    data_pfns: PfnArray
+    data: PageRuns
 
     @property
     def metadata_pfns(self) -> PfnArray:
@@ -59,9 +59,14 @@ class NodeContents:
         return np.concatenate([[self.pfn], self.meta_pfns, self.link_pfns]).astype(np.int64)
 
     @property
+    def all_runs(self) -> PageRuns:
+        """Every page the node holds, metadata and file data, as runs."""
+        return PageRuns.concat(PageRuns.of_pfns(self.metadata_pfns), self.data)
+
+    @property
     def all_pfns(self) -> PfnArray:
-        """Every page the node holds: metadata and file data."""
-        return np.concatenate([self.metadata_pfns, self.data_pfns])
+        """Every page the node holds (expanded: for checks and repairs, not the fast path)."""
+        return self.all_runs.expand()
 
 
 @dataclass(frozen=True)
@@ -89,15 +94,15 @@ def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
     link_pfns, pfns, orders, indexes = page_stream.read_stream(
         ram, header.links_pfn, header.link_pages, header.nr_entries, f"{what} page stream"
     )
-    data_pfns = page_stream.expand_pages(pfns, orders)
-    if len(data_pfns) != header.data_pages:
+    data = PageRuns.of_blocks(pfns, np.left_shift(1, orders))
+    if data.nr_pages != header.data_pages:
         raise CorruptNode(
-            f"{what}: entries cover {len(data_pfns)} pages, node says {header.data_pages}"
+            f"{what}: entries cover {data.nr_pages} pages, node says {header.data_pages}"
         )
     contents = NodeContents(
-        listed.pfn, header, meta, meta_pfns, link_pfns, pfns, orders, indexes, data_pfns
+        listed.pfn, header, meta, meta_pfns, link_pfns, pfns, orders, indexes, data
     )
-    twice = first_repeat(contents.all_pfns, ram.nr_pages)
+    twice = contents.all_runs.first_repeat(ram.nr_pages)
     if twice is not None:
         raise CorruptNode(f"{what}: pfn {twice} is named twice")
     return contents
@@ -157,13 +162,10 @@ class NodeStore:
 
     def _check_owned(self, contents: NodeContents) -> None:
         """Every page of the node must be PRESERVED."""
-        owners = self.ownership.owner_map[contents.all_pfns]
-        wrong = np.flatnonzero(owners != PRESERVED)
-        if wrong.size:
-            pfn = int(contents.all_pfns[wrong[0]])
+        pfn = self.ownership.first_not_owned(contents.all_runs, PRESERVED)
+        if pfn is not None:
             raise CorruptNode(
-                f"pkram node {contents.header.name!r}: pfn {pfn} is not a preserved page "
-                f"({wrong.size} such pages)"
+                f"pkram node {contents.header.name!r}: pfn {pfn} is not a preserved page"
             )
 
     def _find(self, name: str) -> tuple[ListedNode | None, ListedNode | None]:
@@ -178,7 +180,7 @@ class NodeStore:
 
     # -- preserving -------------------------------------------------------------------------
 
-    def publish(self, owner_id: int, node_pfn: int, name: str, pages: PfnArray) -> None:
+    def publish(self, owner_id: int, node_pfn: int, name: str, pages: PageRuns) -> None:
         """Make the node written at *node_pfn* (all its *pages* owned by *owner_id*) preserved.
 
         Linked as SAVING, its pages handed to PRESERVED in one transfer, then COMPLETE: the
@@ -193,7 +195,7 @@ class NodeStore:
             link_first(self.ram, self.sb_pfn, node_pfn)
             _fault_point("linked")
             try:
-                self.ownership.transfer(pages, owner_id, PRESERVED)
+                self.ownership.transfer_runs(pages, owner_id, PRESERVED)
             except BaseException:
                 unlink(self.ram, self.sb_pfn, self._walk()[0])
                 raise
@@ -201,7 +203,7 @@ class NodeStore:
             set_node_state(self.ram, node_pfn, COMPLETE)
         _fault_point("complete")
 
-    def cancel(self, owner_id: int, node_pfn: int, pages: PfnArray) -> None:
+    def cancel(self, owner_id: int, node_pfn: int, pages: PageRuns) -> None:
         """Undo `publish` of the node at *node_pfn*: its *pages* go back to *owner_id*."""
         with self.ownership.locked():
             self._remove_dead_remains()
@@ -209,7 +211,7 @@ class NodeStore:
             if node is None or node.state != COMPLETE:
                 raise NodeError(f"the preserved node at pfn {node_pfn} is gone (discarded?)")
             set_node_state(self.ram, node_pfn, TAKEN)
-            self.ownership.transfer(pages, PRESERVED, owner_id)
+            self.ownership.transfer_runs(pages, PRESERVED, owner_id)
             unlink(self.ram, self.sb_pfn, node)
 
     # -- restoring --------------------------------------------------------------------------
@@ -233,7 +235,7 @@ class NodeStore:
             self._check_owned(contents)
             parsed = parse(contents)
             set_node_state(self.ram, node.pfn, TAKEN)
-            self.ownership.transfer(contents.all_pfns, PRESERVED, owner_id)
+            self.ownership.transfer_runs(contents.all_runs, PRESERVED, owner_id)
             unlink(self.ram, self.sb_pfn, node)
             return contents, parsed
 

@@ -138,15 +138,3 @@ def read_stream(
     if (pfns <= 0).any() or too_far.any():
         raise CorruptNode(f"{what}: an entry points outside RAM")
     return link_pfns, pfns, orders, indexes
-
-
-def expand_pages(pfns: Int64s, orders: Int64s) -> PfnArray:
-    """Return every pfn the entries cover (a huge entry's 512 pages), in entry order."""
-    sizes = np.left_shift(1, orders)
-    if (orders == 0).all():
-        return pfns.copy()
-    offsets = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(
-        np.cumsum(sizes) - sizes, sizes
-    )
-    expanded: PfnArray = np.repeat(pfns, sizes) + offsets
-    return expanded

@@ -8,13 +8,13 @@ they are copied to pages outside it first. The cost is a few numpy passes over t
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from kexec_sim.kexec import next_kernel_range
 from kexec_sim.ownership import PageOwnership
-from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PfnArray
+from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PageRuns, PfnArray
 
 from . import byte_stream, page_stream, tree_record
 from .errors import CorruptNode
@@ -29,7 +29,7 @@ class Preserved:
     """A published node of this mount: where it is and every page it holds."""
 
     node_pfn: int
-    pages: PfnArray
+    pages: PageRuns
     metadata_pfns: PfnArray
     seconds: float
 
@@ -43,6 +43,20 @@ class PreserveStats:
     objects: int
     relocated_pages: int
     seconds: float
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Milliseconds per phase of one preserve or restore."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round((now - self._last) * 1e3, 3)
+        self._last = now
 
 
 def relocate_out_of(
@@ -88,14 +102,18 @@ def preserve(
     left for the node's metadata; in both cases nothing is preserved.
     """
     started = time.perf_counter()
+    clock = _Clock()
     machine, ram, ownership = store.machine, store.ram, store.ownership
     start, end = next_kernel_range(machine)
     relocated = relocate_out_of(tree, ownership, owner_id, start, end)
+    clock.lap("relocate")
     snap = tree_record.snapshot(tree, mount)
+    clock.lap("snapshot")
     n_links = page_stream.link_pages_needed(snap.indexes)
     n_meta = byte_stream.pages_needed(len(snap.meta))
     metadata = ownership.allocate(owner_id, 1 + n_meta + n_links, avoid=(start, end))
     ram.populate(metadata)  # fault the new pages in at once, not one store at a time
+    clock.lap("allocate")
     node_pfn, meta_pfns, link_pfns = (
         int(metadata[0]),
         metadata[1 : 1 + n_meta],
@@ -104,7 +122,7 @@ def preserve(
     try:
         byte_stream.write_stream(ram, meta_pfns, snap.meta)
         page_stream.write_stream(ram, link_pfns, snap.pfns, snap.orders, snap.indexes)
-        data_pfns = page_stream.expand_pages(snap.pfns, snap.orders)
+        data = PageRuns.of_blocks(snap.pfns, np.left_shift(1, snap.orders))
         header = NodeHeader(
             name=name,
             generation=machine.generation,
@@ -115,17 +133,21 @@ def preserve(
             links_pfn=int(link_pfns[0]) if n_links else 0,
             link_pages=n_links,
             nr_entries=len(snap.pfns),
-            data_pages=len(data_pfns),
+            data_pages=data.nr_pages,
             nr_objects=snap.nr_objects,
         )
         write_node(ram, node_pfn, header)
-        pages = np.concatenate([metadata, data_pfns])
+        pages = PageRuns.concat(PageRuns.of_pfns(metadata), data)
+        clock.lap("write")
         store.publish(owner_id, node_pfn, name, pages)
+        clock.lap("publish")
     except BaseException:
         ownership.free(owner_id, metadata)
         raise
     seconds = time.perf_counter() - started
-    stats = PreserveStats(len(data_pfns), len(snap.pfns), snap.nr_objects, relocated, seconds)
+    stats = PreserveStats(
+        data.nr_pages, len(snap.pfns), snap.nr_objects, relocated, seconds, clock.phases
+    )
     return Preserved(node_pfn, pages, metadata, seconds), stats
 
 
@@ -143,12 +165,16 @@ def restore(
     Raises CorruptNode, changing nothing, when the node fails validation.
     """
     started = time.perf_counter()
+    clock = _Clock()
 
     def parse(contents: NodeContents) -> tree_record.RebuiltTree:
+        clock.lap("read")  # found, read back, checked and owned: now rebuild the tree
         what = f"pkram node {name!r}"
-        return tree_record.rebuild(
+        rebuilt = tree_record.rebuild(
             contents.meta, contents.pfns, contents.orders, contents.indexes, what
         )
+        clock.lap("rebuild")
+        return rebuilt
 
     try:
         taken = store.take(name, owner_id, parse)
@@ -159,11 +185,18 @@ def restore(
     if taken is None:
         return None
     contents, rebuilt = taken
+    clock.lap("take")
     assert isinstance(rebuilt, tree_record.RebuiltTree)
     tree.install(rebuilt.inodes, rebuilt.next_ino)
     store.ownership.free(owner_id, contents.metadata_pfns)
+    clock.lap("install")
     seconds = time.perf_counter() - started
     stats = PreserveStats(
-        len(contents.data_pfns), len(contents.pfns), contents.header.nr_objects, 0, seconds
+        contents.data.nr_pages,
+        len(contents.pfns),
+        contents.header.nr_objects,
+        0,
+        seconds,
+        clock.phases,
     )
     return rebuilt.mount, stats

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE
+from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PageRuns
 from kexec_sim.ram import Ram
 from pkramfs import byte_stream, page_chain, page_stream, tree_record
 from pkramfs.errors import CorruptNode
@@ -57,7 +57,7 @@ def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
     )
     assert (got_links == links).all()
     assert (got_pfns == pfns).all() and (got_orders == orders).all() and (got_idx == idx).all()
-    expanded = page_stream.expand_pages(got_pfns, got_orders)
+    expanded = PageRuns.of_blocks(got_pfns, np.left_shift(1, got_orders)).expand()
     assert len(expanded) == 3000 + 40 * 512
     assert (expanded[3000:3512] == np.arange(32768, 32768 + 512)).all()
 

@@ -1,0 +1,180 @@
+"""N scripted PKRAM handover cycles over a realistic tree, checked in full after every kexec.
+
+On a private machine (removed afterwards) two mounts are made: ``pkram=src`` (huge=never) gets
+the Python standard library extracted from a real tarball, a big random file, sparse files,
+hard links, xattrs and odd times; ``pkram=big`` (huge=always) gets large files. Each cycle
+changes both trees (new files, rewrites, deletions, truncations), records every file's md5 and
+metadata, preserves both mounts, kexecs (poison scrub), restores them and compares everything,
+then runs the ownership checker. Exit 0 when every cycle matched, 1 otherwise.
+"""
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_io import make_stdlib_tarball
+
+Record = dict[str, tuple[object, ...]]
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(list(cmd), capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"kexec-cycles: {' '.join(cmd)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record(root: Path) -> Record:
+    """md5 and metadata of everything below *root* (metadata first: md5 reads change atime)."""
+    meta: Record = {}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            xattrs = (
+                tuple(sorted((x, os.getxattr(path, x)) for x in os.listxattr(path)))
+                if not stat.S_ISLNK(st.st_mode)
+                else ()
+            )
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            meta[str(path.relative_to(root))] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink,
+                st.st_rdev,
+                st.st_atime_ns,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                xattrs,
+                target,
+            )
+            if stat.S_ISREG(st.st_mode):
+                files.append(path)
+    for path in files:
+        key = str(path.relative_to(root))
+        meta[key] = meta[key] + (md5(path),)
+    return meta
+
+
+def change_tree(root: Path, cycle: int, rng: random.Random, tarball: Path | None) -> None:
+    """Make *cycle*'s changes: the first cycle builds the tree, later ones modify it."""
+    if tarball is not None:
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(root)], check=True)
+        (root / "bigfile").write_bytes(os.urandom(64 << 20))
+        with open(root / "sparse", "wb") as f:
+            f.seek(3 << 30)
+            f.write(b"end")
+        os.link(root / "bigfile", root / "bigfile.link")
+        os.mkfifo(root / "fifo")
+        os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.symlink("bigfile", root / "bigfile.sym")
+    for i in range(20):
+        (root / f"cycle{cycle}-{i}").write_bytes(os.urandom(rng.randrange(1, 300_000)))
+    os.setxattr(root / "bigfile", f"user.cycle{cycle}", str(cycle).encode())
+    with open(root / "bigfile", "r+b") as f:
+        f.seek(rng.randrange(0, 60 << 20))
+        f.write(os.urandom(1 << 20))
+    with open(root / "sparse", "r+b") as f:
+        f.seek(rng.randrange(0, 3 << 30))
+        f.write(b"x" * 5000)
+    if cycle:
+        (root / f"cycle{cycle - 1}-3").unlink()
+        os.truncate(root / f"cycle{cycle - 1}-4", 1234)
+    os.utime(root / "fifo", ns=(cycle * 1_000_000_007, cycle * 2_000_000_011))
+
+
+def change_huge(root: Path, cycle: int) -> None:
+    (root / f"huge{cycle}").write_bytes(os.urandom(40 << 20))
+    if cycle:
+        with open(root / "huge0", "r+b") as f:
+            f.seek(5 << 20)
+            f.write(os.urandom(3 << 20))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="kexec-cycles", description=__doc__.split("\n")[0])
+    parser.add_argument("cycles", type=int, nargs="?", default=5)
+    parser.add_argument("--ram", default="4G")
+    args = parser.parse_args()
+    machine = Path(tempfile.mkdtemp(prefix="kexec-cycles-", dir="/dev/shm"))
+    mnts = {name: Path(tempfile.mkdtemp(prefix=f"pkramfs-{name}-")) for name in ("src", "big")}
+    env = {**os.environ, "KEXEC_SIM_MACHINE": str(machine), "KEXEC_SIM_SCRUB": "poison"}
+    options = {"src": "pkram=src", "big": "pkram=big,huge=always,size=1G"}
+    tarball = Path(tempfile.gettempdir()) / "kexec-cycles-stdlib.tar"
+    rng = random.Random(42)
+    failures = 0
+    try:
+        shutil.rmtree(machine)
+        sh("kexec-sim", "--machine", str(machine), "init", "--ram", args.ram)
+        nfiles = make_stdlib_tarball(tarball)
+        print(f"machine {machine}, {args.ram} RAM; tarball of {nfiles} files")
+        for name, mnt in mnts.items():
+            sh("pkramfs", "none", str(mnt), "-o", f"{options[name]},machine={machine}", env=env)
+        for cycle in range(args.cycles):
+            change_tree(mnts["src"], cycle, rng, tarball if cycle == 0 else None)
+            change_huge(mnts["big"], cycle)
+            before = {name: record(mnt) for name, mnt in mnts.items()}
+            start = time.perf_counter()
+            for mnt in mnts.values():
+                sh("mount", "-o", "remount,preserve,ro", str(mnt))
+            sb = (machine / "sys/kernel/pkram").read_text().strip()
+            sh("kexec-sim", "load", "--append", f"pkram={sb}", env=env)
+            sh("kexec-sim", "exec", env=env)
+            for name, mnt in mnts.items():
+                sh("pkramfs", "none", str(mnt), "-o", f"pkram={name},machine={machine}", env=env)
+            blackout = time.perf_counter() - start
+            after = {name: record(mnt) for name, mnt in mnts.items()}
+            problems = sh("pkramfs-ctl", "check", "--machine", str(machine), env=env).strip()
+            same = after == before
+            entries = sum(len(r) for r in after.values())
+            print(
+                f"cycle {cycle + 1}/{args.cycles}: {entries} entries, "
+                f"{'identical' if same else 'DIFFERENT'}; blackout {blackout * 1e3:.0f} ms; "
+                f"checker: {problems.splitlines()[-1]}"
+            )
+            if not same or not problems.endswith("0 problem(s)"):
+                failures += 1
+                for name in mnts:
+                    for key in sorted(set(before[name]) ^ set(after[name]))[:5]:
+                        print(f"  {name}: only on one side: {key}")
+                    for key in sorted(set(before[name]) & set(after[name])):
+                        if before[name][key] != after[name][key]:
+                            print(f"  {name}: {key}: {before[name][key]} != {after[name][key]}")
+                            break
+    finally:
+        for mnt in mnts.values():
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+            mnt.rmdir()
+        tarball.unlink(missing_ok=True)
+        time.sleep(0.5)
+        shutil.rmtree(machine, ignore_errors=True)
+    print(
+        "OK: every cycle restored both trees identically"
+        if not failures
+        else f"{failures} cycles FAILED"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
