@@ -41,9 +41,15 @@ def md5(path: Path) -> str:
 
 
 def record(root: Path) -> Record:
-    """md5 and metadata of everything below *root* (metadata first: md5 reads change atime)."""
+    """md5 and metadata of everything below *root*. Contents are read first: a read may set
+    atime (relatime), and the metadata recorded must be what the preserve saw."""
+    digests = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                digests[str(path.relative_to(root))] = md5(path)
     meta: Record = {}
-    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
@@ -53,26 +59,12 @@ def record(root: Path) -> Record:
                 if not stat.S_ISLNK(st.st_mode)
                 else ()
             )
-            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-            meta[str(path.relative_to(root))] = (
-                st.st_ino,
-                st.st_mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_size,
-                st.st_nlink,
-                st.st_rdev,
-                st.st_atime_ns,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                xattrs,
-                target,
-            )
-            if stat.S_ISREG(st.st_mode):
-                files.append(path)
-    for path in files:
-        key = str(path.relative_to(root))
-        meta[key] = meta[key] + (md5(path),)
+            key = str(path.relative_to(root))
+            meta[key] = (
+                st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_rdev, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, xattrs,
+                os.readlink(path) if stat.S_ISLNK(st.st_mode) else None, digests.get(key),
+            )  # fmt: skip
     return meta
 
 
@@ -149,7 +141,8 @@ def main() -> int:
             entries = sum(len(r) for r in after.values())
             print(
                 f"cycle {cycle + 1}/{args.cycles}: {entries} entries, "
-                f"{'identical' if same else 'DIFFERENT'}; blackout {blackout * 1e3:.0f} ms; "
+                f"{'identical' if same else 'DIFFERENT'}; blackout {blackout * 1e3:.0f} ms "
+                "(poison scrub included); "
                 f"checker: {problems.splitlines()[-1]}"
             )
             if not same or not problems.endswith("0 problem(s)"):
