@@ -29,7 +29,7 @@ def write_stream(ram: Ram, pfns: PfnArray, data: bytes) -> None:
     assert len(pfns) == n_pages, "wrong number of byte pages"
     if n_pages == 0:
         return
-    words = page_chain.new_pages(n_pages, BYTE_MAGIC, page_chain.chain_next(pfns))
+    words = page_chain.new_pages(ram, pfns, BYTE_MAGIC)
     offsets = np.arange(n_pages, dtype=np.uint64) * np.uint64(BYTES_PER_PAGE)
     words[:, 3] = offsets
     padded = np.zeros(n_pages * BYTES_PER_PAGE, dtype=np.uint8)

@@ -32,11 +32,23 @@ def magic_word(magic: bytes) -> np.uint64:
     return np.uint64(int.from_bytes(magic, "little"))
 
 
-def new_pages(n_pages: int, magic: bytes, next_pfns: PfnArray) -> Words:
-    """Return *n_pages* zeroed pages as (n, 512) words, magic set and chained to *next_pfns*."""
-    words = np.zeros((n_pages, WORDS_PER_PAGE), dtype=np.uint64)
+def new_pages(ram: Ram, pfns: PfnArray, magic: bytes) -> Words:
+    """Return the chain's pages as (n, 512) words, headers set but for count and CRC.
+
+    When *pfns* are consecutive (the usual case) the words are the RAM pages themselves, so
+    nothing is built aside and copied; otherwise a buffer that `seal_and_store` copies in.
+    The body of each page is not cleared: the caller fills all of it.
+    """
+    n = len(pfns)
+    if n and int(pfns[-1]) - int(pfns[0]) == n - 1 and (np.diff(pfns) == 1).all():
+        first = int(pfns[0])
+        words: Words = ram.pages[first : first + n].view(np.uint64)
+    else:
+        words = np.empty((n, WORDS_PER_PAGE), dtype=np.uint64)
     words[:, 0] = magic_word(magic)
-    words[:, 2] = next_pfns
+    words[:, 1] = 0
+    words[:, 2] = chain_next(pfns)
+    words[:, 3] = 0
     return words
 
 
@@ -48,12 +60,14 @@ def chain_next(pfns: PfnArray) -> PfnArray:
 
 
 def seal_and_store(ram: Ram, pfns: PfnArray, words: Words, counts: npt.ArrayLike) -> None:
-    """Set each page's count, compute its CRC and write the pages to RAM at *pfns*."""
+    """Set each page's count, compute its CRC and write the pages to RAM at *pfns* (unless
+    *words* are those RAM pages already, see `new_pages`)."""
     words[:, 1] = np.asarray(counts, dtype=np.uint64) << np.uint64(32)
     as_bytes = words.view(np.uint8)
     crcs = np.fromiter((zlib.crc32(row) for row in as_bytes), dtype=np.uint64, count=len(words))
     words[:, 1] |= crcs
-    ram.pages[pfns] = as_bytes.reshape(len(pfns), PAGE_SIZE)
+    if not np.shares_memory(words, ram.pages):
+        ram.pages[pfns] = as_bytes.reshape(len(pfns), PAGE_SIZE)
 
 
 def read_chain(
@@ -83,7 +97,10 @@ def read_chain(
     ordered = np.sort(pfns)
     if (ordered[1:] == ordered[:-1]).any():
         raise CorruptNode(f"{what}: the chain visits a page twice (a cycle)")
-    words = all_words[pfns]  # a copy: what is checked is what is used
+    if int(pfns[-1]) - int(pfns[0]) == n_pages - 1 and (np.diff(pfns) == 1).all():
+        words = all_words[int(pfns[0]) : int(pfns[0]) + n_pages].copy()
+    else:
+        words = all_words[pfns]  # a copy either way: what is checked is what is used
     bad_magic = np.flatnonzero(words[:, 0] != magic_word(magic))
     if bad_magic.size:
         raise CorruptNode(f"{what}: pfn {int(pfns[bad_magic[0]])} is not a {magic.decode()} page")

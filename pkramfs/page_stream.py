@@ -75,27 +75,33 @@ def write_stream(
     starts, bases = _layout(indexes)
     assert len(starts) == len(link_pfns), "wrong number of link pages"
     counts = np.diff(np.concatenate([starts, [len(pfns)]]))
-    words = page_chain.new_pages(len(link_pfns), LINK_MAGIC, page_chain.chain_next(link_pfns))
+    words = page_chain.new_pages(ram, link_pfns, LINK_MAGIC)
     words[:, 3] = bases.astype(np.uint64)
     body = words[:, page_chain.HEADER_WORDS :]
     if bases.any() or (counts[:-1] != ENTRIES_PER_LINK).any():
         page_of_entry = np.repeat(np.arange(len(starts)), counts)
         slot = np.arange(len(pfns)) - np.repeat(starts, counts)
         offsets = indexes - bases[page_of_entry]
-        body[page_of_entry, slot] = _encode(pfns, orders, offsets)
+        body[:] = 0
+        body[page_of_entry, slot] = _encode(pfns, orders, offsets, np.empty(len(pfns), np.uint64))
     else:  # every page full but the last, all bases 0: a reshape places the entries
-        padded = np.zeros(body.size, dtype=np.uint64)
-        padded[: len(pfns)] = _encode(pfns, orders, indexes)
-        body[:] = padded.reshape(body.shape)
+        flat = np.empty(body.size, dtype=np.uint64)
+        _encode(pfns, orders, indexes, flat[: len(pfns)])
+        flat[len(pfns) :] = 0
+        body[:] = flat.reshape(body.shape)
     page_chain.seal_and_store(ram, link_pfns, words, counts)
 
 
-def _encode(pfns: Int64s, orders: Int64s, offsets: Int64s) -> npt.NDArray[np.uint64]:
+def _encode(
+    pfns: Int64s, orders: Int64s, offsets: Int64s, out: npt.NDArray[np.uint64]
+) -> npt.NDArray[np.uint64]:
+    """Pack entries into *out* (one temporary: fresh memory is slow to touch here)."""
     # All three are non-negative int64: reinterpret them as uint64 rather than convert.
-    entries = pfns.view(np.uint64) << np.uint64(PFN_SHIFT)
-    entries |= offsets.view(np.uint64) << np.uint64(INDEX_SHIFT)
-    entries |= orders.view(np.uint64)
-    return entries
+    np.left_shift(pfns.view(np.uint64), np.uint64(PFN_SHIFT), out=out)
+    shifted = np.left_shift(offsets.view(np.uint64), np.uint64(INDEX_SHIFT))
+    np.bitwise_or(out, shifted, out=out)
+    np.bitwise_or(out, orders.view(np.uint64), out=out)
+    return out
 
 
 def read_stream(
@@ -120,21 +126,31 @@ def read_stream(
     bases = words[:, 3]
     if (bases & np.uint64((1 << INDEX_BITS) - 1)).any():
         raise CorruptNode(f"{what}: a link page's base index is not a multiple of 2**32")
-    used = np.arange(ENTRIES_PER_LINK) < counts[:, None]
-    entries = words[:, page_chain.HEADER_WORDS :][used]
-    page_bases = np.repeat(bases, counts)
+    body = words[:, page_chain.HEADER_WORDS :]
+    if bases.any() or (counts[:-1] != ENTRIES_PER_LINK).any():
+        entries = body[np.arange(ENTRIES_PER_LINK) < counts[:, None]]
+        page_bases: npt.NDArray[np.uint64] | None = np.repeat(bases, counts)
+    else:  # full pages, base 0 (the usual case): the first n words of the bodies, in order
+        entries = np.ascontiguousarray(body).reshape(-1)[:n_entries]
+        page_bases = None
     # Shifted right, every field fits in 63 bits: view the results as int64, no copies.
     pfns = (entries >> np.uint64(PFN_SHIFT)).view(np.int64)
     orders = (entries & np.uint64(ORDER_MASK)).view(np.int64)
-    offsets = (entries >> np.uint64(INDEX_SHIFT)) & np.uint64((1 << INDEX_BITS) - 1)
-    offsets += page_bases
+    offsets = np.right_shift(entries, np.uint64(INDEX_SHIFT), out=entries)  # entries: done
+    offsets &= np.uint64((1 << INDEX_BITS) - 1)
+    if page_bases is not None:
+        offsets += page_bases
     indexes = offsets.view(np.int64)
-    huge = orders == HUGE_ORDER
-    if not ((orders == 0) | huge).all():
-        raise CorruptNode(f"{what}: an entry has an unknown order")
-    if ((pfns[huge] | indexes[huge]) & ((1 << HUGE_ORDER) - 1)).any():
-        raise CorruptNode(f"{what}: a huge entry is not 2 MiB aligned")
-    too_far = pfns + (1 << orders) > ram.nr_pages
-    if (pfns <= 0).any() or too_far.any():
+    if int(pfns.min()) <= 0:
+        raise CorruptNode(f"{what}: an entry points outside RAM")
+    if orders.any():  # huge entries: order 9, 2 MiB aligned, inside RAM
+        huge = orders != 0
+        if (orders[huge] != HUGE_ORDER).any():
+            raise CorruptNode(f"{what}: an entry has an unknown order")
+        if ((pfns[huge] | indexes[huge]) & ((1 << HUGE_ORDER) - 1)).any():
+            raise CorruptNode(f"{what}: a huge entry is not 2 MiB aligned")
+        if int(pfns[huge].max()) + (1 << HUGE_ORDER) > ram.nr_pages:
+            raise CorruptNode(f"{what}: an entry points outside RAM")
+    if int(pfns.max()) >= ram.nr_pages:
         raise CorruptNode(f"{what}: an entry points outside RAM")
     return link_pfns, pfns, orders, indexes
