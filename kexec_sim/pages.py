@@ -109,11 +109,18 @@ class PageRuns:
     def of_blocks(cls, starts: PfnArray, lengths: PfnArray) -> "PageRuns":
         """Blocks (e.g. a 2 MiB huge page: a start and 512) merged where one ends as the
         next begins."""
-        if starts.size == 0:
+        if starts.size == 0 or (lengths == 1).all():
             return cls.of_pfns(starts)
         joined = starts[1:] == starts[:-1] + lengths[:-1]
         firsts = np.flatnonzero(np.concatenate(([True], ~joined)))
         return cls(starts[firsts], np.add.reduceat(lengths, firsts).astype(np.int64))
+
+    @classmethod
+    def of_entries(cls, pfns: PfnArray, orders: PfnArray) -> "PageRuns":
+        """The pages of entries that each cover ``2**order`` pages from their pfn."""
+        if not orders.any():
+            return cls.of_pfns(pfns)
+        return cls.of_blocks(pfns, np.left_shift(1, orders))
 
     @classmethod
     def concat(cls, *parts: "PageRuns") -> "PageRuns":

@@ -37,9 +37,13 @@ class PkramFilesystem:
         self.ram = self.machine.ram()
         self.ownership = self.machine.page_ownership()
         name = f"{OWNER_PREFIX}{options.pkram or '-'}:{mountpoint}"
-        if options.pkram is not None:
-            _check_name_free(self.ownership, options.pkram)
         self.owner_id = self.ownership.register_owner(name, os.getpid(), mountpoint=mountpoint)
+        if options.pkram is not None:
+            try:
+                _check_name_free(self.ownership, options.pkram, self.owner_id)
+            except MountError:
+                self.ownership.unregister_owner(self.owner_id)
+                raise
         limit_pages = options.resolved_size_pages(self.machine.nr_pages)
         self.pool = PagePool(self.ownership, self.ram, self.owner_id, limit_pages)
         self.tree = Tree(
@@ -195,10 +199,13 @@ class PkramFilesystem:
         self.ram.close()
 
 
-def _check_name_free(ownership: PageOwnership, name: str) -> None:
-    """Refuse a second live mount with the same ``pkram=NAME`` on one boot (EBUSY)."""
+def _check_name_free(ownership: PageOwnership, name: str, owner_id: int) -> None:
+    """Refuse a second live mount with the same ``pkram=NAME`` on one boot.
+
+    Checked after registering: of two mounts racing for a name, the later registration loses.
+    """
     prefix = f"{OWNER_PREFIX}{name}:"
-    for info in ownership.owners().values():
-        if info.name.startswith(prefix):
+    for other_id, info in ownership.owners().items():
+        if other_id < owner_id and info.name.startswith(prefix):
             where = info.name[len(prefix) :]
             raise MountError(f"pkram={name} is in use by the mount at {where} (pid {info.pid})")

@@ -94,7 +94,7 @@ def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
     link_pfns, pfns, orders, indexes = page_stream.read_stream(
         ram, header.links_pfn, header.link_pages, header.nr_entries, f"{what} page stream"
     )
-    data = PageRuns.of_blocks(pfns, np.left_shift(1, orders))
+    data = PageRuns.of_entries(pfns, orders)
     if data.nr_pages != header.data_pages:
         raise CorruptNode(
             f"{what}: entries cover {data.nr_pages} pages, node says {header.data_pages}"

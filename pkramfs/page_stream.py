@@ -100,7 +100,8 @@ def _encode(
     np.left_shift(pfns.view(np.uint64), np.uint64(PFN_SHIFT), out=out)
     shifted = np.left_shift(offsets.view(np.uint64), np.uint64(INDEX_SHIFT))
     np.bitwise_or(out, shifted, out=out)
-    np.bitwise_or(out, orders.view(np.uint64), out=out)
+    if orders.any():
+        np.bitwise_or(out, orders.view(np.uint64), out=out)
     return out
 
 

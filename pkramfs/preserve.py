@@ -122,7 +122,7 @@ def preserve(
     try:
         byte_stream.write_stream(ram, meta_pfns, snap.meta)
         page_stream.write_stream(ram, link_pfns, snap.pfns, snap.orders, snap.indexes)
-        data = PageRuns.of_blocks(snap.pfns, np.left_shift(1, snap.orders))
+        data = PageRuns.of_entries(snap.pfns, snap.orders)
         header = NodeHeader(
             name=name,
             generation=machine.generation,

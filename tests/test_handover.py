@@ -374,3 +374,20 @@ def test_a_daemon_killed_during_preserve_leaves_a_consistent_state(
     assert check_machine(machine) == []
     mounts.mount("pkram=victim", mnt)
     assert contents(mnt) == (expected if restored else {})
+
+
+def test_one_live_mount_per_name_and_discard_refused_while_it_runs(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("pkram=solo")
+    (mnt / "f").write_bytes(b"x" * 10_000)
+    other = mounts.mountpoint()
+    result = run(
+        str(BIN / "pkramfs"), "none", str(other), "-o", f"pkram=solo,machine={machine.path}"
+    )
+    assert result.returncode == 32 and "in use by the mount at" in result.stderr
+    assert not os.path.ismount(other)
+    preserve(mnt)
+    refused = ctl(machine, "discard", "solo")
+    assert refused.returncode == 1 and "running mount" in refused.stderr
+    assert (mnt / "f").read_bytes() == b"x" * 10_000  # still served from its preserved pages
