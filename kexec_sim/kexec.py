@@ -139,8 +139,20 @@ def _losses(po: PageOwnership, owners: Mapping[int, OwnerInfo]) -> list[str]:
     ]
 
 
-def _stop_warnings(stopped: list[StoppedOwner]) -> list[str]:
-    return [f"{s.name} (pid {s.pid}) survived SIGKILL" for s in stopped if s.how == "alive"]
+def _stop_everyone(
+    po: PageOwnership, phases: _Phases, stop_timeout_s: float, warnings: list[str]
+) -> list[StoppedOwner]:
+    """Stop every registered owner of the boot (daemons), after warning which lose pages.
+
+    Appends to *warnings* the mounts that lose data and the processes that survived SIGKILL.
+    """
+    with po.locked():
+        owners = po.owners()
+        warnings += _losses(po, owners)
+    with phases("stop"):
+        stopped = stop_owners(owners, stop_timeout_s)
+    warnings += [f"{s.name} (pid {s.pid}) survived SIGKILL" for s in stopped if s.how == "alive"]
+    return stopped
 
 
 def _refuse_preserved_in(owner_map: npt.NDArray[np.int32], image: LoadedImage) -> None:
@@ -236,14 +248,11 @@ def exec_(
     phases = _Phases()
     generation = machine.generation + 1
     with machine.page_ownership() as po, machine.ram() as ram:
-        with po.locked():
+        with po.locked():  # refuse before stopping anything
             _refuse_preserved_in(po.owner_map, image)
             _handover_plan(ram, po, sb_pfn, wanted, force)
-            owners = po.owners()
-            warnings = _losses(po, owners)
-        with phases("stop"):
-            stopped = stop_owners(owners, stop_timeout_s)
-        warnings += _stop_warnings(stopped)
+        warnings: list[str] = []
+        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
         with po.locked():
             po.reclaim_dead_owners()
             _refuse_preserved_in(po.owner_map, image)
@@ -297,12 +306,8 @@ def reboot(
     cmdline = without_param(record.cmdline, PKRAM_PARAM)
     kernel = default_kernel_range(machine)
     with machine.page_ownership() as po, machine.ram() as ram:
-        with po.locked():
-            owners = po.owners()
-            warnings = _losses(po, owners)
-        with phases("stop"):
-            stopped = stop_owners(owners, stop_timeout_s)
-        warnings += _stop_warnings(stopped)
+        warnings: list[str] = []
+        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
         with po.locked():
             po.reclaim_dead_owners()
             preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
@@ -340,14 +345,11 @@ def poweroff(machine: Machine, *, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     record = machine.boot_record()
     with machine.page_ownership() as po, machine.ram() as ram:
         with po.locked():
-            owners = po.owners()
-            warnings = _losses(po, owners)
             preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
-            if preserved:
-                warnings.append(f"{preserved} preserved pages are lost (power off)")
-        with phases("stop"):
-            stopped = stop_owners(owners, stop_timeout_s)
-        warnings += _stop_warnings(stopped)
+        warnings: list[str] = []
+        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
+        if preserved:
+            warnings.append(f"{preserved} preserved pages are lost (power off)")
         with po.locked():
             with phases("scrub"):
                 ram.punch_range(0, ram.nr_pages)

@@ -25,7 +25,9 @@ import pytest_timeout
 
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerInfo, OwnerRegistry
+from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import process_start_time
+from kexec_sim.ram import Ram
 from pkramfs.checker import check_machine
 from pkramfs.mounts import unescape_field
 
@@ -38,6 +40,14 @@ LOG_ALARMS = ("ERROR", "CRITICAL", "Traceback")
 KILL_AFTER_TIMEOUT_S = 5.0
 EXIT_AFTER_TIMEOUT_S = 65.0
 _WATCHDOG = pytest.StashKey[list[threading.Timer]]()
+
+
+def make_ram(directory: Path, nr_pages: int) -> Ram:
+    """A bare RAM file of *nr_pages* in *directory*, mapped (for tests of the RAM formats)."""
+    path = directory / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(nr_pages * PAGE_SIZE)
+    return Ram(path, nr_pages)
 
 
 def _run(

@@ -19,12 +19,7 @@ from kexec_sim.preserved_pages import (
 )
 from kexec_sim.ram import Ram
 
-
-def make_ram(tmp_path: Path, nr_pages: int) -> Ram:
-    path = tmp_path / "RAM"
-    with open(path, "wb") as f:
-        f.truncate(nr_pages * PAGE_SIZE)
-    return Ram(path, nr_pages)
+from .conftest import make_ram
 
 
 @pytest.fixture

@@ -18,15 +18,14 @@ from kexec_sim.super_block import (
     write_super_block,
 )
 
+from .conftest import make_ram
+
 NR_PAGES = 4096
 
 
 @pytest.fixture
 def ram(tmp_path: Path) -> Iterator[Ram]:
-    path = tmp_path / "RAM"
-    with open(path, "wb") as f:
-        f.truncate(NR_PAGES * PAGE_SIZE)
-    r = Ram(path, NR_PAGES)
+    r = make_ram(tmp_path, NR_PAGES)
     yield r
     r.close()
 

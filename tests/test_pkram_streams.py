@@ -16,15 +16,14 @@ from pkramfs.file_pages import FilePages
 from pkramfs.inode import Inode
 from pkramfs.tree import ROOT_INO
 
+from .conftest import make_ram
+
 NR_PAGES = 1 << 16
 
 
 @pytest.fixture
 def ram(tmp_path: Path) -> Iterator[Ram]:
-    path = tmp_path / "RAM"
-    with open(path, "wb") as f:
-        f.truncate(NR_PAGES * PAGE_SIZE)
-    r = Ram(path, NR_PAGES)
+    r = make_ram(tmp_path, NR_PAGES)
     yield r
     r.close()
 
