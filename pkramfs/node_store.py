@@ -12,6 +12,7 @@ the reason and left exactly as it is.
 """
 
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,7 +112,7 @@ def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
 def _fault_point(step: str) -> None:
     """Die here if the tests asked to (``PKRAMFS_FAULT=preserve:<step>``)."""
     if os.environ.get(FAULT_ENV) == f"preserve:{step}":
-        os.kill(os.getpid(), 9)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class NodeStore:
