@@ -358,10 +358,10 @@ def _print_exec(report: kexec.ExecReport, as_json: bool) -> None:
         )
     if report.scrubbed_pages:
         print(f"  scrubbed:    {report.scrubbed_pages} pages ({report.scrub})")
-    pids = len({s.pid for s in report.stopped if s.how in ("term", "kill", "alive")})
+    pids = len({s.pid for s in report.stopped if s.how in ("gone", "term", "kill", "alive")})
     print(
-        f"  stopped:     {pids} processes ({report.stopped_by('term')} by SIGTERM, "
-        f"{report.stopped_by('kill')} by SIGKILL)"
+        f"  stopped:     {pids} processes ({report.stopped_by('gone')} gone once unmounted, "
+        f"{report.stopped_by('term')} by SIGTERM, {report.stopped_by('kill')} by SIGKILL)"
     )
     durations = ", ".join(
         f"{name} {seconds * 1000:.1f} ms" for name, seconds in report.durations_s.items()
