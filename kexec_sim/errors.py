@@ -19,3 +19,11 @@ class MachineExists(MachineError):
 
 class CorruptHandover(CorruptMachine):
     """Handover data read back from RAM (super block, preserved-pages table) failed validation."""
+
+
+class CorruptImage(MachineError):
+    """A hibernation image failed validation (untrusted bytes), or was already used."""
+
+
+class ForeignImage(CorruptImage):
+    """A valid hibernation image written for another machine (id or RAM size differ)."""
