@@ -266,6 +266,9 @@ def write_image(
     for name, ident in (("machine_id", machine_id), ("base_image_id", base_image_id)):
         if ident is not None and len(ident) != _ID_BYTES:
             raise MachineError(f"{name} must be {_ID_BYTES} bytes, got {len(ident)}")
+    for name, value in (("generation", generation), ("epoch_ns", epoch_ns)):
+        if not 0 <= value < 1 << 64:
+            raise MachineError(f"{name} {value} does not fit an unsigned 64-bit field")
     workers = threads if threads is not None else os.cpu_count() or 1
     if workers < 1:
         raise MachineError(f"threads must be at least 1, got {workers}")

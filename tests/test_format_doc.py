@@ -4,7 +4,7 @@ import re
 import struct
 from pathlib import Path
 
-from kexec_sim import preserved_pages, super_block
+from kexec_sim import image_file, preserved_pages, super_block
 from pkramfs import byte_stream, page_chain, page_stream, pkram_node
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -86,3 +86,23 @@ def test_chain_header_and_bodies_match_the_doc() -> None:
     assert f"bits {page_stream.INDEX_SHIFT}-{page_stream.PFN_SHIFT - 1} file page index" in text
     body = table_after("### Byte page body (`pkramfs/byte_stream.py`)")
     assert body == [(byte_stream.HEADER_BYTES, byte_stream.BYTES_PER_PAGE, "data")]
+
+
+def test_hibernation_image_matches_the_doc() -> None:
+    rows = table_after("### Image header (`IMAGE_HEADER`, 192 bytes, then zeros)")
+    assert [(o, s) for o, s, _ in rows] == struct_fields(image_file.IMAGE_HEADER)
+    assert image_file.IMAGE_HEADER.size == 192
+    by_name = {name: offset for offset, _, name in rows}
+    assert by_name["crc"] == image_file._CRC_AT
+    chunk = table_after("### Chunk (`CHUNK_HEADER`, 24 bytes, then the stored bytes)")
+    assert [(o, s) for o, s, _ in chunk] == struct_fields(image_file.CHUNK_HEADER)
+    assert image_file.CHUNK_HEADER.size == 24
+    text = DOC.read_text()
+    for signature in (image_file.SIGNATURE, image_file.USED_SIGNATURE):
+        assert f"`{signature.decode()}`" in text
+    assert f"Bits 0-{image_file.PFN_BITS - 1} pfn; bit {image_file.ZERO_BIT} all-zero" in text
+    assert f"bits {image_file.KEY_SHIFT}-63 the page's" in text
+    for name, number in image_file.COMPRESSIONS.items():
+        assert f"{number} {name}" in text
+    assert f"zstd (frame, level {image_file.ZSTD_LEVEL})" in text
+    assert f"1..{image_file.MAX_CHUNK_PAGES} (default {image_file.CHUNK_PAGES}" in text
