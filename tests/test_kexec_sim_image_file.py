@@ -2,6 +2,8 @@
 
 import os
 import stat
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +228,38 @@ def test_overwrites_an_existing_image_and_refuses_a_directory(tmp_path: Path, im
     (sub / "hib.img").mkdir(parents=True)
     with pytest.raises(MachineError, match="not a regular file"):
         write(sub, make_ram(sub))
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
+def test_chunk_with_a_good_checksum_that_does_not_decompress_refused(
+    tmp_path: Path, compression: str
+) -> None:
+    ram = make_ram(tmp_path)
+    path = tmp_path / "text.img"
+    pfns = np.arange(1000, 1064, dtype=np.int64)  # text-like: every chunk compressed
+    image_file.write_image(
+        path, ram, pfns, np.zeros(pfns.size, np.uint8), machine_id=MACHINE,
+        nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, compression=compression,
+    )  # fmt: skip
+    header = verify(path)
+    data = bytearray(path.read_bytes())
+    at = header.first_chunk_offset
+    stored, raw, _, index, first = CHUNK_HEADER.unpack_from(data, at)
+    body = at + CHUNK_HEADER.size
+    if compression == "none":  # claim fewer stored bytes than raw: nothing to decompress with
+        stored -= 1
+        del data[body + stored]
+        header_page = bytearray(data[:PAGE_SIZE])
+        struct.pack_into("<Q", header_page, 144, header.stored_bytes - 1)
+        struct.pack_into("<I", header_page, 12, 0)
+        struct.pack_into("<I", header_page, 12, zlib.crc32(header_page))
+        data[:PAGE_SIZE] = header_page
+    else:
+        data[body : body + 8] = b"\xff" * 8
+    zeroed = CHUNK_HEADER.pack(stored, raw, 0, index, first)
+    crc = zlib.crc32(bytes(data[body : body + stored]), zlib.crc32(zeroed))
+    CHUNK_HEADER.pack_into(data, at, stored, raw, crc, index, first)
+    path.write_bytes(bytes(data))
+    reason = "bytes stored for" if compression == "none" else "(not decompress|decompressed to)"
+    with pytest.raises(CorruptImage, match=rf"chunk 0: .*{reason}"):
+        verify(path)
