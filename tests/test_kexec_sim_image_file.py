@@ -263,3 +263,16 @@ def test_chunk_with_a_good_checksum_that_does_not_decompress_refused(
     reason = "bytes stored for" if compression == "none" else "(not decompress|decompressed to)"
     with pytest.raises(CorruptImage, match=rf"chunk 0: .*{reason}"):
         verify(path)
+
+
+def test_interrupted_write_leaves_the_old_image_and_no_temp_file(image: Path) -> None:
+    before = image.read_bytes()
+
+    def stop(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write(image.parent, make_ram(image.parent), chunk_pages=8, progress=stop)
+    assert image.read_bytes() == before
+    assert [p.name for p in image.parent.iterdir() if p.name.startswith(".")] == []
