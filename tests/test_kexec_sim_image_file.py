@@ -276,3 +276,24 @@ def test_interrupted_write_leaves_the_old_image_and_no_temp_file(image: Path) ->
         write(image.parent, make_ram(image.parent), chunk_pages=8, progress=stop)
     assert image.read_bytes() == before
     assert [p.name for p in image.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_round_trip_of_runs_and_scattered_pages(tmp_path: Path) -> None:
+    ram = make_ram(tmp_path)
+    path = tmp_path / "runs.img"
+    pfns = np.concatenate((np.arange(900, 1100), [3000, 5, 3500, 77], np.arange(2490, 2510)))
+    keys = np.arange(pfns.size, dtype=np.uint8)
+    image_file.write_image(
+        path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=1,
+        epoch_ns=0, compression="zstd", threads=2, chunk_pages=16,
+    )  # fmt: skip
+    header = verify(path)
+    pfn_list = image_file.read_pfn_list(path, header)
+    got = {int(p): k for p, k in zip(pfn_list.pfns, pfn_list.keys, strict=True)}
+    assert got == {int(p): k for p, k in zip(pfns, keys, strict=True)}
+    restored = 0
+    for chunk_pfns, pages in image_file.iter_chunks(path, header, pfn_list):
+        assert np.array_equal(pages, ram[chunk_pfns])
+        restored += chunk_pfns.size
+    assert restored == header.nr_data_pages == pfns.size - 10  # 2500-2509 are zero
+    assert np.array_equal(pfn_list.zero_pfns, np.arange(2500, 2510))
