@@ -58,6 +58,10 @@ _RESERVED_BITS = ((1 << KEY_SHIFT) - 1) & ~PFN_MASK & ~(1 << ZERO_BIT)
 
 _ID_BYTES = 16
 _SCAN_PAGES = 8192  # pages gathered at a time to find the all-zero ones (32 MiB)
+_DECODE_GROUP = 8  # chunks a reader's worker checks and decompresses per task
+
+Decoded = tuple[PfnArray, npt.NDArray[np.uint8]]
+"""A chunk read back: its pfns and their pages shaped (n, 4096)."""
 
 
 @dataclass(frozen=True)
@@ -464,10 +468,8 @@ def _image_size(f: BinaryIO) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _chunks(
-    f: BinaryIO, header: ImageHeader, data_pfns: PfnArray, where: str
-) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
-    """Validate and yield (pfns, pages) of each chunk, reading from the first one on."""
+def _records(f: BinaryIO, header: ImageHeader, where: str) -> Iterator[tuple[bytes, bytes]]:
+    """Read each chunk's record header and stored bytes, checking its fields and the length."""
     size = _image_size(f)
     if size is not None and size != header.end_offset:
         what = "truncated" if size < header.end_offset else "followed by trailing bytes"
@@ -477,7 +479,7 @@ def _chunks(
     for index in range(header.nr_chunks):
         at = f"{where} chunk {index}"
         record = _read_exact(f, CHUNK_HEADER.size, at)
-        stored_bytes, raw_bytes, crc, got_index, first = CHUNK_HEADER.unpack(record)
+        stored_bytes, raw_bytes, _, got_index, first = CHUNK_HEADER.unpack(record)
         nr_pages = min(header.chunk_pages, header.nr_data_pages - index * header.chunk_pages)
         if got_index != index or first != index * header.chunk_pages:
             raise CorruptImage(f"{at}: record says chunk {got_index} from page {first}")
@@ -486,36 +488,93 @@ def _chunks(
         stored_total += stored_bytes
         if stored_total > header.stored_bytes:
             raise CorruptImage(f"{at}: more stored bytes than the header says")
-        stored = _read_exact(f, stored_bytes, at)
-        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, got_index, first)
-        if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
-            raise CorruptImage(f"{at}: checksum mismatch")
-        raw = _decompress(header.compression, stored, raw_bytes, at)
-        pages = np.frombuffer(raw, dtype=np.uint8).reshape(nr_pages, PAGE_SIZE)
-        yield data_pfns[first : first + nr_pages], pages
+        yield record, _read_exact(f, stored_bytes, at)
     if stored_total != header.stored_bytes:
         raise CorruptImage(f"{where}: chunks hold {stored_total} bytes, header says "
                            f"{header.stored_bytes}")  # fmt: skip
 
 
+def _chunks(
+    f: BinaryIO, header: ImageHeader, data_pfns: PfnArray, where: str, threads: int | None
+) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
+    """Validate and yield (pfns, pages) of each chunk in order; *threads* decode them.
+
+    The file is read in this thread; checksums and decompression run in the workers, by
+    groups of ``_DECODE_GROUP`` chunks (one chunk is too little work to hand to a thread), at
+    most 2 x *threads* groups ahead. A bad chunk raises when its turn comes.
+    """
+    workers = threads if threads is not None else os.cpu_count() or 1
+    if workers < 1:
+        raise MachineError(f"threads must be at least 1, got {workers}")
+
+    def decode(record: bytes, stored: bytes) -> Decoded:
+        stored_bytes, raw_bytes, crc, index, first = CHUNK_HEADER.unpack(record)
+        at = f"{where} chunk {index}"
+        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
+        if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
+            raise CorruptImage(f"{at}: checksum mismatch")
+        raw = _decompress(header.compression, stored, raw_bytes, at)
+        pages = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        return data_pfns[first : first + pages.shape[0]], pages
+
+    if workers == 1:
+        for record, stored in _records(f, header, where):
+            yield decode(record, stored)
+        return
+
+    def decode_group(group: list[tuple[bytes, bytes]]) -> tuple[list[Decoded], CorruptImage | None]:
+        """The group's good chunks up to its first bad one, and that one's error."""
+        done: list[Decoded] = []
+        try:
+            for record, stored in group:
+                done.append(decode(record, stored))
+        except CorruptImage as e:
+            return done, e
+        return done, None
+
+    def results(future: Future[tuple[list[Decoded], CorruptImage | None]]) -> Iterator[Decoded]:
+        done, error = future.result()
+        yield from done
+        if error is not None:
+            raise error
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window: deque[Future[tuple[list[Decoded], CorruptImage | None]]] = deque()
+        group: list[tuple[bytes, bytes]] = []
+        for record_and_stored in _records(f, header, where):
+            group.append(record_and_stored)
+            if len(group) == _DECODE_GROUP:
+                window.append(pool.submit(decode_group, group))
+                group = []
+            if len(window) >= 2 * workers:
+                yield from results(window.popleft())
+        window.append(pool.submit(decode_group, group))
+        while window:
+            yield from results(window.popleft())
+
+
 def iter_chunks(
-    path: Path | str, header: ImageHeader, pfn_list: PfnList
+    path: Path | str, header: ImageHeader, pfn_list: PfnList, *, threads: int | None = None
 ) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
     """Yield (pfns, pages shaped (n, 4096)) of each data chunk, each checked before it is yielded.
 
     *header* and *pfn_list* are what ``read_header`` and ``read_pfn_list`` returned for
-    *path*. A bad chunk raises CorruptImage naming it, after the good ones before it were
-    yielded: call ``verify_image`` first to change nothing unless all of it is good.
+    *path*. *threads* workers (default: the core count) check and decompress chunks while
+    the file is read. A bad chunk raises CorruptImage naming it, after the good ones before it
+    were yielded: call ``verify_image`` first to change nothing unless all of it is good.
     """
     with open(path, "rb") as f:
-        yield from _chunks(f, header, pfn_list.data_pfns, str(path))
+        yield from _chunks(f, header, pfn_list.data_pfns, str(path), threads)
 
 
-def verify_image(path: Path | str, *, machine_id: bytes, nr_ram_pages: int) -> ImageHeader:
+def verify_image(
+    path: Path | str, *, machine_id: bytes, nr_ram_pages: int, threads: int | None = None
+) -> ImageHeader:
     """Check all of the image at *path*, writing nothing; return its header.
 
     Checks the header, that it was written for this machine (ForeignImage otherwise), the
-    pfn list, every chunk's checksum and decompressed length, and the image's length.
+    pfn list, every chunk's checksum and decompressed length (by *threads* workers, default
+    the core count), and the image's length.
     Raises CorruptImage naming the first problem.
     """
     where = str(path)
@@ -528,7 +587,7 @@ def verify_image(path: Path | str, *, machine_id: bytes, nr_ram_pages: int) -> I
             raise ForeignImage(f"{where}: written for {header.nr_ram_pages} pages of RAM, "
                                f"this machine has {nr_ram_pages}")  # fmt: skip
         pfn_list = _parse_pfn_list(f, header, where)
-        for _ in _chunks(f, header, pfn_list.data_pfns, where):
+        for _ in _chunks(f, header, pfn_list.data_pfns, where, threads):
             pass
     return header
 

@@ -52,13 +52,17 @@ def write(tmp_path: Path, ram: npt.NDArray[np.uint8], **kwargs: object) -> tuple
     return path, stats
 
 
-def restore(path: Path) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_file.PfnList]:
+def restore(
+    path: Path, threads: int
+) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_file.PfnList]:
     """What resume would do: verify, then put every page into a fresh RAM."""
-    header = image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    header = image_file.verify_image(
+        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads
+    )
     pfn_list = image_file.read_pfn_list(path, header)
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
     fresh[pfn_list.zero_pfns] = 0
-    for pfns, pages in image_file.iter_chunks(path, header, pfn_list):
+    for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads):
         fresh[pfns] = pages
     return header, fresh, pfn_list
 
@@ -72,7 +76,7 @@ def test_round_trip(tmp_path: Path, compression: str, threads: int) -> None:
         tmp_path, ram, compression=compression, threads=threads, chunk_pages=7,
         progress=lambda done, total: seen.append((done, total)),
     )  # fmt: skip
-    header, fresh, pfn_list = restore(path)
+    header, fresh, pfn_list = restore(path, threads)
     pfns, keys = page_set()
     saved = np.sort(pfns)
     assert np.array_equal(fresh[saved], ram[saved])
@@ -181,10 +185,11 @@ def test_flipped_chunk_byte_refused_naming_the_chunk(image: Path) -> None:
     with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
         verify(image)
     pfn_list = image_file.read_pfn_list(image, header)
-    chunks = image_file.iter_chunks(image, header, pfn_list)
-    next(chunks)
-    with pytest.raises(CorruptImage, match="chunk 1"):
-        next(chunks)
+    for threads in (1, 3):  # the good chunk 0 first, then the error
+        chunks = image_file.iter_chunks(image, header, pfn_list, threads=threads)
+        assert next(chunks)[0].size == header.chunk_pages
+        with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
+            next(chunks)
 
 
 @pytest.mark.parametrize("offset", [0, 9, 20, 50, 200, 4095])
