@@ -273,6 +273,8 @@ def write_image(
     for name, ident in (("machine_id", machine_id), ("base_image_id", base_image_id)):
         if ident is not None and len(ident) != _ID_BYTES:
             raise MachineError(f"{name} must be {_ID_BYTES} bytes, got {len(ident)}")
+    if base_image_id is not None and not any(base_image_id):
+        raise MachineError("base_image_id must not be all zeros (zeros mean: no base)")
     for name, value in (("generation", generation), ("epoch_ns", epoch_ns)):
         if not 0 <= value < 1 << 64:
             raise MachineError(f"{name} {value} does not fit an unsigned 64-bit field")
@@ -310,8 +312,8 @@ def write_image(
     fd, temp = _open_for_image(path)
     stored_bytes = 0
     try:
-        os.write(fd, bytes(PAGE_SIZE))  # no valid header until the very end
-        os.write(fd, pfn_list + bytes(first_chunk - PAGE_SIZE - len(pfn_list)))
+        padding = bytes(first_chunk - PAGE_SIZE - len(pfn_list))
+        _write_all(fd, bytes(PAGE_SIZE), pfn_list, padding)  # no valid header until the end
         with ThreadPoolExecutor(max_workers=workers) as pool:
             window: deque[Future[tuple[bytes, memoryview]]] = deque()
             submitted = 0
@@ -359,11 +361,12 @@ def write_image(
     )
 
 
-def _write_all(fd: int, record: bytes, stored: memoryview) -> None:
-    """Write a chunk's header and stored bytes with as few system calls as it takes."""
-    done = os.writev(fd, [record, stored])
-    if done < len(record) + stored.nbytes:  # a short write: finish it the simple way
-        rest = memoryview(record + stored.tobytes())[done:]
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """Write *parts* back to back at the file offset, in one writev unless it comes up short."""
+    done = os.writev(fd, parts)
+    total = sum(memoryview(part).nbytes for part in parts)
+    if done < total:  # a short write: finish it the simple way
+        rest = memoryview(b"".join(parts))[done:]
         while rest:
             rest = rest[os.write(fd, rest) :]
 

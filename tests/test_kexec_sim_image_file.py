@@ -139,6 +139,9 @@ def test_write_rejects_bad_page_sets(tmp_path: Path) -> None:
         image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), compression="xz", **common)  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="epoch_ns -1 does not fit"):
         image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), **{**common, "epoch_ns": -1})  # type: ignore[arg-type]
+    with pytest.raises(MachineError, match="base_image_id must not be all zeros"):
+        z = bytes(16)
+        image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), base_image_id=z, **common)  # type: ignore[arg-type]
     assert not path.exists()
 
 
