@@ -58,6 +58,7 @@ _RESERVED_BITS = ((1 << KEY_SHIFT) - 1) & ~PFN_MASK & ~(1 << ZERO_BIT)
 
 _ID_BYTES = 16
 _SCAN_PAGES = 8192  # pages gathered at a time to find the all-zero ones (32 MiB)
+_WRITE_BATCH = 16  # finished chunks the writer may send in one writev
 _DECODE_GROUP = 8  # chunks a reader's worker checks and decompresses per task
 
 Decoded = tuple[PfnArray, npt.NDArray[np.uint8]]
@@ -293,7 +294,7 @@ def write_image(
 
     compress = _compressor(compression)
 
-    def make_chunk(index: int) -> tuple[bytes, memoryview]:
+    def make_chunk(index: int) -> tuple[memoryview, memoryview]:
         """The record header and stored bytes of chunk *index* (run in a worker thread)."""
         first = index * chunk_pages
         chunk = data_pfns[first : first + chunk_pages]
@@ -307,7 +308,8 @@ def write_image(
             stored = raw
         header = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, 0, index, first)
         crc = zlib.crc32(stored, zlib.crc32(header))
-        return CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, crc, index, first), stored
+        record = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, crc, index, first)
+        return memoryview(record), stored
 
     fd, temp = _open_for_image(path)
     stored_bytes = 0
@@ -315,17 +317,21 @@ def write_image(
         padding = bytes(first_chunk - PAGE_SIZE - len(pfn_list))
         _write_all(fd, bytes(PAGE_SIZE), pfn_list, padding)  # no valid header until the end
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            window: deque[Future[tuple[bytes, memoryview]]] = deque()
+            window: deque[Future[tuple[memoryview, memoryview]]] = deque()
             submitted = 0
-            for written in range(nr_chunks):
+            written = 0
+            while written < nr_chunks:
                 while submitted < nr_chunks and len(window) < 2 * workers:
                     window.append(pool.submit(make_chunk, submitted))
                     submitted += 1
-                record, stored = window.popleft().result()
-                stored_bytes += stored.nbytes
-                _write_all(fd, record, stored)
+                parts = list(window.popleft().result())
+                while window and window[0].done() and len(parts) < 2 * _WRITE_BATCH:
+                    parts.extend(window.popleft().result())  # finished ones: one bigger write
+                stored_bytes += sum(part.nbytes for part in parts[1::2])
+                _write_all(fd, *parts)
+                written += len(parts) // 2
                 if progress is not None:
-                    progress(min((written + 1) * chunk_pages, data_pfns.size), data_pfns.size)
+                    progress(min(written * chunk_pages, data_pfns.size), data_pfns.size)
         t_data = time.perf_counter()
         header = ImageHeader(
             flags=FLAG_INCREMENTAL if base_image_id is not None else 0,
