@@ -29,6 +29,7 @@ import numpy.typing as npt
 import zstandard
 
 from .errors import CorruptImage, ForeignImage, MachineError
+from .jsonfile import fsync_dir
 from .pages import PAGE_SIZE, PfnArray, as_pfn_array
 
 SIGNATURE = b"KSIMHIB1"
@@ -350,7 +351,7 @@ def write_image(
         if temp is not None:
             os.rename(temp, path)
             temp = None
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -375,14 +376,6 @@ def _write_all(fd: int, *parts: bytes | memoryview) -> None:
         rest = memoryview(b"".join(parts))[done:]
         while rest:
             rest = rest[os.write(fd, rest) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_header(page: bytes, where: str) -> ImageHeader:
