@@ -65,13 +65,11 @@ from kexec_sim.pages import (
     PageRuns,
     PfnArray,
     as_pfn_array,
-    runs_in_order,
 )
 from kexec_sim.process import is_alive, process_start_time
 from kexec_sim.transfer_journal import (
     read_journal,
     remove_journal,
-    write_journal,
     write_journal_runs,
 )
 
@@ -98,14 +96,6 @@ _SERIAL_OFFSET = 32
 FAULT_ENV = "KEXEC_SIM_FAULT"
 """Fault injection for tests: ``transfer-midway`` kills a transfer half applied."""
 _FORMAT_CHUNK_PAGES = 1 << 18  # a fresh map is written in chunks of 1 MiB, all-FREE ones skipped
-
-
-def _few_runs(pfns: PfnArray) -> tuple[PfnArray, PfnArray] | None:
-    """The runs of *pfns* (see runs_in_order) when there are few enough to loop over."""
-    if pfns.size < 64:
-        return None
-    runs = runs_in_order(pfns)
-    return runs if runs[0].size <= MANY_RUNS else None
 
 
 def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
@@ -420,7 +410,7 @@ class PageOwnership:
         with self.locked():
             self._require_holder(owner_id)
             checked = self._owned_pfns(pfns, owner_id, "free")
-            self._assign(checked, FREE)
+            self._set_owner(PageRuns.of_pfns(checked), FREE)
             # Rewind the next-fit cursor to the lowest page freed: pages just given back are
             # handed out again first (the host has them resident; allocation stays compact).
             if checked.size:
@@ -438,14 +428,8 @@ class PageOwnership:
             self._require_holder(from_owner, allow_free=True)
             self._require_holder(to_owner)
             checked = self._owned_pfns(pfns, from_owner, "transfer")
-            if checked.size == 0:
-                return
-            write_journal(self.boot_dir, checked, from_owner, to_owner)
-            if os.environ.get(FAULT_ENV) == "transfer-midway":
-                self._owners[checked[: checked.size // 2]] = to_owner
-                os.kill(os.getpid(), signal.SIGKILL)
-            self._assign(checked, to_owner)
-            remove_journal(self.boot_dir)
+            if checked.size:
+                self._move(PageRuns.of_pfns(checked), from_owner, to_owner)
 
     def transfer_runs(self, runs: PageRuns, from_owner: int, to_owner: int) -> None:
         """`transfer` for pages given as runs: checks, journal and moves cost per run."""
@@ -469,14 +453,17 @@ class PageOwnership:
                     f"transfer: pfn {wrong} is not owned by {owner_name(from_owner)} "
                     f"({owner_name(actual)})"
                 )
-            write_journal_runs(self.boot_dir, runs.starts, runs.lengths, from_owner, to_owner)
-            if os.environ.get(FAULT_ENV) == "transfer-midway":
-                half = runs.expand()
-                self._owners[half[: half.size // 2]] = to_owner
-                os.kill(os.getpid(), signal.SIGKILL)
-            for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
-                self._owners[start : start + length] = to_owner
-            remove_journal(self.boot_dir)
+            self._move(runs, from_owner, to_owner)
+
+    def _move(self, runs: PageRuns, from_owner: int, to_owner: int) -> None:
+        """Give checked *runs* to *to_owner*, journaled so that a crash midway is replayed."""
+        write_journal_runs(self.boot_dir, runs.starts, runs.lengths, from_owner, to_owner)
+        if os.environ.get(FAULT_ENV) == "transfer-midway":
+            half = runs.expand()
+            self._owners[half[: half.size // 2]] = to_owner
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._set_owner(runs, to_owner)
+        remove_journal(self.boot_dir)
 
     def first_not_owned(self, runs: PageRuns, owner_id: int) -> int | None:
         """Return the first pfn of *runs* not owned by *owner_id*, or None if all are."""
@@ -494,20 +481,23 @@ class PageOwnership:
                 return int(start) + int(wrong[0])
         return None
 
-    def _assign(self, pfns: PfnArray, owner_id: int) -> None:
-        """Set the owner of *pfns* (checked), by slices when they form few runs."""
-        runs = _few_runs(pfns)
-        if runs is None:
-            self._owners[pfns] = owner_id
+    def _set_owner(self, runs: PageRuns, owner_id: int) -> None:
+        """Set the owner of every page of *runs*: a slice per run when there are few."""
+        if runs.starts.size > MANY_RUNS:
+            self._owners[runs.expand()] = owner_id
             return
-        for start, length in zip(*(a.tolist() for a in runs), strict=True):
+        for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
             self._owners[start : start + length] = owner_id
 
     def _owned_pfns(self, pfns: npt.ArrayLike, owner_id: int, verb: str) -> PfnArray:
         """Return *pfns* checked: in RAM, distinct, all owned by *owner_id*."""
         checked = as_pfn_array(pfns, self.nr_pages)
-        runs = _few_runs(checked)
-        if runs is not None and self._runs_owned(runs, owner_id):
+        runs = PageRuns.of_pfns(checked)
+        if (
+            runs.starts.size <= MANY_RUNS
+            and runs.first_repeat(self.nr_pages) is None
+            and self._first_not_owned(runs, owner_id) is None
+        ):
             return checked  # distinct (runs do not overlap) and all owned: the fast path
         if checked.size > 1 and not (np.diff(checked) > 0).all():
             ordered = np.sort(checked)
@@ -522,18 +512,6 @@ class PageOwnership:
                 f"{owner_name(owner_id)}: {_describe(checked[wrong], actual[wrong])}"
             )
         return checked
-
-    def _runs_owned(self, runs: tuple[PfnArray, PfnArray], owner_id: int) -> bool:
-        """Whether the runs do not overlap and every page of them is owned by *owner_id*."""
-        starts, lengths = runs
-        order = np.argsort(starts, kind="stable")
-        reach = np.maximum.accumulate((starts + lengths)[order])  # no run starts before it
-        if (starts[order][1:] < reach[:-1]).any():
-            return False
-        return not any(
-            (self._owners[start : start + length] != owner_id).any()
-            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True)
-        )
 
     # -- queries --------------------------------------------------------------------------
 
