@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.errors import CorruptMachine, MachineError
-from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array
+from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, runs_in_order
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -29,11 +29,7 @@ def _pfn_runs(pfns: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.N
     Sorts and drops repeats by hand: numpy's np.unique (hash-based) was ~18x slower on 2M pfns.
     """
     ordered = np.sort(pfns)
-    ordered = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
-    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [ordered.size]))
-    return ordered[starts], ends - starts
+    return runs_in_order(ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))])
 
 
 class Ram:

@@ -21,6 +21,7 @@ from kexec_sim.super_block import node_list_head, set_node_list_head
 
 from .errors import CorruptNode
 from .options import PKRAM_NAME_RE
+from .page_chain import magic_word
 
 NODE_MAGIC = b"PKRMNOD1"
 NODE_VERSION = 1
@@ -51,10 +52,6 @@ class NodeHeader:
     data_pages: int
     nr_objects: int
     flags: int = 0
-
-
-def _state_word(state: bytes) -> np.uint64:
-    return np.uint64(int.from_bytes(state, "little"))
 
 
 def write_node(ram: Ram, pfn: int, header: NodeHeader) -> None:
@@ -135,7 +132,7 @@ def node_state(ram: Ram, pfn: int) -> bytes:
 
 def set_node_state(ram: Ram, pfn: int, state: bytes) -> None:
     """Change a node's state with one aligned 8-byte store."""
-    _words(ram)[pfn, STATE_WORD] = _state_word(state)
+    _words(ram)[pfn, STATE_WORD] = magic_word(state)
 
 
 def _set_next(ram: Ram, pfn: int, next_pfn: int) -> None:
