@@ -16,7 +16,7 @@ from kexec_sim.ram import Ram
 
 from . import control
 from .errors import MountError, NodeError
-from .filesystem import OWNER_PREFIX
+from .filesystem import OWNER_PREFIX, mount_using
 from .mounts import pkramfs_mounts
 from .node_store import NodeInfo, NodeStore
 
@@ -82,14 +82,12 @@ def discard_node(machine: Machine, name: str) -> int:
     """
     store, ownership, ram = _store(machine)
     try:
-        prefix = f"{OWNER_PREFIX}{name}:"
-        for info in ownership.owners().values():
-            if info.name.startswith(prefix):
-                where = info.name[len(prefix) :]
-                raise NodeError(
-                    f"pkram node {name!r} belongs to the running mount at {where}: "
-                    "unmount it or remount it rw"
-                )
+        user = mount_using(ownership, name)
+        if user is not None:
+            raise NodeError(
+                f"pkram node {name!r} belongs to the running mount at {user[0]}: "
+                "unmount it or remount it rw"
+            )
         owner_id = ownership.register_owner(f"pkramfs-ctl:discard:{name}", os.getpid())
         try:
             return store.discard(name, owner_id)

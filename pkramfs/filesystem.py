@@ -11,7 +11,7 @@ import numpy as np
 
 from kexec_sim.errors import OutOfMemory
 from kexec_sim.machine import Machine
-from kexec_sim.ownership import PageOwnership
+from kexec_sim.ownership import OwnerInfo, PageOwnership
 from kexec_sim.pages import PfnArray
 
 from . import preserve
@@ -199,13 +199,26 @@ class PkramFilesystem:
         self.ram.close()
 
 
+def mount_using(
+    ownership: PageOwnership, name: str, registered_before: int | None = None
+) -> tuple[str, OwnerInfo] | None:
+    """The mountpoint and owner of a mount registered with ``pkram=NAME`` (only among owner
+    ids below *registered_before*, when given), or None."""
+    prefix = f"{OWNER_PREFIX}{name}:"
+    for other_id, info in ownership.owners().items():
+        if info.name.startswith(prefix) and (
+            registered_before is None or other_id < registered_before
+        ):
+            return info.name[len(prefix) :], info
+    return None
+
+
 def _check_name_free(ownership: PageOwnership, name: str, owner_id: int) -> None:
     """Refuse a second live mount with the same ``pkram=NAME`` on one boot.
 
     Checked after registering: of two mounts racing for a name, the later registration loses.
     """
-    prefix = f"{OWNER_PREFIX}{name}:"
-    for other_id, info in ownership.owners().items():
-        if other_id < owner_id and info.name.startswith(prefix):
-            where = info.name[len(prefix) :]
-            raise MountError(f"pkram={name} is in use by the mount at {where} (pid {info.pid})")
+    other = mount_using(ownership, name, registered_before=owner_id)
+    if other is not None:
+        where, info = other
+        raise MountError(f"pkram={name} is in use by the mount at {where} (pid {info.pid})")

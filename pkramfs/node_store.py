@@ -268,21 +268,34 @@ class NodeStore:
     def _free_orphans(self, owner_id: int) -> int:
         """Free the PRESERVED pages no node names, if every remaining node reads back whole
         (a damaged one might name them); return how many. Lock held."""
-        listed, stopped = walk_list(self.ram, self.sb_pfn)
-        named: list[PfnArray] = [np.empty(0, dtype=np.int64)]
-        for node in listed:
-            try:
-                named.append(read_contents(self.ram, node).all_pfns)
-            except CorruptNode:
-                return 0
-        if stopped is not None:
+        named, damage, stopped = self._named_pages()
+        if damage or stopped is not None:
             return 0
-        preserved = np.flatnonzero(self.ownership.owner_map == PRESERVED)
-        orphans = preserved[~np.isin(preserved, np.concatenate(named))]
+        orphans = self._orphans(named)
         if orphans.size:
             self.ownership.transfer(orphans, PRESERVED, owner_id)
             self.ownership.free(owner_id, orphans)
         return int(orphans.size)
+
+    def _named_pages(self) -> tuple[PfnArray, list[str], str | None]:
+        """Every page the nodes in the list name (whole, preserved nodes only), the reasons the
+        others are damaged, and why the list walk stopped early if it did. Lock held."""
+        listed, stopped = walk_list(self.ram, self.sb_pfn)
+        named: list[PfnArray] = [np.empty(0, dtype=np.int64)]
+        damage: list[str] = []
+        for node in listed:
+            try:
+                contents = read_contents(self.ram, node)
+                self._check_owned(contents)
+                named.append(contents.all_pfns)
+            except CorruptNode as exc:
+                damage.append(str(exc))
+        return np.concatenate(named), damage, stopped
+
+    def _orphans(self, named: PfnArray) -> PfnArray:
+        """The PRESERVED pages that are not in *named*. Lock held."""
+        preserved = np.flatnonzero(self.ownership.owner_map == PRESERVED)
+        return preserved[~np.isin(preserved, named)]
 
     def _attributable_pages(self, node: ListedNode, others: list[ListedNode]) -> PfnArray:
         """The PRESERVED pages *node* can be shown to hold that no other node names."""
@@ -329,25 +342,14 @@ class NodeStore:
         """Problems of the preserved pages: every PRESERVED page named by exactly one node."""
         with self.ownership.locked():
             self._remove_dead_remains()
-            listed, stopped = walk_list(self.ram, self.sb_pfn)
-            problems = [stopped] if stopped else []
-            named: list[PfnArray] = []
-            damaged = False
-            for node in listed:
-                try:
-                    contents = read_contents(self.ram, node)
-                    self._check_owned(contents)
-                    named.append(contents.all_pfns)
-                except CorruptNode as exc:
-                    problems.append(str(exc))
-                    damaged = True
-            everything = np.sort(np.concatenate(named)) if named else np.empty(0, dtype=np.int64)
+            named, damage, stopped = self._named_pages()
+            problems = ([stopped] if stopped else []) + damage
+            everything = np.sort(named)
             twice = everything[1:][everything[1:] == everything[:-1]]
             if twice.size:
                 problems.append(f"pfn {int(twice[0])} is named by two nodes")
-            preserved = np.flatnonzero(self.ownership.owner_map == PRESERVED)
-            orphans = np.setdiff1d(preserved, everything, assume_unique=True)
-            if orphans.size and not damaged:
+            orphans = self._orphans(everything)
+            if orphans.size and not damage:
                 problems.append(
                     f"{orphans.size} preserved pages belong to no node (pfn {int(orphans[0])})"
                 )
