@@ -134,23 +134,6 @@ class FilePages:
         present = stacked != HOLE
         return index[present], stacked[present]
 
-    def link_entries(self) -> tuple[PfnArray, PfnArray, PfnArray]:
-        """Return (pfns, orders, file indexes) in index order: one order-9 entry per huge page."""
-        if not self._chunks:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty, empty
-        order = np.array(sorted(self._chunks), dtype=np.int64)
-        stacked = np.stack([self._chunks[c] for c in order.tolist()])
-        present = stacked != HOLE
-        if self._huge:  # a huge chunk keeps only its first page, as an order-9 entry
-            huge_rows = np.isin(order, np.fromiter(self._huge, dtype=np.int64))
-            present[huge_rows, 1:] = False
-        index = (order[:, None] << CHUNK_SHIFT) + np.arange(CHUNK_PAGES, dtype=np.int64)
-        orders = np.zeros(stacked.shape, dtype=np.int64)
-        if self._huge:
-            orders[huge_rows, 0] = HUGE_ORDER
-        return stacked[present], orders[present], index[present]
-
     def chunks(self) -> list[tuple[int, PfnArray, bool]]:
         """Return (chunk number, its 512 pfns, whether it is one huge page), by chunk number."""
         return [(c, self._chunks[c], c in self._huge) for c in sorted(self._chunks)]

@@ -71,7 +71,7 @@ def relocate_out_of(
     for inode in tree.inodes.values():
         if inode.pages is None or inode.pages.nr_pages == 0:
             continue
-        pfns, orders, indexes = inode.pages.link_entries()
+        pfns, orders, indexes, _ = tree_record.page_entries([inode.pages])
         inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
         if not inside.any():
             continue

@@ -102,7 +102,7 @@ def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
                 content,
             ]
         )
-    pfns, orders, indexes, per_file = _gather_entries([pages for _, pages in files])
+    pfns, orders, indexes, per_file = page_entries([pages for _, pages in files])
     first = 0
     for (content, _), count in zip(files, per_file.tolist(), strict=True):
         content[0], content[1] = first, count
@@ -117,8 +117,9 @@ def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
 _BATCH_CHUNKS = 4096  # chunks stacked at once (16 MiB)
 
 
-def _gather_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
-    """Return the page-stream entries of *files* in order, and how many belong to each file.
+def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
+    """Return the page-stream entries of *files* in order (pfns, orders, file indexes) and
+    how many belong to each file.
 
     Chunks of small pages are stacked and masked in batches; a huge chunk is one entry (its
     first pfn, order 9) and is never stacked.
