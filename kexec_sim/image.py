@@ -314,11 +314,13 @@ def write_synthetic_image(
 
 
 def _segment(ram: Ram, start_pfn: int, size_bytes: int) -> npt.NDArray[np.uint8]:
-    """The *size_bytes* of RAM from *start_pfn*, populated; MachineError if they leave RAM."""
+    """The *size_bytes* of RAM from *start_pfn*, populated and marked changed (the caller
+    writes them); MachineError if they leave RAM."""
     nr_pages = pages_for_bytes(size_bytes)
     if start_pfn < 0 or start_pfn + nr_pages > ram.nr_pages:
         raise MachineError(f"an image of {size_bytes} bytes at pfn {start_pfn} leaves RAM")
     ram.populate(np.arange(start_pfn, start_pfn + nr_pages, dtype=np.int64))
+    ram.keys.mark_changed_range(start_pfn, nr_pages)
     offset = start_pfn * PAGE_SIZE
     segment: npt.NDArray[np.uint8] = ram.pages.reshape(-1)[offset : offset + size_bytes]
     return segment

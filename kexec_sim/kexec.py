@@ -6,7 +6,8 @@ block (when the staged command line hands them over with ``pkram=``), scrubs eve
 neither handed over nor firmware (kexec_sim.scrub), writes the staged image over its range
 (kexec_sim.image) and boots the next generation, whose early boot (kexec_sim.boot) reserves the
 handed-over pages before anything can allocate. ``reboot`` does the same but hands nothing
-over; ``poweroff`` loses all of RAM and ``power_on`` (``kexec-sim boot``) starts afresh.
+over; ``poweroff`` loses all of RAM and the storage keys, and ``power_on`` (``kexec-sim
+boot``) starts afresh.
 
 Refusals happen before anything changes: nothing staged, a ``pkram=`` that is not this boot's
 super block (a usage error, unless forced), a damaged super block (unless forced), a preserved
@@ -353,6 +354,7 @@ def poweroff(machine: Machine, *, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
         with po.locked():
             with phases("scrub"):
                 ram.punch_range(0, ram.nr_pages)
+                ram.keys.clear()
             machine.record_power_off(held=po)
     return _boot_report(
         "poweroff",

@@ -2,8 +2,11 @@
 
 Layout (directories 0700, files 0600)::
 
-    machine.json    {"format": 1, "ram_bytes", "page_size", "memory_map", "created_ns"}
+    machine.json    {"format": 1, "ram_bytes", "page_size", "memory_map", "created_ns",
+                    "machine_id"} (machine_id: 32 hex digits, random at creation; machines
+                    made before it existed derive theirs from created_ns and ram_bytes)
     RAM             the physical memory, a sparse file of ram_bytes
+    KEYS            the storage keys, one byte per page (kexec_sim.storage_keys)
     boot.json       {"generation", "cmdline", "booted_ns", "powered", "kernel_image"} of the
                     current boot (1 = first); kernel_image is {"start_pfn", "nr_pages"} of
                     the image a kexec loaded, or null (the memory map's KERNEL region)
@@ -25,6 +28,7 @@ The directory is the explicit path given, else ``$KEXEC_SIM_MACHINE``, else
 """
 
 import errno
+import hashlib
 import os
 import secrets
 import shutil
@@ -71,6 +75,7 @@ DEFAULT_RAM_BYTES = 8 << 30
 MIN_RAM_BYTES = MIN_PAGES * PAGE_SIZE
 MAX_RAM_BYTES = 1 << 40
 MACHINE_FORMAT = 1
+MACHINE_ID_BYTES = 16
 
 MACHINE_FILE = "machine.json"
 RAM_FILE = "RAM"
@@ -112,11 +117,20 @@ class BootRecord:
 class Machine:
     """An open machine directory. Get one with ``Machine.open()`` or ``Machine.create()``."""
 
-    def __init__(self, path: Path, ram_bytes: int, memory_map: MemoryMap, created_ns: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ram_bytes: int,
+        memory_map: MemoryMap,
+        created_ns: int,
+        machine_id: bytes | None = None,
+    ) -> None:
         self.path = path
         self.ram_bytes = ram_bytes
         self.memory_map = memory_map
         self.created_ns = created_ns
+        self.machine_id = machine_id or _derived_id(created_ns, ram_bytes)
+        """16 bytes naming this machine (what a hibernation image must have been taken on)."""
 
     def __repr__(self) -> str:
         return f"Machine({str(self.path)!r}, ram_bytes={self.ram_bytes})"
@@ -228,7 +242,16 @@ class Machine:
             raise CorruptMachine(
                 f"{path / RAM_FILE}: {ram_file_bytes} bytes, machine.json says {ram_bytes}"
             )
-        machine = cls(path, ram_bytes, memory_map, created_ns)
+        machine_id = None
+        if "machine_id" in data:
+            text = get_str(data, "machine_id", where)
+            try:
+                machine_id = bytes.fromhex(text)
+            except ValueError:
+                machine_id = b""
+            if len(machine_id) != MACHINE_ID_BYTES:
+                raise CorruptMachine(f"{where}: machine_id {text[:40]!r} is not 32 hex digits")
+        machine = cls(path, ram_bytes, memory_map, created_ns, machine_id)
         machine.boot_record()
         return machine
 
@@ -365,6 +388,12 @@ class Machine:
         return PageOwnership(self.boot_dir, self.memory_map, self.nr_pages)
 
 
+def _derived_id(created_ns: int, ram_bytes: int) -> bytes:
+    """The id of a machine whose machine.json predates machine_id."""
+    seed = f"kexec-sim machine {created_ns} {ram_bytes}".encode()
+    return hashlib.blake2b(seed, digest_size=MACHINE_ID_BYTES).digest()
+
+
 def _must_wipe(target: Path, force: bool) -> bool:
     """Whether *target* holds a machine that creating one there must wipe first."""
     if not os.path.lexists(target):
@@ -397,6 +426,7 @@ def _populate(path: Path, ram_bytes: int, cmdline: str) -> None:
             "page_size": PAGE_SIZE,
             "memory_map": memory_map.to_dict(),
             "created_ns": time.time_ns(),
+            "machine_id": secrets.token_hex(MACHINE_ID_BYTES),
         },
     )
     (path / "sys").mkdir(mode=0o700)

@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from kexec_sim.errors import CorruptMachine, MachineError
 from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, runs_in_order
+from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -35,7 +36,10 @@ def _pfn_runs(pfns: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.N
 class Ram:
     """The RAM file mapped read/write and shared: what every process of a boot sees.
 
-    Views from ``buffer`` and ``pages`` are valid until ``close()``.
+    Views from ``buffer`` and ``pages`` are valid until ``close()``. ``keys`` are the pages'
+    storage keys (the ``KEYS`` file next to the RAM file): this class's writing methods mark
+    the pages they store into changed; whoever writes through ``buffer`` or ``pages`` marks
+    them itself.
     """
 
     def __init__(self, path: Path, nr_pages: int) -> None:
@@ -50,7 +54,10 @@ class Ram:
             self._mmap = mmap.mmap(
                 self._fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
+            self.keys = StorageKeys(path.with_name(KEYS_FILE), nr_pages)
         except BaseException:
+            if hasattr(self, "_mmap"):
+                self._mmap.close()
             os.close(self._fd)
             raise
         self._buffer = memoryview(self._mmap)
@@ -81,6 +88,7 @@ class Ram:
         if len(data) != PAGE_SIZE:
             raise MachineError(f"a page write needs {PAGE_SIZE} bytes, got {len(data)}")
         self._buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data
+        self.keys.mark_changed_range(pfn, 1)
 
     def punch_holes(self, pfns: npt.ArrayLike) -> None:
         """Give the pages *pfns* back to the host: afterwards they read as zeros.
@@ -99,6 +107,7 @@ class Ram:
                 if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                     raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
                 self._pages[start : start + count] = 0
+            self.keys.mark_changed_range(start, count)
 
     def punch_range(self, start_pfn: int, nr_pages: int) -> None:
         """Give the pages ``start_pfn .. start_pfn + nr_pages - 1`` back to the host (zeros).
@@ -113,6 +122,7 @@ class Ram:
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise OSError(err, f"punching a hole in {self.path}: {os.strerror(err)}")
             self._pages[start_pfn : start_pfn + nr_pages] = 0
+        self.keys.mark_changed_range(start_pfn, nr_pages)
 
     def fill_range(self, start_pfn: int, nr_pages: int, pattern_byte: int) -> None:
         """Fill the pages ``start_pfn .. start_pfn + nr_pages - 1`` with *pattern_byte*."""
@@ -120,6 +130,7 @@ class Ram:
             raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
         self._check_range(start_pfn, nr_pages)
         self._pages[start_pfn : start_pfn + nr_pages] = pattern_byte
+        self.keys.mark_changed_range(start_pfn, nr_pages)
 
     def _check_range(self, start_pfn: int, nr_pages: int) -> None:
         if start_pfn < 0 or nr_pages < 0 or start_pfn + nr_pages > self.nr_pages:
@@ -149,11 +160,13 @@ class Ram:
             raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
         checked = as_pfn_array(pfns, self.nr_pages)
         self._pages[checked] = pattern_byte
+        self.keys.mark_changed(checked)
 
     def close(self) -> None:
         """Unmap the RAM and close the file."""
         if self._fd < 0:
             return
+        self.keys.close()
         del self._pages
         try:
             self._buffer.release()

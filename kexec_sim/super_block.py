@@ -61,6 +61,7 @@ def write_super_block(ram: Ram, pfn: int, sb: SuperBlock) -> None:
     SUPER_BLOCK.pack_into(page, 0, MAGIC, VERSION, 0, *fields)
     struct.pack_into("<I", page, _CRC_AT, _crc(page))
     ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = page
+    ram.keys.mark_changed_range(pfn, 1)
 
 
 def _node_list_word(ram: Ram, sb_pfn: int) -> npt.NDArray[np.uint64]:
@@ -89,6 +90,7 @@ def set_node_list_head(ram: Ram, sb_pfn: int, head_pfn: int) -> None:
     if not 0 <= head_pfn < ram.nr_pages:
         raise MachineError(f"node list head {head_pfn} is outside RAM (0..{ram.nr_pages - 1})")
     _node_list_word(ram, sb_pfn)[_NODE_LIST_WORD] = head_pfn
+    ram.keys.mark_changed_range(sb_pfn, 1)
 
 
 def read_super_block(ram: Ram, pfn: int) -> SuperBlock:
