@@ -27,3 +27,12 @@ class CorruptImage(MachineError):
 
 class ForeignImage(CorruptImage):
     """A valid hibernation image written for another machine (id or RAM size differ)."""
+
+
+class ImageKeyError(CorruptImage):
+    """An encrypted hibernation image read without its key or with a wrong one, or a key given
+    for an image that is not encrypted."""
+
+
+class ImageTooLarge(MachineError):
+    """A hibernation image would exceed the size it was allowed (nothing valid was left)."""
