@@ -1,10 +1,15 @@
 """The hibernation image container: a page set of RAM, its keys and its data, in one file.
 
 Layout (little-endian, byte by byte in docs/FORMAT.md): a header page (``IMAGE_HEADER`` then
-zeros), the pfn list (one u64 per saved page, ascending: bits 0-47 pfn, bit 55 "all-zero page,
-no data", bits 56-63 the page's storage key) padded with zeros to a page boundary, then the data
-chunks: ``CHUNK_HEADER`` followed by the stored bytes of up to ``chunk_pages`` non-zero pages,
-in pfn list order, compressed (lz4 block, zstd frame) or raw when compression does not pay.
+zeros), the pfn list (one u64 per saved page, ascending: bits 0-47 pfn, bit 54 "data in the
+base chain" (incremental images), bit 55 "all-zero page, no data", bits 56-63 the page's storage
+key) padded with zeros to a page boundary, then the data chunks: ``CHUNK_HEADER`` followed by
+the stored bytes of up to ``chunk_pages`` pages with data here, in pfn list order, compressed
+(lz4 block, zstd frame) or raw when compression does not pay.
+
+An encrypted image (``ImageKey``) has its pfn list and every chunk's stored bytes encrypted
+with AES-256-GCM under a key derived for that image (a random salt in the header), and its
+header authenticated by a tag in the header: a wrong key or any changed byte is refused.
 
 The writer writes the header last, so an interrupted write leaves no valid signature.
 Everything read back is untrusted: a failed check raises CorruptImage naming it.
@@ -21,14 +26,19 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import lz4.block
 import numpy as np
 import numpy.typing as npt
 import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import CorruptImage, ForeignImage, MachineError
+from .errors import CorruptImage, ForeignImage, ImageKeyError, ImageTooLarge, MachineError
 from .jsonfile import fsync_dir
 from .pages import PAGE_SIZE, PfnArray, as_pfn_array
 
@@ -37,14 +47,27 @@ USED_SIGNATURE = b"KSIMUSED"
 """What ``invalidate`` writes over the signature once an image has been resumed."""
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-IMAGE_HEADER = struct.Struct("<8sIIQ16sQQQQQIIQQQ16s16sQI4x32x")
+IMAGE_HEADER = struct.Struct("<8sIIQ16sQQQQQIIQQQ16s16sQI4s16s16s")
 _CRC_AT = 12
+_AEAD_AT = 156  # nonce_prefix, salt, header_tag: zeros unless encrypted
+_TAG_AT = 176
 CHUNK_HEADER = struct.Struct("<IIIIQ")  # stored raw crc index first_page
 
 FLAG_INCREMENTAL = 1 << 0
 FLAG_ENCRYPTED = 1 << 1
-"""Reserved: set by a future encrypted format; version 1 readers refuse it."""
-KNOWN_FLAGS = FLAG_INCREMENTAL | FLAG_ENCRYPTED
+"""Pfn list and chunks encrypted, everything authenticated (AES-256-GCM)."""
+FLAG_PASSPHRASE = 1 << 2
+"""With FLAG_ENCRYPTED: the key comes from a passphrase (scrypt), not a key file (HKDF)."""
+KNOWN_FLAGS = FLAG_INCREMENTAL | FLAG_ENCRYPTED | FLAG_PASSPHRASE
+
+TAG_BYTES = 16  # AES-GCM tag
+SALT_BYTES = 16
+NONCE_PREFIX_BYTES = 4  # + an 8-byte index: the 12-byte GCM nonce
+PFN_LIST_NONCE = (1 << 64) - 1
+HEADER_NONCE = (1 << 64) - 2
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
+KEY_FILE_MIN_BYTES = 16
+HKDF_INFO = b"kexec-sim hibernation image key"
 
 COMPRESSIONS = {"none": 0, "lz4": 1, "zstd": 2}
 ZSTD_LEVEL = 1
@@ -53,9 +76,10 @@ MAX_CHUNK_PAGES = 1024  # 4 MiB: raw bytes fit a u32 with room to spare
 
 PFN_BITS = 48
 PFN_MASK = (1 << PFN_BITS) - 1
+BASE_BIT = 54
 ZERO_BIT = 55
 KEY_SHIFT = 56
-_RESERVED_BITS = ((1 << KEY_SHIFT) - 1) & ~PFN_MASK & ~(1 << ZERO_BIT)
+_RESERVED_BITS = ((1 << KEY_SHIFT) - 1) & ~PFN_MASK & ~(1 << ZERO_BIT) & ~(1 << BASE_BIT)
 
 _ID_BYTES = 16
 _SCAN_PAGES = 8192  # pages gathered at a time to find the all-zero ones (32 MiB)
@@ -64,6 +88,62 @@ _DECODE_GROUP = 8  # chunks a reader's worker checks and decompresses per task
 
 Decoded = tuple[PfnArray, npt.NDArray[np.uint8]]
 """A chunk read back: its pfns and their pages shaped (n, 4096)."""
+
+_AUTH_FAILED = "authentication failed: wrong key or tampered image"
+
+
+@dataclass(frozen=True)
+class ImageKey:
+    """The secret an encrypted image is written and read with: a key file or a passphrase.
+
+    Each image has its own AES-256 key, derived from this secret and the image's random salt
+    (``derive``): HKDF-SHA256 for a key file, scrypt (n=2^15, r=8, p=1) for a passphrase.
+    """
+
+    kind: Literal["key file", "passphrase"]
+    secret: bytes = field(repr=False)
+    _derived: dict[bytes, bytes] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    @classmethod
+    def from_key_file(cls, path: Path | str) -> "ImageKey":
+        """The key held by the file at *path* (all of its bytes, at least 16); OSError."""
+        secret = Path(path).read_bytes()
+        if len(secret) < KEY_FILE_MIN_BYTES:
+            raise MachineError(f"{path}: a key file needs at least {KEY_FILE_MIN_BYTES} bytes, "
+                               f"this one has {len(secret)}")  # fmt: skip
+        return cls("key file", secret)
+
+    @classmethod
+    def from_passphrase(cls, text: str) -> "ImageKey":
+        """The key of passphrase *text* (not empty)."""
+        if not text:
+            raise MachineError("the passphrase is empty")
+        return cls("passphrase", text.encode())
+
+    @property
+    def flags(self) -> int:
+        """The header flags an image encrypted with this key carries."""
+        return FLAG_ENCRYPTED | (FLAG_PASSPHRASE if self.kind == "passphrase" else 0)
+
+    def derive(self, salt: bytes) -> bytes:
+        """The 32-byte AES key of the image whose salt is *salt* (remembered once derived)."""
+        key = self._derived.get(salt)
+        if key is None:
+            if self.kind == "passphrase":
+                kdf: Scrypt | HKDF = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R,
+                                            p=SCRYPT_P)  # fmt: skip
+            else:
+                kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=HKDF_INFO)
+            key = kdf.derive(self.secret)
+            self._derived[salt] = key
+        return key
+
+
+def _nonce(prefix: bytes, index: int) -> bytes:
+    """The GCM nonce of item *index* (chunk number, or PFN_LIST_NONCE / HEADER_NONCE)."""
+    return prefix + index.to_bytes(8, "little")
 
 
 @dataclass(frozen=True)
@@ -86,11 +166,23 @@ class ImageHeader:
     base_image_id: bytes
     stored_bytes: int
     pfn_list_crc: int
+    nonce_prefix: bytes = bytes(NONCE_PREFIX_BYTES)
+    salt: bytes = bytes(SALT_BYTES)
 
     @property
     def incremental(self) -> bool:
         """Whether the image holds only pages changed since its base image."""
         return bool(self.flags & FLAG_INCREMENTAL)
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the pfn list and the chunks are encrypted (reading needs the key)."""
+        return bool(self.flags & FLAG_ENCRYPTED)
+
+    @property
+    def pfn_list_bytes(self) -> int:
+        """Bytes the pfn list takes before its padding (a GCM tag more when encrypted)."""
+        return 8 * self.nr_pfns + (TAG_BYTES if self.encrypted else 0)
 
     @property
     def end_offset(self) -> int:
@@ -100,11 +192,17 @@ class ImageHeader:
 
 @dataclass(frozen=True)
 class PfnList:
-    """The saved pages in ascending pfn order, their keys and which are all-zero."""
+    """The saved pages in ascending pfn order, their keys, which are all-zero and which have
+    their data in the base chain (incremental images; all False when not given)."""
 
     pfns: PfnArray
     keys: npt.NDArray[np.uint8]
     zero: npt.NDArray[np.bool_]
+    in_base: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
+
+    def __post_init__(self) -> None:
+        if self.in_base.size == 0 and self.pfns.size:
+            object.__setattr__(self, "in_base", np.zeros(self.pfns.size, np.bool_))
 
     @property
     def zero_pfns(self) -> PfnArray:
@@ -112,9 +210,14 @@ class PfnList:
         return self.pfns[self.zero]
 
     @property
+    def base_pfns(self) -> PfnArray:
+        """Pfns of the pages unchanged since the base image (their data is in the base chain)."""
+        return self.pfns[self.in_base]
+
+    @property
     def data_pfns(self) -> PfnArray:
         """Pfns of the pages whose data the chunks hold, in chunk order."""
-        return self.pfns[~self.zero]
+        return self.pfns[~(self.zero | self.in_base)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +230,9 @@ class ImageStats:
     stored_bytes: int
     image_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    """Phases: "scan" (checks, zero pages), "write" (chunks), "sync" (fsyncs, header, rename)."""
+    base_pages: int = 0
+    encrypted: bool = False
 
     @property
     def ratio(self) -> float:
@@ -140,22 +246,25 @@ def _header_crc(page: bytes | bytearray) -> int:
     return zlib.crc32(zeroed)
 
 
-def _pack_header(h: ImageHeader) -> bytes:
-    """The header page of *h*, crc filled in."""
+def _pack_header(h: ImageHeader, aead: AESGCM | None) -> bytes:
+    """The header page of *h*, its tag (when *aead* is given) and crc filled in."""
     page = bytearray(PAGE_SIZE)
     IMAGE_HEADER.pack_into(
         page, 0, SIGNATURE, VERSION, 0, h.flags, h.machine_id, h.nr_ram_pages, h.generation,
         h.epoch_ns, h.nr_pfns, h.nr_data_pages, COMPRESSIONS[h.compression], h.chunk_pages,
         h.nr_chunks, h.pfn_list_offset, h.first_chunk_offset, h.image_id, h.base_image_id,
-        h.stored_bytes, h.pfn_list_crc,
+        h.stored_bytes, h.pfn_list_crc, h.nonce_prefix, h.salt, bytes(TAG_BYTES),
     )  # fmt: skip
+    if aead is not None:  # over the page with crc and tag zero
+        tag = aead.encrypt(_nonce(h.nonce_prefix, HEADER_NONCE), b"", bytes(page))
+        page[_TAG_AT : _TAG_AT + TAG_BYTES] = tag
     struct.pack_into("<I", page, _CRC_AT, _header_crc(page))
     return bytes(page)
 
 
-def _pfn_list_end(nr_pfns: int) -> int:
-    """Offset of the first chunk: the pfn list after the header page, padded to a page."""
-    size = PAGE_SIZE + 8 * nr_pfns
+def _pfn_list_end(nr_pfns: int, encrypted: bool = False) -> int:
+    """Offset of the first chunk: the pfn list (and its tag) after the header page, padded."""
+    size = PAGE_SIZE + 8 * nr_pfns + (TAG_BYTES if encrypted else 0)
     return -(-size // PAGE_SIZE) * PAGE_SIZE
 
 
@@ -194,20 +303,28 @@ def _decompress(compression: str, stored: bytes, raw_bytes: int, where: str) -> 
 
 
 def _sorted_page_set(
-    ram_pages: npt.NDArray[np.uint8], pfns: npt.ArrayLike, keys: npt.ArrayLike
-) -> tuple[PfnArray, npt.NDArray[np.uint8]]:
-    """*pfns* sorted with their *keys*; MachineError on repeats, bad pfns or bad keys."""
+    ram_pages: npt.NDArray[np.uint8],
+    pfns: npt.ArrayLike,
+    keys: npt.ArrayLike,
+    in_base: npt.ArrayLike | None,
+) -> tuple[PfnArray, npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """*pfns* sorted with their *keys* and *in_base* flags (all False when None);
+    MachineError on repeats, bad pfns, bad keys or bad flags."""
     ordered = as_pfn_array(pfns, ram_pages.shape[0])
     key_array = np.asarray(keys)
     if key_array.dtype != np.uint8 or key_array.shape != ordered.shape:
         raise MachineError(f"keys must be uint8 parallel to the pfns, got {key_array.dtype} "
                            f"of shape {key_array.shape} for {ordered.size} pfns")  # fmt: skip
+    base = np.zeros(ordered.size, np.bool_) if in_base is None else np.asarray(in_base)
+    if base.dtype != np.bool_ or base.shape != ordered.shape:
+        raise MachineError(f"in_base must be bool parallel to the pfns, got {base.dtype} "
+                           f"of shape {base.shape} for {ordered.size} pfns")  # fmt: skip
     order = np.argsort(ordered, kind="stable")
-    ordered, key_array = ordered[order], key_array[order]
+    ordered, key_array, base = ordered[order], key_array[order], base[order]
     repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
     if repeats.size:
         raise MachineError(f"pfn {int(ordered[repeats[0]])} appears more than once")
-    return ordered, key_array
+    return ordered, key_array, base
 
 
 def _zero_mask(ram_pages: npt.NDArray[np.uint8], pfns: PfnArray) -> npt.NDArray[np.bool_]:
@@ -251,16 +368,24 @@ def write_image(
     threads: int | None = None,
     chunk_pages: int = CHUNK_PAGES,
     base_image_id: bytes | None = None,
+    in_base: npt.ArrayLike | None = None,
+    key: ImageKey | None = None,
+    max_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImageStats:
     """Write the pages *pfns* of *ram_pages* (RAM as (nr_pages, 4096) uint8) and their *keys*.
 
     *pfns* may come in any order. All-zero pages are only flagged in the pfn list; the others
-    are compressed by *threads* workers (default: the core count) while finished chunks are
-    written in order, at most 2 x *threads* chunks in flight. A regular file is written under
-    a temporary name (0600) and renamed; a block device is written in place, header last.
-    *progress* gets (data pages written, data pages) after each chunk. A *base_image_id* marks
-    the image incremental. Raises MachineError for a bad request, OSError from the I/O.
+    are compressed (then encrypted, with a *key*) by *threads* workers (default: the core
+    count) while finished chunks are written in order, at most 2 x *threads* chunks in
+    flight. A *base_image_id* marks the image incremental; *in_base* (bool parallel to *pfns*,
+    only with a base) flags the pages unchanged since the base: listed, no data here.
+    A regular file is written under a temporary name (0600) and renamed; a block device is
+    written in place, its header page zeroed (and synced) first and the header written last.
+    *progress* gets (data pages written, data pages) after each chunk.
+
+    Raises ImageTooLarge, leaving no image, as soon as the image is sure to exceed
+    *max_bytes*; MachineError for a bad request; OSError from the I/O.
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -277,20 +402,48 @@ def write_image(
             raise MachineError(f"{name} must be {_ID_BYTES} bytes, got {len(ident)}")
     if base_image_id is not None and not any(base_image_id):
         raise MachineError("base_image_id must not be all zeros (zeros mean: no base)")
+    if in_base is not None and base_image_id is None:
+        raise MachineError("in_base needs a base_image_id: only an incremental image has a base")
     for name, value in (("generation", generation), ("epoch_ns", epoch_ns)):
         if not 0 <= value < 1 << 64:
             raise MachineError(f"{name} {value} does not fit an unsigned 64-bit field")
+    if max_bytes is not None and max_bytes < 0:
+        raise MachineError(f"max_bytes must not be negative, got {max_bytes}")
     workers = threads if threads is not None else os.cpu_count() or 1
     if workers < 1:
         raise MachineError(f"threads must be at least 1, got {workers}")
-    ordered, key_array = _sorted_page_set(ram_pages, pfns, keys)
-    zero = _zero_mask(ram_pages, ordered)
+    ordered, key_array, base = _sorted_page_set(ram_pages, pfns, keys, in_base)
+    zero = np.zeros(ordered.size, np.bool_)
+    zero[~base] = _zero_mask(ram_pages, ordered[~base])  # pages in the base are not read
     entries = ordered.astype(np.uint64) | (key_array.astype(np.uint64) << np.uint64(KEY_SHIFT))
     entries[zero] |= np.uint64(1 << ZERO_BIT)
-    pfn_list = entries.astype("<u8").tobytes()
-    data_pfns = ordered[~zero]
+    entries[base] |= np.uint64(1 << BASE_BIT)
+    pfn_list: bytes = entries.astype("<u8").tobytes()
+    data_pfns = ordered[~(zero | base)]
     nr_chunks = -(-data_pfns.size // chunk_pages)
-    first_chunk = _pfn_list_end(ordered.size)
+    first_chunk = _pfn_list_end(ordered.size, key is not None)
+    tag_bytes = TAG_BYTES if key is not None else 0
+    smallest_record = CHUNK_HEADER.size + 1 + tag_bytes
+
+    def too_large(reached: int, chunks_left: int) -> ImageTooLarge | None:
+        """The error to raise if *reached* bytes and *chunks_left* chunks must pass max_bytes."""
+        if max_bytes is None or reached + chunks_left * smallest_record <= max_bytes:
+            return None
+        more = f" and {chunks_left} chunks to go" if chunks_left else ""
+        return ImageTooLarge(f"{path}: the image would exceed its limit of {max_bytes} bytes "
+                             f"({reached} bytes reached{more})")  # fmt: skip
+
+    error = too_large(first_chunk, nr_chunks)
+    if error is not None:
+        raise error
+    flags = FLAG_INCREMENTAL if base_image_id is not None else 0
+    aead = None
+    salt, nonce_prefix = bytes(SALT_BYTES), bytes(NONCE_PREFIX_BYTES)
+    if key is not None:
+        flags |= key.flags
+        salt, nonce_prefix = os.urandom(SALT_BYTES), os.urandom(NONCE_PREFIX_BYTES)
+        aead = AESGCM(key.derive(salt))
+        pfn_list = aead.encrypt(_nonce(nonce_prefix, PFN_LIST_NONCE), pfn_list, None)
     t_scan = time.perf_counter()
 
     compress = _compressor(compression)
@@ -307,6 +460,9 @@ def write_image(
         stored = memoryview(compress(raw))
         if stored.nbytes >= raw.nbytes:
             stored = raw
+        if aead is not None:  # authenticates the record header too (its crc field zero)
+            aad = CHUNK_HEADER.pack(stored.nbytes + TAG_BYTES, raw.nbytes, 0, index, first)
+            stored = memoryview(aead.encrypt(_nonce(nonce_prefix, index), stored, aad))
         header = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, 0, index, first)
         crc = zlib.crc32(stored, zlib.crc32(header))
         record = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, crc, index, first)
@@ -317,34 +473,43 @@ def write_image(
     try:
         padding = bytes(first_chunk - PAGE_SIZE - len(pfn_list))
         _write_all(fd, bytes(PAGE_SIZE), pfn_list, padding)  # no valid header until the end
+        if temp is None:
+            os.fsync(fd)  # a device's old header is gone for good before any chunk goes out
         with ThreadPoolExecutor(max_workers=workers) as pool:
             window: deque[Future[tuple[memoryview, memoryview]]] = deque()
             submitted = 0
             written = 0
-            while written < nr_chunks:
-                while submitted < nr_chunks and len(window) < 2 * workers:
-                    window.append(pool.submit(make_chunk, submitted))
-                    submitted += 1
-                parts = list(window.popleft().result())
-                while window and window[0].done() and len(parts) < 2 * _WRITE_BATCH:
-                    parts.extend(window.popleft().result())  # finished ones: one bigger write
-                stored_bytes += sum(part.nbytes for part in parts[1::2])
-                _write_all(fd, *parts)
-                written += len(parts) // 2
-                if progress is not None:
-                    progress(min(written * chunk_pages, data_pfns.size), data_pfns.size)
+            try:
+                while written < nr_chunks:
+                    while submitted < nr_chunks and len(window) < 2 * workers:
+                        window.append(pool.submit(make_chunk, submitted))
+                        submitted += 1
+                    parts = list(window.popleft().result())
+                    while window and window[0].done() and len(parts) < 2 * _WRITE_BATCH:
+                        parts.extend(window.popleft().result())  # finished: one bigger write
+                    stored_bytes += sum(part.nbytes for part in parts[1::2])
+                    written += len(parts) // 2
+                    reached = first_chunk + written * CHUNK_HEADER.size + stored_bytes
+                    error = too_large(reached, nr_chunks - written)
+                    if error is not None:
+                        raise error
+                    _write_all(fd, *parts)
+                    if progress is not None:
+                        progress(min(written * chunk_pages, data_pfns.size), data_pfns.size)
+            finally:
+                for future in window:
+                    future.cancel()  # leaving early: compress nothing that will not be written
         t_data = time.perf_counter()
         header = ImageHeader(
-            flags=FLAG_INCREMENTAL if base_image_id is not None else 0,
-            machine_id=machine_id, nr_ram_pages=nr_ram_pages, generation=generation,
+            flags=flags, machine_id=machine_id, nr_ram_pages=nr_ram_pages, generation=generation,
             epoch_ns=epoch_ns, nr_pfns=ordered.size, nr_data_pages=data_pfns.size,
             compression=compression, chunk_pages=chunk_pages, nr_chunks=nr_chunks,
             pfn_list_offset=PAGE_SIZE, first_chunk_offset=first_chunk, image_id=os.urandom(16),
             base_image_id=base_image_id or bytes(_ID_BYTES), stored_bytes=stored_bytes,
-            pfn_list_crc=zlib.crc32(pfn_list),
+            pfn_list_crc=zlib.crc32(pfn_list), nonce_prefix=nonce_prefix, salt=salt,
         )  # fmt: skip
         os.fsync(fd)  # the data is down before a header can make it valid
-        os.pwrite(fd, _pack_header(header), 0)
+        os.pwrite(fd, _pack_header(header, aead), 0)
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -352,6 +517,11 @@ def write_image(
             os.rename(temp, path)
             temp = None
             fsync_dir(path.parent)
+    except ImageTooLarge:
+        if temp is None and fd >= 0:  # a device: make sure no header is left
+            os.pwrite(fd, bytes(PAGE_SIZE), 0)
+            os.fsync(fd)
+        raise
     finally:
         if fd >= 0:
             os.close(fd)
@@ -364,7 +534,9 @@ def write_image(
         data_bytes=int(data_pfns.size) * PAGE_SIZE,
         stored_bytes=stored_bytes,
         image_bytes=header.end_offset,
-        seconds={"scan": t_scan - t0, "data": t_data - t_scan, "sync": t_end - t_data},
+        seconds={"scan": t_scan - t0, "write": t_data - t_scan, "sync": t_end - t_data},
+        base_pages=int(base.sum()),
+        encrypted=key is not None,
     )
 
 
@@ -378,13 +550,18 @@ def _write_all(fd: int, *parts: bytes | memoryview) -> None:
             rest = rest[os.write(fd, rest) :]
 
 
-def _parse_header(page: bytes, where: str) -> ImageHeader:
-    """Validate a header page; CorruptImage with a one-line reason if it is not a good one."""
+def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
+    """Validate a header page; CorruptImage with a one-line reason if it is not a good one.
+
+    An encrypted header is authenticated with *key* before any field is trusted; ImageKeyError
+    when *key* is missing, wrong or not needed.
+    """
     if len(page) < PAGE_SIZE:
         raise CorruptImage(f"{where}: truncated header ({len(page)} of {PAGE_SIZE} bytes)")
     (signature, version, crc, flags, machine_id, nr_ram_pages, generation, epoch_ns, nr_pfns,
      nr_data, compression_id, chunk_pages, nr_chunks, pfn_list_offset, first_chunk,
-     image_id, base_id, stored_bytes, pfn_list_crc) = IMAGE_HEADER.unpack_from(page)  # fmt: skip
+     image_id, base_id, stored_bytes, pfn_list_crc, nonce_prefix, salt,
+     tag) = IMAGE_HEADER.unpack_from(page)  # fmt: skip
     if signature == USED_SIGNATURE:
         raise CorruptImage(f"{where}: image already used (a resume invalidated it)")
     if signature != SIGNATURE:
@@ -393,12 +570,23 @@ def _parse_header(page: bytes, where: str) -> ImageHeader:
         raise CorruptImage(f"{where}: image version {version} is not supported")
     if _header_crc(page) != crc:
         raise CorruptImage(f"{where}: header checksum mismatch")
-    if any(page[IMAGE_HEADER.size - 36 : IMAGE_HEADER.size]) or any(page[IMAGE_HEADER.size :]):
-        raise CorruptImage(f"{where}: reserved header bytes are not zero")
     if flags & ~KNOWN_FLAGS:
         raise CorruptImage(f"{where}: unknown flags {flags:#x}")
-    if flags & FLAG_ENCRYPTED:
-        raise CorruptImage(f"{where}: encrypted images are not supported by this version")
+    encrypted = bool(flags & FLAG_ENCRYPTED)
+    reserved_end = IMAGE_HEADER.size if encrypted else _AEAD_AT
+    if any(page[reserved_end:]):
+        raise CorruptImage(f"{where}: reserved header bytes are not zero")
+    if flags & FLAG_PASSPHRASE and not encrypted:
+        raise CorruptImage(f"{where}: passphrase flag on an image that is not encrypted")
+    _check_key(flags, key, where)
+    if key is not None:
+        zeroed = bytearray(page)
+        zeroed[_CRC_AT : _CRC_AT + 4] = bytes(4)
+        zeroed[_TAG_AT : _TAG_AT + TAG_BYTES] = bytes(TAG_BYTES)
+        try:
+            AESGCM(key.derive(salt)).decrypt(_nonce(nonce_prefix, HEADER_NONCE), tag, zeroed)
+        except InvalidTag:
+            raise ImageKeyError(f"{where}: {_AUTH_FAILED}") from None
     if bool(flags & FLAG_INCREMENTAL) != any(base_id):
         raise CorruptImage(f"{where}: base image id does not agree with the incremental flag")
     names = {v: k for k, v in COMPRESSIONS.items()}
@@ -410,21 +598,45 @@ def _parse_header(page: bytes, where: str) -> ImageHeader:
         raise CorruptImage(f"{where}: {nr_pfns} pfns, {nr_data} with data, {nr_ram_pages} in RAM")
     if nr_chunks != -(-nr_data // chunk_pages):
         raise CorruptImage(f"{where}: {nr_chunks} chunks cannot hold {nr_data} pages")
-    if pfn_list_offset != PAGE_SIZE or first_chunk != _pfn_list_end(nr_pfns):
+    if pfn_list_offset != PAGE_SIZE or first_chunk != _pfn_list_end(nr_pfns, encrypted):
         raise CorruptImage(f"{where}: pfn list or chunks at the wrong offset")
-    if stored_bytes > nr_data * PAGE_SIZE or stored_bytes < nr_chunks:
+    tags = TAG_BYTES * nr_chunks if encrypted else 0
+    if stored_bytes > nr_data * PAGE_SIZE + tags or stored_bytes < nr_chunks + tags:
         raise CorruptImage(f"{where}: {stored_bytes} stored bytes for {nr_data} pages")
     return ImageHeader(
         flags, machine_id, nr_ram_pages, generation, epoch_ns, nr_pfns, nr_data,
         names[compression_id], chunk_pages, nr_chunks, pfn_list_offset, first_chunk, image_id,
-        base_id, stored_bytes, pfn_list_crc,
+        base_id, stored_bytes, pfn_list_crc, nonce_prefix, salt,
     )  # fmt: skip
 
 
-def read_header(path: Path | str) -> ImageHeader:
-    """Read and validate the header page of the image at *path*; CorruptImage if it is bad."""
+def _check_key(flags: int, key: ImageKey | None, where: str) -> None:
+    """ImageKeyError unless *key* is given exactly when *flags* say encrypted, of that kind."""
+    if not flags & FLAG_ENCRYPTED:
+        if key is not None:
+            raise ImageKeyError(f"{where}: image is not encrypted")
+        return
+    if key is None:
+        raise ImageKeyError(f"{where}: image is encrypted: give --key-file or a passphrase")
+    if key.flags != flags & (FLAG_ENCRYPTED | FLAG_PASSPHRASE):
+        wanted = "a passphrase" if flags & FLAG_PASSPHRASE else "a key file"
+        raise ImageKeyError(f"{where}: image is encrypted with {wanted}, not a {key.kind}")
+
+
+def _aead(header: ImageHeader, key: ImageKey | None, where: str) -> AESGCM | None:
+    """The cipher of *header*'s image under *key* (None if not encrypted); ImageKeyError."""
+    _check_key(header.flags, key, where)
+    return None if key is None else AESGCM(key.derive(header.salt))
+
+
+def read_header(path: Path | str, *, key: ImageKey | None = None) -> ImageHeader:
+    """Read and validate the header page of the image at *path*; CorruptImage if it is bad.
+
+    An encrypted image needs its *key* (ImageKeyError without it, with a wrong one, or with
+    one for an image that is not encrypted); its header is authenticated before it is parsed.
+    """
     with open(path, "rb") as f:
-        return _parse_header(f.read(PAGE_SIZE), str(path))
+        return _parse_header(f.read(PAGE_SIZE), str(path), key)
 
 
 def _read_exact(f: BinaryIO, size: int, where: str) -> bytes:
@@ -434,20 +646,30 @@ def _read_exact(f: BinaryIO, size: int, where: str) -> bytes:
     return data
 
 
-def read_pfn_list(path: Path | str, header: ImageHeader) -> PfnList:
-    """Read and validate the pfn list of the image *header* came from; CorruptImage if bad."""
+def read_pfn_list(path: Path | str, header: ImageHeader, *, key: ImageKey | None = None) -> PfnList:
+    """Read and validate the pfn list of the image *header* came from; CorruptImage if bad.
+
+    An encrypted image's list is decrypted and authenticated with *key*.
+    """
+    where = str(path)
+    aead = _aead(header, key, where)
     with open(path, "rb") as f:
         f.seek(header.pfn_list_offset)
-        return _parse_pfn_list(f, header, str(path))
+        return _parse_pfn_list(f, header, where, aead)
 
 
-def _parse_pfn_list(f: BinaryIO, header: ImageHeader, where: str) -> PfnList:
-    size = 8 * header.nr_pfns
+def _parse_pfn_list(f: BinaryIO, header: ImageHeader, where: str, aead: AESGCM | None) -> PfnList:
+    size = header.pfn_list_bytes
     data = _read_exact(f, header.first_chunk_offset - header.pfn_list_offset, f"{where} pfn list")
     if zlib.crc32(data[:size]) != header.pfn_list_crc:
         raise CorruptImage(f"{where}: pfn list checksum mismatch")
     if any(data[size:]):
         raise CorruptImage(f"{where}: pfn list padding is not zero")
+    if aead is not None:
+        try:
+            data = aead.decrypt(_nonce(header.nonce_prefix, PFN_LIST_NONCE), data[:size], None)
+        except InvalidTag:
+            raise CorruptImage(f"{where}: pfn list {_AUTH_FAILED}") from None
     entries = np.frombuffer(data, dtype="<u8", count=header.nr_pfns).astype(np.uint64)
     pfns = (entries & np.uint64(PFN_MASK)).astype(np.int64)
     if np.any(entries & np.uint64(_RESERVED_BITS)):
@@ -457,11 +679,19 @@ def _parse_pfn_list(f: BinaryIO, header: ImageHeader, where: str) -> PfnList:
     if np.any(pfns[1:] <= pfns[:-1]):
         raise CorruptImage(f"{where}: pfn list is not strictly ascending")
     zero = (entries >> np.uint64(ZERO_BIT) & np.uint64(1)).astype(np.bool_)
-    if header.nr_pfns - int(zero.sum()) != header.nr_data_pages:
-        raise CorruptImage(f"{where}: pfn list flags {int((~zero).sum())} data pages, "
+    in_base = (entries >> np.uint64(BASE_BIT) & np.uint64(1)).astype(np.bool_)
+    if in_base.any() and not header.incremental:
+        raise CorruptImage(f"{where}: pfn list has pages in a base image, image not incremental")
+    both = np.flatnonzero(zero & in_base)
+    if both.size:
+        raise CorruptImage(f"{where}: pfn {int(pfns[both[0]])} is flagged both all-zero and "
+                           "in the base image")  # fmt: skip
+    with_data = header.nr_pfns - int(zero.sum()) - int(in_base.sum())
+    if with_data != header.nr_data_pages:
+        raise CorruptImage(f"{where}: pfn list flags {with_data} data pages, "
                            f"header says {header.nr_data_pages}")  # fmt: skip
     keys = (entries >> np.uint64(KEY_SHIFT)).astype(np.uint8)
-    return PfnList(pfns, keys, zero)
+    return PfnList(pfns, keys, zero, in_base)
 
 
 def _image_size(f: BinaryIO) -> int | None:
@@ -485,7 +715,8 @@ def _records(f: BinaryIO, header: ImageHeader, where: str) -> Iterator[tuple[byt
         nr_pages = min(header.chunk_pages, header.nr_data_pages - index * header.chunk_pages)
         if got_index != index or first != index * header.chunk_pages:
             raise CorruptImage(f"{at}: record says chunk {got_index} from page {first}")
-        if raw_bytes != nr_pages * PAGE_SIZE or not 0 < stored_bytes <= raw_bytes:
+        tag = TAG_BYTES if header.encrypted else 0
+        if raw_bytes != nr_pages * PAGE_SIZE or not tag < stored_bytes <= raw_bytes + tag:
             raise CorruptImage(f"{at}: {stored_bytes} bytes stored for {raw_bytes}")
         stored_total += stored_bytes
         if stored_total > header.stored_bytes:
@@ -497,11 +728,17 @@ def _records(f: BinaryIO, header: ImageHeader, where: str) -> Iterator[tuple[byt
 
 
 def _chunks(
-    f: BinaryIO, header: ImageHeader, data_pfns: PfnArray, where: str, threads: int | None
+    f: BinaryIO,
+    header: ImageHeader,
+    data_pfns: PfnArray,
+    where: str,
+    threads: int | None,
+    aead: AESGCM | None,
 ) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
     """Validate and yield (pfns, pages) of each chunk in order; *threads* decode them.
 
-    The file is read in this thread; checksums and decompression run in the workers, by
+    The file is read in this thread; checksums, decryption (with *aead*, authenticating the
+    record header too) and decompression run in the workers, by
     groups of ``_DECODE_GROUP`` chunks (one chunk is too little work to hand to a thread), at
     most 2 x *threads* groups ahead. A bad chunk raises when its turn comes.
     """
@@ -515,6 +752,11 @@ def _chunks(
         zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
         if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
             raise CorruptImage(f"{at}: checksum mismatch")
+        if aead is not None:
+            try:
+                stored = aead.decrypt(_nonce(header.nonce_prefix, index), stored, zeroed)
+            except InvalidTag:
+                raise CorruptImage(f"{at}: {_AUTH_FAILED}") from None
         raw = _decompress(header.compression, stored, raw_bytes, at)
         pages = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         return data_pfns[first : first + pages.shape[0]], pages
@@ -556,7 +798,12 @@ def _chunks(
 
 
 def iter_chunks(
-    path: Path | str, header: ImageHeader, pfn_list: PfnList, *, threads: int | None = None
+    path: Path | str,
+    header: ImageHeader,
+    pfn_list: PfnList,
+    *,
+    threads: int | None = None,
+    key: ImageKey | None = None,
 ) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
     """Yield (pfns, pages shaped (n, 4096)) of each data chunk, each checked before it is yielded.
 
@@ -564,32 +811,41 @@ def iter_chunks(
     *path*. *threads* workers (default: the core count) check and decompress chunks while
     the file is read. A bad chunk raises CorruptImage naming it, after the good ones before it
     were yielded: call ``verify_image`` first to change nothing unless all of it is good.
+    An encrypted image's chunks are decrypted and authenticated with *key*.
     """
+    aead = _aead(header, key, str(path))
     with open(path, "rb") as f:
-        yield from _chunks(f, header, pfn_list.data_pfns, str(path), threads)
+        yield from _chunks(f, header, pfn_list.data_pfns, str(path), threads, aead)
 
 
 def verify_image(
-    path: Path | str, *, machine_id: bytes, nr_ram_pages: int, threads: int | None = None
+    path: Path | str,
+    *,
+    machine_id: bytes,
+    nr_ram_pages: int,
+    threads: int | None = None,
+    key: ImageKey | None = None,
 ) -> ImageHeader:
     """Check all of the image at *path*, writing nothing; return its header.
 
     Checks the header, that it was written for this machine (ForeignImage otherwise), the
     pfn list, every chunk's checksum and decompressed length (by *threads* workers, default
-    the core count), and the image's length.
-    Raises CorruptImage naming the first problem.
+    the core count), and the image's length; an encrypted image's header, pfn list and
+    chunks are all authenticated with *key*.
+    Raises CorruptImage naming the first problem (ImageKeyError for a missing or wrong key).
     """
     where = str(path)
     with open(path, "rb") as f:
-        header = _parse_header(f.read(PAGE_SIZE), where)
+        header = _parse_header(f.read(PAGE_SIZE), where, key)
         if header.machine_id != machine_id:
             raise ForeignImage(f"{where}: written for machine {header.machine_id.hex()}, "
                                f"this is {machine_id.hex()}")  # fmt: skip
         if header.nr_ram_pages != nr_ram_pages:
             raise ForeignImage(f"{where}: written for {header.nr_ram_pages} pages of RAM, "
                                f"this machine has {nr_ram_pages}")  # fmt: skip
-        pfn_list = _parse_pfn_list(f, header, where)
-        for _ in _chunks(f, header, pfn_list.data_pfns, where, threads):
+        aead = _aead(header, key, where)
+        pfn_list = _parse_pfn_list(f, header, where, aead)
+        for _ in _chunks(f, header, pfn_list.data_pfns, where, threads, aead):
             pass
     return header
 
