@@ -78,6 +78,14 @@ def _get_mountpoint(raw: Mapping[str, object], where: str) -> str | None:
     return value
 
 
+def _get_preservable(raw: Mapping[str, object], where: str) -> bool:
+    """The optional ``preservable`` flag of a registry entry (absent in older registries)."""
+    value = raw.get("preservable", False)
+    if not isinstance(value, bool):
+        raise CorruptMachine(f"{where}: 'preservable' must be true or false, got {value!r}")
+    return value
+
+
 def owner_name(owner_id: int) -> str:
     """Return a short display name of a special owner id, or ``owner N``."""
     return SPECIAL_OWNER_NAMES.get(owner_id, f"owner {owner_id}")
@@ -131,6 +139,9 @@ class OwnerInfo:
     registered_ns: int
     mountpoint: str | None = None
     """The mount the owner serves, if any (``kexec-sim exec`` unmounts it lazily)."""
+    preservable: bool = False
+    """Whether the mount can preserve its pages (``mount -o remount,preserve,ro``): what
+    ``kexec-sim hibernate`` asks of it before writing an image."""
 
     def to_dict(self) -> dict[str, object]:
         """Return the JSON form stored in owners.json (the id is the key, not a field)."""
@@ -140,6 +151,7 @@ class OwnerInfo:
             "pid_start_time": self.pid_start_time,
             "registered_ns": self.registered_ns,
             "mountpoint": self.mountpoint,
+            "preservable": self.preservable,
         }
 
 
@@ -190,6 +202,7 @@ class OwnerRegistry:
                 pid_start_time=get_int(raw, "pid_start_time", entry),
                 registered_ns=get_int(raw, "registered_ns", entry),
                 mountpoint=_get_mountpoint(raw, entry),
+                preservable=_get_preservable(raw, entry),
             )
         if next_id > MAX_OWNER_ID + 1:
             raise CorruptMachine(f"{where}: next_id {next_id} exceeds the int32 owner range")

@@ -294,10 +294,13 @@ class PageOwnership:
         registry.save(self._registry_path)
         self._registry, self._registry_serial = registry, int(self._serial[0])
 
-    def register_owner(self, name: str, pid: int, mountpoint: str | None = None) -> int:
+    def register_owner(
+        self, name: str, pid: int, mountpoint: str | None = None, *, preservable: bool = False
+    ) -> int:
         """Register an owner kept alive by process *pid*; return its new id.
 
-        *mountpoint* is the mount the owner serves, if any: ``kexec-sim exec`` unmounts it.
+        *mountpoint* is the mount the owner serves, if any: ``kexec-sim exec`` unmounts it;
+        *preservable* says the mount can preserve its pages (``remount,preserve``).
         Reclaims dead owners first. Raises ValueError for a bad name or mountpoint,
         MachineError when *pid* is not a running process or the ids of this boot are exhausted.
         """
@@ -313,7 +316,9 @@ class PageOwnership:
             owner_id = old.next_id
             if owner_id > MAX_OWNER_ID:
                 raise MachineError("owner ids of this boot are exhausted")
-            info = OwnerInfo(owner_id, name, pid, start_time, time.time_ns(), mountpoint)
+            info = OwnerInfo(
+                owner_id, name, pid, start_time, time.time_ns(), mountpoint, preservable
+            )
             self._save_registry(OwnerRegistry(owner_id + 1, {**old.owners, owner_id: info}))
             return owner_id
 
