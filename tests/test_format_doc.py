@@ -100,9 +100,31 @@ def test_hibernation_image_matches_the_doc() -> None:
     text = DOC.read_text()
     for signature in (image_file.SIGNATURE, image_file.USED_SIGNATURE):
         assert f"`{signature.decode()}`" in text
-    assert f"Bits 0-{image_file.PFN_BITS - 1} pfn; bit {image_file.ZERO_BIT} all-zero" in text
+    pfn_bits = f"Bits 0-{image_file.PFN_BITS - 1} pfn; bit {image_file.BASE_BIT} data in the base"
+    assert pfn_bits in text
+    assert f"bit {image_file.ZERO_BIT} all-zero page" in text
+    assert f"bits {image_file.PFN_BITS}-{image_file.BASE_BIT - 1} are zero" in text
     assert f"bits {image_file.KEY_SHIFT}-63 the page's" in text
     for name, number in image_file.COMPRESSIONS.items():
         assert f"{number} {name}" in text
     assert f"zstd (frame, level {image_file.ZSTD_LEVEL})" in text
     assert f"1..{image_file.MAX_CHUNK_PAGES} (default {image_file.CHUNK_PAGES}" in text
+    assert by_name["nonce_prefix"] == image_file._AEAD_AT
+    assert by_name["header_tag"] == image_file._TAG_AT
+    flags = (image_file.FLAG_INCREMENTAL, image_file.FLAG_ENCRYPTED, image_file.FLAG_PASSPHRASE)
+    assert sum(flags) == image_file.KNOWN_FLAGS
+    names = ("incremental", "encrypted", "key from a passphrase")
+    for bit, (flag, name) in enumerate(zip(flags, names, strict=True)):
+        assert flag == 1 << bit and f"bit {bit} {name}" in text
+
+
+def test_hibernation_image_encryption_matches_the_doc() -> None:
+    text = DOC.read_text()
+    assert image_file.PFN_LIST_NONCE == 2**64 - 1 and "| pfn list | 2^64 - 1 |" in text
+    assert image_file.HEADER_NONCE == 2**64 - 2 and "| header | 2^64 - 2 |" in text
+    assert (image_file.SCRYPT_N, image_file.SCRYPT_R, image_file.SCRYPT_P) == (2**15, 8, 1)
+    assert "scrypt (n = 2^15, r = 8, p = 1" in text
+    assert f"`{image_file.HKDF_INFO.decode()}`" in text
+    assert f"at least {image_file.KEY_FILE_MIN_BYTES})" in text
+    sizes = (image_file.TAG_BYTES, image_file.SALT_BYTES, image_file.NONCE_PREFIX_BYTES)
+    assert sizes == (16, 16, 4) and "4-byte `nonce_prefix`" in text
