@@ -37,7 +37,9 @@ class PkramFilesystem:
         self.ram = self.machine.ram()
         self.ownership = self.machine.page_ownership()
         name = f"{OWNER_PREFIX}{options.pkram or '-'}:{mountpoint}"
-        self.owner_id = self.ownership.register_owner(name, os.getpid(), mountpoint=mountpoint)
+        self.owner_id = self.ownership.register_owner(
+            name, os.getpid(), mountpoint=mountpoint, preservable=options.pkram is not None
+        )
         if options.pkram is not None:
             try:
                 _check_name_free(self.ownership, options.pkram, self.owner_id)
