@@ -3,7 +3,8 @@
 Bytes move with memoryview slices, one copy per run of consecutive pfns; when a request spans
 many scattered pages the middle pages move with one numpy fancy-index copy. Holes read as zeros.
 Invariant kept by every function here: bytes of a file's last page beyond EOF are zero, so
-extending a file (truncate up, write past EOF) never exposes stale RAM.
+extending a file (truncate up, write past EOF) never exposes stale RAM. Storage keys: a read
+sets REFERENCED on the pages it touches, every store sets CHANGED (one numpy call a request).
 """
 
 import numpy as np
@@ -55,6 +56,7 @@ def read(
     if count <= _SMALL_PAGES:
         return _read_small(ram, pages.lookup_list(first, count), in_off, length)
     pfns = pages.lookup(first, count)
+    ram.keys.mark_referenced(pfns[pfns != HOLE])
     starts, ends = _runs(pfns)
     if len(starts) == 1 and starts[0] == 0 and ends[0] == count:
         base = int(pfns[0]) * PAGE_SIZE + in_off
@@ -83,12 +85,17 @@ def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, 
         pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
     starts, ends = _runs(pfns)
     _copy_runs(ram, pfns, starts, ends, off & _PAGE_MASK, memoryview(data), to_ram=True)
+    ram.keys.mark_changed(pfns)
 
 
 def _read_small(
     ram: Ram, pfns: list[int], in_off: int, length: int
 ) -> bytes | bytearray | memoryview:
     runs = _small_runs(pfns)
+    if HOLE in pfns:
+        ram.keys.mark_referenced([pfn for pfn in pfns if pfn != HOLE])
+    else:
+        ram.keys.mark_referenced(pfns)
     if len(runs) == 1 and runs[0] == (0, len(pfns)):
         base = pfns[0] * PAGE_SIZE + in_off
         return ram.buffer[base : base + length]
@@ -115,9 +122,10 @@ def _write_small(
             pfns[i] = pfn
             pages.set_page(first + i, pfn)
             if i in (0, count - 1):  # edge pages may be partly written: the rest reads zero
-                _zero(ram, pfn * PAGE_SIZE, PAGE_SIZE)
+                _zero(ram, pfn * PAGE_SIZE, PAGE_SIZE, mark=False)  # marked with the write
     for start, end in _small_runs(pfns):
         _copy_span(ram, pfns[start], start, end, in_off, data, to_ram=True)
+    ram.keys.mark_changed(pfns)
 
 
 def truncate(ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int) -> None:
@@ -170,8 +178,8 @@ def _fill_holes(
     pages.assign(first, fresh)
     # Only the first and last page of a write can be partly covered; zero those when new.
     for edge in {0, len(pfns) - 1}:
-        if fresh[edge] != HOLE:
-            _zero(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE)
+        if fresh[edge] != HOLE:  # a page of the write: marked changed with it
+            _zero(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE, mark=False)
     return pfns
 
 
@@ -208,12 +216,20 @@ def _fill_huge_chunks(
     return assigned
 
 
-def _zero(ram: Ram, ram_byte: int, length: int) -> None:
-    """Zero *length* bytes of RAM (a page or less by slice, more through numpy)."""
+def _zero(ram: Ram, ram_byte: int, length: int, *, mark: bool = True) -> None:
+    """Zero *length* bytes of RAM (a page or less by slice, more through numpy).
+
+    Marks the pages changed unless *mark* is False (the caller marks them with its store).
+    """
+    if length <= 0:
+        return
     if length <= PAGE_SIZE:
         ram.buffer[ram_byte : ram_byte + length] = _ZERO_PAGE[:length]
     else:
         ram.pages.reshape(-1)[ram_byte : ram_byte + length] = 0
+    if mark:
+        first = ram_byte >> PAGE_SHIFT
+        ram.keys.mark_changed_range(first, ((ram_byte + length - 1) >> PAGE_SHIFT) - first + 1)
 
 
 def _copy_runs(

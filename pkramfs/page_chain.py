@@ -43,6 +43,7 @@ def new_pages(ram: Ram, pfns: PfnArray, magic: bytes) -> Words:
     if n and int(pfns[-1]) - int(pfns[0]) == n - 1 and (np.diff(pfns) == 1).all():
         first = int(pfns[0])
         words: Words = ram.pages[first : first + n].view(np.uint64)
+        ram.keys.mark_changed_range(first, n)
     else:
         words = np.empty((n, WORDS_PER_PAGE), dtype=np.uint64)
     words[:, 0] = magic_word(magic)
@@ -68,6 +69,7 @@ def seal_and_store(ram: Ram, pfns: PfnArray, words: Words, counts: npt.ArrayLike
     words[:, 1] |= crcs
     if not np.shares_memory(words, ram.pages):
         ram.pages[pfns] = as_bytes.reshape(len(pfns), PAGE_SIZE)
+    ram.keys.mark_changed(pfns)
 
 
 def read_chain(
@@ -97,6 +99,7 @@ def read_chain(
     ordered = np.sort(pfns)
     if (ordered[1:] == ordered[:-1]).any():
         raise CorruptNode(f"{what}: the chain visits a page twice (a cycle)")
+    ram.keys.mark_referenced(pfns)
     if int(pfns[-1]) - int(pfns[0]) == n_pages - 1 and (np.diff(pfns) == 1).all():
         words = all_words[int(pfns[0]) : int(pfns[0]) + n_pages].copy()
     else:

@@ -80,6 +80,8 @@ def relocate_out_of(
             old = pfns[small]
             new = ownership.allocate(owner_id, len(old), avoid=(start, end))
             ram.pages[new] = ram.pages[old]
+            ram.keys.mark_referenced(old)
+            ram.keys.mark_changed(new)
             inode.pages.replace_pages(indexes[small], new)
             ownership.free(owner_id, old)
             moved += len(old)
@@ -87,6 +89,8 @@ def relocate_out_of(
         for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
             new_base = int(ownership.allocate_huge(owner_id, 1, avoid=(start, end))[0])
             ram.pages[new_base : new_base + HUGE_PAGES] = ram.pages[base : base + HUGE_PAGES]
+            ram.keys.mark_referenced(np.arange(base, base + HUGE_PAGES, dtype=np.int64))
+            ram.keys.mark_changed_range(new_base, HUGE_PAGES)
             inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
             ownership.free(owner_id, np.arange(base, base + HUGE_PAGES, dtype=np.int64))
             moved += HUGE_PAGES
