@@ -4,6 +4,8 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -16,12 +18,16 @@ from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+PROT_NONE = 0  # not in the mmap module
 MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, in one call
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_mprotect = _libc.mprotect
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_mprotect.restype = ctypes.c_int
 
 
 def _pfn_runs(pfns: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -62,6 +68,8 @@ class Ram:
             raise
         self._buffer = memoryview(self._mmap)
         self._pages = np.frombuffer(self._mmap, dtype=np.uint8).reshape(nr_pages, PAGE_SIZE)
+        self._address = int(self._pages.ctypes.data)
+        self._unmapped = np.zeros(nr_pages, dtype=np.bool_)  # out of the direct map
 
     @property
     def buffer(self) -> memoryview:
@@ -161,6 +169,81 @@ class Ram:
         checked = as_pfn_array(pfns, self.nr_pages)
         self._pages[checked] = pattern_byte
         self.keys.mark_changed(checked)
+
+    # --- the direct map: pages this process cannot reach through ``buffer`` or ``pages`` ---
+
+    def _protect(self, start_pfn: int, nr_pages: int, prot: int) -> None:
+        self._check_range(start_pfn, nr_pages)
+        address = self._address + start_pfn * PAGE_SIZE
+        if nr_pages and _mprotect(address, nr_pages * PAGE_SIZE, prot) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mprotect of pages {start_pfn}+{nr_pages}: {os.strerror(err)}")
+
+    def remove_from_direct_map(self, start_pfn: int, nr_pages: int) -> None:
+        """Make pages ``start_pfn ..+nr_pages`` inaccessible through ``buffer`` and ``pages``.
+
+        Like memfd_secret's pages: any access through the main mapping faults (SIGSEGV); use
+        `temporary_mapping`. MachineError for a range outside RAM, OSError if mprotect fails.
+        """
+        self._protect(start_pfn, nr_pages, PROT_NONE)
+        self._unmapped[start_pfn : start_pfn + nr_pages] = True
+
+    def restore_direct_map(self, start_pfn: int, nr_pages: int) -> None:
+        """Undo `remove_from_direct_map` for pages ``start_pfn ..+nr_pages`` (read/write)."""
+        self._protect(start_pfn, nr_pages, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._unmapped[start_pfn : start_pfn + nr_pages] = False
+
+    def remove_pfns_from_direct_map(self, pfns: npt.ArrayLike) -> None:
+        """`remove_from_direct_map` for every run of consecutive pfns in *pfns* (any order)."""
+        checked = as_pfn_array(pfns, self.nr_pages)
+        if checked.size:
+            for start, count in zip(*(a.tolist() for a in _pfn_runs(checked)), strict=True):
+                self.remove_from_direct_map(start, count)
+
+    def restore_pfns_to_direct_map(self, pfns: npt.ArrayLike) -> None:
+        """`restore_direct_map` for every run of consecutive pfns in *pfns* that is unmapped."""
+        checked = as_pfn_array(pfns, self.nr_pages)
+        checked = checked[self._unmapped[checked]]
+        if checked.size:
+            for start, count in zip(*(a.tolist() for a in _pfn_runs(checked)), strict=True):
+                self.restore_direct_map(start, count)
+
+    def unmapped_runs(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(first pfn, pages) of each run of pages removed from the direct map, ascending."""
+        return runs_in_order(np.flatnonzero(self._unmapped).astype(np.int64))
+
+    def unmapped_mask(self, pfns: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """One bool per pfn of *pfns*: whether it is removed from the direct map."""
+        mask: npt.NDArray[np.bool_] = self._unmapped[as_pfn_array(pfns, self.nr_pages)]
+        return mask
+
+    @property
+    def unmapped_pages(self) -> int:
+        """How many pages are removed from the direct map."""
+        return int(np.count_nonzero(self._unmapped))
+
+    @contextmanager
+    def temporary_mapping(self, start_pfn: int, nr_pages: int) -> Iterator[npt.NDArray[np.uint8]]:
+        """Map only pages ``start_pfn ..+nr_pages`` for the block (x86 hibernation's fixmap).
+
+        Yields a writable uint8 array shaped (nr_pages, PAGE_SIZE); views of it must not
+        outlive the block. Does not touch the storage keys: the caller marks what it does.
+        """
+        self._check_range(start_pfn, nr_pages)
+        window = mmap.mmap(
+            self._fd,
+            nr_pages * PAGE_SIZE,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start_pfn * PAGE_SIZE,
+        )
+        array = np.frombuffer(window, dtype=np.uint8).reshape(nr_pages, PAGE_SIZE)
+        try:
+            yield array
+        finally:
+            del array
+            with suppress(BufferError):  # a view escaped the block: it goes when collected
+                window.close()
 
     def close(self) -> None:
         """Unmap the RAM and close the file."""
