@@ -12,8 +12,9 @@ import numpy as np
 from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 
+from . import secret_pages
 from .errors import FsError
-from .file_pages import CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
+from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .page_pool import PagePool
 
 _MAX_LOOPED_RUNS = 8  # above this many runs, the middle pages are copied with one numpy copy
@@ -128,22 +129,81 @@ def _write_small(
     ram.keys.mark_changed(pfns)
 
 
-def truncate(ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int) -> None:
-    """Shrink the pages to *new_size* (zeroing the new last page's tail); growing costs nothing."""
+def truncate(
+    ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int, *, secret: bool
+) -> None:
+    """Shrink the pages to *new_size* (zeroing the new last page's tail); growing costs nothing.
+
+    A *secret* file's dropped pages get their direct mapping back before the pool has them.
+    """
     if new_size >= old_size:
         return
     keep_pages = (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT
-    pool.give_back(pages.truncate(keep_pages))
+    dropped = pages.truncate(keep_pages)
+    if secret:
+        secret_pages.unhide(ram, dropped)
+    pool.give_back(dropped)
     tail = new_size & _PAGE_MASK
     if tail:
         pfn = int(pages.lookup(keep_pages - 1, 1)[0])
-        if pfn != HOLE:
+        if pfn == HOLE:
+            return
+        if secret:
+            secret_pages.zero(ram, pfn, tail, PAGE_SIZE - tail)
+        else:
             _zero(ram, pfn * PAGE_SIZE + tail, PAGE_SIZE - tail)
 
 
-def free_all(pages: FilePages, pool: PagePool) -> None:
+def free_all(ram: Ram, pages: FilePages, pool: PagePool, *, secret: bool) -> None:
     """Give every page of a file back to the pool (the file is gone)."""
-    pool.give_back(pages.truncate(0))
+    dropped = pages.truncate(0)
+    if secret:
+        secret_pages.unhide(ram, dropped)
+    pool.give_back(dropped)
+
+
+def read_secret(ram: Ram, pages: FilePages, size_bytes: int, off: int, length: int) -> bytes:
+    """`read` for a secret file: its pages are reached through temporary mappings."""
+    if off >= size_bytes or length <= 0:
+        return b""
+    length = min(length, size_bytes - off)
+    first = off >> PAGE_SHIFT
+    count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
+    pfns = pages.lookup(first, count)
+    present = pfns != HOLE
+    window = np.zeros((count, PAGE_SIZE), dtype=np.uint8)
+    if present.any():
+        window[present] = secret_pages.gather(ram, pfns[present])
+    in_off = off & _PAGE_MASK
+    return window.reshape(-1)[in_off : in_off + length].tobytes()
+
+
+def write_secret(
+    ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, huge: bool
+) -> None:
+    """`write` for a secret file: new pages (whole huge pages too) leave the direct map, and
+    the bytes go through temporary mappings. All or nothing on ENOSPC, as `write`."""
+    length = len(data)
+    if length == 0:
+        return
+    first = off >> PAGE_SHIFT
+    count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
+    pfns = pages.lookup(first, count)
+    if (pfns == HOLE).any():
+        chunks_lo = first & ~CHUNK_MASK  # whole chunks: a new huge page is hidden whole
+        chunks_n = ((first + count - 1) | CHUNK_MASK) + 1 - chunks_lo
+        before = pages.lookup(chunks_lo, chunks_n)
+        pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
+        after = pages.lookup(chunks_lo, chunks_n)
+        secret_pages.hide(ram, after[(before == HOLE) & (after != HOLE)])
+    in_off = off & _PAGE_MASK
+    window = np.empty((count, PAGE_SIZE), dtype=np.uint8)
+    if in_off:  # partly written edge pages keep the rest of their bytes
+        window[0] = secret_pages.gather(ram, pfns[:1])[0]
+    if (in_off + length) & _PAGE_MASK and (count > 1 or not in_off):
+        window[-1] = secret_pages.gather(ram, pfns[-1:])[0]
+    window.reshape(-1)[in_off : in_off + length] = np.frombuffer(data, dtype=np.uint8)
+    secret_pages.scatter(ram, pfns, window)
 
 
 def _fill_holes(

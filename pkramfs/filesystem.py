@@ -58,6 +58,7 @@ class PkramFilesystem:
             huge=options.huge == "always",
         )
         self.tree.read_only = options.read_only
+        self.tree.secret = bool(options.secret)
         self.started_ns = time.time_ns()
         self.store = NodeStore(self.machine, self.ram, self.ownership)
         self.preserved: Preserved | None = None
@@ -90,12 +91,16 @@ class PkramFilesystem:
             self.tree.max_inodes = max(0, max_inodes)
         if self.options.huge is None and saved.get("huge") in HUGE_POLICIES:
             self.tree.huge = saved["huge"] == "always"
+        if saved.get("secret") is True:  # a secret mount stays secret: the option cannot be undone
+            self.tree.secret = True
+        self.tree.hide_secret_pages()
 
     def _mount_settings(self) -> dict[str, object]:
         return {
             "size_pages": self.pool.limit_pages,
             "max_inodes": self.tree.max_inodes,
             "huge": "always" if self.tree.huge else "never",
+            "secret": self.tree.secret,
         }
 
     def status(self) -> dict[str, Any]:
@@ -115,6 +120,9 @@ class PkramFilesystem:
             "inodes": len(self.tree.inodes),
             "max_inodes": self.tree.max_inodes,
             "open_writers": self.tree.writers(),
+            "secret": self.tree.secret,
+            "secret_pages": self.ram.unmapped_pages,
+            "unmapped_ranges": len(self.ram.unmapped_runs()[0]),
             "preserved_node": None if self.preserved is None else self.preserved.node_pfn,
             "last_preserve": None if self.last_preserve is None else asdict(self.last_preserve),
             "restored": None if self.restored is None else asdict(self.restored),
@@ -136,6 +144,8 @@ class PkramFilesystem:
             raise OptionError("pkram= cannot change on remount")
         if new.machine is not None and new.machine != self.options.machine:
             raise OptionError("machine= cannot change on remount")
+        if new.secret and not self.tree.secret:
+            raise OptionError("secret cannot be added on remount")
         if new.size_bytes is not None:
             limit = new.resolved_size_pages(self.machine.nr_pages)
             if limit and limit < self.pool.used_pages:

@@ -1,4 +1,7 @@
-"""Mount options as tmpfs has them, plus ``pkram=NAME`` and ``machine=DIR``.
+"""Mount options as tmpfs has them, plus ``pkram=NAME``, ``machine=DIR`` and ``secret``.
+
+``secret`` makes every regular file of the mount secret: its pages leave the daemon's direct
+map of RAM, as memfd_secret's do (see secret_pages).
 
 ``parse_options`` turns the ``-o`` list of a mount helper into `MountOptions`; anything unknown or
 malformed raises `OptionError` naming the option.
@@ -62,6 +65,7 @@ class MountOptions:
     uid: int = 0
     gid: int = 0
     huge: str | None = None  # None: "never", or what a restored node says
+    secret: bool | None = None  # None: not secret, or what a restored node says
     pkram: str | None = None
     machine: str | None = None
     fsname: str | None = None
@@ -146,6 +150,10 @@ def _apply(opts: MountOptions, key: str, value: str | None, ram_bytes: int | Non
         opts.machine = _need(value, key)
     elif key == "fsname":
         opts.fsname = _need(value, key)
+    elif key == "secret":
+        if value is not None:
+            raise OptionError("mount option 'secret' takes no value")
+        opts.secret = True
     elif key == "remount":
         opts.remount = True
     elif key == "preserve":

@@ -15,8 +15,9 @@ import numpy as np
 from kexec_sim.kexec import next_kernel_range
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PageRuns, PfnArray
+from kexec_sim.ram import Ram
 
-from . import byte_stream, page_stream, tree_record
+from . import byte_stream, page_stream, secret_pages, tree_record
 from .errors import CorruptNode
 from .file_pages import CHUNK_SHIFT
 from .node_store import NodeContents, NodeStore
@@ -75,26 +76,37 @@ def relocate_out_of(
         inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
         if not inside.any():
             continue
+        secret = tree.is_secret(inode)
         small = inside & (orders == 0)
         if small.any():
             old = pfns[small]
             new = ownership.allocate(owner_id, len(old), avoid=(start, end))
-            ram.pages[new] = ram.pages[old]
-            ram.keys.mark_referenced(old)
-            ram.keys.mark_changed(new)
+            _copy_pages(ram, old, new, secret)
             inode.pages.replace_pages(indexes[small], new)
             ownership.free(owner_id, old)
             moved += len(old)
         huge = inside & (orders == HUGE_ORDER)
         for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
             new_base = int(ownership.allocate_huge(owner_id, 1, avoid=(start, end))[0])
-            ram.pages[new_base : new_base + HUGE_PAGES] = ram.pages[base : base + HUGE_PAGES]
-            ram.keys.mark_referenced(np.arange(base, base + HUGE_PAGES, dtype=np.int64))
-            ram.keys.mark_changed_range(new_base, HUGE_PAGES)
+            old = np.arange(base, base + HUGE_PAGES, dtype=np.int64)
+            _copy_pages(ram, old, old - base + new_base, secret)
             inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
-            ownership.free(owner_id, np.arange(base, base + HUGE_PAGES, dtype=np.int64))
+            ownership.free(owner_id, old)
             moved += HUGE_PAGES
     return moved
+
+
+def _copy_pages(ram: Ram, old: PfnArray, new: PfnArray, secret: bool) -> None:
+    """Copy the pages *old* to *new*; a secret file's through temporary mappings, after which
+    *new* leave the direct map and *old* come back to it."""
+    if not secret:
+        ram.pages[new] = ram.pages[old]
+        ram.keys.mark_referenced(old)
+        ram.keys.mark_changed(new)
+        return
+    secret_pages.scatter(ram, new, secret_pages.gather(ram, old))
+    secret_pages.hide(ram, new)
+    secret_pages.unhide(ram, old)
 
 
 def preserve(

@@ -18,7 +18,7 @@ import numpy as np
 from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 
-from . import file_data
+from . import file_data, secret_pages
 from .errors import FsError
 from .inode import Inode
 from .page_pool import PagePool
@@ -36,6 +36,8 @@ RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 CAPABILITY_XATTR = b"security.capability"
+SECRET_XATTR = b"user.pkramfs.secret"  # value b"1": the file's pages leave the direct map
+SECRET_VALUE = b"1"
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Tree:
         self.pool = pool
         self.max_inodes = max_inodes  # 0: unlimited
         self.huge = huge
+        self.secret = False  # the mount's ``secret`` option: every regular file is secret
         self.read_only = False
         self.inodes: dict[int, Inode] = {}
         self.xattr_bytes = 0  # names and values of every inode's xattrs
@@ -266,7 +269,7 @@ class Tree:
         if inode.ino == ROOT_INO or not inode.is_unreferenced():
             return
         if inode.pages is not None:
-            file_data.free_all(inode.pages, self.pool)
+            file_data.free_all(self.ram, inode.pages, self.pool, secret=self.is_secret(inode))
         self.xattr_bytes -= sum(len(k) + len(v) for k, v in inode.xattrs.items())
         del self.inodes[inode.ino]
 
@@ -442,7 +445,14 @@ class Tree:
         assert inode.pages is not None
         if size == inode.size_bytes:
             return
-        file_data.truncate(self.ram, inode.pages, self.pool, inode.size_bytes, size)
+        file_data.truncate(
+            self.ram,
+            inode.pages,
+            self.pool,
+            inode.size_bytes,
+            size,
+            secret=self.is_secret(inode),
+        )
         inode.size_bytes = size
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
 
@@ -519,6 +529,8 @@ class Tree:
         if inode.pages is None:
             raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
         self._touch_atime(inode)
+        if self.is_secret(inode):
+            return file_data.read_secret(self.ram, inode.pages, inode.size_bytes, off, length)
         return file_data.read(self.ram, inode.pages, inode.size_bytes, off, length)
 
     def write(self, fh: int, off: int, data: bytes) -> int:
@@ -531,13 +543,28 @@ class Tree:
         end = off + len(data)
         if off < 0 or end > MAX_FILE_BYTES:
             raise FsError(errno.EFBIG)
-        file_data.write(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
+        if self.is_secret(inode):
+            file_data.write_secret(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
+        else:
+            file_data.write(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
         if end > inode.size_bytes:
             inode.size_bytes = end
         if inode.xattrs or inode.mode & (stat.S_ISUID | stat.S_ISGID):
             self._kill_privileges(inode, handle.opener_uid)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
         return len(data)
+
+    def is_secret(self, inode: Inode) -> bool:
+        """Whether *inode* is a secret regular file: its pages are out of the direct map."""
+        return inode.pages is not None and (
+            self.secret or inode.xattrs.get(SECRET_XATTR) == SECRET_VALUE
+        )
+
+    def hide_secret_pages(self) -> None:
+        """Remove every secret file's pages from the direct map (after a restore)."""
+        for inode in self.inodes.values():
+            if inode.pages is not None and inode.pages.nr_pages and self.is_secret(inode):
+                secret_pages.hide(self.ram, inode.pages.all_pfns())
 
     def _touch_atime(self, inode: Inode) -> None:
         """Update atime as relatime does: only if it is not newer than mtime/ctime or a day old."""
@@ -569,6 +596,9 @@ class Tree:
         _check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
+        if name == SECRET_XATTR:
+            self._make_secret(inode, value)
+            return
         old = inode.xattrs.get(name)
         growth = len(value) - len(old) if old is not None else len(name) + len(value)
         if self.xattr_bytes + growth > self.xattr_space():
@@ -576,6 +606,25 @@ class Tree:
         inode.xattrs[name] = value
         self.xattr_bytes += growth
         inode.ctime_ns = time.time_ns()
+
+    def _make_secret(self, inode: Inode, value: bytes) -> None:
+        """Set the secret xattr: only to "1", only on a regular file, never undone (EPERM)."""
+        if value != SECRET_VALUE:
+            raise FsError(errno.EPERM, "user.pkramfs.secret can only be set to 1")
+        if inode.pages is None:
+            raise FsError(errno.EPERM, "only a regular file can be secret")
+        old = inode.xattrs.get(SECRET_XATTR)
+        if old == value:
+            return
+        growth = len(value) - len(old) if old is not None else len(SECRET_XATTR) + len(value)
+        if self.xattr_bytes + growth > self.xattr_space():
+            raise FsError(errno.ENOSPC)
+        was_secret = self.is_secret(inode)
+        inode.xattrs[SECRET_XATTR] = value
+        self.xattr_bytes += growth
+        inode.ctime_ns = time.time_ns()
+        if not was_secret:
+            secret_pages.hide(self.ram, inode.pages.all_pfns())
 
     def xattr_space(self) -> int:
         """The bytes of xattr names and values the whole mount may hold."""
@@ -592,6 +641,8 @@ class Tree:
         self._check_writable()
         inode = self.get(ino)
         _check_xattr_name(name)
+        if name == SECRET_XATTR and inode.xattrs.get(name) == SECRET_VALUE:
+            raise FsError(errno.EPERM, "a secret file stays secret")
         value = inode.xattrs.pop(name, None)
         if value is None:
             raise FsError(errno.ENODATA)

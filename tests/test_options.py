@@ -21,6 +21,11 @@ def test_tmpfs_options_parse() -> None:
     assert opts.pkram == "my.fs"
 
 
+def test_secret_is_a_flag() -> None:
+    assert parse_options(["secret"]).secret is True
+    assert parse_options([]).secret is None  # not given: what a restored node says
+
+
 def test_defaults_follow_tmpfs() -> None:
     opts = parse_options([])
     assert opts.resolved_size_pages(1000) == 500
@@ -53,6 +58,7 @@ def test_mount8_flags_are_accepted() -> None:
         ("pkram=", "pkram"),
         ("pkram=a/b", "pkram"),
         ("ro=1", "ro"),
+        ("secret=1", "secret"),
     ],
 )
 def test_bad_options_name_the_option(item: str, named: str) -> None:

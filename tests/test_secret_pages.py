@@ -1,0 +1,191 @@
+"""Secret files (memfd_secret-like): their pages are out of the daemon's direct map of RAM."""
+
+import errno
+import faulthandler
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kexec_sim.machine import Machine
+from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
+
+from .conftest import BIN, Mounts, make_ram
+from .test_handover import kexec, md5, preserve, run
+
+SECRET = "user.pkramfs.secret"
+
+
+def child_reads(ram_pages: np.ndarray, pfn: int) -> int:
+    """Read page *pfn* through the main mapping in a forked child; return its wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: only reads, then leaves without cleanup
+        faulthandler.disable()  # a fault is expected: no traceback
+        int(ram_pages[pfn].sum())
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_a_page_out_of_the_direct_map_faults_and_a_temporary_mapping_reaches_it(
+    tmp_path: Path,
+) -> None:
+    with make_ram(tmp_path, 64) as ram:
+        ram.write_page(9, bytes(range(256)) * 16)
+        ram.remove_from_direct_map(9, 1)
+        status = child_reads(ram.pages, 9)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert os.WIFEXITED(child_reads(ram.pages, 10))  # its neighbours are mapped
+        with ram.temporary_mapping(9, 1) as window:
+            assert window.shape == (1, PAGE_SIZE)
+            assert bytes(window[0]) == bytes(range(256)) * 16
+            window[0, :4] = 7
+        assert ram.unmapped_pages == 1 and ram.unmapped_runs()[0].tolist() == [9]
+        ram.restore_direct_map(9, 1)
+        status = child_reads(ram.pages, 9)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert bytes(ram.pages[9, :5]) == b"\x07\x07\x07\x07\x04"
+        assert ram.unmapped_pages == 0
+
+
+def status(mnt: Path) -> dict[str, object]:
+    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, object] = json.loads(result.stdout)
+    return loaded
+
+
+def unmapped_pfns(machine: Machine, mnt: Path) -> list[int]:
+    """The pfns the daemon of *mnt* has mapped PROT_NONE (``---s``) in its mapping of RAM."""
+    pid = status(mnt)["pid"]
+    ram_path = os.path.realpath(machine.path / "RAM")
+    regions = []
+    with open(f"/proc/{pid}/maps", encoding="utf-8") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) == 6 and fields[5] == ram_path:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                regions.append((lo, hi, fields[1], int(fields[2], 16)))
+    base = next(lo for lo, _, _, offset in regions if offset == 0)  # the mapping's start
+    pfns: list[int] = []
+    for lo, hi, perms, offset in regions:
+        assert lo - base == offset  # one mapping, split by mprotect (no temporary one left)
+        if perms == "---s":
+            pfns.extend(range((lo - base) // PAGE_SIZE, (hi - base) // PAGE_SIZE))
+        else:
+            assert perms == "rw-s"
+    return pfns
+
+
+def page_digests(data: bytes) -> list[bytes]:
+    padded = data + bytes(-len(data) % PAGE_SIZE)
+    return sorted(
+        hashlib.md5(padded[i : i + PAGE_SIZE]).digest() for i in range(0, len(padded), PAGE_SIZE)
+    )
+
+
+def assert_hidden_exactly(machine: Machine, mnt: Path, *files: bytes) -> list[int]:
+    """The daemon's ``---s`` pages are exactly the pages holding *files* (by content)."""
+    pfns = unmapped_pfns(machine, mnt)
+    with open(machine.path / "RAM", "rb") as ram:
+        held = []
+        for pfn in pfns:
+            ram.seek(pfn * PAGE_SIZE)
+            held.append(hashlib.md5(ram.read(PAGE_SIZE)).digest())
+    assert sorted(held) == sorted(d for data in files for d in page_digests(data))
+    assert status(mnt)["secret_pages"] == len(pfns)
+    return pfns
+
+
+def test_a_secret_mount_hides_its_file_pages_and_serves_them(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("secret,pkram=sec")
+    data = bytearray(os.urandom((3 << 20) + 1234))
+    (mnt / "f").write_bytes(data)
+    with open(mnt / "f", "r+b") as f:  # partial pages: read-modify-write through the window
+        os.pwrite(f.fileno(), b"z" * 10_000, 5000)
+        data[5000:15_000] = b"z" * 10_000
+        os.pwrite(f.fileno(), b"tail", len(data) + 3)
+        data += bytes(3) + b"tail"
+    assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
+    state = status(mnt)
+    ranges = state["unmapped_ranges"]
+    assert state["secret"] is True and isinstance(ranges, int) and ranges >= 1
+    pfns = assert_hidden_exactly(machine, mnt, bytes(data))
+    with machine.page_ownership() as ownership:
+        owned: set[int] = set(ownership.pages_of(int(str(state["owner_id"]))).tolist())
+    assert set(pfns) <= owned
+
+
+def test_the_secret_xattr_makes_one_file_secret_for_good(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mount()
+    plain, hidden = os.urandom(200_000), bytearray(os.urandom(300_000))
+    (mnt / "plain").write_bytes(plain)
+    (mnt / "hidden").write_bytes(hidden)
+    assert unmapped_pfns(machine, mnt) == []
+    os.setxattr(mnt / "hidden", SECRET, b"1")
+    assert_hidden_exactly(machine, mnt, bytes(hidden))
+    with open(mnt / "hidden", "ab") as f:
+        f.write(b"more" * 5000)
+    hidden += b"more" * 5000
+    assert_hidden_exactly(machine, mnt, bytes(hidden))
+    assert md5(mnt / "hidden") == hashlib.md5(hidden).hexdigest()
+    assert md5(mnt / "plain") == hashlib.md5(plain).hexdigest()
+    with pytest.raises(OSError) as refused:
+        os.removexattr(mnt / "hidden", SECRET)
+    assert refused.value.errno == errno.EPERM
+    with pytest.raises(OSError) as refused:
+        os.setxattr(mnt / "hidden", SECRET, b"0")
+    assert refused.value.errno == errno.EPERM
+    assert os.getxattr(mnt / "hidden", SECRET) == b"1"
+    with pytest.raises(OSError) as refused:
+        os.setxattr(mnt / "plain", SECRET, b"yes")
+    assert refused.value.errno == errno.EPERM
+
+
+def test_secret_files_survive_kexec_and_are_hidden_again(machine: Machine, mounts: Mounts) -> None:
+    whole = mounts.mount("secret,pkram=whole")
+    one = mounts.mount("pkram=one")
+    a, b, c = os.urandom(2 << 20), os.urandom(700_000), os.urandom(50_000)
+    (whole / "a").write_bytes(a)
+    (one / "b").write_bytes(b)
+    (one / "c").write_bytes(c)
+    os.setxattr(one / "b", SECRET, b"1")
+    preserve(whole)
+    preserve(one)
+    kexec(machine)
+    mounts.mount("pkram=whole", whole)  # the option comes back with the node
+    mounts.mount("pkram=one", one)
+    assert status(whole)["secret"] is True
+    assert md5(whole / "a") == hashlib.md5(a).hexdigest()
+    assert md5(one / "b") == hashlib.md5(b).hexdigest()
+    assert md5(one / "c") == hashlib.md5(c).hexdigest()
+    assert os.getxattr(one / "b", SECRET) == b"1"
+    assert_hidden_exactly(machine, whole, a)
+    assert_hidden_exactly(machine, one, b)
+    (whole / "new").write_bytes(b"n" * 9000)
+    assert_hidden_exactly(machine, whole, a, b"n" * 9000)
+
+
+def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: Mounts) -> None:
+    mnt = mounts.mount("secret,huge=always,size=64M")
+    data = os.urandom(5 << 20)
+    (mnt / "f").write_bytes(data)
+    (mnt / "g").write_bytes(data[:100_000])
+    g_huge = data[:100_000] + bytes((2 << 20) - 100_000)  # a whole huge page, zero past EOF
+    pfns = assert_hidden_exactly(machine, mnt, data + bytes(1 << 20), g_huge)
+    huge_bases = [p for p in pfns if p % HUGE_PAGES == 0 and p + HUGE_PAGES - 1 in pfns]
+    assert len(huge_bases) == 4  # each huge page is hidden whole, 2 MiB at once
+    os.truncate(mnt / "f", 1_000_000)
+    assert_hidden_exactly(machine, mnt, data[:1_000_000], g_huge)
+    assert md5(mnt / "f") == hashlib.md5(data[:1_000_000]).hexdigest()
+    os.unlink(mnt / "f")
+    assert_hidden_exactly(machine, mnt, g_huge)
+    assert (mnt / "g").read_bytes() == data[:100_000]
+    os.unlink(mnt / "g")
+    assert unmapped_pfns(machine, mnt) == []
+    assert status(mnt)["unmapped_ranges"] == 0
