@@ -13,9 +13,10 @@ import pytest
 
 from kexec_sim.machine import Machine
 from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
+from kexec_sim.storage_keys import CHANGED, SINCE_IMAGE
 
 from .conftest import BIN, Mounts, make_ram
-from .test_handover import kexec, md5, preserve, run
+from .test_handover import kexec, kexec_sim, md5, preserve, run
 
 SECRET = "user.pkramfs.secret"
 
@@ -119,6 +120,8 @@ def test_a_secret_mount_hides_its_file_pages_and_serves_them(
     with machine.page_ownership() as ownership:
         owned: set[int] = set(ownership.pages_of(int(str(state["owner_id"]))).tolist())
     assert set(pfns) <= owned
+    with machine.ram() as ram:  # stores through temporary mappings mark the keys too
+        assert (ram.keys.array[pfns] & CHANGED != 0).all()
 
 
 def test_the_secret_xattr_makes_one_file_secret_for_good(machine: Machine, mounts: Mounts) -> None:
@@ -189,3 +192,29 @@ def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: 
     os.unlink(mnt / "g")
     assert unmapped_pfns(machine, mnt) == []
     assert status(mnt)["unmapped_ranges"] == 0
+
+
+def test_relocation_copies_secret_pages_through_temporary_mappings(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("secret,pkram=moved")
+    data = os.urandom(6 << 20)
+    (mnt / "f").write_bytes(data)
+    before = set(unmapped_pfns(machine, mnt))
+    sb = (machine.path / "sys/kernel/pkram").read_text().strip()
+    load = ("--addr", hex(2 << 20), "--image-size", "4M")
+    loaded = kexec_sim(machine, "load", *load, "--append", f"pkram={sb}")
+    assert loaded.returncode == 0, loaded.stderr
+    with machine.ram() as ram:
+        ram.keys.image_completed()
+        preserve(mnt)
+        since_image = ram.keys.array & SINCE_IMAGE != 0
+    last = status(mnt)["last_preserve"]
+    assert isinstance(last, dict) and last["relocated_pages"] > 0
+    after = assert_hidden_exactly(machine, mnt, data)  # the copies are hidden, the old back
+    moved = sorted(set(after) - before)
+    assert len(moved) == last["relocated_pages"] and since_image[moved].all()
+    kexec(machine, load)
+    mounts.mount("pkram=moved", mnt)
+    assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
+    assert_hidden_exactly(machine, mnt, data)
