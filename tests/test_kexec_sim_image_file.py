@@ -11,8 +11,14 @@ import numpy.typing as npt
 import pytest
 
 from kexec_sim import image_file
-from kexec_sim.errors import CorruptImage, ForeignImage, MachineError
-from kexec_sim.image_file import CHUNK_HEADER, ImageHeader, ImageStats
+from kexec_sim.errors import (
+    CorruptImage,
+    ForeignImage,
+    ImageKeyError,
+    ImageTooLarge,
+    MachineError,
+)
+from kexec_sim.image_file import CHUNK_HEADER, ImageHeader, ImageKey, ImageStats
 from kexec_sim.pages import PAGE_SIZE
 
 NR_PAGES = 4096
@@ -53,16 +59,16 @@ def write(tmp_path: Path, ram: npt.NDArray[np.uint8], **kwargs: object) -> tuple
 
 
 def restore(
-    path: Path, threads: int
+    path: Path, threads: int, key: ImageKey | None = None
 ) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_file.PfnList]:
     """What resume would do: verify, then put every page into a fresh RAM."""
     header = image_file.verify_image(
-        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads
+        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, key=key
     )
-    pfn_list = image_file.read_pfn_list(path, header)
+    pfn_list = image_file.read_pfn_list(path, header, key=key)
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
     fresh[pfn_list.zero_pfns] = 0
-    for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads):
+    for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key):
         fresh[pfns] = pages
     return header, fresh, pfn_list
 
@@ -305,3 +311,337 @@ def test_round_trip_of_runs_and_scattered_pages(tmp_path: Path) -> None:
         restored += chunk_pfns.size
     assert restored == header.nr_data_pages == pfns.size - 10  # 2500-2509 are zero
     assert np.array_equal(pfn_list.zero_pfns, np.arange(2500, 2510))
+
+
+def key_of(kind: str, tmp_path: Path, secret: str = "correct horse") -> ImageKey:
+    """A key file's key (the file under *tmp_path*) or a passphrase's."""
+    if kind == "passphrase":
+        return ImageKey.from_passphrase(secret)
+    key_file = tmp_path / f"{secret}.key"
+    key_file.write_bytes(secret.encode() * 4)
+    return ImageKey.from_key_file(key_file)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
+@pytest.mark.parametrize("kind", ["key file", "passphrase"])
+def test_encrypted_round_trip(tmp_path: Path, compression: str, kind: str) -> None:
+    ram = make_ram(tmp_path)
+    key = key_of(kind, tmp_path)
+    path, stats = write(tmp_path, ram, compression=compression, threads=2, chunk_pages=7, key=key)
+    header, fresh, pfn_list = restore(path, 2, key_of(kind, tmp_path))  # a new key object
+    pfns, keys = page_set()
+    saved = np.sort(pfns)
+    assert np.array_equal(fresh[saved], ram[saved]) and np.all(fresh[1::2] == 0xAA)
+    assert np.array_equal(pfn_list.keys, keys[np.argsort(pfns)])
+    assert header.encrypted and stats.encrypted and header.compression == compression
+    assert header.flags & image_file.FLAG_PASSPHRASE == (
+        image_file.FLAG_PASSPHRASE if kind == "passphrase" else 0
+    )
+    assert stats.image_bytes == path.stat().st_size == header.end_offset
+    assert stats.stored_bytes == header.stored_bytes
+    if compression == "none":
+        assert stats.stored_bytes == stats.data_bytes + 16 * header.nr_chunks
+    else:
+        assert stats.stored_bytes < 0.7 * stats.data_bytes  # compressed before encrypted
+    data = path.read_bytes()  # nothing of RAM or of the pfn list in clear
+    assert ram[1000].tobytes()[:64] not in data and ram[0].tobytes()[:64] not in data
+    assert np.sort(pfns).astype("<u8").tobytes()[:64] not in data
+    assert set(stats.seconds) == {"scan", "write", "sync"}
+
+
+def test_encrypted_images_differ_and_need_the_right_key(tmp_path: Path) -> None:
+    ram = make_ram(tmp_path)
+    key = key_of("key file", tmp_path)
+    path, _ = write(tmp_path, ram, key=key)
+    header = image_file.read_header(path, key=key)
+    assert len(header.salt) == 16 and any(header.salt) and len(header.nonce_prefix) == 4
+    with pytest.raises(ImageKeyError, match=r"hib.img: image is encrypted: give --key-file or a"):
+        image_file.read_header(path)
+    with pytest.raises(ImageKeyError, match="image is encrypted: give"):
+        verify(path)
+    with pytest.raises(ImageKeyError, match="image is encrypted: give"):
+        image_file.read_pfn_list(path, header)
+    with pytest.raises(ImageKeyError, match="image is encrypted: give"):
+        next(image_file.iter_chunks(path, header, image_file.read_pfn_list(path, header, key=key)))
+    wrong = key_of("key file", tmp_path, "another secret")
+    with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
+        image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=wrong)
+    with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
+        image_file.read_header(path, key=wrong)
+    with pytest.raises(CorruptImage, match="pfn list authentication failed"):
+        image_file.read_pfn_list(path, header, key=wrong)  # a header from another key
+    with pytest.raises(ImageKeyError, match="encrypted with a key file, not a passphrase"):
+        image_file.read_header(path, key=ImageKey.from_passphrase("correct horse"))
+    (tmp_path / "sub").mkdir()
+    plain, _ = write(tmp_path / "sub", ram)
+    with pytest.raises(ImageKeyError, match=r"hib.img: image is not encrypted$"):
+        image_file.verify_image(plain, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+
+
+def test_bad_keys_refused(tmp_path: Path) -> None:
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 15)
+    with pytest.raises(MachineError, match="at least 16 bytes"):
+        ImageKey.from_key_file(short)
+    with pytest.raises(MachineError, match="passphrase is empty"):
+        ImageKey.from_passphrase("")
+    with pytest.raises(OSError):
+        ImageKey.from_key_file(tmp_path / "missing.key")
+    key = ImageKey.from_passphrase("secret")
+    assert "secret" not in repr(key) and len(key.derive(bytes(16))) == 32
+    assert key.derive(bytes(16)) != key.derive(b"\1" * 16)
+
+
+@pytest.fixture
+def encrypted(tmp_path: Path) -> tuple[Path, ImageKey]:
+    key = key_of("key file", tmp_path)
+    path, _ = write(tmp_path, make_ram(tmp_path), compression="lz4", threads=2, key=key)
+    return path, key
+
+
+def chunk_offsets(path: Path, header: ImageHeader) -> list[int]:
+    """Where each chunk record starts."""
+    offsets = []
+    with open(path, "rb") as f:
+        at = header.first_chunk_offset
+        for _ in range(header.nr_chunks):
+            offsets.append(at)
+            f.seek(at)
+            at += CHUNK_HEADER.size + CHUNK_HEADER.unpack(f.read(CHUNK_HEADER.size))[0]
+    return offsets
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["header", "header tag", "salt", "pfn list", "pfn list tag", "chunk header", "chunk data",
+     "last byte"],
+)  # fmt: skip
+@pytest.mark.parametrize("threads", [1, 3])
+def test_flipped_byte_of_an_encrypted_image_refused(
+    encrypted: tuple[Path, ImageKey], where: str, threads: int
+) -> None:
+    path, key = encrypted
+    header = image_file.read_header(path, key=key)
+    chunks = chunk_offsets(path, header)
+    offset = {
+        "header": 50,
+        "header tag": image_file._TAG_AT + 3,
+        "salt": 165,
+        "pfn list": PAGE_SIZE + 8 * 17 + 7,
+        "pfn list tag": PAGE_SIZE + 8 * header.nr_pfns + 15,
+        "chunk header": chunks[3] + 12,
+        "chunk data": chunks[5] + CHUNK_HEADER.size + 100,
+        "last byte": header.end_offset - 1,
+    }[where]
+    flip(path, offset)
+    with pytest.raises(CorruptImage) as info:
+        image_file.verify_image(
+            path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key, threads=threads
+        )
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
+
+
+def fix_crcs(path: Path) -> None:
+    """Recompute every CRC of the image at *path*: as a tamperer would."""
+    data = bytearray(path.read_bytes())
+    header = image_file.IMAGE_HEADER.unpack_from(data)
+    nr_pfns, first_chunk, nr_chunks = header[8], header[14], header[12]
+    encrypted = header[3] & image_file.FLAG_ENCRYPTED
+    pfn_bytes = 8 * nr_pfns + (16 if encrypted else 0)
+    struct.pack_into("<I", data, 152, zlib.crc32(data[PAGE_SIZE : PAGE_SIZE + pfn_bytes]))
+    at = first_chunk
+    for _ in range(nr_chunks):
+        stored, raw, _, index, first = CHUNK_HEADER.unpack_from(data, at)
+        zeroed = CHUNK_HEADER.pack(stored, raw, 0, index, first)
+        body = bytes(data[at + CHUNK_HEADER.size : at + CHUNK_HEADER.size + stored])
+        CHUNK_HEADER.pack_into(data, at, stored, raw, zlib.crc32(body, zlib.crc32(zeroed)), index,
+                               first)  # fmt: skip
+        at += CHUNK_HEADER.size + stored
+    struct.pack_into("<I", data, 12, 0)
+    struct.pack_into("<I", data, 12, zlib.crc32(data[:PAGE_SIZE]))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["generation", "pfn list", "chunk index", "chunk data"])
+def test_tampering_with_the_crcs_fixed_fails_authentication(
+    encrypted: tuple[Path, ImageKey], where: str
+) -> None:
+    path, key = encrypted
+    header = image_file.read_header(path, key=key)
+    chunks = chunk_offsets(path, header)
+    data = bytearray(path.read_bytes())
+    if where == "chunk index":  # swap chunks 1 and 2 whole, their record numbers fixed up
+        one, two, three = chunks[1], chunks[2], chunks[3]
+        first, second = bytearray(data[one:two]), bytearray(data[two:three])
+        numbers = struct.unpack_from("<IQ", first, 12), struct.unpack_from("<IQ", second, 12)
+        struct.pack_into("<IQ", first, 12, *numbers[1])
+        struct.pack_into("<IQ", second, 12, *numbers[0])
+        data[one:three] = second + first
+    else:
+        offset = {"generation": 48, "pfn list": PAGE_SIZE + 8 * 5 + 7,
+                  "chunk data": chunks[4] + CHUNK_HEADER.size + 9}[where]  # fmt: skip
+        data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    fix_crcs(path)
+    error = ImageKeyError if where in ("generation", "pfn list") else CorruptImage
+    with pytest.raises(error, match="authentication failed: wrong key or tampered image"):
+        image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+
+
+def test_stripping_the_encryption_is_noticed_by_a_reader_with_the_key(
+    encrypted: tuple[Path, ImageKey],
+) -> None:
+    path, key = encrypted
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<Q", data, 16, 0)  # flags: not encrypted
+    path.write_bytes(bytes(data))
+    fix_crcs(path)
+    with pytest.raises(CorruptImage):
+        image_file.read_header(path, key=key)
+
+
+@pytest.mark.parametrize("where", ["chunk data", "last byte"])
+def test_flipped_data_byte_of_a_plain_image_refused(image: Path, where: str) -> None:
+    header = verify(image)
+    chunks = chunk_offsets(image, header)
+    offset = chunks[2] + CHUNK_HEADER.size + 5 if where == "chunk data" else header.end_offset - 1
+    flip(image, offset)
+    with pytest.raises(CorruptImage, match=r"chunk \d+: checksum mismatch"):
+        verify(image)
+
+
+@pytest.mark.parametrize("key", [None, "passphrase"])
+def test_incremental_entries_in_the_base_round_trip(tmp_path: Path, key: str | None) -> None:
+    ram = make_ram(tmp_path)
+    image_key = None if key is None else key_of(key, tmp_path)
+    pfns, keys = page_set()
+    in_base = (pfns % 3 == 0) | ((pfns >= 2600) & (pfns < 2700))  # zero pages in the base too
+    base_id = os.urandom(16)
+    path = tmp_path / "inc.img"
+    stats = image_file.write_image(
+        path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=2,
+        epoch_ns=0, base_image_id=base_id, in_base=in_base, key=image_key, chunk_pages=5,
+    )  # fmt: skip
+    header, fresh, pfn_list = restore(path, 2, image_key)
+    order = np.argsort(pfns)
+    saved, base_sorted = pfns[order], in_base[order]
+    assert header.incremental and header.base_image_id == base_id
+    assert np.array_equal(pfn_list.pfns, saved) and np.array_equal(pfn_list.keys, keys[order])
+    assert np.array_equal(pfn_list.in_base, base_sorted)
+    assert np.array_equal(pfn_list.base_pfns, saved[base_sorted])
+    assert not np.any(pfn_list.zero & pfn_list.in_base)
+    not_base = saved[~base_sorted]
+    expected_zero = not_base[~ram[not_base].any(axis=1)]
+    assert np.array_equal(pfn_list.zero_pfns, expected_zero)
+    data = not_base[ram[not_base].any(axis=1)]
+    assert np.array_equal(pfn_list.data_pfns, data) and header.nr_data_pages == data.size
+    assert np.array_equal(fresh[data], ram[data])
+    assert np.all(fresh[saved[base_sorted]] == 0xAA)  # no data here for pages in the base
+    assert stats.base_pages == int(in_base.sum()) and stats.zero_pages == expected_zero.size
+    assert stats.data_bytes == data.size * PAGE_SIZE
+
+
+def test_in_base_refused_without_a_base_or_badly_shaped(tmp_path: Path) -> None:
+    ram = make_ram(tmp_path)
+    path = tmp_path / "bad.img"
+    common = {"machine_id": MACHINE, "nr_ram_pages": NR_PAGES, "generation": 1, "epoch_ns": 0}
+    flags = np.array([True, False])
+    with pytest.raises(MachineError, match="in_base needs a base_image_id"):
+        image_file.write_image(path, ram, [1, 2], np.zeros(2, np.uint8), in_base=flags, **common)  # type: ignore[arg-type]
+    for bad in (np.array([1, 0]), np.array([True])):
+        with pytest.raises(MachineError, match="in_base must be bool parallel to the pfns"):
+            image_file.write_image(
+                path, ram, [1, 2], np.zeros(2, np.uint8), base_image_id=b"b" * 16, in_base=bad,
+                **common,  # type: ignore[arg-type]
+            )  # fmt: skip
+    assert not path.exists()
+
+
+def set_entry_bits(path: Path, entry: int, bits: int) -> None:
+    """OR *bits* into pfn list entry *entry* of a plain image, its CRCs fixed up."""
+    data = bytearray(path.read_bytes())
+    at = PAGE_SIZE + 8 * entry
+    struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] | bits)
+    path.write_bytes(bytes(data))
+    fix_crcs(path)
+
+
+def test_entry_bits_validated(tmp_path: Path, image: Path) -> None:
+    header = verify(image)
+    zero_at = int(np.flatnonzero(image_file.read_pfn_list(image, header).zero)[0])
+    set_entry_bits(image, zero_at, 1 << image_file.BASE_BIT)
+    with pytest.raises(CorruptImage, match="pages in a base image, image not incremental"):
+        verify(image)
+    ram = make_ram(tmp_path)
+    pfns = np.arange(2490, 2510, dtype=np.int64)  # 2490-2499 data, 2500-2509 zero
+    inc = tmp_path / "inc.img"
+    image_file.write_image(
+        inc, ram, pfns, np.zeros(pfns.size, np.uint8), machine_id=MACHINE, nr_ram_pages=NR_PAGES,
+        generation=1, epoch_ns=0, base_image_id=b"b" * 16, in_base=pfns % 2 == 0,
+    )  # fmt: skip
+    original = inc.read_bytes()
+    set_entry_bits(inc, 13, 1 << image_file.BASE_BIT)  # 2503: zero (not in the base), now both
+    with pytest.raises(CorruptImage, match="pfn 2503 is flagged both all-zero and in the base"):
+        verify(inc)
+    inc.write_bytes(original)
+    set_entry_bits(inc, 1, 1 << image_file.BASE_BIT)  # 2491: one data page fewer
+    with pytest.raises(CorruptImage, match="pfn list flags 4 data pages, header says 5"):
+        verify(inc)
+    for bit in range(image_file.PFN_BITS, image_file.BASE_BIT):
+        inc.write_bytes(original)
+        set_entry_bits(inc, 3, 1 << bit)
+        with pytest.raises(CorruptImage, match="reserved bits"):
+            verify(inc)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name not in ("RAM",) and p.is_file())
+
+
+@pytest.mark.parametrize("key", [False, True])
+def test_size_limit(tmp_path: Path, key: bool) -> None:
+    ram = make_ram(tmp_path)
+    image_key = key_of("key file", tmp_path) if key else None
+    keys = [p.name for p in tmp_path.iterdir()]
+    path, stats = write(tmp_path, ram, compression="lz4", key=image_key)
+    size = stats.image_bytes
+    path.unlink()
+    for limit in (100, size // 2, size - 1):  # refused up front, midway, at the last chunk
+        with pytest.raises(ImageTooLarge, match=rf"limit of {limit} bytes \(\d+ bytes reached"):
+            write(tmp_path, ram, compression="lz4", key=image_key, max_bytes=limit, threads=2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keys)  # no image, no temp
+    write(tmp_path, ram, compression="lz4", key=image_key, max_bytes=size + 4096)
+    restore(path, 2, image_key)
+    path.unlink()
+    noted: list[int] = []
+    with pytest.raises(ImageTooLarge, match=r"\(\d+ bytes reached and \d+ chunks to go\)"):
+        write(
+            tmp_path, ram, compression="none", max_bytes=size // 3,
+            progress=lambda done, total: noted.append(done),
+        )  # fmt: skip
+    assert noted == [] or max(noted) * PAGE_SIZE < size // 3  # stopped before the limit
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keys)
+
+
+def test_device_header_zeroed_first_and_on_overflow(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block device is written in place: simulated with the image file opened as one."""
+    monkeypatch.setattr(
+        image_file, "_open_for_image", lambda path: (os.open(path, os.O_WRONLY), None)
+    )
+    first_pages: list[bytes] = []
+
+    def look(done: int, total: int) -> None:
+        first_pages.append(image.read_bytes()[:PAGE_SIZE])
+
+    ram = make_ram(image.parent)
+    write(image.parent, ram, progress=look, chunk_pages=8, threads=2)
+    assert first_pages and all(page == bytes(PAGE_SIZE) for page in first_pages)
+    verify(image)
+    size = image.stat().st_size
+    with pytest.raises(ImageTooLarge):
+        write(image.parent, ram, compression="none", max_bytes=size // 2)
+    assert image.read_bytes()[:PAGE_SIZE] == bytes(PAGE_SIZE)
+    with pytest.raises(CorruptImage, match="not a hibernation image"):
+        verify(image)
