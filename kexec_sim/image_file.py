@@ -47,10 +47,11 @@ USED_SIGNATURE = b"KSIMUSED"
 """What ``invalidate`` writes over the signature once an image has been resumed."""
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-IMAGE_HEADER = struct.Struct("<8sIIQ16sQQQQQIIQQQ16s16sQI4s16s16s")
+IMAGE_HEADER = struct.Struct("<8sIIQ16sQQQQQIIQQQ16s16sQI4s16s16sQ")
 _CRC_AT = 12
 _AEAD_AT = 156  # nonce_prefix, salt, header_tag: zeros unless encrypted
 _TAG_AT = 176
+_AEAD_END = 192
 CHUNK_HEADER = struct.Struct("<IIIIQ")  # stored raw crc index first_page
 
 FLAG_INCREMENTAL = 1 << 0
@@ -168,6 +169,8 @@ class ImageHeader:
     pfn_list_crc: int
     nonce_prefix: bytes = bytes(NONCE_PREFIX_BYTES)
     salt: bytes = bytes(SALT_BYTES)
+    super_block_pfn: int = 0
+    """The PKRAM super block among the pages (resume boots with ``pkram=`` it); 0: none."""
 
     @property
     def incremental(self) -> bool:
@@ -254,6 +257,7 @@ def _pack_header(h: ImageHeader, aead: AESGCM | None) -> bytes:
         h.epoch_ns, h.nr_pfns, h.nr_data_pages, COMPRESSIONS[h.compression], h.chunk_pages,
         h.nr_chunks, h.pfn_list_offset, h.first_chunk_offset, h.image_id, h.base_image_id,
         h.stored_bytes, h.pfn_list_crc, h.nonce_prefix, h.salt, bytes(TAG_BYTES),
+        h.super_block_pfn,
     )  # fmt: skip
     if aead is not None:  # over the page with crc and tag zero
         tag = aead.encrypt(_nonce(h.nonce_prefix, HEADER_NONCE), b"", bytes(page))
@@ -371,6 +375,7 @@ def write_image(
     in_base: npt.ArrayLike | None = None,
     key: ImageKey | None = None,
     max_bytes: int | None = None,
+    super_block_pfn: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImageStats:
     """Write the pages *pfns* of *ram_pages* (RAM as (nr_pages, 4096) uint8) and their *keys*.
@@ -382,7 +387,8 @@ def write_image(
     only with a base) flags the pages unchanged since the base: listed, no data here.
     A regular file is written under a temporary name (0600) and renamed; a block device is
     written in place, its header page zeroed (and synced) first and the header written last.
-    *progress* gets (data pages written, data pages) after each chunk.
+    *progress* gets (data pages written, data pages) after each chunk. *super_block_pfn*
+    names the PKRAM super block among the pages (0: none), for resume's ``pkram=``.
 
     Raises ImageTooLarge, leaving no image, as soon as the image is sure to exceed
     *max_bytes*; MachineError for a bad request; OSError from the I/O.
@@ -407,6 +413,8 @@ def write_image(
     for name, value in (("generation", generation), ("epoch_ns", epoch_ns)):
         if not 0 <= value < 1 << 64:
             raise MachineError(f"{name} {value} does not fit an unsigned 64-bit field")
+    if not 0 <= super_block_pfn < nr_ram_pages:
+        raise MachineError(f"super block pfn {super_block_pfn} is outside RAM")
     if max_bytes is not None and max_bytes < 0:
         raise MachineError(f"max_bytes must not be negative, got {max_bytes}")
     workers = threads if threads is not None else os.cpu_count() or 1
@@ -507,6 +515,7 @@ def write_image(
             pfn_list_offset=PAGE_SIZE, first_chunk_offset=first_chunk, image_id=os.urandom(16),
             base_image_id=base_image_id or bytes(_ID_BYTES), stored_bytes=stored_bytes,
             pfn_list_crc=zlib.crc32(pfn_list), nonce_prefix=nonce_prefix, salt=salt,
+            super_block_pfn=super_block_pfn,
         )  # fmt: skip
         os.fsync(fd)  # the data is down before a header can make it valid
         os.pwrite(fd, _pack_header(header, aead), 0)
@@ -550,7 +559,9 @@ def _write_all(fd: int, *parts: bytes | memoryview) -> None:
             rest = rest[os.write(fd, rest) :]
 
 
-def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
+def _parse_header(
+    page: bytes, where: str, key: ImageKey | None, allow_used: bool = False
+) -> ImageHeader:
     """Validate a header page; CorruptImage with a one-line reason if it is not a good one.
 
     An encrypted header is authenticated with *key* before any field is trusted; ImageKeyError
@@ -561,7 +572,10 @@ def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
     (signature, version, crc, flags, machine_id, nr_ram_pages, generation, epoch_ns, nr_pfns,
      nr_data, compression_id, chunk_pages, nr_chunks, pfn_list_offset, first_chunk,
      image_id, base_id, stored_bytes, pfn_list_crc, nonce_prefix, salt,
-     tag) = IMAGE_HEADER.unpack_from(page)  # fmt: skip
+     tag, super_block_pfn) = IMAGE_HEADER.unpack_from(page)  # fmt: skip
+    if signature == USED_SIGNATURE and allow_used:  # checked as written, before invalidate
+        page = SIGNATURE + page[len(SIGNATURE) :]
+        signature = SIGNATURE
     if signature == USED_SIGNATURE:
         raise CorruptImage(f"{where}: image already used (a resume invalidated it)")
     if signature != SIGNATURE:
@@ -573,8 +587,7 @@ def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
     if flags & ~KNOWN_FLAGS:
         raise CorruptImage(f"{where}: unknown flags {flags:#x}")
     encrypted = bool(flags & FLAG_ENCRYPTED)
-    reserved_end = IMAGE_HEADER.size if encrypted else _AEAD_AT
-    if any(page[reserved_end:]):
+    if any(page[IMAGE_HEADER.size :]) or (not encrypted and any(page[_AEAD_AT:_AEAD_END])):
         raise CorruptImage(f"{where}: reserved header bytes are not zero")
     if flags & FLAG_PASSPHRASE and not encrypted:
         raise CorruptImage(f"{where}: passphrase flag on an image that is not encrypted")
@@ -594,6 +607,8 @@ def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
         raise CorruptImage(f"{where}: unknown compression id {compression_id}")
     if not 1 <= chunk_pages <= MAX_CHUNK_PAGES:
         raise CorruptImage(f"{where}: chunk of {chunk_pages} pages is not in 1..{MAX_CHUNK_PAGES}")
+    if super_block_pfn >= nr_ram_pages:
+        raise CorruptImage(f"{where}: super block pfn {super_block_pfn} is outside RAM")
     if not nr_data <= nr_pfns <= min(nr_ram_pages, PFN_MASK + 1):
         raise CorruptImage(f"{where}: {nr_pfns} pfns, {nr_data} with data, {nr_ram_pages} in RAM")
     if nr_chunks != -(-nr_data // chunk_pages):
@@ -606,7 +621,7 @@ def _parse_header(page: bytes, where: str, key: ImageKey | None) -> ImageHeader:
     return ImageHeader(
         flags, machine_id, nr_ram_pages, generation, epoch_ns, nr_pfns, nr_data,
         names[compression_id], chunk_pages, nr_chunks, pfn_list_offset, first_chunk, image_id,
-        base_id, stored_bytes, pfn_list_crc, nonce_prefix, salt,
+        base_id, stored_bytes, pfn_list_crc, nonce_prefix, salt, super_block_pfn,
     )  # fmt: skip
 
 
@@ -629,14 +644,18 @@ def _aead(header: ImageHeader, key: ImageKey | None, where: str) -> AESGCM | Non
     return None if key is None else AESGCM(key.derive(header.salt))
 
 
-def read_header(path: Path | str, *, key: ImageKey | None = None) -> ImageHeader:
+def read_header(
+    path: Path | str, *, key: ImageKey | None = None, allow_used: bool = False
+) -> ImageHeader:
     """Read and validate the header page of the image at *path*; CorruptImage if it is bad.
 
     An encrypted image needs its *key* (ImageKeyError without it, with a wrong one, or with
     one for an image that is not encrypted); its header is authenticated before it is parsed.
+    A used image (``KSIMUSED``) is refused unless *allow_used* (the base of an
+    incremental image was used by the resume that came before it).
     """
     with open(path, "rb") as f:
-        return _parse_header(f.read(PAGE_SIZE), str(path), key)
+        return _parse_header(f.read(PAGE_SIZE), str(path), key, allow_used)
 
 
 def _read_exact(f: BinaryIO, size: int, where: str) -> bytes:
@@ -825,6 +844,7 @@ def verify_image(
     nr_ram_pages: int,
     threads: int | None = None,
     key: ImageKey | None = None,
+    allow_used: bool = False,
 ) -> ImageHeader:
     """Check all of the image at *path*, writing nothing; return its header.
 
@@ -833,10 +853,11 @@ def verify_image(
     the core count), and the image's length; an encrypted image's header, pfn list and
     chunks are all authenticated with *key*.
     Raises CorruptImage naming the first problem (ImageKeyError for a missing or wrong key).
+    A used image (``KSIMUSED``) is refused unless *allow_used*: then it is checked as written.
     """
     where = str(path)
     with open(path, "rb") as f:
-        header = _parse_header(f.read(PAGE_SIZE), where, key)
+        header = _parse_header(f.read(PAGE_SIZE), where, key, allow_used)
         if header.machine_id != machine_id:
             raise ForeignImage(f"{where}: written for machine {header.machine_id.hex()}, "
                                f"this is {machine_id.hex()}")  # fmt: skip

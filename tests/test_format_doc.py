@@ -89,9 +89,9 @@ def test_chain_header_and_bodies_match_the_doc() -> None:
 
 
 def test_hibernation_image_matches_the_doc() -> None:
-    rows = table_after("### Image header (`IMAGE_HEADER`, 192 bytes, then zeros)")
+    rows = table_after("### Image header (`IMAGE_HEADER`, 200 bytes, then zeros)")
     assert [(o, s) for o, s, _ in rows] == struct_fields(image_file.IMAGE_HEADER)
-    assert image_file.IMAGE_HEADER.size == 192
+    assert image_file.IMAGE_HEADER.size == 200
     by_name = {name: offset for offset, _, name in rows}
     assert by_name["crc"] == image_file._CRC_AT
     chunk = table_after("### Chunk (`CHUNK_HEADER`, 24 bytes, then the stored bytes)")
