@@ -13,6 +13,8 @@ Commands (docs/KEXEC-SIM.md has the details):
     reboot [--scrub MODE]         stop everything, scrub all RAM, boot afresh
     poweroff                      stop everything, lose all RAM, power off
     boot                          power on: a fresh boot
+    hibernate --image PATH [...]  preserve the mounts, write the page set to an image, power off
+    resume --image PATH [...]     restore a hibernated machine from its image(s) and boot it
 
 Exit codes:
     0   success
@@ -20,6 +22,8 @@ Exit codes:
         problems, powered off, nothing loaded, preserved pages in the load range, host I/O
     2   usage error or bad input (unknown option, bad size, bad address or command line,
         a load address over preserved pages, exec of a pkram= that is not this boot's)
+    3   a hibernation image refused: corrupt, truncated, tampered, wrong or missing key,
+        another machine's, already used, or stale (the machine booted since)
     130 interrupted (Ctrl-C)
 
 Every error is one line ``kexec-sim: error: ...`` on stderr, never a traceback; warnings are
@@ -33,9 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from kexec_sim import kexec
+from kexec_sim import hibernate_cli, kexec
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
-from kexec_sim.errors import CorruptMachine, MachineError, MachineExists
+from kexec_sim.errors import CorruptImage, CorruptMachine, MachineError, MachineExists, UsageError
 from kexec_sim.image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
 from kexec_sim.owners import (
@@ -58,10 +62,7 @@ PROG = "kexec-sim"
 EXIT_OK = 0
 EXIT_MACHINE = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad input from the command line (exit code 2)."""
+EXIT_IMAGE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -396,7 +397,8 @@ def _cmd_reboot(args: argparse.Namespace) -> int:
 
 def _cmd_poweroff(args: argparse.Namespace) -> int:
     machine = Machine.open(args.machine, create=False)
-    _print_exec(kexec.poweroff(machine, stop_timeout_s=_stop_timeout(args)), args.json)
+    scrub, timeout = _scrub_mode(args), _stop_timeout(args)
+    _print_exec(kexec.poweroff(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
 
@@ -406,7 +408,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- the command table: hibernate/resume are added here ----------------------------------------
+# -- the command table -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -487,6 +489,7 @@ def _reboot_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _poweroff_arguments(parser: argparse.ArgumentParser) -> None:
     _stop_argument(parser)
+    _scrub_argument(parser)
     _status_arguments(parser)
 
 
@@ -500,7 +503,16 @@ COMMANDS: dict[str, Command] = {
     "reboot": Command("stop everything, scrub RAM, boot afresh", _reboot_arguments, _cmd_reboot),
     "poweroff": Command("stop everything and power off", _poweroff_arguments, _cmd_poweroff),
     "boot": Command("power on: a fresh boot", _status_arguments, _cmd_boot),
-    # "hibernate": ..., "resume": ...  (later features)
+    "hibernate": Command(
+        "preserve the mounts, write an image, power off",
+        hibernate_cli.hibernate_arguments,
+        hibernate_cli.run_hibernate,
+    ),
+    "resume": Command(
+        "resume a hibernated machine from its image(s)",
+        hibernate_cli.resume_arguments,
+        hibernate_cli.run_resume,
+    ),
 }
 
 
@@ -533,6 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except CorruptImage as exc:
+        return _fail(str(exc), EXIT_IMAGE)
     except MachineError as exc:
         return _fail(str(exc), EXIT_MACHINE)
     except OSError as exc:

@@ -36,3 +36,7 @@ class ImageKeyError(CorruptImage):
 
 class ImageTooLarge(MachineError):
     """A hibernation image would exceed the size it was allowed (nothing valid was left)."""
+
+
+class UsageError(Exception):
+    """Bad input from a command line (the CLIs exit with code 2)."""

@@ -14,6 +14,7 @@ super block (a usage error, unless forced), a damaged super block (unless forced
 page inside the staged image's range.
 """
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -66,6 +67,8 @@ __all__ = [
     "unload",
 ]
 
+LAST_IMAGE_FILE = "last-image.json"
+"""In the machine directory: the chain of images RAM was last resumed from (kexec_sim.hibernate)."""
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
 """The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
 DEFAULT_SCRUB = "punch"
@@ -107,7 +110,7 @@ class ExecReport:
         return data
 
 
-class _Phases:
+class Phases:
     """Wall-clock durations of named phases."""
 
     def __init__(self) -> None:
@@ -141,7 +144,7 @@ def _losses(po: PageOwnership, owners: Mapping[int, OwnerInfo]) -> list[str]:
 
 
 def _stop_everyone(
-    po: PageOwnership, phases: _Phases, stop_timeout_s: float, warnings: list[str]
+    po: PageOwnership, phases: Phases, stop_timeout_s: float, warnings: list[str]
 ) -> list[StoppedOwner]:
     """Stop every registered owner of the boot (daemons), after warning which lose pages.
 
@@ -193,12 +196,30 @@ def _handover_plan(
         return None, [f"{lost} (the super block is damaged: {exc}; --force): scrubbed"]
 
 
-def _write_handover(
-    ram: Ram, po: PageOwnership, sb_pfn: int, sb: SuperBlock, avoid: PfnRange, generation: int
+def drop_stale_table(ram: Ram, po: PageOwnership, sb_pfn: int) -> None:
+    """Free a preserved-pages table an interrupted hibernate left (HANDOVER pages but the
+    super block) and clear the super block's table root. The caller holds the lock."""
+    stale = np.flatnonzero(po.owner_map == HANDOVER)
+    stale = stale[stale != sb_pfn]
+    if stale.size:
+        po.free(HANDOVER, stale)
+    sb = read_super_block(ram, sb_pfn)
+    if sb.table_root_pfn:
+        write_super_block(ram, sb_pfn, SuperBlock(sb.generation, ram.nr_pages, 0, sb.node_list_pfn))
+
+
+def write_handover(
+    ram: Ram,
+    po: PageOwnership,
+    sb_pfn: int,
+    sb: SuperBlock,
+    avoid: PfnRange | None,
+    generation: int,
 ) -> tuple[PfnArray, PfnArray]:
     """Write the table of the PRESERVED and HANDOVER pages and the super block naming it.
 
-    The table's pages come from free pages outside *avoid* (they become HANDOVER). Returns
+    The caller holds the lock. The table's pages come from free pages outside *avoid* (they
+    become HANDOVER); the super block gets *generation*, the one handing over. Returns
     (the pages handed over but the table, the table's pages). Raises OutOfMemory.
     """
     pfns = np.flatnonzero((po.owner_map == PRESERVED) | (po.owner_map == HANDOVER))
@@ -246,7 +267,7 @@ def exec_(
             f"(pfn {sb_pfn}, sys/kernel/{PKRAM_PARAM}): load again with {PKRAM_PARAM}={sb_pfn}, "
             "or exec --force to hand nothing over"
         )
-    phases = _Phases()
+    phases = Phases()
     generation = machine.generation + 1
     with machine.page_ownership() as po, machine.ram() as ram:
         with po.locked():  # refuse before stopping anything
@@ -262,7 +283,8 @@ def exec_(
             keep = po.owner_map == FIRMWARE
             with phases("table"):
                 if sb is not None:
-                    handed, table = _write_handover(
+                    drop_stale_table(ram, po, sb_pfn)
+                    handed, table = write_handover(
                         ram, po, sb_pfn, sb, image.pfn_range, generation - 1
                     )
                     keep[handed] = True
@@ -302,7 +324,7 @@ def reboot(
     Raises MachineError when the machine is powered off, ValueError for a bad *scrub*.
     """
     _check_scrub(scrub)
-    phases = _Phases()
+    phases = Phases()
     record = machine.boot_record()
     cmdline = without_param(record.cmdline, PKRAM_PARAM)
     kernel = default_kernel_range(machine)
@@ -337,12 +359,20 @@ def reboot(
     )
 
 
-def poweroff(machine: Machine, *, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> ExecReport:
-    """Power the machine off: stop every process, lose all of RAM (punched), no boot state.
+def poweroff(
+    machine: Machine,
+    *,
+    scrub: str = DEFAULT_SCRUB,
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+) -> ExecReport:
+    """Power the machine off: stop every process, lose all of RAM and the keys, no boot state.
 
-    Raises MachineError when it is already off.
+    RAM content is lost by *scrub*: punched (zeros) or poisoned (what stale RAM looks like
+    to a resume that failed to restore a page). Raises MachineError when it is already off,
+    ValueError for a bad *scrub*.
     """
-    phases = _Phases()
+    _check_scrub(scrub)
+    phases = Phases()
     record = machine.boot_record()
     with machine.page_ownership() as po, machine.ram() as ram:
         with po.locked():
@@ -353,15 +383,17 @@ def poweroff(machine: Machine, *, stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
             warnings.append(f"{preserved} preserved pages are lost (power off)")
         with po.locked():
             with phases("scrub"):
-                ram.punch_range(0, ram.nr_pages)
+                scrubbing.scrub(ram, np.zeros(ram.nr_pages, dtype=np.bool_), scrub)
                 ram.keys.clear()
+            with contextlib.suppress(FileNotFoundError):  # RAM no longer holds that image
+                (machine.path / LAST_IMAGE_FILE).unlink()
             machine.record_power_off(held=po)
     return _boot_report(
         "poweroff",
         record.generation,
         record.cmdline,
         None,
-        "punch",
+        scrub,
         machine.nr_pages,
         stopped,
         warnings,
@@ -381,7 +413,7 @@ def power_on(machine: Machine) -> ExecReport:
         raise MachineError(
             f"machine {machine.path} is running already: use 'kexec-sim reboot' or 'poweroff'"
         )
-    phases = _Phases()
+    phases = Phases()
     record = machine.boot_record()
     cmdline = without_param(record.cmdline, PKRAM_PARAM)
     kernel = default_kernel_range(machine)
@@ -420,7 +452,7 @@ def _boot_report(
     warnings: list[str],
     sb_pfn: int,
     boot_warnings: tuple[str, ...],
-    phases: _Phases,
+    phases: Phases,
 ) -> ExecReport:
     return ExecReport(
         action=action,

@@ -40,6 +40,11 @@ class StoppedOwner:
     unmounted: bool
 
 
+def unescape_mount_field(field: str) -> str:
+    """A field of /proc/self/mounts with its octal escapes (``\\040`` for a space) undone."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
 def fuse_mountpoints() -> set[str]:
     """The mountpoints of FUSE filesystems in this mount namespace (from /proc/self/mounts)."""
     found = set()
@@ -47,7 +52,7 @@ def fuse_mountpoints() -> set[str]:
         for line in mounts:
             fields = line.split()
             if len(fields) > 2 and (fields[2] == "fuse" or fields[2].startswith("fuse.")):
-                found.add(_OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[1]))
+                found.add(unescape_mount_field(fields[1]))
     return found
 
 

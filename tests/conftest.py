@@ -212,11 +212,14 @@ def _kill_daemons_under(root: Path) -> None:
 
 @pytest.fixture
 def machine(work_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machine]:
-    """A fresh private machine (256 MiB RAM), also selected by KEXEC_SIM_MACHINE."""
+    """A fresh private machine (256 MiB RAM), also selected by KEXEC_SIM_MACHINE; RAM that
+    kexec, reboot or power off lose is poisoned (KEXEC_SIM_SCRUB=poison), so reading a page
+    nobody preserved or restored shows 0xAA, not plausible zeros."""
     path = work_root / f"machine-{uuid.uuid4().hex[:8]}"
     result = _run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv("KEXEC_SIM_MACHINE", str(path))
+    monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
     yield Machine.open(str(path), create=False)
 
 
