@@ -1,0 +1,285 @@
+"""Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
+
+``resume`` is the way back, on the powered-off machine the image was taken on: it validates
+every image of the chain whole (kexec_sim.image_file.verify_image) and the chain itself before
+it writes a page, then writes the page data, then the storage keys (so CHANGED bits are what
+they were at hibernation, not "everything"), invalidates the images and boots the next
+generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
+
+No page an image restores can be in use while resume writes it: the machine is powered off
+(no boot state, no owners, no process of it running); resume itself runs outside the
+machine's RAM, and the only RAM the resumed boot claims before it reserves the handed-over
+pages is its kernel image, the hibernated boot's own kernel range, which holds no saved page
+(checked, an image naming one is refused). So the restore_pblist copy through safe pages is
+not needed here.
+"""
+
+import os
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from kexec_sim import image_file
+from kexec_sim.allocator import PfnRange
+from kexec_sim.cmdline import PKRAM_PARAM, without_param
+from kexec_sim.errors import CorruptImage, MachineError
+from kexec_sim.hibernate import Progress, image_key, reason, write_last_image
+from kexec_sim.image import default_kernel_range, write_synthetic_image
+from kexec_sim.image_file import ImageKey
+from kexec_sim.kexec import Phases
+from kexec_sim.machine import Machine
+from kexec_sim.owners import FREE, boot_owner_map
+from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.ram import Ram
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    """What a resume did."""
+
+    images: tuple[str, ...]
+    generation: int
+    super_block_pfn: int
+    pages: int
+    zero_pages: int
+    data_bytes: int
+    stored_bytes: int
+    preserved_pages: int
+    warnings: tuple[str, ...]
+    durations_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Stored over raw data bytes."""
+        return self.stored_bytes / self.data_bytes if self.data_bytes else 1.0
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form (``kexec-sim resume --json``)."""
+        data = asdict(self)
+        data["ratio"] = round(self.ratio, 4)
+        data["images"] = list(self.images)
+        data["warnings"] = list(self.warnings)
+        return data
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A validated chain of images: the final page set and where each page's data comes from."""
+
+    headers: tuple[image_file.ImageHeader, ...]
+    pfn_lists: tuple[image_file.PfnList, ...]
+    source: npt.NDArray[np.int64]
+    """Per page of the final set: the index of the image holding its data, -1 for zero."""
+
+    @property
+    def final(self) -> image_file.PfnList:
+        return self.pfn_lists[-1]
+
+
+def _resolve_chain(
+    paths: Sequence[Path],
+    headers: Sequence[image_file.ImageHeader],
+    lists: Sequence[image_file.PfnList],
+) -> npt.NDArray[np.int64]:
+    """Where each page of the last image's set takes its data from; CorruptImage if nowhere."""
+    for k in range(1, len(headers)):
+        if not headers[k].incremental or headers[k].base_image_id != headers[k - 1].image_id:
+            raise CorruptImage(
+                f"{paths[k]} is not incremental to {paths[k - 1]} (give the chain in order, "
+                "full image first)"
+            )
+    if headers[0].incremental:
+        raise CorruptImage(f"{paths[0]} is incremental: give its base image(s) first")
+    final = lists[-1]
+    source = np.full(final.pfns.size, -2, dtype=np.int64)  # -2: not resolved yet
+    for k in range(len(lists) - 1, -1, -1):
+        todo = np.flatnonzero(source == -2)
+        if todo.size == 0:
+            break
+        pl = lists[k]
+        at = np.searchsorted(pl.pfns, final.pfns[todo])
+        found = at < pl.pfns.size
+        found[found] = pl.pfns[at[found]] == final.pfns[todo[found]]
+        if not found.all():
+            missing = int(final.pfns[todo[~found][0]])
+            raise CorruptImage(
+                f"pfn {missing} is in the base of {paths[k + 1]} but not in {paths[k]}"
+            )
+        zero, in_base = pl.zero[at], pl.in_base[at]
+        source[todo[zero]] = -1
+        source[todo[~zero & ~in_base]] = k
+    if (source == -2).any():
+        raise CorruptImage(f"{paths[0]}: a full image lists pages as in a base")
+    return source
+
+
+def _check_targets(machine: Machine, kernel: PfnRange, pfns: PfnArray, where: str) -> None:
+    """CorruptImage unless every pfn is usable RAM outside the resumed kernel's range."""
+    usable = boot_owner_map(machine.memory_map, machine.nr_pages)[pfns] == FREE
+    if not usable.all():
+        bad = int(pfns[~usable][0])
+        raise CorruptImage(f"{where}: pfn {bad} is not saveable RAM (firmware, kernel or nosave)")
+    inside = (pfns >= kernel[0]) & (pfns < kernel[1])
+    if inside.any():
+        raise CorruptImage(
+            f"{where}: pfn {int(pfns[inside][0])} lies in the resumed kernel's range "
+            f"{kernel[0]}..{kernel[1] - 1}"
+        )
+
+
+def _verify_chain(
+    machine: Machine,
+    paths: Sequence[Path],
+    key: ImageKey | None,
+    threads: int | None,
+    progress: Progress | None,
+) -> _Chain:
+    """Validate every image and the chain, writing nothing. CorruptImage/MachineError if bad."""
+    record = machine.boot_record()
+    if record.powered:
+        raise MachineError(
+            f"machine {machine.path} is running (generation {record.generation}): resume "
+            "restores a hibernated machine, which is powered off"
+        )
+    headers, lists = [], []
+    for k, path in enumerate(paths):
+        last = k == len(paths) - 1
+        try:
+            header = image_file.verify_image(
+                path,
+                machine_id=machine.machine_id,
+                nr_ram_pages=machine.nr_pages,
+                threads=threads,
+                key=key,
+                allow_used=not last,
+            )
+            lists.append(image_file.read_pfn_list(path, header, key=key))
+        except OSError as exc:
+            raise MachineError(f"{path}: {reason(exc)}") from None
+        headers.append(header)
+        if progress is not None:
+            progress("verify", k + 1, len(paths))
+    last_header = headers[-1]
+    if last_header.generation != record.generation:
+        raise CorruptImage(
+            f"{paths[-1]}: taken in boot generation {last_header.generation}, but the machine "
+            f"has booted since (generation {record.generation}): its RAM state moved on, the "
+            "image is stale"
+        )
+    if not os.access(paths[-1], os.W_OK):
+        raise MachineError(f"{paths[-1]}: not writable (resume must invalidate it)")
+    source = _resolve_chain(paths, headers, lists)
+    kernel = record.kernel_image or default_kernel_range(machine)
+    _check_targets(machine, kernel, lists[-1].pfns, str(paths[-1]))
+    sb_pfn = last_header.super_block_pfn
+    at = int(np.searchsorted(lists[-1].pfns, sb_pfn))
+    if at == lists[-1].pfns.size or lists[-1].pfns[at] != sb_pfn:
+        raise CorruptImage(f"{paths[-1]}: its super block pfn {sb_pfn} is not among its pages")
+    return _Chain(tuple(headers), tuple(lists), source)
+
+
+def _restore_pages(
+    ram: Ram,
+    paths: Sequence[Path],
+    chain: _Chain,
+    key: ImageKey | None,
+    threads: int | None,
+    progress: Progress | None,
+) -> None:
+    """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
+
+    Pages outside the set keep whatever power off left there (poison, or zeros).
+    """
+    final = chain.final
+    ram.punch_holes(final.pfns[chain.source == -1])
+    wanted = np.zeros(ram.nr_pages, dtype=np.bool_)
+    total = int(np.count_nonzero(chain.source >= 0))
+    done = 0
+    for k, path in enumerate(paths):
+        mine = final.pfns[chain.source == k]
+        if mine.size == 0:
+            continue
+        wanted[:] = False
+        wanted[mine] = True
+        header, pfn_list = chain.headers[k], chain.pfn_lists[k]
+        for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key):
+            take = wanted[pfns]
+            if take.all():
+                ram.pages[pfns] = pages
+                ram.keys.mark_changed(pfns)
+            elif take.any():
+                ram.pages[pfns[take]] = pages[take]
+                ram.keys.mark_changed(pfns[take])
+            done += int(np.count_nonzero(take))
+            if progress is not None:
+                progress("restore", done, total)
+    ram.keys.clear()
+    ram.keys.restore(final.pfns, final.keys)
+
+
+def resume(
+    machine: Machine,
+    images: Sequence[Path],
+    *,
+    key_file: Path | None = None,
+    passphrase: str | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> ResumeReport:
+    """Resume the powered-off *machine* from *images* (a full image, then its increments).
+
+    Validates everything first: on any problem raises CorruptImage (ImageKeyError for a
+    missing or wrong key, ForeignImage for another machine's image) or MachineError with RAM
+    and the images untouched.
+    """
+    if not images:
+        raise ValueError("resume needs at least one image")
+    phases = Phases()
+    key = image_key(key_file, passphrase)
+    paths = [Path(p).absolute() for p in images]
+    with phases("verify"):
+        chain = _verify_chain(machine, paths, key, threads, progress)
+    record = machine.boot_record()
+    header = chain.headers[-1]
+    with machine.ram() as ram:
+        with phases("restore"):
+            _restore_pages(ram, paths, chain, key, threads, progress)
+        with phases("invalidate"):
+            for path in paths:
+                with suppress(CorruptImage):  # a base already used by an earlier resume
+                    image_file.invalidate(path)
+        generation = record.generation + 1
+        cmdline = " ".join(
+            filter(
+                None,
+                [
+                    without_param(record.cmdline, PKRAM_PARAM),
+                    f"{PKRAM_PARAM}={header.super_block_pfn}",
+                ],
+            )
+        )
+        kernel = record.kernel_image or default_kernel_range(machine)
+        with phases("boot"):
+            size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE
+            write_synthetic_image(ram, kernel[0], cmdline, generation, size_bytes)
+    with phases("boot"):
+        booted = machine.start_boot(cmdline, kernel_image=record.kernel_image)
+    write_last_image(machine, [h.image_id.hex() for h in chain.headers], generation)
+    final = chain.final
+    data_pages = int(np.count_nonzero(chain.source >= 0))
+    return ResumeReport(
+        images=tuple(str(p) for p in paths),
+        generation=generation,
+        super_block_pfn=booted.super_block_pfn,
+        pages=int(final.pfns.size),
+        zero_pages=int(np.count_nonzero(chain.source == -1)),
+        data_bytes=data_pages * PAGE_SIZE,
+        stored_bytes=sum(h.stored_bytes for h in chain.headers),
+        preserved_pages=booted.preserved_pages,
+        warnings=booted.warnings,
+        durations_s=phases.durations_s,
+    )
