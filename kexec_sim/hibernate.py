@@ -42,7 +42,6 @@ from kexec_sim.kexec import (
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
-from kexec_sim.pages import PfnArray
 from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
 
@@ -191,14 +190,13 @@ class _Base:
 
     path: str
     image_id: bytes
-    pfns: PfnArray
 
 
 def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
     """Read and check the base of an incremental image; HibernationRefused if unusable."""
     try:
         header = image_file.read_header(base, key=key, allow_used=True)
-        pfn_list = image_file.read_pfn_list(base, header, key=key)
+        image_file.read_pfn_list(base, header, key=key)  # the writer reads it again
     except (OSError, CorruptImage) as exc:
         raise HibernationRefused(f"base image {base}: {reason(exc)}") from None
     if header.machine_id != machine.machine_id:
@@ -210,7 +208,7 @@ def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
             + ("" if last is None else f" (that was image {last[-1]})")
             + ": write a full image"
         )
-    return _Base(str(base), header.image_id, pfn_list.pfns)
+    return _Base(str(base), header.image_id)
 
 
 def _last_image(machine: Machine) -> list[str] | None:
@@ -226,6 +224,7 @@ def _last_image(machine: Machine) -> list[str] | None:
 
 
 def reason(exc: BaseException) -> str:
+    """One line for an error: an OSError's strerror, else its message."""
     return str(exc) if not isinstance(exc, OSError) else (exc.strerror or str(exc))
 
 
@@ -281,7 +280,12 @@ def hibernate(
                 raise MachineError(f"{exc}; also: {'; '.join(failures)}") from None
             raise
     with phases("poweroff"):
-        report = poweroff(machine, scrub=scrub, stop_timeout_s=stop_timeout_s)
+        try:
+            report = poweroff(machine, scrub=scrub, stop_timeout_s=stop_timeout_s)
+        except BaseException:
+            with suppress(Exception):  # the machine runs on: the image must not be resumed
+                image_file.invalidate(image)
+            raise
     return HibernateReport(
         image=str(image),
         image_id=str(result["image_id"]),
@@ -303,6 +307,8 @@ def hibernate(
 
 
 def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:
+    """The image key from a key file or a passphrase (None for neither); ValueError for both,
+    MachineError for an unreadable or too short key file or an empty passphrase."""
     if key_file is not None and passphrase is not None:
         raise ValueError("give a key file or a passphrase, not both")
     if key_file is not None:
@@ -354,7 +360,10 @@ def _run_writer(
         result: dict[str, Any] | None = None
         error: str | None = None
         for line in proc.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not the protocol's: the writer's stderr tail says what went wrong
             if "progress" in message and progress is not None:
                 done, total = message["progress"]
                 progress("write", int(done), int(total))
