@@ -4,7 +4,8 @@ As with memfd_secret, the pages of a secret file are removed from the daemon's o
 RAM (``Ram.remove_from_direct_map``): a stray access through ``ram.pages`` or ``ram.buffer``
 faults. Every access to their bytes goes through a temporary mapping of just the run of pages
 it needs, made, used and closed (as x86 hibernation reaches pages through a fixmap). These
-functions mark the storage keys of what they touch.
+functions mark the storage keys of what they touch; hidden pages carry FETCH_PROTECT in their
+keys, so the hibernation image writer, a process of its own, reads them the same way.
 """
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy.typing as npt
 
 from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
+from kexec_sim.storage_keys import FETCH_PROTECT
 
 Pages = npt.NDArray[np.uint8]
 
@@ -53,10 +55,14 @@ def zero(ram: Ram, pfn: int, in_page: int, length: int) -> None:
 
 
 def hide(ram: Ram, pfns: PfnArray) -> None:
-    """Remove the pages *pfns* from the direct map (they now belong to a secret file)."""
+    """Remove the pages *pfns* from the direct map (they now belong to a secret file) and set
+    their keys' FETCH_PROTECT, which tells other processes (the image writer) the same."""
     ram.remove_pfns_from_direct_map(pfns)
+    ram.keys.array[pfns] |= FETCH_PROTECT
 
 
 def unhide(ram: Ram, pfns: PfnArray) -> None:
-    """Give the pages *pfns*, leaving a secret file, their direct mapping back."""
+    """Give the pages *pfns*, leaving a secret file, their direct mapping back (and clear
+    FETCH_PROTECT)."""
     ram.restore_pfns_to_direct_map(pfns)
+    ram.keys.array[pfns] &= np.uint8(~FETCH_PROTECT & 0xFF)
