@@ -245,6 +245,23 @@ class Ram:
             with suppress(BufferError):  # a view escaped the block: it goes when collected
                 window.close()
 
+    def copy_pages(self, pfns: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+        """A copy of the pages *pfns*, shaped (n, PAGE_SIZE): those in the direct map read
+        through it, the others through a temporary mapping of each run. Keys untouched."""
+        checked = as_pfn_array(pfns, self.nr_pages)
+        hidden = self._unmapped[checked]
+        if not hidden.any():
+            copied: npt.NDArray[np.uint8] = self._pages[checked]
+            return copied
+        out = np.empty((checked.size, PAGE_SIZE), dtype=np.uint8)
+        out[~hidden] = self._pages[checked[~hidden]]
+        at = np.flatnonzero(hidden)
+        breaks = np.flatnonzero(np.diff(checked[at]) != 1) + 1
+        for run in np.split(at, breaks):
+            with self.temporary_mapping(int(checked[run[0]]), run.size) as window:
+                out[run] = window
+        return out
+
     def close(self) -> None:
         """Unmap the RAM and close the file."""
         if self._fd < 0:

@@ -11,7 +11,7 @@ keys, so the hibernation image writer, a process of its own, reads them the same
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.pages import PfnArray
 from kexec_sim.ram import Ram
 from kexec_sim.storage_keys import FETCH_PROTECT
 
@@ -31,10 +31,7 @@ def _runs(pfns: PfnArray) -> list[tuple[int, int, int]]:
 
 def gather(ram: Ram, pfns: PfnArray) -> Pages:
     """Return a copy of the pages *pfns*, shaped (len(pfns), PAGE_SIZE); marks them referenced."""
-    out = np.empty((len(pfns), PAGE_SIZE), dtype=np.uint8)
-    for at, first, count in _runs(pfns):
-        with ram.temporary_mapping(first, count) as window:
-            out[at : at + count] = window
+    out = ram.copy_pages(pfns)
     ram.keys.mark_referenced(pfns)
     return out
 
