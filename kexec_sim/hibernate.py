@@ -78,6 +78,8 @@ class HibernateReport:
     pages: int
     zero_pages: int
     in_base_pages: int
+    fetch_protected_pages: int
+    """Pages the writer read through temporary mappings only (secret files' pages)."""
     data_bytes: int
     stored_bytes: int
     image_bytes: int
@@ -295,6 +297,7 @@ def hibernate(
         pages=int(result["pages"]),
         zero_pages=int(result["zero_pages"]),
         in_base_pages=int(result["in_base_pages"]),
+        fetch_protected_pages=int(result["fetch_protected_pages"]),
         data_bytes=int(result["data_bytes"]),
         stored_bytes=int(result["stored_bytes"]),
         image_bytes=int(result["image_bytes"]),

@@ -87,6 +87,8 @@ _SCAN_PAGES = 8192  # pages gathered at a time to find the all-zero ones (32 MiB
 _WRITE_BATCH = 16  # finished chunks the writer may send in one writev
 _DECODE_GROUP = 8  # chunks a reader's worker checks and decompresses per task
 
+PageCopier = Callable[[PfnArray], npt.NDArray[np.uint8]]
+"""Returns a copy of the pages of the pfns it is given, shaped (n, PAGE_SIZE)."""
 Decoded = tuple[PfnArray, npt.NDArray[np.uint8]]
 """A chunk read back: its pfns and their pages shaped (n, 4096)."""
 
@@ -331,14 +333,19 @@ def _sorted_page_set(
     return ordered, key_array, base
 
 
-def _zero_mask(ram_pages: npt.NDArray[np.uint8], pfns: PfnArray) -> npt.NDArray[np.bool_]:
+def _zero_mask(
+    ram_pages: npt.NDArray[np.uint8], pfns: PfnArray, copy_pages: PageCopier | None
+) -> npt.NDArray[np.bool_]:
     """Which pages of sorted *pfns* are all zeros (32 MiB at a time, vectorized)."""
     zero = np.empty(pfns.size, dtype=np.bool_)
     for start in range(0, pfns.size, _SCAN_PAGES):
         some = pfns[start : start + _SCAN_PAGES]
         low, high = int(some[0]), int(some[-1])
         consecutive = high - low == some.size - 1  # sorted: a run of RAM, scanned in place
-        batch = ram_pages[low : high + 1] if consecutive else ram_pages[some]
+        if copy_pages is not None:
+            batch = copy_pages(some)
+        else:
+            batch = ram_pages[low : high + 1] if consecutive else ram_pages[some]
         zero[start : start + batch.shape[0]] = ~batch.view(np.uint64).any(axis=1)
     return zero
 
@@ -376,6 +383,7 @@ def write_image(
     key: ImageKey | None = None,
     max_bytes: int | None = None,
     super_block_pfn: int = 0,
+    copy_pages: PageCopier | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ImageStats:
     """Write the pages *pfns* of *ram_pages* (RAM as (nr_pages, 4096) uint8) and their *keys*.
@@ -389,6 +397,8 @@ def write_image(
     written in place, its header page zeroed (and synced) first and the header written last.
     *progress* gets (data pages written, data pages) after each chunk. *super_block_pfn*
     names the PKRAM super block among the pages (0: none), for resume's ``pkram=``.
+    *copy_pages*, when given, reads pages instead of *ram_pages* (some pages may be out of
+    the caller's direct map: ``Ram.copy_pages`` reaches them through temporary mappings).
 
     Raises ImageTooLarge, leaving no image, as soon as the image is sure to exceed
     *max_bytes*; MachineError for a bad request; OSError from the I/O.
@@ -422,7 +432,9 @@ def write_image(
         raise MachineError(f"threads must be at least 1, got {workers}")
     ordered, key_array, base = _sorted_page_set(ram_pages, pfns, keys, in_base)
     zero = np.zeros(ordered.size, np.bool_)
-    zero[~base] = _zero_mask(ram_pages, ordered[~base])  # pages in the base are not read
+    zero[~base] = _zero_mask(
+        ram_pages, ordered[~base], copy_pages
+    )  # pages in the base are not read
     entries = ordered.astype(np.uint64) | (key_array.astype(np.uint64) << np.uint64(KEY_SHIFT))
     entries[zero] |= np.uint64(1 << ZERO_BIT)
     entries[base] |= np.uint64(1 << BASE_BIT)
@@ -461,7 +473,9 @@ def write_image(
         first = index * chunk_pages
         chunk = data_pfns[first : first + chunk_pages]
         low, high = int(chunk[0]), int(chunk[-1])
-        if high - low == chunk.size - 1:  # consecutive pfns: read RAM in place, no gather
+        if copy_pages is not None:
+            raw = copy_pages(chunk).reshape(-1).data
+        elif high - low == chunk.size - 1:  # consecutive pfns: read RAM in place, no gather
             raw = ram_pages[low : high + 1].reshape(-1).data
         else:
             raw = ram_pages[chunk].reshape(-1).data

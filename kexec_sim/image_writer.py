@@ -31,7 +31,7 @@ from kexec_sim.memmap import RegionType
 from kexec_sim.pages import PfnArray
 from kexec_sim.preserved_pages import walk_table
 from kexec_sim.ram import Ram
-from kexec_sim.storage_keys import ARCHITECTURAL
+from kexec_sim.storage_keys import ARCHITECTURAL, FETCH_PROTECT
 from kexec_sim.super_block import read_super_block
 
 PROGRESS_EVERY_S = 0.1
@@ -92,6 +92,10 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
     with machine.ram() as ram:
         pfns = _saveable(machine, handover_page_set(ram, sb_pfn))
         keys = ram.keys.array[pfns] & np.uint8(ARCHITECTURAL)
+        # Fetch-protected pages (a secret file's) stay out of this process's direct map too:
+        # they are read through temporary mappings of their runs only.
+        protected = pfns[(keys & FETCH_PROTECT) != 0]
+        ram.remove_pfns_from_direct_map(protected)
         base_id = None
         in_base = None
         if request.get("base"):
@@ -117,6 +121,7 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
             key=key,
             max_bytes=request.get("max_bytes"),
             super_block_pfn=sb_pfn,
+            copy_pages=ram.copy_pages if protected.size else None,
             progress=progress,
         )
         ram.keys.image_completed()
@@ -126,6 +131,7 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
         "pages": stats.pages,
         "zero_pages": stats.zero_pages,
         "in_base_pages": 0 if in_base is None else int(np.count_nonzero(in_base)),
+        "fetch_protected_pages": int(protected.size),
         "data_bytes": stats.data_bytes,
         "stored_bytes": stats.stored_bytes,
         "image_bytes": stats.image_bytes,

@@ -218,3 +218,30 @@ def test_relocation_copies_secret_pages_through_temporary_mappings(
     mounts.mount("pkram=moved", mnt)
     assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
     assert_hidden_exactly(machine, mnt, data)
+
+
+def test_secret_files_survive_hibernation_and_the_writer_maps_them_temporarily(
+    machine: Machine, mounts: Mounts, tmp_path: Path
+) -> None:
+    whole = mounts.mount("secret,pkram=hib-whole")
+    one = mounts.mount("pkram=hib-one")
+    a, b, c = os.urandom(1 << 20), os.urandom(300_000), os.urandom(70_000)
+    (whole / "a").write_bytes(a)
+    (one / "b").write_bytes(b)
+    (one / "c").write_bytes(c)
+    os.setxattr(one / "b", SECRET, b"1")
+    hidden = len(unmapped_pfns(machine, whole)) + len(unmapped_pfns(machine, one))
+    image = tmp_path / "secret.img"
+    result = kexec_sim(machine, "hibernate", "--image", str(image), "--json")
+    assert result.returncode == 0, result.stderr
+    # The writer read exactly the hidden pages through temporary mappings, not its own map.
+    assert json.loads(result.stdout)["fetch_protected_pages"] == hidden
+    result = kexec_sim(machine, "resume", "--image", str(image))
+    assert result.returncode == 0, result.stderr
+    mounts.mount("pkram=hib-whole", whole)
+    mounts.mount("pkram=hib-one", one)
+    assert md5(whole / "a") == hashlib.md5(a).hexdigest()
+    assert md5(one / "b") == hashlib.md5(b).hexdigest()
+    assert md5(one / "c") == hashlib.md5(c).hexdigest()
+    assert_hidden_exactly(machine, whole, a)
+    assert_hidden_exactly(machine, one, b)
