@@ -232,6 +232,24 @@ def test_invalidate(image: Path) -> None:
         verify(image)
     with pytest.raises(CorruptImage, match="already used"):
         image_file.invalidate(image)
+    # As the base of an incremental image a used image is still read, checked as written.
+    assert image_file.read_header(image, allow_used=True).image_id
+    assert verify_used(image).nr_pfns
+    flip(image, 60)  # and a used image is still checked whole
+    with pytest.raises(CorruptImage, match="checksum"):
+        image_file.read_header(image, allow_used=True)
+
+
+def verify_used(path: Path) -> ImageHeader:
+    return image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, allow_used=True)
+
+
+def test_the_super_block_pfn_round_trips_and_is_checked(tmp_path: Path) -> None:
+    ram = make_ram(tmp_path)
+    path, _ = write(tmp_path, ram, super_block_pfn=17)
+    assert image_file.read_header(path).super_block_pfn == 17
+    with pytest.raises(MachineError, match="outside RAM"):
+        write(tmp_path, ram, super_block_pfn=NR_PAGES)
 
 
 def test_overwrites_an_existing_image_and_refuses_a_directory(tmp_path: Path, image: Path) -> None:
