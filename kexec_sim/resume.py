@@ -1,7 +1,8 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.image_file.verify_image) and the chain itself before
+every image of the chain whole (kexec_sim.image_file.load_image, which keeps the decoded data
+when it fits in memory, so the image is read once) and the chain itself before
 it writes a page, then writes the page data, then the storage keys (so CHANGED bits are what
 they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
@@ -15,7 +16,7 @@ not needed here.
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class _Chain:
     pfn_lists: tuple[image_file.PfnList, ...]
     source: npt.NDArray[np.int64]
     """Per page of the final set: the index of the image holding its data, -1 for zero."""
+    staged: tuple[list[image_file.Decoded], ...] | None
+    """Each image's chunks, decoded while checked (None: too big to keep, read again)."""
 
     @property
     def final(self) -> image_file.PfnList:
@@ -145,22 +148,24 @@ def _verify_chain(
             f"machine {machine.path} is running (generation {record.generation}): resume "
             "restores a hibernated machine, which is powered off"
         )
-    headers, lists = [], []
+    keep = _can_stage(paths, key)
+    headers, lists, staged = [], [], []
     for k, path in enumerate(paths):
-        last = k == len(paths) - 1
         try:
-            header = image_file.verify_image(
+            checked = image_file.load_image(
                 path,
                 machine_id=machine.machine_id,
                 nr_ram_pages=machine.nr_pages,
                 threads=threads,
                 key=key,
-                allow_used=not last,
+                allow_used=k < len(paths) - 1,
+                keep=keep,
             )
-            lists.append(image_file.read_pfn_list(path, header, key=key))
         except OSError as exc:
             raise MachineError(f"{path}: {reason(exc)}") from None
-        headers.append(header)
+        headers.append(checked.header)
+        lists.append(checked.pfn_list)
+        staged.append(checked.chunks)
         if progress is not None:
             progress("verify", k + 1, len(paths))
     last_header = headers[-1]
@@ -179,7 +184,21 @@ def _verify_chain(
     at = int(np.searchsorted(lists[-1].pfns, sb_pfn))
     if at == lists[-1].pfns.size or lists[-1].pfns[at] != sb_pfn:
         raise CorruptImage(f"{paths[-1]}: its super block pfn {sb_pfn} is not among its pages")
-    return _Chain(tuple(headers), tuple(lists), source)
+    return _Chain(tuple(headers), tuple(lists), source, tuple(staged) if keep else None)
+
+
+def _can_stage(paths: Sequence[Path], key: ImageKey | None) -> bool:
+    """Whether the chain's decoded data fits in half the host's available memory."""
+    try:
+        data_pages = sum(
+            image_file.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
+        )
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, CorruptImage, KeyError, ValueError):
+        return False  # load_image reports a bad image; without meminfo, read twice
+    return data_pages * PAGE_SIZE <= available // 2
 
 
 def _restore_pages(
@@ -192,7 +211,9 @@ def _restore_pages(
 ) -> None:
     """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
 
-    Pages outside the set keep whatever power off left there (poison, or zeros).
+    The data comes from the chunks decoded while checking, or, for a chain too big to keep in
+    memory, from a second read (each chunk checked again). Pages outside the set keep
+    whatever power off left there (poison, or zeros).
     """
     final = chain.final
     ram.punch_holes(final.pfns[chain.source == -1])
@@ -206,7 +227,12 @@ def _restore_pages(
         wanted[:] = False
         wanted[mine] = True
         header, pfn_list = chain.headers[k], chain.pfn_lists[k]
-        for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key):
+        chunks: Iterable[image_file.Decoded] = (
+            chain.staged[k]
+            if chain.staged is not None
+            else image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key)
+        )
+        for pfns, pages in chunks:
             take = wanted[pfns]
             if take.all():
                 ram.pages[pfns] = pages

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kexec_sim import image_file
+from kexec_sim import resume as resume_module
 from kexec_sim.errors import CorruptImage
 from kexec_sim.machine import Machine
 from kexec_sim.owners import HANDOVER
@@ -355,3 +356,17 @@ def test_a_hibernate_killed_midway_loses_nothing_and_leaves_no_valid_image(
     ok(resume(machine, loop_device, args=("--json",)))
     mounts.mount("pkram=killed", mnt)
     assert (mnt / "f").read_bytes() == data and (mnt / "g").read_bytes() == b"after"
+
+
+def test_a_chain_too_big_to_keep_in_memory_is_read_twice(
+    machine: Machine, mounts: Mounts, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mnt = mounts.mount("pkram=twice")
+    data = os.urandom(5 << 20)
+    (mnt / "f").write_bytes(data)
+    ok(hibernate(machine, images / "t.img", "--json"))
+    monkeypatch.setattr(resume_module, "_can_stage", lambda paths, key: False)
+    report = resume_module.resume(Machine.open(machine.path, create=False), [images / "t.img"])
+    assert report.data_bytes >= len(data)
+    mounts.mount("pkram=twice", mnt)
+    assert (mnt / "f").read_bytes() == data
