@@ -11,11 +11,10 @@ each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 
 write MB/s: the page set's bytes (zero pages included) over the wall time of ``write_image``,
 which fsyncs the data, then the header, then the directory: an honest durable write.
-resume MB/s: the same bytes over the two passes a resume makes, from a cold page cache (synced
-and dropped first): ``verify_image`` reads and checks everything, then ``read_header``,
-``read_pfn_list`` and ``iter_chunks`` load every chunk's pages into a second RAM mapping at
-their pfns and the all-zero pages are zeroed. The second pass reads the image from the page
-cache when it fits in memory, as a real resume would. The target RAM is populated beforehand
+resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/resume.py), from a
+cold page cache (synced and dropped first): ``load_image`` reads the image once, checking
+everything and keeping the decoded chunks, then every chunk's pages go into a second RAM
+mapping at their pfns and the all-zero pages are zeroed. The target RAM is populated beforehand
 (this VM's first touch of fresh memory is not the image's cost); a sample of pages is compared
 with the source afterwards.
 
@@ -47,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim import image_file
-from kexec_sim.image_file import iter_chunks, read_header, read_pfn_list, verify_image, write_image
+from kexec_sim.image_file import load_image, write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
@@ -188,16 +187,15 @@ def dd_reference(work: Path, size: int, repeat: int) -> DdResult:
 
 
 def resume(path: Path, target: Ram, machine_id: bytes, threads: int) -> tuple[float, float, int]:
-    """The two passes of a resume from a cold cache: (verify seconds, load seconds, pages)."""
+    """The two steps of a resume from a cold cache: (check seconds, copy seconds, pages)."""
     drop_caches()
     start = time.perf_counter()
-    verify_image(path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads)
+    checked = load_image(path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads)
     verified = time.perf_counter()
-    header = read_header(path)
-    pfn_list = read_pfn_list(path, header)
+    pfn_list = checked.pfn_list
     pages = target.pages
     loaded = 0
-    for pfns, data in iter_chunks(path, header, pfn_list, threads=threads):
+    for pfns, data in checked.chunks:
         low = int(pfns[0])
         if int(pfns[-1]) - low == pfns.size - 1:
             pages[low : low + pfns.size] = data
@@ -279,7 +277,7 @@ def print_table(results: list[Result], refs: dict[int, DdResult]) -> None:
     header = (
         f"| {'size':>4} | {'kind':8} | {'comp':4} | {'thr':>3} | {'ratio':>5} | "
         f"{'write MB/s':>10} | {'w %dd':>6} | {'resume MB/s':>11} | {'r %dd':>6} | "
-        f"{'(verify+load s)':>15} | {'target w/r':>10} | {'ok':>3} |"
+        f"{'(check+copy s)':>15} | {'target w/r':>10} | {'ok':>3} |"
     )
     rule = "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"
     for size in refs:
@@ -451,7 +449,7 @@ def main() -> int:
                         print(
                             f"  {size_name(size)} {kind:8} {compression:4} {threads} thr: ratio "
                             f"{r.ratio:.2f}, write {r.write_mbs:,.0f} MB/s, resume "
-                            f"{r.resume_mbs:,.0f} MB/s (verify {r.verify_s:.2f} s + load "
+                            f"{r.resume_mbs:,.0f} MB/s (check {r.verify_s:.2f} s + copy "
                             f"{r.load_s:.2f} s){'' if r.verified else ' MISMATCH'}",
                             flush=True,
                         )
