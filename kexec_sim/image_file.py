@@ -15,6 +15,7 @@ The writer writes the header last, so an interrupted write leaves no valid signa
 Everything read back is untrusted: a failed check raises CorruptImage naming it.
 """
 
+import contextlib
 import os
 import stat
 import struct
@@ -291,7 +292,9 @@ def _compressor(compression: str) -> Callable[[memoryview], bytes | memoryview]:
     return lambda raw: raw
 
 
-def _decompress(compression: str, stored: bytes, raw_bytes: int, where: str) -> bytes:
+def _decompress(
+    compression: str, stored: bytes | memoryview, raw_bytes: int, where: str
+) -> bytes | memoryview:
     """The raw bytes of a chunk; CorruptImage if they do not decompress to *raw_bytes*."""
     if len(stored) == raw_bytes:
         return stored  # stored raw: compression did not pay
@@ -831,6 +834,191 @@ def _chunks(
             yield from results(window.popleft())
 
 
+_Task = list[tuple[memoryview, memoryview, int, int]]
+"""Chunks for one worker: (record header, stored bytes, index, first page) each."""
+_Result = tuple[list[Decoded], CorruptImage | None]
+"""A group's good chunks up to its first bad one, and that one's error."""
+
+
+def _fd_image_size(fd: int) -> int | None:
+    """Bytes in a regular file; None for a device (its size is not the image's)."""
+    st = os.fstat(fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+_READ_STEP = 4 << 20  # bytes per read when loading: large reads, as dd's
+_WINDOW = 16 << 20  # the two buffers of a load that keeps nothing (verify_image)
+
+
+def _load_chunks(
+    fd: int,
+    header: ImageHeader,
+    data_pfns: PfnArray,
+    where: str,
+    threads: int | None,
+    aead: AESGCM | None,
+    keep: bool,
+) -> tuple[list[Decoded], npt.NDArray[np.int64]]:
+    """Read the chunks of the image open at *fd* once, checking each; their (pfns, pages) if *keep*.
+
+    The file is read in this thread with large reads into one buffer the size of the chunks
+    (*keep*) or into two windows used in turn, while *threads* workers check the chunks already
+    read (by groups of ``_DECODE_GROUP``): checksums, decryption (with *aead*, authenticating
+    the record header too) and decompression. A chunk stored raw and not encrypted is kept as
+    a view of the read buffer (no copy); the others are decoded into one staging array the
+    size of the data pages. Raises CorruptImage for the first bad chunk in file order.
+    """
+    workers = threads if threads is not None else os.cpu_count() or 1
+    if workers < 1:
+        raise MachineError(f"threads must be at least 1, got {workers}")
+    size = _fd_image_size(fd)
+    if size is not None and size != header.end_offset:
+        what = "truncated" if size < header.end_offset else "followed by trailing bytes"
+        raise CorruptImage(f"{where}: image {what} ({size} bytes, header says {header.end_offset})")
+    region = header.end_offset - header.first_chunk_offset
+    largest = CHUNK_HEADER.size + header.chunk_pages * PAGE_SIZE + TAG_BYTES
+    buffers = [np.empty(region, np.uint8)] if keep else [
+        np.empty(min(region, max(_WINDOW, 2 * largest)), np.uint8) for _ in range(2)
+    ]  # fmt: skip
+    staging: list[npt.NDArray[np.uint8]] = []
+    tag = TAG_BYTES if header.encrypted else 0
+    compression = header.compression
+
+    def decode(record: memoryview, stored: memoryview, index: int, first: int) -> Decoded:
+        stored_bytes, raw_bytes, crc, _, _ = CHUNK_HEADER.unpack(record)
+        at = f"{where} chunk {index}"
+        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
+        if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
+            raise CorruptImage(f"{at}: checksum mismatch")
+        data: bytes | memoryview = stored
+        if aead is not None:
+            try:
+                data = aead.decrypt(_nonce(header.nonce_prefix, index), stored, zeroed)
+            except InvalidTag:
+                raise CorruptImage(f"{at}: {_AUTH_FAILED}") from None
+        pfns = data_pfns[first : first + raw_bytes // PAGE_SIZE]
+        if aead is None and stored_bytes == raw_bytes:  # raw: the read buffer holds the pages
+            return pfns, np.frombuffer(stored, np.uint8).reshape(-1, PAGE_SIZE)
+        raw = _decompress(compression, data, raw_bytes, at)
+        pages = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
+        if not keep:
+            return pfns, pages
+        target = staging[0][first : first + pages.shape[0]]
+        target[...] = pages  # staged: the decoder's output memory is reused, warm
+        return pfns, target
+
+    def decode_group(group: _Task) -> _Result:
+        """The group's good chunks up to its first bad one, and that one's error."""
+        done: list[Decoded] = []
+        try:
+            for args in group:
+                done.append(decode(*args))
+        except CorruptImage as e:
+            return done, e
+        return done, None
+
+    kept: list[Decoded] = []
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    in_flight: deque[tuple[int, Future[_Result] | _Result]] = deque()  # (buffer, result)
+
+    def settle(only: int | None) -> None:
+        """Collect the groups in order (only those reading buffer *only*, if given): wait for
+        them, keep their chunks, raise the first error."""
+        while in_flight and (only is None or in_flight[0][0] == only):
+            _, pending = in_flight.popleft()
+            done, error = pending.result() if isinstance(pending, Future) else pending
+            if keep:
+                kept.extend(done)
+            if error is not None:
+                raise error
+
+    def submit(which: int, group: _Task) -> None:
+        if group:
+            task: Future[_Result] | _Result = (
+                pool.submit(decode_group, group) if pool is not None else decode_group(group)
+            )
+            in_flight.append((which, task))
+
+    try:
+        with contextlib.suppress(OSError):  # a larger readahead
+            os.posix_fadvise(fd, header.first_chunk_offset, region, os.POSIX_FADV_SEQUENTIAL)
+        index = 0
+        stored_total = 0
+        offsets = np.zeros(header.nr_chunks, np.int64)
+        file_at = header.first_chunk_offset  # next byte to read
+        buf_at = file_at  # the file offset of the buffer's first byte
+        which = 0
+        buf = buffers[0].data
+        filled = 0  # bytes of buf read
+        off = 0  # start of the next record in buf
+        while index < header.nr_chunks:
+            if filled == len(buf) or file_at == header.end_offset:  # buf used up: the next one
+                if keep:  # one buffer holds everything: a record is missing
+                    break
+                which = 1 - which
+                settle(which)  # nothing still reads the buffer reused
+                rest = buf[off:filled]
+                buf = buffers[which].data
+                buf[: len(rest)] = rest
+                buf_at += off
+                filled, off = len(rest), 0
+            step = min(_READ_STEP, len(buf) - filled, header.end_offset - file_at)
+            got = os.preadv(fd, [buf[filled : filled + step]], file_at) if step else 0
+            if got == 0:
+                break
+            filled += got
+            file_at += got
+            group: _Task = []
+            while index < header.nr_chunks and off + CHUNK_HEADER.size <= filled:
+                where_chunk = f"{where} chunk {index}"
+                record = buf[off : off + CHUNK_HEADER.size]
+                stored_bytes, raw_bytes, _, got_index, first = CHUNK_HEADER.unpack(record)
+                nr_pages = min(
+                    header.chunk_pages, header.nr_data_pages - index * header.chunk_pages
+                )
+                if got_index != index or first != index * header.chunk_pages:
+                    settle(None)
+                    raise CorruptImage(f"{where_chunk}: record says chunk {got_index} from page "
+                                       f"{first}")  # fmt: skip
+                if raw_bytes != nr_pages * PAGE_SIZE or not tag < stored_bytes <= raw_bytes + tag:
+                    settle(None)
+                    raise CorruptImage(
+                        f"{where_chunk}: {stored_bytes} bytes stored for {raw_bytes}"
+                    )
+                if stored_total + stored_bytes > header.stored_bytes:
+                    settle(None)
+                    raise CorruptImage(f"{where_chunk}: more stored bytes than the header says")
+                end = off + CHUNK_HEADER.size + stored_bytes
+                if end > filled:
+                    break
+                if keep and not staging and (aead is not None or stored_bytes != raw_bytes):
+                    staging.append(np.empty((header.nr_data_pages, PAGE_SIZE), np.uint8))
+                group.append((record, buf[off + CHUNK_HEADER.size : end], index, first))
+                offsets[index] = buf_at + off
+                if len(group) == _DECODE_GROUP:
+                    submit(which, group)
+                    group = []
+                stored_total += stored_bytes
+                index += 1
+                off = end
+            submit(which, group)
+        settle(None)
+        if index < header.nr_chunks:
+            got_bytes = file_at - header.first_chunk_offset
+            raise CorruptImage(f"{where} chunk {index}: image truncated ({got_bytes} of "
+                               f"{region} chunk bytes)")  # fmt: skip
+        if stored_total != header.stored_bytes:
+            raise CorruptImage(f"{where}: chunks hold {stored_total} bytes, header says "
+                               f"{header.stored_bytes}")  # fmt: skip
+    finally:
+        if pool is not None:
+            for _, pending in in_flight:
+                if isinstance(pending, Future):
+                    pending.cancel()
+            pool.shutdown(wait=True)
+    return kept, offsets
+
+
 def iter_chunks(
     path: Path | str,
     header: ImageHeader,
@@ -889,6 +1077,8 @@ class CheckedImage:
     pfn_list: PfnList
     chunks: list[Decoded]
     """(pfns, pages) of each chunk in order; empty unless loaded with keep=True."""
+    offsets: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    """The file offset of each chunk's record (``read_into`` reads them again there)."""
 
 
 def load_image(
@@ -907,7 +1097,6 @@ def load_image(
     it writes any page (the decoded data takes as much memory as the image's data pages).
     """
     where = str(path)
-    kept: list[Decoded] = []
     with open(path, "rb") as f:
         header = _parse_header(f.read(PAGE_SIZE), where, key, allow_used)
         if header.machine_id != machine_id:
@@ -918,10 +1107,110 @@ def load_image(
                                f"this machine has {nr_ram_pages}")  # fmt: skip
         aead = _aead(header, key, where)
         pfn_list = _parse_pfn_list(f, header, where, aead)
-        for chunk in _chunks(f, header, pfn_list.data_pfns, where, threads, aead):
-            if keep:
-                kept.append(chunk)
-    return CheckedImage(header, pfn_list, kept)
+        kept, offsets = _load_chunks(
+            f.fileno(), header, pfn_list.data_pfns, where, threads, aead, keep
+        )
+    return CheckedImage(header, pfn_list, kept, offsets)
+
+
+def _runs(pfns: PfnArray) -> list[tuple[int, int]]:
+    """(first pfn, count) of each run of consecutive pfns in ascending *pfns*."""
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [pfns.size]))
+    return list(zip(pfns[starts].tolist(), (ends - starts).tolist(), strict=True))
+
+
+def read_into(
+    path: Path | str,
+    checked: "CheckedImage",
+    pages: npt.NDArray[np.uint8],
+    take: npt.NDArray[np.bool_],
+    *,
+    threads: int | None = None,
+    key: ImageKey | None = None,
+) -> int:
+    """Put the data pages of the image *checked* (``load_image``) says is good into *pages*.
+
+    Only the pages whose pfn *take* (bool per page of *pages*) flags are written. The file is
+    read again (from the page cache after ``load_image``) by *threads* workers, chunk by chunk
+    at the offsets ``load_image`` found: a chunk stored raw and not encrypted is read straight
+    into *pages* (a ``preadv`` over its runs of pfns) and its checksum computed there, the others
+    are read, checked and decoded, then copied. Every chunk is checked again: CorruptImage
+    (naming it, "changed since it was checked") if the file changed meanwhile, some pages
+    already written. Returns the number of pages written.
+    """
+    header, data_pfns, offsets = checked.header, checked.pfn_list.data_pfns, checked.offsets
+    where = str(path)
+    aead = _aead(header, key, where)
+    workers = threads if threads is not None else os.cpu_count() or 1
+    if workers < 1:
+        raise MachineError(f"threads must be at least 1, got {workers}")
+    if offsets.size != header.nr_chunks:
+        raise MachineError(f"{where}: load the image (keeping its offsets) before reading it")
+
+    def one(index: int) -> int:
+        at = f"{where} chunk {index}: changed since it was checked"
+        record = os.pread(fd, CHUNK_HEADER.size, int(offsets[index]))
+        if len(record) != CHUNK_HEADER.size:
+            raise CorruptImage(f"{at} (truncated)")
+        stored_bytes, raw_bytes, crc, got_index, first = CHUNK_HEADER.unpack(record)
+        pfns = data_pfns[first : first + raw_bytes // PAGE_SIZE]
+        if (
+            got_index != index
+            or first != index * header.chunk_pages
+            or pfns.size * PAGE_SIZE != raw_bytes
+        ):
+            raise CorruptImage(at)
+        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
+        mine = take[pfns]
+        data_at = int(offsets[index]) + CHUNK_HEADER.size
+        if aead is None and stored_bytes == raw_bytes and mine.all():  # straight into RAM
+            views = [pages[low : low + n].reshape(-1).data for low, n in _runs(pfns)]
+            if os.preadv(fd, views, data_at) != raw_bytes:
+                raise CorruptImage(f"{at} (truncated)")
+            value = zlib.crc32(zeroed)
+            for view in views:
+                value = zlib.crc32(view, value)
+            if value != crc:
+                raise CorruptImage(at)
+            return int(pfns.size)
+        stored = os.pread(fd, stored_bytes, data_at)
+        if len(stored) != stored_bytes or zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
+            raise CorruptImage(at)
+        data: bytes = stored
+        if aead is not None:
+            try:
+                data = aead.decrypt(_nonce(header.nonce_prefix, index), stored, zeroed)
+            except InvalidTag:
+                raise CorruptImage(at) from None
+        raw = np.frombuffer(_decompress(header.compression, data, raw_bytes, at), np.uint8)
+        raw = raw.reshape(-1, PAGE_SIZE)
+        if mine.all():
+            for (low, n), start in zip(_runs(pfns), _run_starts(pfns), strict=True):
+                pages[low : low + n] = raw[start : start + n]
+        elif mine.any():
+            pages[pfns[mine]] = raw[mine]
+        return int(np.count_nonzero(mine))
+
+    def group(first_index: int) -> int:
+        last = min(first_index + _DECODE_GROUP, header.nr_chunks)
+        return sum(one(index) for index in range(first_index, last))
+
+    starts = range(0, header.nr_chunks, _DECODE_GROUP)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if workers == 1:
+            return sum(group(s) for s in starts)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return sum(pool.map(group, starts))
+    finally:
+        os.close(fd)
+
+
+def _run_starts(pfns: PfnArray) -> list[int]:
+    """The index in *pfns* where each run of ``_runs`` starts."""
+    return [0, *(np.flatnonzero(np.diff(pfns) != 1) + 1).tolist()]
 
 
 def invalidate(path: Path | str) -> None:

@@ -1,9 +1,9 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.image_file.load_image, which keeps the decoded data
-when it fits in memory, so the image is read once) and the chain itself before
-it writes a page, then writes the page data, then the storage keys (so CHANGED bits are what
+every image of the chain whole (kexec_sim.image_file.load_image) and the chain itself before
+it writes a page (then reads them again, from the page cache: image_file.read_into), then
+writes the page data, then the storage keys (so CHANGED bits are what
 they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
 
@@ -16,7 +16,7 @@ not needed here.
 """
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,8 +75,8 @@ class _Chain:
     pfn_lists: tuple[image_file.PfnList, ...]
     source: npt.NDArray[np.int64]
     """Per page of the final set: the index of the image holding its data, -1 for zero."""
-    staged: tuple[list[image_file.Decoded], ...] | None
-    """Each image's chunks, decoded while checked (None: too big to keep, read again)."""
+    checked: tuple[image_file.CheckedImage, ...]
+    """Each image as checked (with its chunks' offsets, where the restore reads them again)."""
 
     @property
     def final(self) -> image_file.PfnList:
@@ -148,8 +148,7 @@ def _verify_chain(
             f"machine {machine.path} is running (generation {record.generation}): resume "
             "restores a hibernated machine, which is powered off"
         )
-    keep = _can_stage(paths, key)
-    headers, lists, staged = [], [], []
+    headers, lists, checks = [], [], []
     for k, path in enumerate(paths):
         try:
             checked = image_file.load_image(
@@ -159,13 +158,13 @@ def _verify_chain(
                 threads=threads,
                 key=key,
                 allow_used=k < len(paths) - 1,
-                keep=keep,
+                keep=False,  # staging the data costs more than a second read (page cache)
             )
         except OSError as exc:
             raise MachineError(f"{path}: {reason(exc)}") from None
         headers.append(checked.header)
         lists.append(checked.pfn_list)
-        staged.append(checked.chunks)
+        checks.append(checked)
         if progress is not None:
             progress("verify", k + 1, len(paths))
     last_header = headers[-1]
@@ -184,11 +183,15 @@ def _verify_chain(
     at = int(np.searchsorted(lists[-1].pfns, sb_pfn))
     if at == lists[-1].pfns.size or lists[-1].pfns[at] != sb_pfn:
         raise CorruptImage(f"{paths[-1]}: its super block pfn {sb_pfn} is not among its pages")
-    return _Chain(tuple(headers), tuple(lists), source, tuple(staged) if keep else None)
+    return _Chain(tuple(headers), tuple(lists), source, tuple(checks))
 
 
 def _can_stage(paths: Sequence[Path], key: ImageKey | None) -> bool:
-    """Whether the chain's decoded data fits in half the host's available memory."""
+    """Whether the chain's decoded data fits in half the host's available memory.
+
+    Unused since resume reads each image twice (the second time from the page cache): staging
+    the decoded data in fresh memory cost more than that read in this VM.
+    """
     try:
         data_pages = sum(
             image_file.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
@@ -211,8 +214,8 @@ def _restore_pages(
 ) -> None:
     """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
 
-    The data comes from the chunks decoded while checking, or, for a chain too big to keep in
-    memory, from a second read (each chunk checked again). Pages outside the set keep
+    Each image is read again (from the page cache, just read by the check) and every chunk
+    checked again as it is written (image_file.read_into). Pages outside the set keep
     whatever power off left there (poison, or zeros).
     """
     final = chain.final
@@ -226,23 +229,12 @@ def _restore_pages(
             continue
         wanted[:] = False
         wanted[mine] = True
-        header, pfn_list = chain.headers[k], chain.pfn_lists[k]
-        chunks: Iterable[image_file.Decoded] = (
-            chain.staged[k]
-            if chain.staged is not None
-            else image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key)
+        done += image_file.read_into(
+            path, chain.checked[k], ram.pages, wanted, threads=threads, key=key
         )
-        for pfns, pages in chunks:
-            take = wanted[pfns]
-            if take.all():
-                ram.pages[pfns] = pages
-                ram.keys.mark_changed(pfns)
-            elif take.any():
-                ram.pages[pfns[take]] = pages[take]
-                ram.keys.mark_changed(pfns[take])
-            done += int(np.count_nonzero(take))
-            if progress is not None:
-                progress("restore", done, total)
+        ram.keys.mark_changed(mine)
+        if progress is not None:
+            progress("restore", done, total)
     ram.keys.clear()
     ram.keys.restore(final.pfns, final.keys)
 

@@ -12,9 +12,10 @@ each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 write MB/s: the page set's bytes (zero pages included) over the wall time of ``write_image``,
 which fsyncs the data, then the header, then the directory: an honest durable write.
 resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/resume.py), from a
-cold page cache (synced and dropped first): ``load_image`` reads the image once, checking
-everything and keeping the decoded chunks, then every chunk's pages go into a second RAM
-mapping at their pfns and the all-zero pages are zeroed. The target RAM is populated beforehand
+cold page cache (synced and dropped first): ``load_image`` reads the image, checking
+everything, then resume's own ``_restore_pages`` reads it again from the page cache into a
+second RAM (each chunk checked again), zero pages punched out.
+The target RAM is populated beforehand
 (this VM's first touch of fresh memory is not the image's cost); a sample of pages is compared
 with the source afterwards.
 
@@ -46,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim import image_file
+from kexec_sim import resume as resume_module
 from kexec_sim.image_file import load_image, write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
@@ -187,26 +189,20 @@ def dd_reference(work: Path, size: int, repeat: int) -> DdResult:
 
 
 def resume(path: Path, target: Ram, machine_id: bytes, threads: int) -> tuple[float, float, int]:
-    """The two steps of a resume from a cold cache: (check seconds, copy seconds, pages)."""
+    """The two steps of a resume from a cold cache, as kexec_sim/resume.py takes them (its own
+    _restore_pages): (check seconds, restore seconds, pages)."""
     drop_caches()
     start = time.perf_counter()
-    checked = load_image(path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads)
+    checked = load_image(
+        path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads, keep=False
+    )
     verified = time.perf_counter()
-    pfn_list = checked.pfn_list
-    pages = target.pages
-    loaded = 0
-    for pfns, data in checked.chunks:
-        low = int(pfns[0])
-        if int(pfns[-1]) - low == pfns.size - 1:
-            pages[low : low + pfns.size] = data
-        else:
-            pages[pfns] = data
-        loaded += pfns.size
-    zero = pfn_list.zero_pfns
-    if zero.size:
-        pages[zero] = 0
+    header, pfn_list = checked.header, checked.pfn_list
+    source = resume_module._resolve_chain([path], [header], [pfn_list])
+    chain = resume_module._Chain((header,), (pfn_list,), source, (checked,))
+    resume_module._restore_pages(target, [path], chain, None, threads, None)
     end = time.perf_counter()
-    return verified - start, end - verified, loaded + int(zero.size)
+    return verified - start, end - verified, int(pfn_list.pfns.size)
 
 
 def one_config(

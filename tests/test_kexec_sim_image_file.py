@@ -663,3 +663,38 @@ def test_device_header_zeroed_first_and_on_overflow(
     assert image.read_bytes()[:PAGE_SIZE] == bytes(PAGE_SIZE)
     with pytest.raises(CorruptImage, match="not a hibernation image"):
         verify(image)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_windows_and_read_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str, threads: int
+) -> None:
+    """A load through windows smaller than the image finds every chunk; read_into puts back
+    exactly the flagged pages, and refuses a chunk changed after the check."""
+    monkeypatch.setattr(image_file, "_WINDOW", 64 << 10)
+    monkeypatch.setattr(image_file, "_READ_STEP", 20_000)
+    ram = make_ram(tmp_path)
+    path, _ = write(tmp_path, ram, compression=compression, chunk_pages=4)
+    checked = image_file.load_image(
+        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, keep=False
+    )
+    data_pfns = checked.pfn_list.data_pfns
+    assert checked.offsets.size == checked.header.nr_chunks > 1
+    take = np.zeros(NR_PAGES, np.bool_)
+    take[data_pfns[::3]] = True
+    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
+    written = image_file.read_into(path, checked, fresh, take, threads=threads)
+    assert written == data_pfns[::3].size
+    assert np.array_equal(fresh[take], ram[take])
+    assert (fresh[~take] == 0xAA).all()
+    take[:] = True
+    image_file.read_into(path, checked, fresh, take, threads=threads)
+    assert np.array_equal(fresh[data_pfns], ram[data_pfns])
+    with open(path, "r+b") as f:
+        f.seek(int(checked.offsets[-1]) + CHUNK_HEADER.size)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CorruptImage, match="changed since it was checked"):
+        image_file.read_into(path, checked, fresh, take, threads=threads)
