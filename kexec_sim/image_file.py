@@ -16,6 +16,7 @@ Everything read back is untrusted: a failed check raises CorruptImage naming it.
 """
 
 import contextlib
+import ctypes
 import os
 import stat
 import struct
@@ -348,9 +349,16 @@ def _zero_mask(
         consecutive = high - low == some.size - 1  # sorted: a run of RAM, scanned in place
         if copy_pages is not None:
             batch = copy_pages(some)
-        else:
-            batch = ram_pages[low : high + 1] if consecutive else ram_pages[some]
-        zero[start : start + batch.shape[0]] = ~batch.view(np.uint64).any(axis=1)
+            zero[start : start + batch.shape[0]] = ~batch.view(np.uint64).any(axis=1)
+            continue
+        # a page whose first 8 bytes are not zero is not all-zero: only the others are read
+        head = ram_pages[low : high + 1, :8] if consecutive else ram_pages[some, :8]
+        maybe = np.flatnonzero(head.view(np.uint64)[:, 0] == 0)
+        found = np.zeros(some.size, dtype=np.bool_)
+        if maybe.size:
+            rows = ram_pages[low + maybe] if consecutive else ram_pages[some[maybe]]
+            found[maybe] = ~rows.view(np.uint64).any(axis=1)
+        zero[start : start + some.size] = found
     return zero
 
 
@@ -505,6 +513,7 @@ def write_image(
             window: deque[Future[tuple[memoryview, memoryview]]] = deque()
             submitted = 0
             written = 0
+            flushed = 0
             try:
                 while written < nr_chunks:
                     while submitted < nr_chunks and len(window) < 2 * workers:
@@ -520,6 +529,9 @@ def write_image(
                     if error is not None:
                         raise error
                     _write_all(fd, *parts)
+                    if reached - flushed >= _FLUSH_BYTES:  # the disk writes while we compress
+                        _start_writeback(fd, flushed, reached - flushed)
+                        flushed = reached
                     if progress is not None:
                         progress(min(written * chunk_pages, data_pfns.size), data_pfns.size)
             finally:
@@ -565,6 +577,21 @@ def write_image(
         base_pages=int(base.sum()),
         encrypted=key is not None,
     )
+
+
+_FLUSH_BYTES = 32 << 20
+"""Bytes written between two starts of writeback (sync_file_range): the final fsync is short."""
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing *nbytes* at *offset* back to the disk, not waiting (best effort)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, *parts: bytes | memoryview) -> None:
