@@ -54,6 +54,7 @@ from kexec_sim.owners import (
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
+from kexec_sim.recovery import open_machine
 from kexec_sim.scrub import SCRUB_MODES
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size
@@ -235,7 +236,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     if machine.powered:
         with machine.page_ownership() as ownership:
             report = _page_report(machine, ownership)
@@ -249,7 +250,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     with machine.page_ownership() as ownership, ownership.locked():
         reclaimed = ownership.reclaim_dead_owners()
         report = _page_report(machine, ownership)
@@ -261,6 +262,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print(f"{len(problems)} problems")
     return EXIT_MACHINE if problems else EXIT_OK
+
+
+def _open(args: argparse.Namespace) -> Machine:
+    """The machine the command names, after recovering an interrupted transition."""
+    return open_machine(args.machine, notify=_note)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
 
 
 def _warn(warnings: Sequence[str]) -> None:
@@ -280,7 +290,7 @@ def _parse_addr(text: str) -> int:
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     base = args.command_line or ""
     if args.reuse_cmdline:
         base = without_param(machine.cmdline, PKRAM_PARAM)  # this boot's handover is spent
@@ -320,7 +330,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_unload(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     with machine.page_ownership() as po, po.locked():
         found = kexec.unload(machine)
     print("unloaded" if found else "nothing was loaded")
@@ -378,7 +388,7 @@ def _stop_timeout(args: argparse.Namespace) -> float:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     try:
         report = kexec.exec_(machine, scrub=scrub, force=args.force, stop_timeout_s=timeout)
@@ -389,21 +399,21 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_reboot(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     _print_exec(kexec.reboot(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
 
 def _cmd_poweroff(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     _print_exec(kexec.poweroff(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
-    machine = Machine.open(args.machine, create=False)
+    machine = _open(args)
     _print_exec(kexec.power_on(machine), args.json)
     return EXIT_OK
 

@@ -35,6 +35,7 @@ from kexec_sim.kexec import (
     DEFAULT_STOP_TIMEOUT_S,
     LAST_IMAGE_FILE,
     Phases,
+    begin_transition,
     drop_stale_table,
     poweroff,
     write_handover,
@@ -44,6 +45,7 @@ from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
+from kexec_sim.transition import give_up
 
 __all__ = [
     "LAST_IMAGE_FILE",
@@ -260,34 +262,43 @@ def hibernate(
     base_info = _base_image(machine, base, key) if base is not None else None
     sb_pfn = machine.super_block_pfn
     generation = machine.generation
-    with machine.page_ownership() as po:
-        mounts, warnings = _plan(po, force)
-        with phases("preserve"):
-            made_ro = _preserve_mounts(mounts)
-        try:
-            with machine.ram() as ram, po.locked(), phases("handover"):
-                drop_stale_table(ram, po, sb_pfn)
-                sb = read_super_block(ram, sb_pfn)
-                write_handover(ram, po, sb_pfn, sb, None, generation)
-            with phases("write"):
-                result = _run_writer(
-                    machine, image, sb_pfn, compression, threads, key_file, passphrase,
-                    max_bytes, base_info, progress,
-                )  # fmt: skip
-        except BaseException as exc:
-            with suppress(Exception), machine.ram() as ram, po.locked():
-                drop_stale_table(ram, po, sb_pfn)
-            failures = _undo_preserve(made_ro)
-            if failures and isinstance(exc, MachineError):
-                raise MachineError(f"{exc}; also: {'; '.join(failures)}") from None
-            raise
-    with phases("poweroff"):
-        try:
-            report = poweroff(machine, scrub=scrub, stop_timeout_s=stop_timeout_s)
-        except BaseException:
-            with suppress(Exception):  # the machine runs on: the image must not be resumed
-                image_file.invalidate(image)
-            raise
+    transition = begin_transition(machine, "hibernate", generation)
+    try:
+        with machine.page_ownership() as po:
+            mounts, warnings = _plan(po, force)
+            with phases("preserve"):
+                made_ro = _preserve_mounts(mounts)
+            try:
+                transition.record("handover", image=str(image))
+                with machine.ram() as ram, po.locked(), phases("handover"):
+                    drop_stale_table(ram, po, sb_pfn)
+                    sb = read_super_block(ram, sb_pfn)
+                    write_handover(ram, po, sb_pfn, sb, None, generation)
+                transition.record("write")
+                with phases("write"):
+                    result = _run_writer(
+                        machine, image, sb_pfn, compression, threads, key_file, passphrase,
+                        max_bytes, base_info, progress,
+                    )  # fmt: skip
+                transition.record("image-complete", scrub=scrub)
+            except BaseException as exc:
+                if transition.committed:
+                    raise
+                with suppress(Exception):
+                    undo_hibernate(machine, transition.facts)
+                transition.phase = None  # undone
+                failures = _undo_preserve(made_ro)
+                if failures and isinstance(exc, MachineError):
+                    raise MachineError(f"{exc}; also: {'; '.join(failures)}") from None
+                raise
+        with phases("poweroff"):
+            report = poweroff(
+                machine, scrub=scrub, stop_timeout_s=stop_timeout_s, transition=transition
+            )
+    except BaseException:
+        give_up(transition)  # committed: the record stays, the next command powers off
+        raise
+    transition.end()
     return HibernateReport(
         image=str(image),
         image_id=str(result["image_id"]),
@@ -307,6 +318,18 @@ def hibernate(
         warnings=tuple(warnings + [w for w in report.warnings if "preserved pages" not in w]),
         durations_s=phases.durations_s | {f"write.{k}": v for k, v in result["seconds"].items()},
     )
+
+
+def undo_hibernate(machine: Machine, facts: Mapping[str, object]) -> None:
+    """Drop what a hibernate that did not complete its image left: the table it wrote, and the
+    image at its path if one is there (never resumable: the machine runs on). The mounts it
+    preserved stay preserved and read-only (a ``remount,rw`` cancels that)."""
+    with machine.page_ownership() as po, machine.ram() as ram, po.locked():
+        drop_stale_table(ram, po, machine.super_block_pfn)
+    image = facts.get("image")
+    if isinstance(image, str):
+        with suppress(OSError, CorruptImage):
+            image_file.invalidate(image)
 
 
 def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:

@@ -15,12 +15,16 @@ from pathlib import Path
 from kexec_sim import hibernate, kexec, resume
 from kexec_sim.errors import UsageError
 from kexec_sim.image_file import COMPRESSIONS
-from kexec_sim.machine import Machine
 from kexec_sim.progress import ProgressBar
+from kexec_sim.recovery import open_machine
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size
 
 PASSPHRASE_ENV = "KEXEC_SIM_PASSPHRASE"
+
+
+def _note(message: str) -> None:
+    print(f"kexec-sim: {message}", file=sys.stderr)
 
 
 def _mib(size_bytes: int) -> str:
@@ -103,7 +107,7 @@ def run_hibernate(args: argparse.Namespace) -> int:
             max_bytes = parse_size(args.max_image_size)
         except ValueError as exc:
             raise UsageError(f"--max-image-size: {exc}") from None
-    machine = Machine.open(args.machine, create=False)
+    machine = open_machine(args.machine, notify=_note)
     bar = _bar(args)
     try:
         report = hibernate.hibernate(
@@ -157,7 +161,7 @@ def resume_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_resume(args: argparse.Namespace) -> int:
     """``kexec-sim resume``."""
-    machine = Machine.open(args.machine, create=False)
+    machine = open_machine(args.machine, notify=_note)
     bar = _bar(args)
     try:
         report = resume.resume(

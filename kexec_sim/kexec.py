@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from kexec_sim import scrub as scrubbing
 from kexec_sim.allocator import PfnRange, find_free_pages
+from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
 from kexec_sim.errors import CorruptHandover, MachineError, OutOfMemory
 from kexec_sim.image import (
@@ -40,13 +41,22 @@ from kexec_sim.image import (
     write_synthetic_image,
 )
 from kexec_sim.machine import Machine
-from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, PRESERVED, OwnerInfo
+from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, PRESERVED, OwnerInfo, boot_owner_map
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.preserved_pages import write_table
 from kexec_sim.ram import Ram
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_owners
 from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
+from kexec_sim.transition import (
+    Transition,
+    TransitionRecord,
+    fact_range,
+    fact_str,
+    give_up,
+    rewrite_super_block,
+    super_block_facts,
+)
 
 __all__ = [
     "DEFAULT_IMAGE_BYTES",
@@ -196,6 +206,97 @@ def _handover_plan(
         return None, [f"{lost} (the super block is damaged: {exc}; --force): scrubbed"]
 
 
+def begin_transition(machine: Machine, action: str, generation: int) -> Transition:
+    """Start *action* on the running *machine* at *generation* (the power lock held).
+
+    Raises MachineBusy, or MachineError when the machine is off or changed since the caller
+    looked.
+    """
+    machine.require_powered()
+    transition = Transition.begin(machine.path, action, generation)
+    record = machine.boot_record()
+    if record.generation != generation or not record.powered:
+        transition.end()
+        raise MachineError(
+            f"machine {machine.path} changed meanwhile (generation {record.generation}, "
+            f"{'running' if record.powered else 'off'}): nothing done"
+        )
+    return transition
+
+
+def undo_exec(machine: Machine) -> None:
+    """Drop what an exec that did not boot left: the table it wrote (this boot goes on)."""
+    with machine.page_ownership() as po, machine.ram() as ram, po.locked():
+        drop_stale_table(ram, po, machine.super_block_pfn)
+
+
+def finish_exec(machine: Machine, record: TransitionRecord) -> None:
+    """Boot what an exec stopped in its boot phase was booting (the point of no return).
+
+    Early boot reads the super block as the exec left it before booting (its facts), so a
+    boot interrupted after early boot rewrote it runs again the same.
+    """
+    if machine.generation > record.generation:
+        return  # it had booted: only the record was left
+    with machine.ram() as ram:
+        rewrite_super_block(ram, record.facts)
+    machine.start_boot(fact_str(record.facts, "cmdline"), kernel_image=fact_range(record.facts))
+
+
+def finish_reboot(machine: Machine, record: TransitionRecord) -> None:
+    """Finish a reboot stopped after it began scrubbing: scrub, image, boot."""
+    if machine.generation > record.generation:
+        return
+    facts = record.facts
+    with machine.ram() as ram:
+        _reboot_from_scrub(
+            machine,
+            ram,
+            fact_str(facts, "scrub"),
+            fact_str(facts, "cmdline"),
+            fact_range(facts),
+            Phases(),
+            None,
+        )
+
+
+def finish_poweroff(machine: Machine, transition: Transition) -> None:
+    """Finish a power off (or hibernate's, once its image is complete) a dead process began:
+    stop what still runs, lose RAM, record it off."""
+    if machine.powered:
+        poweroff(machine, scrub=fact_str(transition.facts, "scrub"), transition=transition)
+
+
+def _reboot_from_scrub(
+    machine: Machine,
+    ram: Ram,
+    scrub: str,
+    cmdline: str,
+    kernel: PfnRange,
+    phases: Phases,
+    held: PageOwnership | None,
+) -> tuple[int, EarlyBoot]:
+    """Scrub all RAM but firmware, write the default kernel, boot; (scrubbed, early boot)."""
+    firmware = boot_owner_map(machine.memory_map, machine.nr_pages) == FIRMWARE
+    generation = machine.generation + 1
+    with phases("scrub"):
+        scrubbed = scrubbing.scrub(ram, firmware, scrub)
+    with phases("image"):
+        _write_default_image(ram, kernel, cmdline, generation)
+    with phases("boot"):
+        booted = machine.start_boot(cmdline, kernel_image=kernel, held=held)
+    return scrubbed, booted
+
+
+def _lose_ram(machine: Machine, ram: Ram, scrub: str, held: PageOwnership | None) -> None:
+    """Lose all of RAM and the keys, forget the last resumed image, record power off."""
+    scrubbing.scrub(ram, np.zeros(ram.nr_pages, dtype=np.bool_), scrub)
+    ram.keys.clear()
+    with contextlib.suppress(FileNotFoundError):  # RAM no longer holds that image
+        (machine.path / LAST_IMAGE_FILE).unlink()
+    machine.record_power_off(held=held)
+
+
 def drop_stale_table(ram: Ram, po: PageOwnership, sb_pfn: int) -> None:
     """Free a preserved-pages table an interrupted hibernate left (HANDOVER pages but the
     super block) and clear the super block's table root. The caller holds the lock."""
@@ -269,32 +370,52 @@ def exec_(
         )
     phases = Phases()
     generation = machine.generation + 1
-    with machine.page_ownership() as po, machine.ram() as ram:
-        with po.locked():  # refuse before stopping anything
-            _refuse_preserved_in(po.owner_map, image)
-            _handover_plan(ram, po, sb_pfn, wanted, force)
-        warnings: list[str] = []
-        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
-        with po.locked():
-            po.reclaim_dead_owners()
-            _refuse_preserved_in(po.owner_map, image)
-            sb, plan_warnings = _handover_plan(ram, po, sb_pfn, wanted, force)
-            warnings += plan_warnings
-            keep = po.owner_map == FIRMWARE
-            with phases("table"):
-                if sb is not None:
-                    drop_stale_table(ram, po, sb_pfn)
-                    handed, table = write_handover(
-                        ram, po, sb_pfn, sb, image.pfn_range, generation - 1
+    transition = begin_transition(machine, "exec", generation - 1)
+    try:
+        with machine.page_ownership() as po, machine.ram() as ram:
+            with po.locked():  # refuse before stopping anything
+                _refuse_preserved_in(po.owner_map, image)
+                _handover_plan(ram, po, sb_pfn, wanted, force)
+            warnings: list[str] = []
+            transition.record("stop")
+            stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
+            with po.locked():
+                po.reclaim_dead_owners()
+                _refuse_preserved_in(po.owner_map, image)
+                sb, plan_warnings = _handover_plan(ram, po, sb_pfn, wanted, force)
+                warnings += plan_warnings
+                keep = po.owner_map == FIRMWARE
+                handed_over = None
+                transition.record("handover")
+                with phases("table"):
+                    if sb is not None:
+                        drop_stale_table(ram, po, sb_pfn)
+                        handed, table = write_handover(
+                            ram, po, sb_pfn, sb, image.pfn_range, generation - 1
+                        )
+                        keep[handed] = True
+                        keep[table] = True
+                        handed_over = super_block_facts(ram, sb_pfn)
+                transition.record("scrub")
+                with phases("scrub"):
+                    scrubbed = scrubbing.scrub(ram, keep, scrub)
+                transition.record("image")
+                with phases("image"):
+                    write_image(ram, machine, image, generation)
+                transition.record(
+                    "boot",
+                    cmdline=image.cmdline,
+                    kernel_image=list(image.pfn_range),
+                    super_block=handed_over,
+                )
+                with phases("boot"):
+                    booted = machine.start_boot(
+                        image.cmdline, kernel_image=image.pfn_range, held=po
                     )
-                    keep[handed] = True
-                    keep[table] = True
-            with phases("scrub"):
-                scrubbed = scrubbing.scrub(ram, keep, scrub)
-            with phases("image"):
-                write_image(ram, machine, image, generation)
-            with phases("boot"):
-                booted = machine.start_boot(image.cmdline, kernel_image=image.pfn_range, held=po)
+    except BaseException:
+        give_up(transition, lambda: undo_exec(machine))
+        raise
+    transition.end()
     return ExecReport(
         action="exec",
         generation=generation,
@@ -328,22 +449,27 @@ def reboot(
     record = machine.boot_record()
     cmdline = without_param(record.cmdline, PKRAM_PARAM)
     kernel = default_kernel_range(machine)
-    with machine.page_ownership() as po, machine.ram() as ram:
-        warnings: list[str] = []
-        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
-        with po.locked():
-            po.reclaim_dead_owners()
-            preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
-            if preserved:
-                warnings.append(
-                    f"{preserved} preserved pages are scrubbed (a reboot hands over nothing)"
+    transition = begin_transition(machine, "reboot", record.generation)
+    try:
+        with machine.page_ownership() as po, machine.ram() as ram:
+            warnings: list[str] = []
+            transition.record("stop")
+            stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
+            with po.locked():
+                po.reclaim_dead_owners()
+                preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
+                if preserved:
+                    warnings.append(
+                        f"{preserved} preserved pages are scrubbed (a reboot hands over nothing)"
+                    )
+                transition.record("scrub", scrub=scrub, cmdline=cmdline, kernel_image=list(kernel))
+                scrubbed, booted = _reboot_from_scrub(
+                    machine, ram, scrub, cmdline, kernel, phases, po
                 )
-            with phases("scrub"):
-                scrubbed = scrubbing.scrub(ram, po.owner_map == FIRMWARE, scrub)
-            with phases("image"):
-                _write_default_image(ram, kernel, cmdline, record.generation + 1)
-            with phases("boot"):
-                booted = machine.start_boot(cmdline, kernel_image=kernel, held=po)
+    except BaseException:
+        give_up(transition)
+        raise
+    transition.end()
     return _boot_report(
         "reboot",
         record.generation + 1,
@@ -364,30 +490,40 @@ def poweroff(
     *,
     scrub: str = DEFAULT_SCRUB,
     stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+    transition: Transition | None = None,
 ) -> ExecReport:
     """Power the machine off: stop every process, lose all of RAM and the keys, no boot state.
 
     RAM content is lost by *scrub*: punched (zeros) or poisoned (what stale RAM looks like
-    to a resume that failed to restore a page). Raises MachineError when it is already off,
-    ValueError for a bad *scrub*.
+    to a resume that failed to restore a page). *transition* is the caller's running one
+    (hibernate's; it records its phases there and ends nothing), else poweroff runs its own.
+    Raises MachineError when it is already off, ValueError for a bad *scrub*.
     """
     _check_scrub(scrub)
     phases = Phases()
     record = machine.boot_record()
-    with machine.page_ownership() as po, machine.ram() as ram:
-        with po.locked():
-            preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
-        warnings: list[str] = []
-        stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
-        if preserved:
-            warnings.append(f"{preserved} preserved pages are lost (power off)")
-        with po.locked():
-            with phases("scrub"):
-                scrubbing.scrub(ram, np.zeros(ram.nr_pages, dtype=np.bool_), scrub)
-                ram.keys.clear()
-            with contextlib.suppress(FileNotFoundError):  # RAM no longer holds that image
-                (machine.path / LAST_IMAGE_FILE).unlink()
-            machine.record_power_off(held=po)
+    own = transition is None
+    if transition is None:
+        transition = begin_transition(machine, "poweroff", record.generation)
+    try:
+        with machine.page_ownership() as po, machine.ram() as ram:
+            with po.locked():
+                preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
+            warnings: list[str] = []
+            transition.record("stop")
+            stopped = _stop_everyone(po, phases, stop_timeout_s, warnings)
+            if preserved:
+                warnings.append(f"{preserved} preserved pages are lost (power off)")
+            with po.locked():
+                transition.record("scrub", scrub=scrub)
+                with phases("scrub"):
+                    _lose_ram(machine, ram, scrub, po)
+    except BaseException:
+        if own:
+            give_up(transition)
+        raise
+    if own:
+        transition.end()
     return _boot_report(
         "poweroff",
         record.generation,

@@ -34,7 +34,8 @@ import secrets
 import shutil
 import tempfile
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -307,7 +308,7 @@ class Machine:
         Raises MachineError when the machine is powered off, CorruptMachine when the export
         is missing or not a pfn of this RAM.
         """
-        self._require_powered()
+        self.require_powered()
         path = self.sys_kernel_dir / PKRAM_EXPORT
         try:
             text = path.read_text(encoding="ascii", errors="replace")
@@ -321,7 +322,7 @@ class Machine:
             raise CorruptMachine(f"{path}: {text[:40]!r} is not a pfn of this RAM")
         return int(value)
 
-    def _require_powered(self) -> None:
+    def require_powered(self) -> None:
         if not self.powered:
             raise MachineError(f"machine {self.path} is powered off: run 'kexec-sim boot'")
 
@@ -347,31 +348,41 @@ class Machine:
         """
         check_cmdline(cmdline)
         generation = self.boot_record().generation + 1
-        if held is not None:
-            with held.locked():
-                return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
-        lock = FileLock(self.boot_dir / LOCK_FILE)
-        try:
-            with lock.held():
-                return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
-        finally:
-            lock.close()
+        with self._boot_locked(held):
+            return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
 
-    def record_power_off(self, held: PageOwnership) -> None:
-        """Mark the machine powered off and drop the boot state (the caller holds *held*'s lock).
+    def record_power_off(self, held: PageOwnership | None = None) -> None:
+        """Mark the machine powered off, then drop the boot state (under boot/lock: through
+        *held* when the caller holds it, else taken here).
 
         Open ownership maps become stale, nothing is exported in ``sys/kernel``, and
-        ``page_ownership()`` raises MachineError until the next ``start_boot``.
+        ``page_ownership()`` raises MachineError until the next ``start_boot``. The record
+        comes first: a power off cut short leaves an off machine with stale boot files,
+        which the next boot clears.
         """
-        with held.locked():
+        with self._boot_locked(held):
             record = self.boot_record()
+            _write_boot_record(self.path, replace(record, powered=False))
             for name in (MAP_FILE, REGISTRY_FILE):
                 with suppress(FileNotFoundError):
                     (self.boot_dir / name).unlink()
             _clear_boot_dir(self.boot_dir)
             with suppress(FileNotFoundError):
                 (self.sys_kernel_dir / PKRAM_EXPORT).unlink()
-            _write_boot_record(self.path, replace(record, powered=False))
+
+    @contextmanager
+    def _boot_locked(self, held: PageOwnership | None) -> Iterator[None]:
+        """Hold boot/lock: through *held* when the caller holds it, else taken here."""
+        if held is not None:
+            with held.locked():
+                yield
+            return
+        lock = FileLock(self.boot_dir / LOCK_FILE)
+        try:
+            with lock.held():
+                yield
+        finally:
+            lock.close()
 
     # -- the hardware ---------------------------------------------------------------------
 
@@ -384,7 +395,7 @@ class Machine:
 
         Raises MachineError when the machine is powered off.
         """
-        self._require_powered()
+        self.require_powered()
         return PageOwnership(self.boot_dir, self.memory_map, self.nr_pages)
 
 

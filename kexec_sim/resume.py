@@ -16,7 +16,7 @@ not needed here.
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from kexec_sim import image_file
 from kexec_sim.allocator import PfnRange
+from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, MachineError
 from kexec_sim.hibernate import Progress, image_key, reason, write_last_image
@@ -36,6 +37,14 @@ from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
 from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
+from kexec_sim.transition import (
+    Transition,
+    fact_range,
+    fact_str,
+    give_up,
+    rewrite_super_block,
+    super_block_facts,
+)
 
 
 @dataclass(frozen=True)
@@ -239,6 +248,54 @@ def _restore_pages(
     ram.keys.restore(final.pfns, final.keys)
 
 
+def undo_resume(machine: Machine) -> None:
+    """Drop what a resume that did not reach its images' invalidation left: the storage keys it
+    wrote (the machine stays off, its images valid; RAM of an off machine holds nothing)."""
+    with machine.ram() as ram:
+        ram.keys.clear()
+
+
+def finish_resume(machine: Machine, transition: Transition) -> None:
+    """Finish a resume that had restored RAM and keys: invalidate, boot, remember the chain."""
+    record = machine.boot_record()
+    if record.powered:  # it had booted: only the chain was perhaps not remembered
+        if record.generation == transition.generation + 1:
+            _remember_chain(machine, transition.facts, record.generation)
+        return
+    _boot_resumed(machine, transition, Phases())
+
+
+def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> EarlyBoot:
+    """The committed tail of a resume (its facts recorded): invalidate the images, write the
+    kernel at the hibernated boot's range, boot with ``pkram=``; the early boot reads the
+    super block as the images restored it (rewritten from the facts: a repeated tail)."""
+    facts = transition.facts
+    record = machine.boot_record()
+    generation = record.generation + 1
+    kernel_image = None if facts.get("kernel_image") is None else fact_range(facts)
+    kernel = kernel_image or default_kernel_range(machine)
+    cmdline = fact_str(facts, "cmdline")
+    with phases("invalidate"):
+        images = facts.get("images")
+        for path in images if isinstance(images, list) else []:
+            with suppress(CorruptImage, OSError, TypeError):  # a base used by an earlier resume
+                image_file.invalidate(path)
+    with machine.ram() as ram, phases("boot"):
+        rewrite_super_block(ram, facts)
+        size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE
+        write_synthetic_image(ram, kernel[0], cmdline, generation, size_bytes)
+    with phases("boot"):
+        booted = machine.start_boot(cmdline, kernel_image=kernel_image)
+    _remember_chain(machine, facts, generation)
+    return booted
+
+
+def _remember_chain(machine: Machine, facts: Mapping[str, object], generation: int) -> None:
+    chain = facts.get("chain")
+    if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
+        write_last_image(machine, chain, generation)
+
+
 def resume(
     machine: Machine,
     images: Sequence[Path],
@@ -263,13 +320,11 @@ def resume(
         chain = _verify_chain(machine, paths, key, threads, progress)
     record = machine.boot_record()
     header = chain.headers[-1]
-    with machine.ram() as ram:
-        with phases("restore"):
-            _restore_pages(ram, paths, chain, key, threads, progress)
-        with phases("invalidate"):
-            for path in paths:
-                with suppress(CorruptImage):  # a base already used by an earlier resume
-                    image_file.invalidate(path)
+    transition = Transition.begin(machine.path, "resume", record.generation)
+    try:
+        if machine.boot_record() != record:
+            raise MachineError(f"machine {machine.path} changed meanwhile: nothing done")
+        transition.record("restore", images=[str(p) for p in paths])
         generation = record.generation + 1
         cmdline = " ".join(
             filter(
@@ -280,13 +335,22 @@ def resume(
                 ],
             )
         )
-        kernel = record.kernel_image or default_kernel_range(machine)
-        with phases("boot"):
-            size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE
-            write_synthetic_image(ram, kernel[0], cmdline, generation, size_bytes)
-    with phases("boot"):
-        booted = machine.start_boot(cmdline, kernel_image=record.kernel_image)
-    write_last_image(machine, [h.image_id.hex() for h in chain.headers], generation)
+        with machine.ram() as ram:
+            with phases("restore"):
+                _restore_pages(ram, paths, chain, key, threads, progress)
+            transition.record(
+                "restored",
+                chain=[h.image_id.hex() for h in chain.headers],
+                cmdline=cmdline,
+                kernel_image=None if record.kernel_image is None else list(record.kernel_image),
+                super_block_pfn=header.super_block_pfn,
+                super_block=super_block_facts(ram, header.super_block_pfn),
+            )
+        booted = _boot_resumed(machine, transition, phases)
+    except BaseException:
+        give_up(transition, lambda: undo_resume(machine))
+        raise
+    transition.end()
     final = chain.final
     data_pages = int(np.count_nonzero(chain.source >= 0))
     return ResumeReport(

@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from kexec_sim.errors import MachineError
 from kexec_sim.machine import Machine
+from kexec_sim.recovery import open_machine
 
 from . import control
 from .checker import check_machine, discard_node, list_nodes
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "nodes":
-            return _list_nodes(Machine.open(args.machine, create=False), args.json)
+            return _list_nodes(_open(args), args.json)
         if args.command == "discard":
-            freed = discard_node(Machine.open(args.machine, create=False), args.name)
+            freed = discard_node(_open(args), args.name)
             print(f"discarded pkram node {args.name!r}: {freed} pages freed")
             return 0
         if args.command == "status":
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key in sorted(state):
                     print(f"{key}: {state[key]}")
             return 0
-        problems = check_machine(Machine.open(args.machine, create=False))
+        problems = check_machine(_open(args))
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s)")
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PkramfsError, MachineError) as exc:
         print(f"pkramfs-ctl: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
+
+
+def _open(args: argparse.Namespace) -> Machine:
+    """The machine named by --machine, after recovering an interrupted power transition."""
+    return open_machine(args.machine, notify=lambda m: print(f"pkramfs-ctl: {m}", file=sys.stderr))
 
 
 def _list_nodes(machine: Machine, as_json: bool) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kexec_sim.errors import MachineError
 from kexec_sim.machine import Machine
+from kexec_sim.recovery import open_machine
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(items, ram_bytes=0)
         if helper and args.flag_f:
             return 0  # mount -f: fake it
-        machine = Machine.open(options.machine)
+        machine = open_machine(
+            options.machine, create=True, notify=lambda m: print(f"pkramfs: {m}", file=sys.stderr)
+        )
         options = parse_options(items, ram_bytes=machine.ram_bytes)
         options.fsname = options.fsname or (None if args.source == "none" else args.source)
         mountpoint = _check_mountpoint(args.mountpoint)

@@ -1,0 +1,119 @@
+"""Recovery of interrupted power-state transitions: undo them or finish them, and say which.
+
+Every command that opens a machine for use goes through ``open_machine``. When it finds a
+transition record (kexec_sim.transition) whose process died, it takes the power lock and
+either undoes the transition (it stopped before its point of no return: the machine goes on
+in the state it left, minus the remains) or finishes it (past that point), then returns one
+line saying what it did and what the user can do next. A transition still running is left
+alone: MachineBusy.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+from kexec_sim import kexec
+from kexec_sim.errors import MachineError
+from kexec_sim.hibernate import undo_hibernate
+from kexec_sim.machine import Machine, resolve_machine_dir
+from kexec_sim.resume import finish_resume, undo_resume
+from kexec_sim.transition import (
+    TRANSITION_FILE,
+    PowerLock,
+    Transition,
+    TransitionRecord,
+    busy,
+    clear_record,
+    read_record,
+)
+
+Notify = Callable[[str], None]
+
+
+def open_machine(
+    path: str | Path | None, *, create: bool = False, notify: Notify | None = None
+) -> Machine:
+    """Open the machine at *path* (Machine.open), recovering an interrupted transition first.
+
+    *notify* gets the one line saying what recovery did. Raises MachineBusy while another
+    process changes the machine's power state, MachineError when recovery fails.
+    """
+    target = resolve_machine_dir(path)
+    if (target / TRANSITION_FILE).exists():
+        message = recover(target)
+        if message is not None and notify is not None:
+            notify(message)
+    return Machine.open(target, create=create)
+
+
+def recover(machine_dir: Path) -> str | None:
+    """Undo or finish the transition a dead process left in *machine_dir*; return what was
+    done (None: there was none). Raises MachineBusy if its process is still running."""
+    lock = PowerLock(machine_dir)
+    try:
+        if not lock.try_acquire():
+            raise busy(machine_dir, read_record(machine_dir))
+        record = read_record(machine_dir)
+        if record is None:
+            return None
+        machine = Machine.open(machine_dir, create=False)
+        transition = Transition.adopt(machine_dir, record, lock)
+        try:
+            message = _finish(machine, record, transition) if record.committed else None
+            if message is None:
+                message = _undo(machine, record)
+        except MachineError as exc:
+            raise MachineError(
+                f"machine {machine_dir}: recovering an interrupted {record.describe()} "
+                f"failed: {exc}"
+            ) from None
+        clear_record(machine_dir)
+        return message
+    finally:
+        lock.release()
+
+
+def _undo(machine: Machine, record: TransitionRecord) -> str:
+    what = f"an interrupted {record.describe()} was undone"
+    if record.action == "exec":
+        kexec.undo_exec(machine)
+        return (
+            f"{what}: generation {record.generation} goes on with its preserved trees (mount "
+            "them again, or 'kexec-sim exec' to run the exec again)"
+        )
+    if record.action == "hibernate":
+        undo_hibernate(machine, record.facts)
+        return (
+            f"{what}: no image was completed; the mounts it preserved stay preserved and "
+            "read-only ('kexec-sim hibernate' again, or 'mount -o remount,rw' to go on)"
+        )
+    if record.action == "resume":
+        undo_resume(machine)
+        images = " ".join(f"--image {p}" for p in _images(record))
+        return f"{what}: the machine is off, its images unused ('kexec-sim resume {images}')"
+    return f"{what}: generation {record.generation} goes on ('kexec-sim {record.action}' again)"
+
+
+def _finish(machine: Machine, record: TransitionRecord, transition: Transition) -> str:
+    what = f"an interrupted {record.describe()} was finished"
+    if record.action == "exec":
+        kexec.finish_exec(machine, record)
+        return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
+    if record.action == "reboot":
+        kexec.finish_reboot(machine, record)
+        return f"{what}: generation {machine.generation} booted"
+    if record.action == "resume":
+        finish_resume(machine, transition)
+        return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
+    kexec.finish_poweroff(machine, transition)  # poweroff, or hibernate's once its image was whole
+    if record.action == "hibernate":
+        image = record.facts.get("image")
+        return (
+            f"{what}: its image was complete and the machine is now off "
+            f"('kexec-sim resume --image {image}' brings it back)"
+        )
+    return f"{what}: the machine is off ('kexec-sim boot' starts it)"
+
+
+def _images(record: TransitionRecord) -> list[str]:
+    images = record.facts.get("images")
+    return [i for i in images if isinstance(i, str)] if isinstance(images, list) else []

@@ -1,0 +1,293 @@
+"""Power-state transitions made crash-consistent: the machine writes where it is going first.
+
+exec, reboot, poweroff, hibernate and resume each run as one *transition*: they hold
+``power.lock`` (flock, so a dead process holds nothing) for their whole run, and before their
+first step that changes anything they write ``transition.json`` in the machine directory: the
+action, the generation it leaves, its phase and the facts that finishing it needs. Each phase
+is recorded before it starts; the record goes once the new state is committed. A phase is
+*reversible* when the machine, stopped there, is still the previous state plus remains that
+can be dropped, or *committed* when it is past the point of no return and can only be
+finished. kexec_sim.recovery reads a record whose lock is free (its process died) and undoes
+or finishes the transition.
+
+Layout: ``{"format": 1, "action", "phase", "generation", "pid", "started_ns", "facts"}``.
+
+Tests kill a transition at a phase with ``KEXEC_SIM_FAULT=<action>:<phase>``: the process
+SIGKILLs itself right after recording that phase (before doing its work).
+"""
+
+import errno
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kexec_sim.allocator import PfnRange
+from kexec_sim.errors import CorruptMachine, MachineError
+from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
+from kexec_sim.ram import Ram
+from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
+
+TRANSITION_FILE = "transition.json"
+POWER_LOCK_FILE = "power.lock"
+FORMAT = 1
+FAULT_ENV = "KEXEC_SIM_FAULT"
+
+COMMITTED_PHASES: Mapping[str, frozenset[str]] = {
+    "exec": frozenset({"boot"}),
+    "reboot": frozenset({"scrub", "boot"}),
+    "poweroff": frozenset({"scrub"}),
+    "hibernate": frozenset({"image-complete", "stop", "scrub"}),  # the last two: its power off
+    "resume": frozenset({"restored"}),
+}
+"""Per action, the phases past its point of no return (the others can be undone)."""
+
+
+class MachineBusy(MachineError):
+    """Another process is taking the machine through a power-state transition."""
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    """What ``transition.json`` says."""
+
+    action: str
+    phase: str
+    generation: int
+    """The generation the transition leaves (for resume: the powered-off one)."""
+    pid: int
+    started_ns: int
+    facts: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def committed(self) -> bool:
+        """Whether the transition is past its point of no return (it can only be finished)."""
+        return self.phase in COMMITTED_PHASES.get(self.action, frozenset())
+
+    def describe(self) -> str:
+        """One line: which transition stopped where."""
+        return (
+            f"{self.action} of generation {self.generation} (pid {self.pid}), phase {self.phase!r}"
+        )
+
+
+def read_record(machine_dir: Path) -> TransitionRecord | None:
+    """The transition recorded in *machine_dir*, None if there is none.
+
+    Raises CorruptMachine when the record is unreadable.
+    """
+    path = machine_dir / TRANSITION_FILE
+    where = str(path)
+    try:
+        data = read_json_object(path)
+    except FileNotFoundError:
+        return None
+    if data.get("format") != FORMAT:
+        raise CorruptMachine(f"{where}: unsupported format {data.get('format')!r}")
+    action = get_str(data, "action", where)
+    if action not in COMMITTED_PHASES:
+        raise CorruptMachine(f"{where}: unknown action {action!r}")
+    facts = data.get("facts", {})
+    if not isinstance(facts, dict):
+        raise CorruptMachine(f"{where}: 'facts' must be an object")
+    return TransitionRecord(
+        action=action,
+        phase=get_str(data, "phase", where),
+        generation=get_int(data, "generation", where, minimum=1),
+        pid=get_int(data, "pid", where),
+        started_ns=get_int(data, "started_ns", where),
+        facts=facts,
+    )
+
+
+class PowerLock:
+    """``power.lock`` of a machine, held by whoever changes its power state (flock)."""
+
+    def __init__(self, machine_dir: Path) -> None:
+        self._fd = os.open(
+            machine_dir / POWER_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False when another process holds it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        """Release the lock and close its file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def busy(machine_dir: Path, record: TransitionRecord | None) -> MachineBusy:
+    """The error for a machine another process is changing."""
+    doing = record.describe() if record is not None else "a power-state change"
+    return MachineBusy(f"machine {machine_dir} is busy: {doing} is running; try again after it")
+
+
+class Transition:
+    """One running transition: the power lock held, the record kept up to date."""
+
+    def __init__(self, machine_dir: Path, action: str, generation: int, lock: PowerLock) -> None:
+        self.machine_dir = machine_dir
+        self.action = action
+        self.generation = generation
+        self.facts: dict[str, object] = {}
+        self.phase: str | None = None
+        self._lock = lock
+        self._started_ns = time.time_ns()
+
+    @property
+    def committed(self) -> bool:
+        """Whether the recorded phase is past the point of no return."""
+        return self.phase in COMMITTED_PHASES.get(self.action, frozenset())
+
+    @classmethod
+    def begin(cls, machine_dir: Path, action: str, generation: int) -> "Transition":
+        """Take the power lock for *action* leaving *generation*; nothing is recorded yet.
+
+        Raises MachineBusy when another process holds the lock or left a transition that
+        was not recovered (kexec_sim.recovery runs first in every command).
+        """
+        lock = PowerLock(machine_dir)
+        if not lock.try_acquire():
+            lock.release()
+            raise busy(machine_dir, read_record(machine_dir))
+        left = read_record(machine_dir)
+        if left is not None:
+            lock.release()
+            raise MachineError(
+                f"machine {machine_dir}: an interrupted {left.describe()} was not recovered"
+            )
+        return cls(machine_dir, action, generation, lock)
+
+    @classmethod
+    def adopt(cls, machine_dir: Path, record: TransitionRecord, lock: PowerLock) -> "Transition":
+        """Carry on the recorded transition of a dead process (the caller holds *lock*)."""
+        transition = cls(machine_dir, record.action, record.generation, lock)
+        transition.facts = dict(record.facts)
+        transition.phase = record.phase
+        return transition
+
+    def record(self, phase: str, **facts: object) -> None:
+        """Record that the transition enters *phase* (adding *facts*), before its work."""
+        self.phase = phase
+        self.facts.update(facts)
+        write_json_atomic(
+            self.machine_dir / TRANSITION_FILE,
+            {
+                "format": FORMAT,
+                "action": self.action,
+                "phase": phase,
+                "generation": self.generation,
+                "pid": os.getpid(),
+                "started_ns": self._started_ns,
+                "facts": self.facts,
+            },
+        )
+        fault_point(f"{self.action}:{phase}")
+
+    def end(self) -> None:
+        """The new state is committed (or nothing was changed): drop the record, the lock."""
+        clear_record(self.machine_dir)
+        self._lock.release()
+
+    def abandon(self) -> None:
+        """Release the lock keeping the record (the caller failed past the point of no
+        return: recovery finishes the transition)."""
+        self._lock.release()
+
+
+def give_up(transition: Transition, undo: Callable[[], None] | None = None) -> None:
+    """The transition failed in this process: *undo* it while it can be undone and end it,
+    else (committed, or the undo failed) leave its record for kexec_sim.recovery."""
+    if transition.phase is not None and transition.committed:
+        transition.abandon()
+        return
+    if transition.phase is not None and undo is not None:
+        try:
+            undo()
+        except Exception:
+            transition.abandon()
+            return
+    transition.end()
+
+
+def clear_record(machine_dir: Path) -> None:
+    """Remove ``transition.json`` (the caller holds the power lock)."""
+    with suppress(FileNotFoundError):
+        (machine_dir / TRANSITION_FILE).unlink()
+
+
+def super_block_facts(ram: Ram, sb_pfn: int) -> dict[str, int]:
+    """The super block at *sb_pfn* as a handover leaves it, for the record: a boot that runs
+    again must read what the first attempt read (its early boot rewrites the page)."""
+    sb = read_super_block(ram, sb_pfn)
+    return {
+        "super_block_pfn": sb_pfn,
+        "generation": sb.generation,
+        "table_root_pfn": sb.table_root_pfn,
+        "node_list_pfn": sb.node_list_pfn,
+    }
+
+
+def rewrite_super_block(ram: Ram, facts: Mapping[str, object]) -> None:
+    """Write back the super block recorded in *facts* (``super_block``; None: nothing was
+    handed over, nothing to write)."""
+    saved = facts.get("super_block")
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise MachineError("transition record: 'super_block' is not an object")
+    sb = SuperBlock(
+        fact_int(saved, "generation"),
+        ram.nr_pages,
+        fact_int(saved, "table_root_pfn"),
+        fact_int(saved, "node_list_pfn"),
+    )
+    write_super_block(ram, fact_int(saved, "super_block_pfn"), sb)
+
+
+def fact_int(facts: Mapping[str, object], key: str) -> int:
+    """A non-negative integer fact; MachineError if the record lacks it."""
+    value = facts.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MachineError(f"transition record: {key!r} is not a count: {value!r}")
+    return value
+
+
+def fact_str(facts: Mapping[str, object], key: str) -> str:
+    """A text fact; MachineError if the record lacks it."""
+    value = facts.get(key)
+    if not isinstance(value, str):
+        raise MachineError(f"transition record: {key!r} is not text: {value!r}")
+    return value
+
+
+def fact_range(facts: Mapping[str, object]) -> PfnRange:
+    """The ``kernel_image`` pfn range fact; MachineError if the record lacks it."""
+    value = facts.get("kernel_image")
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] < value[1]
+    ):
+        raise MachineError(f"transition record: 'kernel_image' is not a pfn range: {value!r}")
+    return (value[0], value[1])
+
+
+def fault_point(name: str) -> None:
+    """Die here (SIGKILL) if the tests asked to: ``KEXEC_SIM_FAULT=<name>``."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
