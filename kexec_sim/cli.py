@@ -52,6 +52,7 @@ from kexec_sim.owners import (
     RESERVED_OWNERS,
 )
 from kexec_sim.ownership import PageOwnership
+from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
 from kexec_sim.recovery import open_machine
@@ -251,10 +252,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     machine = _open(args)
-    with machine.page_ownership() as ownership, ownership.locked():
+    with machine.page_ownership() as ownership, ownership.locked(), machine.ram() as ram:
         reclaimed = ownership.reclaim_dead_owners()
         report = _page_report(machine, ownership)
         problems = ownership.check({})
+        problems += handover_problems(ram, ownership.super_block_pfn, machine.generation)
     if reclaimed:
         print(f"reclaimed {len(reclaimed)} dead owners: {', '.join(map(str, reclaimed))}")
     _print_report(report)

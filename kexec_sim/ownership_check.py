@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.errors import CorruptHandover
 from kexec_sim.memmap import MemoryMap, RegionType
 from kexec_sim.owners import (
     FREE,
@@ -22,6 +23,9 @@ from kexec_sim.owners import (
     owner_name,
 )
 from kexec_sim.pages import PfnArray
+from kexec_sim.preserved_pages import walk_table
+from kexec_sim.ram import Ram
+from kexec_sim.super_block import read_super_block
 
 EXAMPLES = 5
 """How many example pfns a problem message lists."""
@@ -59,6 +63,24 @@ def find_problems(
     problems += _check_reserved(owner_map, memory_map, kernel_image)
     problems += _check_handover(owner_map, super_block_pfn)
     return problems
+
+
+def handover_problems(ram: Ram, super_block_pfn: int, generation: int) -> list[str]:
+    """Problems of this boot's super block (valid, this generation's) and of the
+    preserved-pages table it names, if any (empty list = clean)."""
+    where = f"this boot's super block, pfn {super_block_pfn}"
+    try:
+        sb = read_super_block(ram, super_block_pfn)
+    except CorruptHandover as exc:
+        return [f"{where}: {str(exc).removeprefix(f'pkram={super_block_pfn}: ')}"]
+    if sb.generation != generation:
+        return [f"{where}: written by generation {sb.generation}, this boot is {generation}"]
+    if sb.table_root_pfn:
+        try:
+            walk_table(ram, sb.table_root_pfn)
+        except CorruptHandover as exc:
+            return [f"{where}: its preserved-pages table: {exc}"]
+    return []
 
 
 def _check_claim_owners(claims: Mapping[int, PfnArray], registered: Collection[int]) -> list[str]:

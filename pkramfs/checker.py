@@ -11,6 +11,7 @@ import numpy as np
 
 from kexec_sim.machine import Machine
 from kexec_sim.ownership import PageOwnership
+from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PfnArray
 from kexec_sim.ram import Ram
 
@@ -54,12 +55,14 @@ def _store(machine: Machine) -> tuple[NodeStore, PageOwnership, Ram]:
 
 def check_machine(machine: Machine) -> list[str]:
     """Return the ownership problems of *machine* (empty when every page is accounted for):
-    the mounts' pages, and every preserved page named by exactly one valid node."""
+    the mounts' pages, this boot's super block and table, and every preserved page named by
+    exactly one valid node."""
     store, ownership, ram = _store(machine)
     try:
         ownership.reclaim_dead_owners()
         problems = ownership.check(gather_claims(machine))
-        return problems + store.check()
+        handover = handover_problems(ram, store.sb_pfn, store.generation)
+        return problems + (handover or store.check())
     finally:
         ownership.close()
         ram.close()
