@@ -93,23 +93,40 @@ def _remount(mountpoint: str, items: list[str]) -> int:
 
     Going read-only (``ro``, or ``preserve`` which implies it), the daemon changes first (it
     answers EBUSY while a file is open for writing) and is put back if the kernel then refuses;
-    going read-write, the kernel first, since the control file takes commands only on a
-    writable mount (the daemon then cancels a preservation).
+    going read-write, the kernel first. The control file takes commands only on a writable
+    mount: a read-only one is made writable in the kernel around the command (the daemon
+    still refuses every write). ``preserve`` of a mount already preserved (so read-only and
+    unchanged since) succeeds doing nothing.
     """
     mountpoint = _check_mountpoint(mountpoint)
-    machine = Machine.open(control.query_status(mountpoint)["machine"], create=False)
+    status = control.query_status(mountpoint)
+    machine = Machine.open(status["machine"], create=False)
     options = parse_options(items, ram_bytes=machine.ram_bytes)
     forwarded = [item for item in items if item != "remount"]
+    kernel_read_only = bool(os.statvfs(mountpoint).f_flag & os.ST_RDONLY)
+    if (
+        kernel_read_only
+        and status["preserved_node"] is not None
+        and set(forwarded) <= {"preserve", "ro"}
+    ):
+        return 0  # preserved already: the node in RAM is the tree as it is
     to_read_only = options.read_only or options.preserve
     changes_mode = "ro" in options.kernel_flags or "rw" in options.kernel_flags or options.preserve
-    if changes_mode and not to_read_only:
+    stays_read_only = to_read_only if changes_mode else kernel_read_only
+    if kernel_read_only:
         _kernel_remount(mountpoint, "rw")
-    control.send_command(mountpoint, "remount", options=forwarded)
-    if changes_mode and to_read_only:
+    try:
+        control.send_command(mountpoint, "remount", options=forwarded)
+    except BaseException:
+        if kernel_read_only:
+            _kernel_remount(mountpoint, "ro")
+        raise
+    if stays_read_only:
         try:
             _kernel_remount(mountpoint, "ro")
         except MountError:
-            control.send_command(mountpoint, "remount", options=["rw"])
+            if not kernel_read_only:
+                control.send_command(mountpoint, "remount", options=["rw"])
             raise
     return 0
 
