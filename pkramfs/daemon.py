@@ -8,8 +8,12 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from kexec_sim.errors import MachineError
+
+from .errors import PkramfsError
 from .filesystem import PkramFilesystem
 from .mounts import unescape_field
+from .node_store import fault_point
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,14 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
     except RuntimeError as exc:
         fs.close()
         ready(f"cannot mount {fs.mountpoint}: {exc}")
+        return 32
+    fault_point("restore", "mounted")
+    try:
+        fs.take_restored()  # before the first request is read: nothing can see the tree yet
+    except (PkramfsError, MachineError) as exc:
+        pyfuse3.close(unmount=True)
+        fs.close()
+        ready(str(exc))
         return 32
     ready(None)
     code = 0

@@ -27,5 +27,10 @@ class CorruptNode(PkramfsError):
     """A preserved node read back from RAM failed validation; the message says where and why."""
 
 
+class CorruptNodeList(PkramfsError):
+    """This boot's super block or node list does not read back valid: no preserved node can
+    be trusted to be found (a restore must not pretend there is none)."""
+
+
 class NodeError(PkramfsError):
     """A preserved-node operation cannot be done (no such node, a name already taken, ...)."""

@@ -19,7 +19,7 @@ from .errors import FsError, MountError, NodeError, OptionError
 from .node_store import NodeStore
 from .options import HUGE_POLICIES, MountOptions, parse_options
 from .page_pool import PagePool
-from .preserve import Preserved, PreserveStats
+from .preserve import Preserved, PreserveStats, Restoring
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class PkramFilesystem:
         self.preserved: Preserved | None = None
         self.last_preserve: PreserveStats | None = None
         self.restored: PreserveStats | None = None
+        self._restoring: Restoring | None = None
         if options.pkram is not None:
             try:
                 self._restore(options.pkram)
@@ -72,18 +73,13 @@ class PkramFilesystem:
                 raise
 
     def _restore(self, name: str) -> None:
-        """Bring back the tree of node *name*, if there is one; the mount's settings with it."""
-        restored = preserve.restore(self.store, self.tree, self.owner_id, name)
-        if restored is None:
+        """Bring back the tree of node *name*, if there is one, and the mount's settings with
+        it; its pages stay the node's until `take_restored` (the mount is live by then)."""
+        restoring = preserve.restore(self.store, self.tree, name)
+        if restoring is None:
             return
-        saved, self.restored = restored
-        log.info(
-            "restored pkram node %r: %d objects, %d pages in %.1f ms",
-            name,
-            self.restored.objects,
-            self.restored.data_pages,
-            self.restored.seconds * 1e3,
-        )
+        self._restoring = restoring
+        saved = restoring.mount
         size_pages, max_inodes = saved.get("size_pages"), saved.get("max_inodes")
         if self.options.size_bytes is None and isinstance(size_pages, int):
             self.pool.limit_pages = max(0, size_pages)
@@ -93,7 +89,23 @@ class PkramFilesystem:
             self.tree.huge = saved["huge"] == "always"
         if saved.get("secret") is True:  # a secret mount stays secret: the option cannot be undone
             self.tree.secret = True
+
+    def take_restored(self) -> None:
+        """Take the pages of the node the tree was restored from (once mounted, before the first
+        request): the node leaves RAM and the tree is this mount's. A mount that dies before
+        this leaves the node as it was. Raises NodeError if the node changed meanwhile."""
+        restoring, self._restoring = self._restoring, None
+        if restoring is None:
+            return
+        self.restored = preserve.take_restored(self.store, self.owner_id, restoring)
         self.tree.hide_secret_pages()
+        log.info(
+            "restored pkram node %r: %d objects, %d pages in %.1f ms",
+            self.options.pkram,
+            self.restored.objects,
+            self.restored.data_pages,
+            self.restored.seconds * 1e3,
+        )
 
     def _mount_settings(self) -> dict[str, object]:
         return {

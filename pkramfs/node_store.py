@@ -13,18 +13,19 @@ the reason and left exactly as it is.
 
 import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from kexec_sim.errors import CorruptHandover
 from kexec_sim.machine import Machine
 from kexec_sim.ownership import PRESERVED, PageOwnership
 from kexec_sim.pages import PageRuns, PfnArray
 from kexec_sim.ram import Ram
+from kexec_sim.super_block import read_super_block
 
 from . import byte_stream, page_stream
-from .errors import CorruptNode, NodeError
+from .errors import CorruptNode, CorruptNodeList, NodeError
 from .pkram_node import (
     COMPLETE,
     SAVING,
@@ -37,7 +38,7 @@ from .pkram_node import (
     walk_list,
 )
 
-FAULT_ENV = "PKRAMFS_FAULT"  # tests: "preserve:<step>" kills the process at that step
+FAULT_ENV = "PKRAMFS_FAULT"  # tests: "<operation>:<step>" kills the process at that step
 
 
 @dataclass
@@ -109,9 +110,9 @@ def read_contents(ram: Ram, listed: ListedNode) -> NodeContents:
     return contents
 
 
-def _fault_point(step: str) -> None:
-    """Die here if the tests asked to (``PKRAMFS_FAULT=preserve:<step>``)."""
-    if os.environ.get(FAULT_ENV) == f"preserve:{step}":
+def fault_point(operation: str, step: str) -> None:
+    """Die here if the tests asked to (``PKRAMFS_FAULT=<operation>:<step>``)."""
+    if os.environ.get(FAULT_ENV) == f"{operation}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -122,14 +123,32 @@ class NodeStore:
         self.machine = machine
         self.ram = ram
         self.ownership = ownership
-
-    @property
-    def sb_pfn(self) -> int:
+        self.generation = machine.generation  # a boot outlives every process of it
+        self.sb_pfn = machine.super_block_pfn
         """This boot's super block pfn (where the node list starts)."""
-        return self.machine.super_block_pfn
+
+    def _list(self) -> tuple[list[ListedNode], str | None]:
+        """The nodes of the list and why its walk stopped early, if it did.
+
+        Raises CorruptNodeList unless the super block heading it is this boot's and valid.
+        """
+        try:
+            sb = read_super_block(self.ram, self.sb_pfn)
+        except CorruptHandover as exc:
+            raise self._bad_list(str(exc).removeprefix(f"pkram={self.sb_pfn}: ")) from None
+        if sb.generation != self.generation:
+            raise self._bad_list(f"written by generation {sb.generation}, not this boot's")
+        return walk_list(self.ram, self.sb_pfn)
+
+    def _bad_list(self, reason: str) -> CorruptNodeList:
+        return CorruptNodeList(
+            f"this boot's PKRAM super block (pfn {self.sb_pfn}, generation {self.generation}) "
+            f"does not read back: {reason}; no preserved tree can be found ('kexec-sim check' "
+            "shows the machine; 'kexec-sim reboot' starts afresh without them)"
+        )
 
     def _walk(self) -> list[ListedNode]:
-        nodes, _ = walk_list(self.ram, self.sb_pfn)
+        nodes, _ = self._list()
         return nodes
 
     # -- listing ----------------------------------------------------------------------------
@@ -138,7 +157,7 @@ class NodeStore:
         """List the nodes (validating each fully) and why the list walk stopped early, if it did."""
         with self.ownership.locked():
             self._remove_dead_remains()
-            listed, stopped = walk_list(self.ram, self.sb_pfn)
+            listed, stopped = self._list()
             infos = []
             for node in listed:
                 error = node.error
@@ -170,13 +189,23 @@ class NodeStore:
             )
 
     def _find(self, name: str) -> tuple[ListedNode | None, ListedNode | None]:
-        """Return the COMPLETE node named *name* and a damaged node that may be it."""
+        """Return the COMPLETE node named *name* and a damaged node that may be it.
+
+        Raises CorruptNodeList when the list walk stopped before finding it (it may lie
+        beyond the break).
+        """
         damaged = None
-        for node in self._walk():
+        listed, stopped = self._list()
+        for node in listed:
             if node.header is not None and node.header.name == name and node.state == COMPLETE:
                 return node, None
             if node.error is not None and node.raw_name == name and damaged is None:
                 damaged = node
+        if stopped is not None and damaged is None:
+            raise CorruptNodeList(
+                f"the preserved node list is damaged ({stopped}): pkram node {name!r} may lie "
+                "beyond the damage; nothing restored ('pkramfs-ctl nodes' lists what reads back)"
+            )
         return None, damaged
 
     # -- preserving -------------------------------------------------------------------------
@@ -187,22 +216,22 @@ class NodeStore:
         Linked as SAVING, its pages handed to PRESERVED in one transfer, then COMPLETE: the
         one store that makes it restorable. Raises NodeError if *name* is already preserved.
         """
-        _fault_point("written")
+        fault_point("preserve", "written")
         with self.ownership.locked():
             self._remove_dead_remains()
             node, _ = self._find(name)
             if node is not None:
                 raise NodeError(f"a preserved node named {name!r} already exists (pfn {node.pfn})")
             link_first(self.ram, self.sb_pfn, node_pfn)
-            _fault_point("linked")
+            fault_point("preserve", "linked")
             try:
                 self.ownership.transfer_runs(pages, owner_id, PRESERVED)
             except BaseException:
                 unlink(self.ram, self.sb_pfn, self._walk()[0])
                 raise
-            _fault_point("transferred")
+            fault_point("preserve", "transferred")
             set_node_state(self.ram, node_pfn, COMPLETE)
-        _fault_point("complete")
+        fault_point("preserve", "complete")
 
     def cancel(self, owner_id: int, node_pfn: int, pages: PageRuns) -> None:
         """Undo `publish` of the node at *node_pfn*: its *pages* go back to *owner_id*."""
@@ -217,13 +246,11 @@ class NodeStore:
 
     # -- restoring --------------------------------------------------------------------------
 
-    def take(
-        self, name: str, owner_id: int, parse: Callable[[NodeContents], object]
-    ) -> tuple[NodeContents, object] | None:
-        """Validate node *name*, parse it with *parse*, then give all its pages to *owner_id*.
+    def find(self, name: str) -> NodeContents | None:
+        """Read back and validate node *name* for a restore, changing nothing.
 
-        Returns None when there is no node of that name. Raises CorruptNode, changing nothing,
-        when the node (or *parse*) finds it bad.
+        Returns None when there is no node of that name. Raises CorruptNode when the node
+        is bad, CorruptNodeList when the list cannot be trusted to show it.
         """
         with self.ownership.locked():
             self._remove_dead_remains()
@@ -234,11 +261,24 @@ class NodeStore:
                 return None
             contents = read_contents(self.ram, node)
             self._check_owned(contents)
-            parsed = parse(contents)
+            return contents
+
+    def take(self, contents: NodeContents, owner_id: int) -> None:
+        """Give every page of the node `find` read to *owner_id* and remove it from the list.
+
+        The node is marked TAKEN first: a taker that dies before its transfer leaves it to be
+        made COMPLETE again (``_remove_dead_remains``). Raises NodeError, changing nothing,
+        when the node is no longer the one that was read.
+        """
+        with self.ownership.locked():
+            self._remove_dead_remains()
+            node, _ = self._find(contents.header.name)
+            if node is None or node.pfn != contents.pfn or node.header != contents.header:
+                raise NodeError(f"pkram node {contents.header.name!r} changed while restoring")
             set_node_state(self.ram, node.pfn, TAKEN)
+            fault_point("restore", "taken")
             self.ownership.transfer_runs(contents.all_runs, PRESERVED, owner_id)
             unlink(self.ram, self.sb_pfn, node)
-            return contents, parsed
 
     # -- discarding -------------------------------------------------------------------------
 
@@ -280,7 +320,7 @@ class NodeStore:
     def _named_pages(self) -> tuple[PfnArray, list[str], str | None]:
         """Every page the nodes in the list name (whole, preserved nodes only), the reasons the
         others are damaged, and why the list walk stopped early if it did. Lock held."""
-        listed, stopped = walk_list(self.ram, self.sb_pfn)
+        listed, stopped = self._list()
         named: list[PfnArray] = [np.empty(0, dtype=np.int64)]
         damage: list[str] = []
         for node in listed:
@@ -315,11 +355,13 @@ class NodeStore:
         return candidates[keep]
 
     def _remove_dead_remains(self) -> None:
-        """Remove nodes left SAVING or TAKEN by a process that died (lock held).
+        """Settle the nodes a process that died left SAVING or TAKEN (lock held).
 
-        Their pages are freed only when every one of them is still PRESERVED and named by no
-        other node (the dead writer's transfer had completed); otherwise they belong to
-        someone else by now and the node is only unlinked.
+        A TAKEN node whose pages are all still PRESERVED (its taker, a restore, cancel or
+        discard, died before the transfer) is COMPLETE again: nothing was taken. Any other is
+        unlinked, and its pages freed only when every one of them is still PRESERVED and named
+        by no other node (a dead preserve's transfer had completed); otherwise they belong to
+        someone else by now.
         """
         while True:
             listed = self._walk()
@@ -332,8 +374,12 @@ class NodeStore:
                 unlink(self.ram, self.sb_pfn, dead)
                 continue
             pages = self._attributable_pages(dead, [n for n in listed if n.pfn != dead.pfn])
+            whole = len(pages) == len(contents.all_pfns)
+            if dead.state == TAKEN and whole:
+                set_node_state(self.ram, dead.pfn, COMPLETE)
+                continue
             unlink(self.ram, self.sb_pfn, dead)
-            if len(pages) == len(contents.all_pfns):
+            if whole:
                 self.ownership.free(PRESERVED, pages)
 
     # -- checking ---------------------------------------------------------------------------
@@ -341,8 +387,11 @@ class NodeStore:
     def check(self) -> list[str]:
         """Problems of the preserved pages: every PRESERVED page named by exactly one node."""
         with self.ownership.locked():
-            self._remove_dead_remains()
-            named, damage, stopped = self._named_pages()
+            try:
+                self._remove_dead_remains()
+                named, damage, stopped = self._named_pages()
+            except CorruptNodeList as exc:
+                return [str(exc)]
             problems = ([stopped] if stopped else []) + damage
             everything = np.sort(named)
             twice = everything[1:][everything[1:] == everything[:-1]]

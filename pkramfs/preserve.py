@@ -20,7 +20,7 @@ from kexec_sim.ram import Ram
 from . import byte_stream, page_stream, secret_pages, tree_record
 from .errors import CorruptNode
 from .file_pages import CHUNK_SHIFT
-from .node_store import NodeContents, NodeStore
+from .node_store import NodeContents, NodeStore, fault_point
 from .pkram_node import NodeHeader, write_node
 from .tree import Tree
 
@@ -173,46 +173,59 @@ def cancel(store: NodeStore, owner_id: int, preserved: Preserved) -> None:
     store.ownership.free(owner_id, preserved.metadata_pfns)
 
 
-def restore(
-    store: NodeStore, tree: Tree, owner_id: int, name: str
-) -> tuple[dict[str, object], PreserveStats] | None:
-    """Fill the fresh *tree* from node *name*; None if there is none (an empty fs).
+@dataclass
+class Restoring:
+    """A node read back into a tree that does not own its pages yet (``take_restored``)."""
 
-    Raises CorruptNode, changing nothing, when the node fails validation.
+    contents: NodeContents
+    mount: dict[str, object]
+    stats: PreserveStats
+
+
+def restore(store: NodeStore, tree: Tree, name: str) -> Restoring | None:
+    """Fill the fresh *tree* from node *name*, changing nothing in RAM or page ownership;
+    None if there is none (an empty fs). ``take_restored`` then makes the pages the mount's.
+
+    Raises CorruptNode, changing nothing, when the node fails validation, CorruptNodeList
+    when this boot's node list cannot show whether it exists.
     """
     started = time.perf_counter()
     clock = _Clock()
-
-    def parse(contents: NodeContents) -> tree_record.RebuiltTree:
-        clock.lap("read")  # found, read back, checked and owned: now rebuild the tree
-        what = f"pkram node {name!r}"
-        rebuilt = tree_record.rebuild(
-            contents.meta, contents.pfns, contents.orders, contents.indexes, what
-        )
-        clock.lap("rebuild")
-        return rebuilt
-
     try:
-        taken = store.take(name, owner_id, parse)
+        contents = store.find(name)
+        if contents is None:
+            return None
+        clock.lap("read")  # found, read back and checked: now rebuild the tree
+        rebuilt = tree_record.rebuild(
+            contents.meta, contents.pfns, contents.orders, contents.indexes, f"pkram node {name!r}"
+        )
     except CorruptNode as exc:
         raise CorruptNode(
             f"{exc}; the node is left preserved (pkramfs-ctl discard {name} frees it)"
         ) from None
-    if taken is None:
-        return None
-    contents, rebuilt = taken
-    clock.lap("take")
-    assert isinstance(rebuilt, tree_record.RebuiltTree)
+    clock.lap("rebuild")
     tree.install(rebuilt.inodes, rebuilt.next_ino)
-    store.ownership.free(owner_id, contents.metadata_pfns)
     clock.lap("install")
-    seconds = time.perf_counter() - started
+    fault_point("restore", "read")
     stats = PreserveStats(
         contents.data.nr_pages,
         len(contents.pfns),
         contents.header.nr_objects,
         0,
-        seconds,
+        time.perf_counter() - started,
         clock.phases,
     )
-    return rebuilt.mount, stats
+    return Restoring(contents, rebuilt.mount, stats)
+
+
+def take_restored(store: NodeStore, owner_id: int, restoring: Restoring) -> PreserveStats:
+    """Make the restored node's pages *owner_id*'s and drop the node (its metadata pages are
+    freed): from here the tree lives in the mount. Raises NodeError, changing nothing, if the
+    node changed since it was read."""
+    started = time.perf_counter()
+    store.take(restoring.contents, owner_id)
+    store.ownership.free(owner_id, restoring.contents.metadata_pfns)
+    stats = restoring.stats
+    stats.phases_ms["take"] = round((time.perf_counter() - started) * 1e3, 3)
+    stats.seconds += time.perf_counter() - started
+    return stats
