@@ -163,7 +163,10 @@ class Machine:
         target = resolve_machine_dir(path)
         if not (target / MACHINE_FILE).exists():
             if not create:
-                raise MachineError(f"no machine at {target} (create one with 'kexec-sim init')")
+                raise MachineError(
+                    f"no machine at {target} yet: the first pkramfs mount makes it, or "
+                    "'kexec-sim init'"
+                )
             try:
                 return cls.create(target)
             except MachineExists:
