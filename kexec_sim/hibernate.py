@@ -45,7 +45,7 @@ from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
-from kexec_sim.transition import give_up
+from kexec_sim.transition import fault_point, give_up
 
 __all__ = [
     "LAST_IMAGE_FILE",
@@ -268,6 +268,7 @@ def hibernate(
             mounts, warnings = _plan(po, force)
             with phases("preserve"):
                 made_ro = _preserve_mounts(mounts)
+            fault_point("hibernate:preserved")
             try:
                 transition.record("handover", image=str(image))
                 with machine.ram() as ram, po.locked(), phases("handover"):

@@ -41,6 +41,7 @@ from kexec_sim.transition import (
     Transition,
     fact_range,
     fact_str,
+    fault_point,
     give_up,
     rewrite_super_block,
     super_block_facts,
@@ -244,6 +245,7 @@ def _restore_pages(
         ram.keys.mark_changed(mine)
         if progress is not None:
             progress("restore", done, total)
+    fault_point("resume:data")
     ram.keys.clear()
     ram.keys.restore(final.pfns, final.keys)
 
@@ -280,6 +282,7 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
         for path in images if isinstance(images, list) else []:
             with suppress(CorruptImage, OSError, TypeError):  # a base used by an earlier resume
                 image_file.invalidate(path)
+    fault_point("resume:invalidated")
     with machine.ram() as ram, phases("boot"):
         rewrite_super_block(ram, facts)
         size_bytes = (kernel[1] - kernel[0]) * PAGE_SIZE

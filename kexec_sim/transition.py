@@ -13,7 +13,8 @@ or finishes the transition.
 Layout: ``{"format": 1, "action", "phase", "generation", "pid", "started_ns", "facts"}``.
 
 Tests kill a transition at a phase with ``KEXEC_SIM_FAULT=<action>:<phase>``: the process
-SIGKILLs itself right after recording that phase (before doing its work).
+SIGKILLs itself right after recording that phase (before doing its work); ``<action>:end``
+kills it with the new state committed but the record not yet dropped.
 """
 
 import errno
@@ -199,6 +200,8 @@ class Transition:
 
     def end(self) -> None:
         """The new state is committed (or nothing was changed): drop the record, the lock."""
+        if self.phase is not None:
+            fault_point(f"{self.action}:end")
         clear_record(self.machine_dir)
         self._lock.release()
 

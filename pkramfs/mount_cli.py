@@ -23,6 +23,7 @@ from kexec_sim.recovery import open_machine
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError
+from .mounts import pkramfs_mounts
 from .options import MountOptions, parse_options, split_option_list
 
 EXIT_USAGE = 1
@@ -150,6 +151,7 @@ def _mount(
     if foreground:
         _setup_logging(debug)
         return _run_daemon(options, mountpoint, _print_error)
+    mounted_before = _pkramfs_mount_count(mountpoint)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -171,9 +173,17 @@ def _mount(
         message = pipe.read()
     if message != READY:  # an error, or nothing at all: the daemon died before mounting
         reason = message.decode(errors="replace").strip() or "the mount daemon died"
+        if _pkramfs_mount_count(mountpoint) > mounted_before:  # it died after mounting
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+            reason += " (its dead mount was detached)"
         print(f"pkramfs: {reason}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _pkramfs_mount_count(mountpoint: str) -> int:
+    """How many pkramfs mounts are stacked on *mountpoint* (from /proc/mounts)."""
+    return sum(1 for entry in pkramfs_mounts() if entry.mountpoint == mountpoint)
 
 
 def _run_daemon(options: MountOptions, mountpoint: str, ready: Callable[[str | None], None]) -> int:

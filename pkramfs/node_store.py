@@ -1,8 +1,8 @@
 """The preserved nodes of a machine: publish, find, take (restore), cancel, discard, check.
 
 Every operation holds the machine's ownership lock, so it sees the node list and page owners as
-one consistent state, and starts by removing the remains of a process that died half-way (a
-node still SAVING or TAKEN: whoever holds the lock knows its writer is gone). Page ownership
+one consistent state, and starts by settling what a process that died half-way left (a node
+still SAVING or TAKEN: whoever holds the lock knows its writer is gone). Page ownership
 moves with ``PageOwnership.transfer``, which is crash-atomic, so a node's pages are either all
 PRESERVED or all someone else's.
 
@@ -357,11 +357,11 @@ class NodeStore:
     def _remove_dead_remains(self) -> None:
         """Settle the nodes a process that died left SAVING or TAKEN (lock held).
 
-        A TAKEN node whose pages are all still PRESERVED (its taker, a restore, cancel or
-        discard, died before the transfer) is COMPLETE again: nothing was taken. Any other is
-        unlinked, and its pages freed only when every one of them is still PRESERVED and named
-        by no other node (a dead preserve's transfer had completed); otherwise they belong to
-        someone else by now.
+        A node whose pages are all PRESERVED and named by no other node is made COMPLETE: a
+        SAVING one was written whole and handed over before its preserve died (the node is
+        the tree now), a TAKEN one lost its taker (a restore, cancel or discard) before the
+        transfer, so nothing was taken. Any other is unlinked: its pages belong to someone
+        else by now (a dead preserve's daemon, reclaimed as a dead owner's).
         """
         while True:
             listed = self._walk()
@@ -374,13 +374,10 @@ class NodeStore:
                 unlink(self.ram, self.sb_pfn, dead)
                 continue
             pages = self._attributable_pages(dead, [n for n in listed if n.pfn != dead.pfn])
-            whole = len(pages) == len(contents.all_pfns)
-            if dead.state == TAKEN and whole:
+            if len(pages) == len(contents.all_pfns):
                 set_node_state(self.ram, dead.pfn, COMPLETE)
-                continue
-            unlink(self.ram, self.sb_pfn, dead)
-            if whole:
-                self.ownership.free(PRESERVED, pages)
+            else:
+                unlink(self.ram, self.sb_pfn, dead)
 
     # -- checking ---------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ metadata byte stream (byte_stream) and its page stream (page_stream). Two words 
 place by single aligned 8-byte stores and are therefore outside the CRC: ``next`` (the list
 link) and ``state``. A node is written whole, then linked into the list as SAVING, its pages are
 handed to PRESERVED, and only then does its state become COMPLETE: a process that dies on the way
-leaves a SAVING node, which the next lock holder recognises and removes (see node_store).
-TAKEN marks a node whose pages a restore is taking; only COMPLETE nodes restore.
+leaves a SAVING node, which the next lock holder settles (see node_store). TAKEN marks a node
+whose pages a restore, cancel or discard is taking; only COMPLETE nodes restore.
 """
 
 import struct

@@ -26,7 +26,7 @@ from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED
 
 from .conftest import Mounts, daemon_owners
-from .test_handover import contents, kexec_sim, make_tree, md5, run, snapshot
+from .util import contents, kexec_sim, make_tree, md5, run, snapshot
 
 
 def hibernate(machine: Machine, image: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.storage_keys import CHANGED, SINCE_IMAGE
 
 from .conftest import BIN, Mounts, make_ram
-from .test_handover import kexec, kexec_sim, md5, preserve, run
+from .util import kexec, kexec_sim, md5, preserve, run
 
 SECRET = "user.pkramfs.secret"
 

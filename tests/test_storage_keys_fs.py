@@ -15,7 +15,7 @@ from pkramfs.page_stream import LINK_MAGIC
 from pkramfs.pkram_node import NODE_MAGIC
 
 from .conftest import BIN, Mounts
-from .test_handover import preserve, run
+from .util import preserve, run
 
 BATCH_BYTES = 8 << 20  # the page pool's batch: the mount then holds no idle page
 

@@ -1,0 +1,206 @@
+"""The fault matrix: every step of restore, exec, hibernate and resume killed (SIGKILL) at each
+phase boundary, then what a user would do next.
+
+After each kill the first thing tried is the mount (``pkram=victim``): it must either serve
+the tree exactly as preserved or fail; it never exits 0 with another tree (an empty one
+included). The machine must be in the previous state or the next one, and the interrupted
+transition is named in one line by the first command that finds it. Then the documented
+recovery (docs/KEXEC-SIM.md, "Interrupted commands") brings the tree back, md5- and
+metadata-identical. The ownership checker runs after each case (the mounts fixture).
+"""
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kexec_sim.machine import Machine
+
+from .conftest import BIN, Mounts
+from .util import Snapshot, contents, kexec, kexec_sim, make_tree, preserve, run, snapshot
+
+NAME = "victim"
+KILLED = -9
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kill: where, what the first mount after it does, and how the user recovers."""
+
+    fault: str
+    """``VARIABLE=value`` for the killed command."""
+    first_mount: str
+    """``identical``: the mount after the kill serves the tree; ``refused``: it fails."""
+    note: str | None
+    """What the first command after the kill says it did (``undone``, ``finished``)."""
+    generation_step: int
+    """The machine's generation after the first command, relative to before the kill."""
+    recovery: tuple[str, ...] = ()
+    """The commands the user runs next (``exec``, ``hibernate``, ``resume``), in order."""
+
+
+RESTORE_CASES = {
+    f"restore:{step}": Case(f"PKRAMFS_FAULT=restore:{step}", "identical", None, 0)
+    for step in ("read", "mounted", "taken")
+}
+EXEC_CASES = {
+    # Killed before stopping the daemons: the preserved mount still runs, holding its name.
+    "exec:stop": Case("KEXEC_SIM_FAULT=exec:stop", "refused", "undone", 0, ("exec",)),
+    **{
+        f"exec:{phase}": Case(f"KEXEC_SIM_FAULT=exec:{phase}", "identical", "undone", 0)
+        for phase in ("handover", "scrub", "image")
+    },
+    "exec:boot": Case("KEXEC_SIM_FAULT=exec:boot", "identical", "finished", 1),
+    "exec:end": Case("KEXEC_SIM_FAULT=exec:end", "identical", "finished", 1),
+}
+HIBERNATE_CASES = {
+    # No record yet: the mount is preserved and read-only, and a retry proceeds from there.
+    "hibernate:preserved": Case(
+        "KEXEC_SIM_FAULT=hibernate:preserved", "refused", None, 0, ("hibernate", "resume")
+    ),
+    **{
+        f"hibernate:{phase}": Case(
+            f"KEXEC_SIM_FAULT=hibernate:{phase}", "refused", "undone", 0, ("hibernate", "resume")
+        )
+        for phase in ("handover", "write")
+    },
+    **{
+        f"hibernate:{phase}": Case(
+            f"KEXEC_SIM_FAULT=hibernate:{phase}", "refused", "finished", 0, ("resume",)
+        )
+        for phase in ("image-complete", "stop", "scrub", "end")
+    },
+}
+RESUME_CASES = {
+    **{
+        f"resume:{phase}": Case(
+            f"KEXEC_SIM_FAULT=resume:{phase}", "refused", "undone", 0, ("resume",)
+        )
+        for phase in ("restore", "data")
+    },
+    **{
+        f"resume:{phase}": Case(f"KEXEC_SIM_FAULT=resume:{phase}", "identical", "finished", 1)
+        for phase in ("restored", "invalidated", "end")
+    },
+}
+
+
+@dataclass
+class Scene:
+    """The machine, the mounted victim and what its tree must look like."""
+
+    machine: Machine
+    mounts: Mounts
+    mnt: Path
+    image: Path
+    expected: tuple[Snapshot, dict[str, str]]
+
+    def command(self, fault: str, *args: str) -> subprocess.CompletedProcess[str]:
+        key, value = fault.split("=")
+        return run(
+            str(BIN / "kexec-sim"), "--machine", str(self.machine.path), *args,
+            env={**os.environ, key: value},
+        )  # fmt: skip
+
+    def mount(
+        self, env: dict[str, str] | None = None
+    ) -> tuple[Path, "subprocess.CompletedProcess[str]"]:
+        """Mount pkram=victim on a fresh directory; (where, the mount command's result)."""
+        mnt = self.mounts.mountpoint()
+        self.mounts.track(mnt)
+        opts = f"pkram={NAME},machine={self.machine.path}"
+        return mnt, run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts, env=env)
+
+    def assert_identical(self, mnt: Path) -> None:
+        metadata = snapshot(mnt)  # before reading the files: reads change atime
+        assert (metadata, contents(mnt)) == self.expected
+
+
+@pytest.fixture
+def scene(machine: Machine, mounts: Mounts, work_root: Path) -> Scene:
+    mnt = mounts.mount(f"pkram={NAME}")
+    make_tree(mnt)
+    (mnt / "data").write_bytes(os.urandom(5 << 20))
+    image = work_root / f"{machine.path.name}.img"
+    data = contents(mnt)
+    return Scene(machine, mounts, mnt, image, (snapshot(mnt), data))
+
+
+def _generation(machine: Machine) -> int:
+    return machine.boot_record().generation
+
+
+def _recover_and_check(scene: Scene, case: Case, before: int) -> None:
+    """The first mount after the kill, then the case's recovery, then the final mount."""
+    mnt, first = scene.mount()
+    if case.first_mount == "identical":
+        assert first.returncode == 0, first.stderr
+        scene.assert_identical(mnt)
+    else:
+        assert first.returncode != 0, "a mount succeeded where it must not"
+        assert len(first.stderr.strip().splitlines()) >= 1
+    if case.note is None:
+        assert "interrupted" not in first.stderr
+    else:
+        assert f"was {case.note}" in first.stderr and case.fault.split("=")[1].split(":")[0] in (
+            first.stderr
+        ), first.stderr
+    assert _generation(scene.machine) == before + case.generation_step
+    for step in case.recovery:
+        if step == "exec":
+            result = kexec_sim(scene.machine, "exec")
+        elif step == "hibernate":
+            result = kexec_sim(scene.machine, "hibernate", "--image", str(scene.image))
+        else:
+            result = kexec_sim(scene.machine, "resume", "--image", str(scene.image))
+        assert result.returncode == 0, f"{step}: {result.stderr}"
+    if case.first_mount != "identical":
+        final, result = scene.mount()
+        assert result.returncode == 0, result.stderr
+        scene.assert_identical(final)
+
+
+@pytest.mark.parametrize("name", sorted(RESTORE_CASES))
+def test_a_killed_restore_leaves_the_node(scene: Scene, name: str) -> None:
+    case = RESTORE_CASES[name]
+    preserve(scene.mnt)
+    kexec(scene.machine)
+    before = _generation(scene.machine)
+    key, value = case.fault.split("=")
+    mnt, killed = scene.mount(env={**os.environ, key: value})
+    assert killed.returncode == 32 and "died" in killed.stderr, killed.stderr
+    assert not os.path.ismount(mnt)  # a daemon that died after mounting: detached
+    _recover_and_check(scene, case, before)
+
+
+@pytest.mark.parametrize("name", sorted(EXEC_CASES))
+def test_a_killed_exec_is_undone_or_finished(scene: Scene, name: str) -> None:
+    case = EXEC_CASES[name]
+    preserve(scene.mnt)
+    sb = (scene.machine.path / "sys/kernel/pkram").read_text().strip()
+    assert kexec_sim(scene.machine, "load", "--append", f"pkram={sb}").returncode == 0
+    before = _generation(scene.machine)
+    assert scene.command(case.fault, "exec").returncode == KILLED
+    _recover_and_check(scene, case, before)
+
+
+@pytest.mark.parametrize("name", sorted(HIBERNATE_CASES))
+def test_a_killed_hibernate_is_undone_or_finished(scene: Scene, name: str) -> None:
+    case = HIBERNATE_CASES[name]
+    before = _generation(scene.machine)
+    killed = scene.command(case.fault, "hibernate", "--image", str(scene.image))
+    assert killed.returncode == KILLED, killed.stderr
+    _recover_and_check(scene, case, before)
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_CASES))
+def test_a_killed_resume_is_undone_or_finished(scene: Scene, name: str) -> None:
+    case = RESUME_CASES[name]
+    hibernated = kexec_sim(scene.machine, "hibernate", "--image", str(scene.image))
+    assert hibernated.returncode == 0, hibernated.stderr
+    before = _generation(scene.machine)
+    killed = scene.command(case.fault, "resume", "--image", str(scene.image))
+    assert killed.returncode == KILLED, killed.stderr
+    _recover_and_check(scene, case, before)

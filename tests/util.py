@@ -1,0 +1,139 @@
+"""Helpers the handover, hibernation and crash tests share: commands, trees and their
+comparison (file contents by md5, metadata by snapshot)."""
+
+import hashlib
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from kexec_sim.machine import Machine
+
+from .conftest import BIN
+
+Snapshot = dict[str, tuple[object, ...]]
+
+
+def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(cmd), capture_output=True, text=True, check=False, timeout=120, env=env
+    )
+
+
+def kexec_sim(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args)
+
+
+def ctl(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "pkramfs-ctl"), *args, "--machine", str(machine.path))
+
+
+def preserve(mnt: Path) -> None:
+    result = run("mount", "-o", "remount,preserve,ro", str(mnt))
+    assert result.returncode == 0, result.stderr
+
+
+def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Load the next kernel with pkram= this boot's super block and exec it."""
+    sb = (machine.path / "sys/kernel/pkram").read_text().strip()
+    loaded = kexec_sim(machine, "load", "--append", f"pkram={sb}", *extra)
+    assert loaded.returncode == 0, loaded.stderr
+    result = kexec_sim(machine, "exec")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def snapshot(root: Path) -> Snapshot:
+    """Every name below *root*: inode, type, mode, owners, size, links, rdev, times, xattrs,
+    symlink target. Read before any content (reading changes atime)."""
+    result: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            xattrs = (
+                {
+                    x: os.getxattr(path, x, follow_symlinks=False)
+                    for x in sorted(os.listxattr(path, follow_symlinks=False))
+                }
+                if not stat.S_ISLNK(st.st_mode)
+                else {}
+            )
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            result[str(path.relative_to(root))] = (
+                st.st_ino,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_nlink,
+                st.st_rdev,
+                st.st_atime_ns,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_blocks,
+                xattrs,
+                target,
+            )
+    return result
+
+
+def sampled_md5(path: Path) -> str:
+    """md5 of a file, or for one over 64 MiB (sparse here) of 64 KiB at 32 spread offsets
+    and the last 64 KiB: the 20 TiB sparse file is not read whole."""
+    size = path.stat().st_size
+    if size <= 64 << 20:
+        return md5(path)
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for offset in [size * i // 32 for i in range(32)] + [4096 * 3, max(0, size - 65536)]:
+            f.seek(offset)
+            digest.update(f.read(65536))
+    return digest.hexdigest()
+
+
+def contents(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): sampled_md5(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def make_tree(root: Path, seed: int = 0) -> None:
+    """Every file type, hard links, xattrs, set times, sparse and big files."""
+    rand = os.urandom
+    (root / "dir/sub/deeper").mkdir(parents=True)
+    (root / "dir/sub/deeper/file").write_bytes(rand(10_000 + seed))
+    (root / "empty").touch()
+    (root / "big").write_bytes(rand(3 * 1024 * 1024 + 123))
+    with open(root / "sparse", "wb") as f:
+        f.seek(5 << 30)
+        f.write(b"far away")
+        f.seek(4096 * 3)
+        f.write(rand(5000))
+    with open(root / "sparse-past-16TiB", "wb") as f:
+        f.seek(20 << 40)
+        f.write(b"beyond 2**32 pages")
+    os.link(root / "big", root / "dir/hardlink-to-big")
+    os.link(root / "big", root / "dir/sub/another-link")
+    os.symlink("../big", root / "dir/symlink")
+    os.symlink("/nowhere/at/all", root / "dangling")
+    os.mkfifo(root / "fifo", 0o640)
+    os.mknod(root / "chardev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(root / "blockdev", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    os.setxattr(root / "big", "user.color", b"blue")
+    os.setxattr(root / "dir", "trusted.secret", b"\x00\x01\x02" * 50)
+    os.setxattr(root / "empty", "security.label", b"system_u:object_r")
+    os.chown(root / "dir/sub", 1234, 5678)
+    os.chmod(root / "dir/sub/deeper/file", 0o4751)
+    os.utime(root / "empty", ns=(1_000_000_123, 2_000_000_456))
+    os.utime(root / "dir/sub/deeper", ns=(123_456_789_012_345_678, 987_654_321))
