@@ -240,7 +240,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(snapshot)):
             name, ino = snapshot[index]
             inode = self.tree.inodes.get(ino)
-            if inode is None:
+            if inode is None or inode.nlink == 0:
                 continue  # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
                 return

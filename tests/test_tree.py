@@ -184,6 +184,51 @@ def test_hard_links_keep_data_until_last_name_and_handle(tree: Tree) -> None:
     assert ino not in tree.inodes
 
 
+def test_a_removed_file_frees_its_content_at_once_and_its_number_at_forget(tree: Tree) -> None:
+    """No name and no handle left: pages, xattr space and the place under nr_inodes come back
+    at once (as tmpfs evicts then); the kernel's lookups only keep the number until FORGET."""
+    fh, a = new_file(tree, b"a")
+    tree.write(fh, 0, b"a" * 5 * PAGE_SIZE)
+    tree.setxattr(a, b"user.x", b"1" * 100)
+    fh_b, b = new_file(tree, b"b")
+    tree.write(fh_b, 0, b"b" * 3 * PAGE_SIZE)
+    tree.unlink(R, b"a")
+    assert tree.pool.used_pages == 8 and tree.stats().free_inodes == 64 - 3  # a is open
+    tree.release(fh)
+    assert tree.pool.used_pages == 3 and tree.xattr_bytes == 0
+    assert tree.stats().free_inodes == 64 - 2
+    assert tree.get(a).lookups == 1 and tree.get(a).nlink == 0  # still known to the kernel
+    assert errno_of(tree.open, a, os.O_RDONLY) == errno.ENOENT
+    tree.release(new_file(tree, b"c")[0])
+    tree.rename(R, b"c", R, b"b")  # over b, whose handle is still open
+    assert tree.pool.used_pages == 3
+    tree.release(fh_b)
+    assert tree.pool.used_pages == 0 and tree.stats().free_inodes == 64 - 2
+    tree.forget(a, 1)
+    tree.forget(b, 1)
+    assert a not in tree.inodes and b not in tree.inodes and not tree.removed
+    for _ in range(100):  # never forgotten: nr_inodes=64 is not used up by removed files
+        tree.release(new_file(tree, b"n")[0])
+        tree.unlink(R, b"n")
+    assert tree.stats().free_inodes == 64 - 2
+    d = tree.mkdir(R, b"d", 0o755, 0, 0)
+    tree.rmdir(R, b"d")
+    assert d.ino in tree.removed and tree.stats().free_inodes == 64 - 2
+
+
+def test_a_removed_secret_file_gives_its_pages_back_mapped(tree: Tree) -> None:
+    tree.secret = True
+    fh, ino = new_file(tree, b"s")
+    tree.write(fh, 0, b"s" * 4 * PAGE_SIZE)
+    assert tree.ram.unmapped_pages == 4
+    tree.release(fh)
+    tree.unlink(R, b"s")  # the kernel still holds its lookup
+    assert tree.ram.unmapped_pages == 0 and tree.pool.used_pages == 0
+    assert ino in tree.inodes
+    tree.forget(ino, 1)
+    assert ino not in tree.inodes
+
+
 def test_special_files_and_symlinks(tree: Tree) -> None:
     fifo = tree.mknod(R, b"p", stat.S_IFIFO | 0o600, 0, 0, 0)
     dev = tree.mknod(R, b"c", stat.S_IFCHR | 0o600, os.makedev(1, 3), 0, 0)
