@@ -411,9 +411,16 @@ class Tree:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        from_handle: bool = False,
         caller_uid: int = 0,
     ) -> Inode:
-        """Change attributes as chmod/chown/truncate/utimensat do; ctime follows any change.
+        """Change attributes as chmod/chown/truncate/utimensat do on tmpfs.
+
+        Times as shmem_setattr sets them: any request but a truncate stamps ctime, an empty
+        one too (chown to -1, -1). A truncate stamps mtime and ctime when the size changes,
+        when it comes through an open file (ftruncate: the request carries the handle,
+        *from_handle*) or when the file holds pages (tmpfs truncates them again); truncate(2)
+        of a file without pages to its own size changes nothing.
 
         Like the VFS, a chown of a non-directory drops set-uid (and set-gid with group-exec)
         and file capabilities; a truncate drops them unless the caller is root (CAP_FSETID).
@@ -421,41 +428,41 @@ class Tree:
         self._check_writable()
         inode = self.get(ino)
         now = time.time_ns()
-        changed = False
         if size is not None:
             if inode.is_dir:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
+            assert inode.pages is not None
+            stamp = from_handle or size != inode.size_bytes or inode.pages.nr_pages > 0
             self._truncate(inode, size)
+            if stamp:
+                inode.mtime_ns = inode.ctime_ns = now
             self._kill_privileges(inode, caller_uid)
-            changed = True
+        else:
+            inode.ctime_ns = now
         if mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
-            changed = True
         chown = False
         if uid is not None and uid != 0xFFFFFFFF:
             inode.uid = uid
-            changed = chown = True
+            chown = True
         if gid is not None and gid != 0xFFFFFFFF:
             inode.gid = gid
-            changed = chown = True
+            chown = True
         if chown and not inode.is_dir:
             self._kill_privileges(inode, caller_uid, chown=True)
         if atime_ns is not None:
             inode.atime_ns = atime_ns
-            changed = True
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
-            changed = True
-        if changed:
-            inode.ctime_ns = now if ctime_ns is None else ctime_ns
-        elif ctime_ns is not None:
+        if ctime_ns is not None:
             inode.ctime_ns = ctime_ns
         return inode
 
     def _truncate(self, inode: Inode, size: int) -> None:
-        """Set a regular file's size: pages past the end are freed, growing is sparse."""
+        """Set a regular file's size (its times are the caller's): pages past the end are
+        freed, growing is sparse."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_BYTES:
@@ -472,7 +479,6 @@ class Tree:
             secret=self.is_secret(inode),
         )
         inode.size_bytes = size
-        inode.mtime_ns = inode.ctime_ns = time.time_ns()
 
     def _kill_privileges(self, inode: Inode, caller_uid: int, *, chown: bool = False) -> None:
         """Drop what a modified file must not keep, as the VFS's file_remove_privs does.

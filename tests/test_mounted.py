@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -199,6 +200,46 @@ def test_an_unlinked_open_file_keeps_its_data_until_the_last_close(mounts: Mount
         os.close(second)
     assert os.statvfs(mnt).f_bfree == free  # back at the last close, before any FORGET
     (mnt / "g").write_bytes(b"g" * (900 * 1024))
+
+
+def test_same_size_truncates_and_empty_chowns_stamp_times_as_tmpfs(
+    mounts: Mounts, kernel_tmpfs: Path
+) -> None:
+    """Issue #9.5, against this kernel's tmpfs: which of mtime and ctime ftruncate and
+    truncate(2) to the current size and chown(-1, -1) change. POSIX wants ftruncate to stamp
+    both and chown to stamp ctime, whatever tmpfs does with truncate(2)."""
+    mnt = mounts.mount()
+
+    def ftruncate(path: Path, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    cases: dict[str, tuple[str, Callable[[Path], None]]] = {
+        "ftruncate empty": ("", lambda p: ftruncate(p, 0)),
+        "ftruncate data": ("data", lambda p: ftruncate(p, 4)),
+        "truncate empty": ("", lambda p: os.truncate(p, 0)),
+        "truncate data": ("data", lambda p: os.truncate(p, 4)),
+        "chown -1 -1": ("data", lambda p: os.chown(p, -1, -1)),
+    }
+    changed: dict[Path, dict[str, tuple[bool, bool]]] = {}
+    for root in (kernel_tmpfs, mnt):
+        changed[root] = {}
+        for name, (text, change) in cases.items():
+            path = root / name.replace(" ", "-")
+            path.write_text(text)
+            before = os.stat(path)  # a stat first: tmpfs's next stamp is then a new value
+            change(path)
+            after = os.stat(path)
+            changed[root][name] = (
+                after.st_mtime_ns != before.st_mtime_ns,
+                after.st_ctime_ns != before.st_ctime_ns,
+            )
+    assert changed[mnt] == changed[kernel_tmpfs]
+    assert changed[mnt]["ftruncate empty"] == changed[mnt]["ftruncate data"] == (True, True)
+    assert changed[mnt]["chown -1 -1"] == (False, True)
 
 
 def test_machine_ram_exhaustion_is_enospc(mounts: Mounts, machine: Machine) -> None:

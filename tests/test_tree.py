@@ -4,6 +4,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -313,6 +314,30 @@ def test_times_follow_tmpfs(tree: Tree) -> None:
     reset()
     tree.unlink(R, b"f")
     assert root.mtime_ns > 1 and root.ctime_ns > 1 and inode.ctime_ns > 1
+
+
+def test_truncate_and_empty_setattr_times_follow_shmem_setattr(tree: Tree) -> None:
+    """Issue #9.5. To the same size: ftruncate (the request carries the handle) stamps mtime
+    and ctime, truncate(2) only when the file holds pages; a chown to -1, -1 (no field)
+    stamps ctime. Times are set to 1 ns first, so a miss is visible."""
+    fh, ino = new_file(tree, b"f")
+    inode = tree.get(ino)
+
+    def times_after(**change: Any) -> tuple[bool, bool]:
+        inode.mtime_ns = inode.ctime_ns = 1
+        tree.setattr(ino, **change)
+        return inode.mtime_ns > 1, inode.ctime_ns > 1
+
+    assert times_after(size=0) == (False, False)  # empty: nothing to truncate
+    assert times_after(size=0, from_handle=True) == (True, True)
+    assert times_after(size=5000) == (True, True)  # sparse, new size
+    assert times_after(size=5000) == (False, False)
+    tree.write(fh, 0, b"data")
+    assert times_after(size=5000) == (True, True)  # holds a page: truncated again
+    assert times_after(size=5000, from_handle=True) == (True, True)
+    assert times_after() == (False, True)  # chown(path, -1, -1)
+    assert times_after(mode=0o644) == (False, True)
+    tree.release(fh)
 
 
 def test_chown_write_and_truncate_drop_privileges(tree: Tree) -> None:
