@@ -129,7 +129,7 @@ class PkramFilesystem:
             "size_pages": self.pool.limit_pages,
             "used_pages": self.pool.used_pages,
             "idle_pages": len(self.pool.idle_pages),
-            "inodes": len(self.tree.inodes),
+            "inodes": self.tree.inodes_in_use(),
             "max_inodes": self.tree.max_inodes,
             "open_writers": self.tree.writers(),
             "secret": self.tree.secret,
@@ -164,7 +164,7 @@ class PkramFilesystem:
                 raise MountError("size= is smaller than what the files already use")
             self.pool.limit_pages = limit
         if new.nr_inodes is not None:
-            if new.nr_inodes and new.nr_inodes < len(self.tree.inodes):
+            if new.nr_inodes and new.nr_inodes < self.tree.inodes_in_use():
                 raise MountError("nr_inodes= is smaller than the inodes in use")
             self.tree.max_inodes = new.nr_inodes
         if new.preserve:

@@ -13,8 +13,10 @@ class Inode:
     """One file, directory, symlink, fifo, socket or device node.
 
     ``entries`` (directories) maps a name to a child inode number; ``pages`` (regular files)
-    holds the data; ``target`` (symlinks) the link text. ``lookups`` and ``open_handles`` count
-    the kernel's references: an inode is freed only when those and ``nlink`` are all zero.
+    holds the data; ``target`` (symlinks) the link text. ``open_handles`` counts open files and
+    ``lookups`` the kernel's references. With no name and no open handle left the file is
+    gone, as tmpfs evicts it: its content is freed at once; only the lookups keep the number
+    (and this object) until the kernel forgets it.
     """
 
     __slots__ = (
@@ -76,6 +78,6 @@ class Inode:
             return BOGO_DIRENT_SIZE * (len(self.entries) + 2)
         return self.size_bytes
 
-    def is_unreferenced(self) -> bool:
-        """Whether nothing refers to the inode any more, so it can be freed."""
-        return self.nlink == 0 and self.lookups == 0 and self.open_handles == 0
+    def is_removed(self) -> bool:
+        """Whether no name and no open handle is left: the file is gone but for its number."""
+        return self.nlink == 0 and self.open_handles == 0

@@ -125,6 +125,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            from_handle=fh is not None,  # FATTR_FH: ftruncate (open's O_TRUNC never comes here)
             caller_uid=ctx.uid,
         )
         return self._attrs(result)
@@ -240,7 +241,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(snapshot)):
             name, ino = snapshot[index]
             inode = self.tree.inodes.get(ino)
-            if inode is None:
+            if inode is None or inode.nlink == 0:
                 continue  # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
                 return

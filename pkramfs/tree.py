@@ -83,6 +83,7 @@ class Tree:
         self.secret = False  # the mount's ``secret`` option: every regular file is secret
         self.read_only = False
         self.inodes: dict[int, Inode] = {}
+        self.removed: set[int] = set()  # files gone (no name, no handle) the kernel still knows
         self.xattr_bytes = 0  # names and values of every inode's xattrs
         self.handles: dict[int, OpenFile] = {}
         self.next_ino = FIRST_FREE_INO
@@ -130,12 +131,12 @@ class Tree:
         return inode
 
     def forget(self, ino: int, count: int) -> None:
-        """Drop *count* kernel references; free the inode when nothing refers to it."""
+        """Drop *count* kernel references; a removed file's number goes with the last one."""
         inode = self.inodes.get(ino)
         if inode is None:
             return
         inode.lookups = max(0, inode.lookups - count)
-        self._free_if_unreferenced(inode)
+        self._forget_if_unreferenced(inode)
 
     def list_dir(self, ino: int) -> list[tuple[bytes, int]]:
         """Return a snapshot of a directory's entries (name, inode), '.' and '..' excluded."""
@@ -195,7 +196,7 @@ class Tree:
     def _new_child(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         self._check_writable()
         parent = self._free_slot(parent_ino, name)
-        if self.max_inodes and len(self.inodes) >= self.max_inodes:
+        if self.max_inodes and self.inodes_in_use() >= self.max_inodes:
             raise FsError(errno.ENOSPC, "nr_inodes limit reached")
         if parent.mode & stat.S_ISGID:
             gid = parent.gid
@@ -241,7 +242,7 @@ class Tree:
         parent.mtime_ns = parent.ctime_ns = now
         inode.ctime_ns = now
         inode.nlink -= 1
-        self._free_if_unreferenced(inode)
+        self._free_if_removed(inode)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         """Remove an empty directory."""
@@ -263,15 +264,32 @@ class Tree:
         parent.mtime_ns = parent.ctime_ns = now
         inode.ctime_ns = now
         inode.nlink = 0
-        self._free_if_unreferenced(inode)
+        self._free_if_removed(inode)
 
-    def _free_if_unreferenced(self, inode: Inode) -> None:
-        if inode.ino == ROOT_INO or not inode.is_unreferenced():
+    def _free_if_removed(self, inode: Inode) -> None:
+        """Free a file that has just lost its last name or handle, at once, as tmpfs evicts it
+        then: its pages (a secret file's mapped again first), its xattrs and its place under
+        ``nr_inodes`` come back now; its number stays while the kernel holds lookups on it.
+        Called whenever ``nlink`` or ``open_handles`` drops."""
+        if inode.ino == ROOT_INO or not inode.is_removed() or inode.ino in self.removed:
             return
-        if inode.pages is not None:
+        self.removed.add(inode.ino)
+        self._free_content(inode)
+        self._forget_if_unreferenced(inode)
+
+    def _forget_if_unreferenced(self, inode: Inode) -> None:
+        """Drop a removed inode from the table once the kernel holds no lookup on it."""
+        if inode.lookups == 0 and inode.ino in self.removed:
+            self._free_content(inode)  # a request racing the removal may have added an xattr
+            self.removed.discard(inode.ino)
+            del self.inodes[inode.ino]
+
+    def _free_content(self, inode: Inode) -> None:
+        """Give back a removed file's pages and xattr space."""
+        if inode.pages is not None and inode.pages.nr_pages:
             file_data.free_all(self.ram, inode.pages, self.pool, secret=self.is_secret(inode))
         self.xattr_bytes -= sum(len(k) + len(v) for k, v in inode.xattrs.items())
-        del self.inodes[inode.ino]
+        inode.xattrs.clear()
 
     # --- renaming ---------------------------------------------------------------------------
 
@@ -337,7 +355,7 @@ class Tree:
         old_parent.mtime_ns = old_parent.ctime_ns = now
         new_parent.mtime_ns = new_parent.ctime_ns = now
         if target is not None:
-            self._free_if_unreferenced(target)
+            self._free_if_removed(target)
 
     def _exchange(
         self,
@@ -393,9 +411,16 @@ class Tree:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        from_handle: bool = False,
         caller_uid: int = 0,
     ) -> Inode:
-        """Change attributes as chmod/chown/truncate/utimensat do; ctime follows any change.
+        """Change attributes as chmod/chown/truncate/utimensat do on tmpfs.
+
+        Times as shmem_setattr sets them: any request but a truncate stamps ctime, an empty
+        one too (chown to -1, -1). A truncate stamps mtime and ctime when the size changes,
+        when it comes through an open file (ftruncate: the request carries the handle,
+        *from_handle*) or when the file holds pages (tmpfs truncates them again); truncate(2)
+        of a file without pages to its own size changes nothing.
 
         Like the VFS, a chown of a non-directory drops set-uid (and set-gid with group-exec)
         and file capabilities; a truncate drops them unless the caller is root (CAP_FSETID).
@@ -403,41 +428,41 @@ class Tree:
         self._check_writable()
         inode = self.get(ino)
         now = time.time_ns()
-        changed = False
         if size is not None:
             if inode.is_dir:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
+            assert inode.pages is not None
+            stamp = from_handle or size != inode.size_bytes or inode.pages.nr_pages > 0
             self._truncate(inode, size)
+            if stamp:
+                inode.mtime_ns = inode.ctime_ns = now
             self._kill_privileges(inode, caller_uid)
-            changed = True
+        else:
+            inode.ctime_ns = now
         if mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
-            changed = True
         chown = False
         if uid is not None and uid != 0xFFFFFFFF:
             inode.uid = uid
-            changed = chown = True
+            chown = True
         if gid is not None and gid != 0xFFFFFFFF:
             inode.gid = gid
-            changed = chown = True
+            chown = True
         if chown and not inode.is_dir:
             self._kill_privileges(inode, caller_uid, chown=True)
         if atime_ns is not None:
             inode.atime_ns = atime_ns
-            changed = True
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
-            changed = True
-        if changed:
-            inode.ctime_ns = now if ctime_ns is None else ctime_ns
-        elif ctime_ns is not None:
+        if ctime_ns is not None:
             inode.ctime_ns = ctime_ns
         return inode
 
     def _truncate(self, inode: Inode, size: int) -> None:
-        """Set a regular file's size: pages past the end are freed, growing is sparse."""
+        """Set a regular file's size (its times are the caller's): pages past the end are
+        freed, growing is sparse."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_BYTES:
@@ -454,7 +479,6 @@ class Tree:
             secret=self.is_secret(inode),
         )
         inode.size_bytes = size
-        inode.mtime_ns = inode.ctime_ns = time.time_ns()
 
     def _kill_privileges(self, inode: Inode, caller_uid: int, *, chown: bool = False) -> None:
         """Drop what a modified file must not keep, as the VFS's file_remove_privs does.
@@ -479,6 +503,8 @@ class Tree:
         ctime even when the file was empty already, as tmpfs does.
         """
         inode = self.get(ino)
+        if ino in self.removed:
+            raise FsError(errno.ENOENT, "the file was removed")  # its path walk lost a race
         accmode = flags & os.O_ACCMODE
         writable = accmode in (os.O_WRONLY, os.O_RDWR)
         if writable or flags & os.O_TRUNC:
@@ -503,14 +529,14 @@ class Tree:
         return self.open(inode.ino, flags & ~os.O_TRUNC, uid), inode
 
     def release(self, fh: int) -> None:
-        """Close a handle; free the inode if that was the last reference."""
+        """Close a handle; a file with no name left is freed with its last handle."""
         handle = self.handles.pop(fh, None)
         if handle is None:
             return
         inode = self.inodes.get(handle.ino)
         if inode is not None:
             inode.open_handles -= 1
-            self._free_if_unreferenced(inode)
+            self._free_if_removed(inode)
 
     def handle(self, fh: int) -> OpenFile:
         """Return open handle *fh* (EBADF if unknown)."""
@@ -660,8 +686,12 @@ class Tree:
             pages,
             max(0, pages - self.pool.used_pages) if pages else 0,
             inodes,
-            max(0, inodes - len(self.inodes)) if inodes else 0,
+            max(0, inodes - self.inodes_in_use()) if inodes else 0,
         )
+
+    def inodes_in_use(self) -> int:
+        """Inodes counted against ``nr_inodes``: not the removed ones the kernel still knows."""
+        return len(self.inodes) - len(self.removed)
 
     def install(self, inodes: dict[int, Inode], next_ino: int) -> None:
         """Replace this fresh, empty tree by restored *inodes* (their pages already the mount's)."""

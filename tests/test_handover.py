@@ -68,6 +68,36 @@ def test_full_tree_round_trip(machine: Machine, mounts: Mounts) -> None:
     assert (mnt / "dir/sub/deeper/file").stat().st_mode & 0o7777 == 0o4751
 
 
+def test_removed_files_the_kernel_still_knows_hold_nothing_and_are_not_preserved(
+    machine: Machine, mounts: Mounts
+) -> None:
+    """A removed directory that is a process's cwd (the kernel keeps its inode: no FORGET)
+    and a file unlinked a moment ago hold no page and no inode of nr_inodes, and the checker
+    agrees. The kernel refuses remount,ro while the directory is in use; once it is not,
+    preserve (its FORGET maybe still in flight) keeps the linked tree only."""
+    mnt = mounts.mount("pkram=removed,size=4M")
+    (mnt / "keep").write_bytes(b"k" * 100_000)
+    (mnt / "cwd").mkdir()
+    holder = subprocess.Popen(["sleep", "300"], cwd=mnt / "cwd")
+    try:
+        os.rmdir(mnt / "cwd")
+        (mnt / "gone").write_bytes(b"g" * (3 << 20))
+        os.unlink(mnt / "gone")
+        status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+        assert status["inodes"] == 2 and status["used_pages"] == 25  # root and keep
+        assert check_machine(machine) == []
+        assert run("mount", "-o", "remount,preserve,ro", str(mnt)).returncode == 32  # busy
+    finally:
+        holder.kill()
+        holder.wait()
+    before = snapshot(mnt)
+    preserve(mnt)
+    kexec(machine)
+    mounts.mount("pkram=removed", mnt)
+    assert snapshot(mnt) == before and list(before) == ["keep"]
+    assert (mnt / "keep").read_bytes() == b"k" * 100_000
+
+
 def test_two_mounts_restore_independently_and_an_unpreserved_one_is_lost(
     machine: Machine, mounts: Mounts
 ) -> None:

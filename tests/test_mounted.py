@@ -1,5 +1,6 @@
 """Real FUSE mounts in subprocesses: the CLI, mount(8), fstab, ENOSPC, several mounts, cleanup."""
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -152,6 +154,92 @@ def test_enospc_keeps_existing_data(mounts: Mounts) -> None:
     assert (mnt / "keep").read_bytes() == keep
     os.unlink(mnt / "big")
     (mnt / "again").write_bytes(b"x" * 100_000)  # space is back
+
+
+def test_unlink_gives_the_space_back_at_once(mounts: Mounts) -> None:
+    """Issue #9.4: on size=1M, write 900 KiB, close and unlink, 200 times: never ENOSPC, and
+    statvfs shows the blocks and the inode free right after each unlink (kernel tmpfs does;
+    the kernel's FORGET comes later and must not hold the pages)."""
+    mnt = mounts.mount("size=1M")
+    before = os.statvfs(mnt)
+    data = b"u" * (900 * 1024)
+    enospc, late = 0, []
+    for i in range(200):
+        try:
+            with open(mnt / "f", "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            enospc += 1
+        os.unlink(mnt / "f")
+        after = os.statvfs(mnt)
+        if (after.f_bfree, after.f_ffree) != (before.f_bfree, before.f_ffree):
+            late.append(i)
+    assert enospc == 0, f"{enospc} of 200 writes failed with ENOSPC"
+    assert late == [], f"space not back right after the unlink in iterations {late[:10]}..."
+
+
+def test_an_unlinked_open_file_keeps_its_data_until_the_last_close(mounts: Mounts) -> None:
+    mnt = mounts.mount("size=1M")
+    free = os.statvfs(mnt).f_bfree
+    data = os.urandom(600 * 1024)
+    (mnt / "f").write_bytes(data)
+    first, second = os.open(mnt / "f", os.O_RDONLY), os.open(mnt / "f", os.O_RDWR)
+    try:
+        os.unlink(mnt / "f")
+        assert os.statvfs(mnt).f_bfree == free - len(data) // 4096
+        assert os.pread(first, len(data) + 1, 0) == data
+        os.close(first)
+        assert os.statvfs(mnt).f_bfree == free - len(data) // 4096
+        assert os.pread(second, len(data) + 1, 0) == data
+        assert os.fstat(second).st_nlink == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(first)
+        os.close(second)
+    assert os.statvfs(mnt).f_bfree == free  # back at the last close, before any FORGET
+    (mnt / "g").write_bytes(b"g" * (900 * 1024))
+
+
+def test_same_size_truncates_and_empty_chowns_stamp_times_as_tmpfs(
+    mounts: Mounts, kernel_tmpfs: Path
+) -> None:
+    """Issue #9.5, against this kernel's tmpfs: which of mtime and ctime ftruncate and
+    truncate(2) to the current size and chown(-1, -1) change. POSIX wants ftruncate to stamp
+    both and chown to stamp ctime, whatever tmpfs does with truncate(2)."""
+    mnt = mounts.mount()
+
+    def ftruncate(path: Path, size: int) -> None:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    cases: dict[str, tuple[str, Callable[[Path], None]]] = {
+        "ftruncate empty": ("", lambda p: ftruncate(p, 0)),
+        "ftruncate data": ("data", lambda p: ftruncate(p, 4)),
+        "truncate empty": ("", lambda p: os.truncate(p, 0)),
+        "truncate data": ("data", lambda p: os.truncate(p, 4)),
+        "chown -1 -1": ("data", lambda p: os.chown(p, -1, -1)),
+    }
+    changed: dict[Path, dict[str, tuple[bool, bool]]] = {}
+    for root in (kernel_tmpfs, mnt):
+        changed[root] = {}
+        for name, (text, change) in cases.items():
+            path = root / name.replace(" ", "-")
+            path.write_text(text)
+            before = os.stat(path)  # a stat first: tmpfs's next stamp is then a new value
+            change(path)
+            after = os.stat(path)
+            changed[root][name] = (
+                after.st_mtime_ns != before.st_mtime_ns,
+                after.st_ctime_ns != before.st_ctime_ns,
+            )
+    assert changed[mnt] == changed[kernel_tmpfs]
+    assert changed[mnt]["ftruncate empty"] == changed[mnt]["ftruncate data"] == (True, True)
+    assert changed[mnt]["chown -1 -1"] == (False, True)
 
 
 def test_machine_ram_exhaustion_is_enospc(mounts: Mounts, machine: Machine) -> None:

@@ -4,6 +4,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -184,6 +185,51 @@ def test_hard_links_keep_data_until_last_name_and_handle(tree: Tree) -> None:
     assert ino not in tree.inodes
 
 
+def test_a_removed_file_frees_its_content_at_once_and_its_number_at_forget(tree: Tree) -> None:
+    """No name and no handle left: pages, xattr space and the place under nr_inodes come back
+    at once (as tmpfs evicts then); the kernel's lookups only keep the number until FORGET."""
+    fh, a = new_file(tree, b"a")
+    tree.write(fh, 0, b"a" * 5 * PAGE_SIZE)
+    tree.setxattr(a, b"user.x", b"1" * 100)
+    fh_b, b = new_file(tree, b"b")
+    tree.write(fh_b, 0, b"b" * 3 * PAGE_SIZE)
+    tree.unlink(R, b"a")
+    assert tree.pool.used_pages == 8 and tree.stats().free_inodes == 64 - 3  # a is open
+    tree.release(fh)
+    assert tree.pool.used_pages == 3 and tree.xattr_bytes == 0
+    assert tree.stats().free_inodes == 64 - 2
+    assert tree.get(a).lookups == 1 and tree.get(a).nlink == 0  # still known to the kernel
+    assert errno_of(tree.open, a, os.O_RDONLY) == errno.ENOENT
+    tree.release(new_file(tree, b"c")[0])
+    tree.rename(R, b"c", R, b"b")  # over b, whose handle is still open
+    assert tree.pool.used_pages == 3
+    tree.release(fh_b)
+    assert tree.pool.used_pages == 0 and tree.stats().free_inodes == 64 - 2
+    tree.forget(a, 1)
+    tree.forget(b, 1)
+    assert a not in tree.inodes and b not in tree.inodes and not tree.removed
+    for _ in range(100):  # never forgotten: nr_inodes=64 is not used up by removed files
+        tree.release(new_file(tree, b"n")[0])
+        tree.unlink(R, b"n")
+    assert tree.stats().free_inodes == 64 - 2
+    d = tree.mkdir(R, b"d", 0o755, 0, 0)
+    tree.rmdir(R, b"d")
+    assert d.ino in tree.removed and tree.stats().free_inodes == 64 - 2
+
+
+def test_a_removed_secret_file_gives_its_pages_back_mapped(tree: Tree) -> None:
+    tree.secret = True
+    fh, ino = new_file(tree, b"s")
+    tree.write(fh, 0, b"s" * 4 * PAGE_SIZE)
+    assert tree.ram.unmapped_pages == 4
+    tree.release(fh)
+    tree.unlink(R, b"s")  # the kernel still holds its lookup
+    assert tree.ram.unmapped_pages == 0 and tree.pool.used_pages == 0
+    assert ino in tree.inodes
+    tree.forget(ino, 1)
+    assert ino not in tree.inodes
+
+
 def test_special_files_and_symlinks(tree: Tree) -> None:
     fifo = tree.mknod(R, b"p", stat.S_IFIFO | 0o600, 0, 0, 0)
     dev = tree.mknod(R, b"c", stat.S_IFCHR | 0o600, os.makedev(1, 3), 0, 0)
@@ -268,6 +314,30 @@ def test_times_follow_tmpfs(tree: Tree) -> None:
     reset()
     tree.unlink(R, b"f")
     assert root.mtime_ns > 1 and root.ctime_ns > 1 and inode.ctime_ns > 1
+
+
+def test_truncate_and_empty_setattr_times_follow_shmem_setattr(tree: Tree) -> None:
+    """Issue #9.5. To the same size: ftruncate (the request carries the handle) stamps mtime
+    and ctime, truncate(2) only when the file holds pages; a chown to -1, -1 (no field)
+    stamps ctime. Times are set to 1 ns first, so a miss is visible."""
+    fh, ino = new_file(tree, b"f")
+    inode = tree.get(ino)
+
+    def times_after(**change: Any) -> tuple[bool, bool]:
+        inode.mtime_ns = inode.ctime_ns = 1
+        tree.setattr(ino, **change)
+        return inode.mtime_ns > 1, inode.ctime_ns > 1
+
+    assert times_after(size=0) == (False, False)  # empty: nothing to truncate
+    assert times_after(size=0, from_handle=True) == (True, True)
+    assert times_after(size=5000) == (True, True)  # sparse, new size
+    assert times_after(size=5000) == (False, False)
+    tree.write(fh, 0, b"data")
+    assert times_after(size=5000) == (True, True)  # holds a page: truncated again
+    assert times_after(size=5000, from_handle=True) == (True, True)
+    assert times_after() == (False, True)  # chown(path, -1, -1)
+    assert times_after(mode=0o644) == (False, True)
+    tree.release(fh)
 
 
 def test_chown_write_and_truncate_drop_privileges(tree: Tree) -> None:
