@@ -7,6 +7,7 @@ restore that read any page that was not preserved would return poison, not the d
 import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
