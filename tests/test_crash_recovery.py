@@ -9,6 +9,7 @@ recovery (docs/KEXEC-SIM.md, "Interrupted commands") brings the tree back, md5- 
 metadata-identical. The ownership checker runs after each case (the mounts fixture).
 """
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -204,3 +205,95 @@ def test_a_killed_resume_is_undone_or_finished(scene: Scene, name: str) -> None:
     killed = scene.command(case.fault, "resume", "--image", str(scene.image))
     assert killed.returncode == KILLED, killed.stderr
     _recover_and_check(scene, case, before)
+
+
+def _super_block_pfn(machine: Machine) -> int:
+    return int((machine.path / "sys/kernel/pkram").read_text())
+
+
+def _edit_page(machine: Machine, pfn: int, edit: str) -> bytes:
+    """Damage page *pfn* (``zero`` it, or ``flip`` byte 20); return what it held."""
+    with machine.ram() as ram:
+        page = ram.pages[pfn]
+        saved = bytes(page)
+        if edit == "zero":
+            page[:] = 0
+        else:
+            page[20] ^= 0xFF
+    return saved
+
+
+def _put_page(machine: Machine, pfn: int, data: bytes) -> None:
+    with machine.ram() as ram:
+        ram.pages[pfn][:] = memoryview(data)
+
+
+@pytest.mark.parametrize("edit", ["zero", "flip"])
+def test_a_mount_never_serves_an_empty_tree_behind_a_bad_super_block(
+    scene: Scene, edit: str
+) -> None:
+    preserve(scene.mnt)
+    kexec(scene.machine)
+    sb_pfn = _super_block_pfn(scene.machine)
+    saved = _edit_page(scene.machine, sb_pfn, edit)
+    mnt, refused = scene.mount()
+    assert refused.returncode == 32 and not os.path.ismount(mnt)
+    assert f"super block (pfn {sb_pfn}" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    checked = kexec_sim(scene.machine, "check")
+    assert checked.returncode == 1 and f"super block, pfn {sb_pfn}" in checked.stdout
+    listed = run(str(BIN / "pkramfs-ctl"), "nodes", "--machine", str(scene.machine.path))
+    assert listed.returncode == 1 and "super block" in listed.stderr
+    _put_page(scene.machine, sb_pfn, saved)  # the node was never touched: it restores
+    mnt, restored = scene.mount()
+    assert restored.returncode == 0, restored.stderr
+    scene.assert_identical(mnt)
+
+
+def test_a_mount_refuses_a_name_beyond_a_broken_node_list(scene: Scene) -> None:
+    other = scene.mounts.mount("pkram=other")
+    (other / "f").write_bytes(b"other")
+    preserve(scene.mnt)
+    preserve(other)  # the list is now: other -> victim
+    kexec(scene.machine)
+    listed = run(str(BIN / "pkramfs-ctl"), "nodes", "--json", "--machine", str(scene.machine.path))
+    head = next(n["pfn"] for n in json.loads(listed.stdout)["nodes"] if n["name"] == "other")
+    saved = _edit_page(scene.machine, head, "zero")
+    mnt, refused = scene.mount()
+    assert refused.returncode == 32 and "node list is damaged" in refused.stderr, refused.stderr
+    _put_page(scene.machine, head, saved)
+    mnt, restored = scene.mount()
+    assert restored.returncode == 0, restored.stderr
+    scene.assert_identical(mnt)
+    scene.mounts.mount("pkram=other")
+
+
+def test_preserving_a_preserved_mount_again_does_nothing(scene: Scene) -> None:
+    preserve(scene.mnt)
+    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(scene.mnt), "--json").stdout)
+    preserve(scene.mnt)  # exit 0, checked by preserve()
+    helper = run(str(BIN / "pkramfs"), "none", str(scene.mnt), "-o", "remount,preserve,ro")
+    assert helper.returncode == 0, helper.stderr  # what mount(8) runs for fuse.pkramfs
+    again = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(scene.mnt), "--json").stdout)
+    assert again["preserved_node"] == status["preserved_node"] and again["read_only"]
+    # A read-only mount still takes other remount options (size=), and stays read-only.
+    assert run("mount", "-o", "remount,size=64M", str(scene.mnt)).returncode == 0
+    assert bool(os.statvfs(scene.mnt).f_flag & os.ST_RDONLY)
+    kexec(scene.machine)
+    mnt, restored = scene.mount()
+    assert restored.returncode == 0, restored.stderr
+    scene.assert_identical(mnt)
+
+
+def test_check_names_a_damaged_super_block_exec_refuses(scene: Scene) -> None:
+    sb_pfn = _super_block_pfn(scene.machine)
+    saved = _edit_page(scene.machine, sb_pfn, "flip")
+    checked = kexec_sim(scene.machine, "check")
+    assert checked.returncode == 1, checked.stdout
+    assert f"this boot's super block, pfn {sb_pfn}: super block checksum mismatch" in (
+        checked.stdout
+    )
+    ctl_check = run(str(BIN / "pkramfs-ctl"), "check", "--machine", str(scene.machine.path))
+    assert ctl_check.returncode == 1 and "checksum mismatch" in ctl_check.stdout
+    _put_page(scene.machine, sb_pfn, saved)
+    assert kexec_sim(scene.machine, "check").returncode == 0
