@@ -1,9 +1,12 @@
 """One request never kills the daemon: values the mount cannot report are refused up front,
 and a failure inside any handler is answered EIO while the mount serves on."""
 
+import errno
+import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from kexec_sim.machine import Machine
 from pkramfs import control
 from pkramfs.errors import MountError
+from pkramfs.operations import HANDLER_FAULT_ENV
 
 from .conftest import BIN, Mounts
 
@@ -112,3 +116,78 @@ def test_the_largest_values_are_served_and_one_more_is_refused(mounts: Mounts) -
     assert result.returncode == 0, result.stderr
     answers(mnt)
     assert os.statvfs(mnt).f_files == 2**54 - 1
+
+
+FILES = 6  # written one write request each (O_WRONLY handles are direct I/O), before a fault
+
+
+def write_files(mnt: Path) -> dict[str, str]:
+    """Write FILES files of random bytes, one write(2) each; return their md5 by name."""
+    sums = {}
+    for i in range(FILES):
+        data = os.urandom(1000 + 9000 * i)
+        fd = os.open(mnt / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            assert os.write(fd, data) == len(data)
+        finally:
+            os.close(fd)
+        sums[f"f{i}"] = hashlib.md5(data).hexdigest()
+    return sums
+
+
+def md5s(mnt: Path) -> dict[str, str]:
+    """The md5 of every regular file at the top of *mnt*, by name."""
+    return {
+        path.name: hashlib.md5(path.read_bytes()).hexdigest()
+        for path in sorted(mnt.iterdir())
+        if path.is_file()
+    }
+
+
+def write_one_more(mnt: Path) -> None:
+    fd = os.open(mnt / "one-more", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"one more")
+    finally:
+        os.close(fd)
+
+
+def unlink_a_file(mnt: Path) -> None:
+    """Make the kernel send a FORGET: an unlinked file nobody holds leaves its inode cache."""
+    (mnt / "victim").write_bytes(b"")
+    (mnt / "victim").unlink()
+
+
+# (handler, calls that pass before the fault, what triggers it, whether the caller sees EIO)
+FAULTS: list[tuple[str, int, Callable[[Path], object], bool]] = [
+    ("statfs", 0, os.statvfs, True),
+    ("readdir", 0, os.listdir, True),
+    ("write", FILES, write_one_more, True),
+    ("forget", 0, unlink_a_file, False),  # no reply: nothing to see but the log
+]
+
+
+@pytest.mark.parametrize(("handler", "skip", "trigger", "eio"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_handler_that_raises_is_answered_eio_and_the_mount_serves_on(
+    mounts: Mounts,
+    monkeypatch: pytest.MonkeyPatch,
+    handler: str,
+    skip: int,
+    trigger: Callable[[Path], object],
+    eio: bool,
+) -> None:
+    monkeypatch.setenv(HANDLER_FAULT_ENV, f"{handler}:{skip}:1")
+    mnt = mounts.mount()
+    mounts.expect_log_error(rf" ERROR {handler} failed")
+    pid = control.query_status(str(mnt))["pid"]
+    sums = write_files(mnt)
+    if eio:
+        with pytest.raises(OSError) as info:
+            trigger(mnt)
+        assert info.value.errno == errno.EIO
+    else:
+        trigger(mnt)
+    trigger(mnt)  # the fault was once: the same request now works
+    assert control.query_status(str(mnt))["pid"] == pid
+    answers(mnt)
+    assert {name: md5 for name, md5 in md5s(mnt).items() if name != "one-more"} == sums
