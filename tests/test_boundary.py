@@ -191,3 +191,20 @@ def test_a_handler_that_raises_is_answered_eio_and_the_mount_serves_on(
     assert control.query_status(str(mnt))["pid"] == pid
     answers(mnt)
     assert {name: md5 for name, md5 in md5s(mnt).items() if name != "one-more"} == sums
+
+
+def test_a_failure_past_the_guard_is_logged_and_the_daemon_serves_on(
+    mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception that reaches pyfuse3's loop itself (here: raised in forget, outside the
+    guard) ends that loop; the daemon logs it and serves on."""
+    monkeypatch.setenv(HANDLER_FAULT_ENV, "forget:0:1:unguarded")
+    mnt = mounts.mount()
+    mounts.expect_log_error(r" ERROR a request failed outside the handlers' guard")
+    pid = control.query_status(str(mnt))["pid"]
+    sums = write_files(mnt)
+    unlink_a_file(mnt)
+    unlink_a_file(mnt)
+    assert control.query_status(str(mnt))["pid"] == pid
+    answers(mnt)
+    assert md5s(mnt) == sums
