@@ -100,6 +100,15 @@ def test_a_remount_with_a_value_it_cannot_report_is_refused_and_changes_nothing(
     assert (mnt / "f").read_bytes() == b"kept" * 1000
 
 
+def test_a_remount_refused_by_one_option_applies_none(mounts: Mounts) -> None:
+    mnt = mounts.mount("size=8M,nr_inodes=100")
+    (mnt / "f").write_bytes(b"kept" * 1000)
+    result = remount(mnt, "size=16M,nr_inodes=1")  # two inodes are in use
+    assert result.returncode == 32 and "nr_inodes" in one_line(result)
+    st = os.statvfs(mnt)
+    assert (st.f_blocks, st.f_files) == (2048, 100)
+
+
 def test_the_largest_values_are_served_and_one_more_is_refused(mounts: Mounts) -> None:
     mnt = mounts.mount(f"size={LARGEST_SIZE},nr_inodes={LARGEST_NR_INODES}")
     answers(mnt)
