@@ -59,7 +59,7 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
     try:
         trio.run(_serve_until_stopped, fs.mountpoint)
     except BaseException:
-        log.exception("the FUSE main loop failed")
+        log.exception("the FUSE main loop failed: unmounting")
         code = 1
     finally:
         pyfuse3.close(unmount=True)
@@ -72,31 +72,63 @@ def _tune_readahead(mountpoint: str) -> None:
 
     Runs in a worker thread once serving: the stat waits for the kernel's FUSE INIT, which
     would reset the knob to what INIT negotiated. Measured: cold sequential reads go from
-    ~0.3 to ~3.9 GB/s.
+    ~0.3 to ~3.9 GB/s. Never raises: a failure here must not end serving.
     """
-    os.stat(mountpoint)
-    device = None
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if len(fields) > 4 and unescape_field(fields[4]) == mountpoint:
-                device = fields[2]  # major:minor, the FUSE connection's bdi name
-    if device is None:
-        return
     try:
+        os.stat(mountpoint)
+        device = None
+        with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+            for line in mountinfo:
+                fields = line.split()
+                if len(fields) > 4 and unescape_field(fields[4]) == mountpoint:
+                    device = fields[2]  # major:minor, the FUSE connection's bdi name
+        if device is None:
+            return
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as knob:
             knob.write(str(READAHEAD_KB))
     except OSError as exc:
-        log.info("cannot raise read-ahead of %s: %s", device, exc)
+        log.info("cannot raise the read-ahead of %s: %s", mountpoint, exc)
+    except Exception:
+        log.exception("raising the read-ahead of %s failed", mountpoint)
 
 
 async def _serve_until_stopped(mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
-        # One worker: handlers never await, so more tasks only add scheduling (measured ~20%).
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        await _serve_requests()
         nursery.cancel_scope.cancel()
+
+
+async def _serve_requests() -> None:
+    """Run pyfuse3's loop until the mount goes away.
+
+    The handlers' guard keeps their exceptions in, but one raised by pyfuse3 itself around a
+    request (making its reply, say) still ends pyfuse3's loop. It is logged, that request stays
+    unanswered, and the loop runs again. Only a failure to read the FUSE device (an OSError),
+    which leaves nothing to serve, ends serving (serve logs it).
+    """
+    while True:
+        try:
+            # One worker: handlers never await, so more tasks only add scheduling (~20%).
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            return
+        except Exception as failure:
+            leaves = _leaves(failure)
+            if any(isinstance(leaf, OSError) for leaf in leaves):
+                raise
+            for leaf in leaves:
+                log.error(
+                    "a request failed outside the handlers' guard, unanswered; serving on",
+                    exc_info=leaf,
+                )
+
+
+def _leaves(failure: BaseException) -> list[BaseException]:
+    """The exceptions in *failure*, exception groups (trio's nurseries) flattened."""
+    if isinstance(failure, BaseExceptionGroup):
+        return [leaf for inner in failure.exceptions for leaf in _leaves(inner)]
+    return [failure]
 
 
 async def _stop_on_signal() -> None:

@@ -158,14 +158,15 @@ class PkramFilesystem:
             raise OptionError("machine= cannot change on remount")
         if new.secret and not self.tree.secret:
             raise OptionError("secret cannot be added on remount")
-        if new.size_bytes is not None:
-            limit = new.resolved_size_pages(self.machine.nr_pages)
-            if limit and limit < self.pool.used_pages:
-                raise MountError("size= is smaller than what the files already use")
+        limit = None if new.size_bytes is None else new.resolved_size_pages(self.machine.nr_pages)
+        if limit and limit < self.pool.used_pages:
+            raise MountError("size= is smaller than what the files already use")
+        if new.nr_inodes and new.nr_inodes < self.tree.inodes_in_use():
+            raise MountError("nr_inodes= is smaller than the inodes in use")
+        # Checked all before changing any: a refused remount leaves every setting as it was.
+        if limit is not None:
             self.pool.limit_pages = limit
         if new.nr_inodes is not None:
-            if new.nr_inodes and new.nr_inodes < self.tree.inodes_in_use():
-                raise MountError("nr_inodes= is smaller than the inodes in use")
             self.tree.max_inodes = new.nr_inodes
         if new.preserve:
             self._preserve()

@@ -1,15 +1,24 @@
 """The FUSE operations: a thin translation from pyfuse3 requests to the Tree and back.
 
-This is the only place that turns pkramfs errors into errnos (``FUSEError``). Handlers await
+This is the only place that turns pkramfs errors into errnos (``FUSEError``): every handler
+runs behind one guard (`guard_handlers`), where an FsError becomes its errno and any other
+exception is logged with its traceback and answered EIO. pyfuse3 itself catches only
+FUSEError; anything else would end its main loop, and the daemon with the tree. Handlers await
 nothing between reading and changing state, so each request is atomic with respect to others.
+
+For tests, ``PKRAMFS_HANDLER_FAULT=HANDLER:SKIP:COUNT`` (read once, at start-up) makes the
+handler named raise `InjectedFault` in COUNT calls after the first SKIP; with ``:unguarded``
+appended it raises outside the guard, into pyfuse3's loop.
 """
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 import pyfuse3
@@ -27,10 +36,82 @@ log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT_S = 1.0
 ENTRY_TIMEOUT_S = 1.0
-P = ParamSpec("P")
-R = TypeVar("R")
+HANDLER_FAULT_ENV = "PKRAMFS_HANDLER_FAULT"
+# Handlers whose reply carries no error: forget has no reply, the kernel ignores release's.
+_NO_ERROR_REPLY = frozenset(["forget", "release", "releasedir"])
+Handler = Callable[..., Awaitable[Any]]
+C = TypeVar("C", bound=type[pyfuse3.Operations])
 
 
+class InjectedFault(Exception):
+    """What ``PKRAMFS_HANDLER_FAULT`` makes a handler raise (tests of the guard)."""
+
+
+def _guarded(name: str, handler: Handler) -> Handler:
+    """*handler* behind the guard: FUSEError passes, FsError becomes its errno, anything else
+    is logged with its traceback and answered EIO (or, from a handler whose reply carries no
+    error, logged and swallowed)."""
+    if name in _NO_ERROR_REPLY:
+
+        @functools.wraps(handler)
+        async def without_error_reply(*args: Any) -> None:
+            try:
+                await handler(*args)
+            except Exception:
+                log.exception("%s failed (its reply carries no error)", name)
+
+        return without_error_reply
+
+    @functools.wraps(handler)
+    async def guarded(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s failed: answered EIO", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return guarded
+
+
+def guard_handlers(cls: C) -> C:
+    """Put every request handler *cls* defines (each override of a pyfuse3.Operations
+    coroutine) behind `_guarded`."""
+    for name, attr in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(getattr(pyfuse3.Operations, name, None)):
+            if not inspect.iscoroutinefunction(attr):
+                raise TypeError(f"handler {name} must be a coroutine function")
+            setattr(cls, name, _guarded(name, attr))
+    return cls
+
+
+def _inject_fault(operations: "Operations", spec: str) -> None:
+    """Make one handler of *operations* fail as ``PKRAMFS_HANDLER_FAULT=spec`` says (a
+    malformed *spec* raises ValueError: the daemon stops before mounting)."""
+    unguarded = spec.endswith(":unguarded")
+    name, *numbers = spec.removesuffix(":unguarded").split(":")
+    guarded = getattr(type(operations), name, None)
+    if not hasattr(guarded, "__wrapped__") or len(numbers) != 2:
+        raise ValueError(f"{HANDLER_FAULT_ENV}={spec!r}: not HANDLER:SKIP:COUNT[:unguarded]")
+    skip, count = int(numbers[0]), int(numbers[1])
+    handler: Handler = guarded.__wrapped__.__get__(operations)  # type: ignore[union-attr]
+    calls = 0
+
+    async def faulty(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if skip < calls <= skip + count:
+            raise InjectedFault(f"{HANDLER_FAULT_ENV}={spec}: call {calls} of {name}")
+        return await handler(*args)
+
+    setattr(operations, name, faulty if unguarded else _guarded(name, faulty))
+    log.warning("%s=%s: %s will fail", HANDLER_FAULT_ENV, spec, name)
+
+
+@guard_handlers
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers over one PkramFilesystem.
 
@@ -52,6 +133,9 @@ class Operations(pyfuse3.Operations):
         self._last_control_error = b""
         # Counts of the requests that matter for speed, shown by `pkramfs-ctl status`.
         self.requests = {"read": 0, "write": 0, "capability_query": 0}
+        fault = os.environ.get(HANDLER_FAULT_ENV)
+        if fault:
+            _inject_fault(self, fault)
 
     # --- attributes -----------------------------------------------------------------------
 
@@ -93,7 +177,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name == control.CONTROL_NAME:
             return self._control_attrs()
-        return self._attrs(_call(self.tree.lookup, parent_inode, name))
+        return self._attrs(self.tree.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -103,7 +187,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == control.CONTROL_INO:
             return self._control_attrs()
-        return self._attrs(_call(self.tree.get, inode))
+        return self._attrs(self.tree.get(inode))
 
     async def setattr(
         self,
@@ -115,8 +199,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if inode == control.CONTROL_INO:
             raise pyfuse3.FUSEError(errno.EPERM)
-        result = _call(
-            self.tree.setattr,
+        result = self.tree.setattr(
             inode,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -131,7 +214,7 @@ class Operations(pyfuse3.Operations):
         return self._attrs(result)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        target = _call(self.tree.get, inode).target
+        target = self.tree.get(inode).target
         if target is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return target
@@ -139,18 +222,18 @@ class Operations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = _call(self.tree.mknod, parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
+        inode = self.tree.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
         return self._attrs(inode)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._attrs(_call(self.tree.mkdir, parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._attrs(self.tree.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = _call(self.tree.symlink, parent_inode, name, target, ctx.uid, ctx.gid)
+        inode = self.tree.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
         return self._attrs(inode)
 
     async def link(
@@ -158,15 +241,15 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if inode == control.CONTROL_INO:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attrs(_call(self.tree.link, inode, new_parent_inode, new_name))
+        return self._attrs(self.tree.link(inode, new_parent_inode, new_name))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_control_name(parent_inode, name)
-        _call(self.tree.unlink, parent_inode, name)
+        self.tree.unlink(parent_inode, name)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_control_name(parent_inode, name)
-        _call(self.tree.rmdir, parent_inode, name)
+        self.tree.rmdir(parent_inode, name)
 
     async def rename(
         self,
@@ -179,7 +262,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         self._refuse_control_name(parent_inode_old, name_old)
         self._refuse_control_name(parent_inode_new, name_new)
-        _call(self.tree.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.tree.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     def _refuse_control_name(self, parent_inode: int, name: bytes) -> None:
         if parent_inode == pyfuse3.ROOT_INODE and name == control.CONTROL_NAME:
@@ -190,14 +273,14 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode == control.CONTROL_INO:
             raise pyfuse3.FUSEError(errno.EPERM)
-        fh = _call(self.tree.open, inode, flags, ctx.uid)
+        fh = self.tree.open(inode, flags, ctx.uid)
         return self._file_info(fh, flags)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._refuse_control_name(parent_inode, name)
-        fh, inode = _call(self.tree.create, parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, inode = self.tree.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return self._file_info(fh, flags), self._attrs(inode)
 
     def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
@@ -214,11 +297,11 @@ class Operations(pyfuse3.Operations):
         # pyfuse3 takes any buffer (it replies from the buffer protocol): a memoryview of RAM
         # goes to the kernel without a copy in Python.
         self.requests["read"] += 1
-        return _call(self.tree.read, fh, off, size)  # type: ignore[return-value]
+        return self.tree.read(fh, off, size)  # type: ignore[return-value]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
-        return _call(self.tree.write, fh, off, buf)
+        return self.tree.write(fh, off, buf)
 
     async def release(self, fh: int) -> None:
         self.tree.release(fh)
@@ -226,7 +309,7 @@ class Operations(pyfuse3.Operations):
     # --- directories ------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        entries = _call(self.tree.list_dir, inode)
+        entries = self.tree.list_dir(inode)
         directory = self.tree.get(inode)
         snapshot = [(b".", inode), (b"..", directory.parent_ino), *entries]
         fh = self._next_dir_fh
@@ -252,7 +335,7 @@ class Operations(pyfuse3.Operations):
         self._dir_snapshots.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        figures = _call(self.tree.stats)
+        figures = self.tree.stats()
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = PAGE_SIZE
         data.f_blocks = figures.total_pages
@@ -269,7 +352,7 @@ class Operations(pyfuse3.Operations):
             return self._control_query(name)
         if name == CAPABILITY_XATTR:
             self.requests["capability_query"] += 1
-        return _call(self.tree.getxattr, inode, name)
+        return self.tree.getxattr(inode, name)
 
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
@@ -277,17 +360,17 @@ class Operations(pyfuse3.Operations):
         if inode == control.CONTROL_INO:
             self._control_command(name, value, ctx)
             return
-        _call(self.tree.setxattr, inode, name, value)
+        self.tree.setxattr(inode, name, value)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         if inode == control.CONTROL_INO:
             return []
-        return _call(self.tree.listxattr, inode)
+        return self.tree.listxattr(inode)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if inode == control.CONTROL_INO:
             raise pyfuse3.FUSEError(errno.EPERM)
-        _call(self.tree.removexattr, inode, name)
+        self.tree.removexattr(inode, name)
 
     def _control_query(self, name: bytes) -> bytes:
         try:
@@ -309,6 +392,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if name != control.COMMAND_XATTR:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        self._last_control_error = b"internal error (see the daemon's log)"
         try:
             request = control.decode_request(value)
             self._run_command(request)
@@ -327,11 +411,3 @@ class Operations(pyfuse3.Operations):
             self.fs.remount(options)
         else:
             raise ValueError(f"unknown command {cmd!r}")
-
-
-def _call(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run a tree operation, turning FsError into the FUSE errno."""
-    try:
-        return fn(*args, **kwargs)
-    except FsError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from None

@@ -4,19 +4,25 @@
 map of RAM, as memfd_secret's do (see secret_pages).
 
 ``parse_options`` turns the ``-o`` list of a mount helper into `MountOptions`; anything unknown or
-malformed raises `OptionError` naming the option.
+malformed raises `OptionError` naming the option, and so does a value the mount could not
+report: ``size=`` (``N%`` resolved) must stay below 2^64 bytes once rounded up to whole pages,
+so statfs, df and the control file's msgpack carry it (kernel tmpfs wraps it modulo 2^64);
+``nr_inodes=`` is at most 2^54 - 1, the most kernel tmpfs accepts, which statfs readers that
+take its counts as signed (Python's os.statvfs) still see right.
 """
 
 import re
 from dataclasses import dataclass, field
 
-from kexec_sim.pages import pages_for_bytes
+from kexec_sim.pages import PAGE_SIZE, pages_for_bytes
 from kexec_sim.sizes import parse_size
 
 from .errors import OptionError
 
 PKRAM_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HUGE_POLICIES = ("never", "always")
+MAX_SIZE_BYTES = 2**64 - PAGE_SIZE  # its pages, in bytes, still fit 64 bits (df multiplies)
+MAX_NR_INODES = 2**54 - 1  # kernel tmpfs: ULONG_MAX / BOGO_INODE_SIZE
 
 # Options mount(8), mount.fuse3 and fstab put in the list that the kernel or mount(8) itself
 # handles: accepted and handed to the FUSE mount (flags) or ignored (userspace-only ones).
@@ -112,6 +118,12 @@ def _need(value: str | None, key: str) -> str:
     return value
 
 
+def _at_most(value: int, limit: int, unit: str) -> int:
+    if value > limit:
+        raise ValueError(f"{value} is more than the mount can take, at most {limit} {unit}")
+    return value
+
+
 def _apply(opts: MountOptions, key: str, value: str | None, ram_bytes: int | None) -> None:
     if key in _KERNEL_FLAGS or key in _USERSPACE_ONLY or key in _FUSE_FLAGS:
         if value is not None:
@@ -123,9 +135,10 @@ def _apply(opts: MountOptions, key: str, value: str | None, ram_bytes: int | Non
         elif key in _FUSE_FLAGS:
             opts.fuse_flags.append(key)
     elif key == "size":
-        opts.size_bytes = parse_size(_need(value, key), percent_of=ram_bytes)
+        size_bytes = parse_size(_need(value, key), percent_of=ram_bytes)
+        opts.size_bytes = _at_most(size_bytes, MAX_SIZE_BYTES, "bytes (2^64 less one page)")
     elif key == "nr_inodes":
-        opts.nr_inodes = parse_size(_need(value, key))
+        opts.nr_inodes = _at_most(parse_size(_need(value, key)), MAX_NR_INODES, "(2^54 - 1)")
     elif key == "mode":
         mode = int(_need(value, key), 8)
         if mode > 0o7777 or mode < 0:

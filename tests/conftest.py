@@ -4,12 +4,14 @@ Every mount a test starts is torn down in ``finally`` (unmount, lazily if need b
 for the daemon, escalating to SIGTERM and SIGKILL). Teardown never talks to a daemon: it finds
 daemons in the machine's owner registry and mounts in /proc/self/mounts, so a hung daemon
 cannot block it. After each test that mounted something, the ownership checker runs over the
-machine and the daemons' logs must hold no error. A test that outlives pytest-timeout's limit
+machine and the daemons' logs must hold no error (but those the test declared with
+``Mounts.expect_log_error``, which must then appear). A test that outlives pytest-timeout's limit
 has this session's daemons killed, since a request to a hung daemon ignores SIGALRM.
 """
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,7 @@ SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
 COMMAND_TIMEOUT_S = 30.0
 LOG_ALARMS = ("ERROR", "CRITICAL", "Traceback")
+LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ ")  # mount_cli's format
 KILL_AFTER_TIMEOUT_S = 5.0
 EXIT_AFTER_TIMEOUT_S = 65.0
 _WATCHDOG = pytest.StashKey[list[threading.Timer]]()
@@ -230,6 +233,7 @@ class Mounts:
         self.machine = machine
         self.root = root
         self.mountpoints: list[Path] = []
+        self.expected_log_errors: list[re.Pattern[str]] = []
 
     def mountpoint(self) -> Path:
         """Return a new empty directory to mount on."""
@@ -246,6 +250,11 @@ class Mounts:
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert os.path.ismount(mnt)
         return mnt
+
+    def expect_log_error(self, pattern: str) -> None:
+        """Let the daemon logs hold records whose first line matches the regex *pattern*, each
+        with the one traceback printed after it; the test fails if no record matches."""
+        self.expected_log_errors.append(re.compile(pattern))
 
     def track(self, mnt: Path) -> None:
         """Tear down *mnt* too (mounted some other way, e.g. by mount(8))."""
@@ -282,14 +291,37 @@ class Mounts:
         return problems
 
 
-def log_errors(machine: Machine) -> list[str]:
-    """Return the lines of the machine's daemon logs that report an error or a traceback."""
-    return [
-        f"{log.name}: {line}"
-        for log in sorted((machine.path / "logs").glob("*.log"))
-        for line in log.read_text(errors="replace").splitlines()
-        if any(alarm in line for alarm in LOG_ALARMS)
-    ]
+def log_errors(machine: Machine, expected: Sequence[re.Pattern[str]] = ()) -> list[str]:
+    """Return the lines of the machine's daemon logs that report an error or a traceback, but
+    records an *expected* pattern matches (with their traceback); then a line for each
+    expected pattern that matched no record."""
+    problems = []
+    seen = set()
+    for log in sorted((machine.path / "logs").glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        index = 0
+        while index < len(lines):
+            line = lines[index]
+            index += 1
+            matching = [p for p in expected if p.search(line)]
+            if matching and LOG_RECORD_START.match(line):
+                seen.update(matching)
+                index = _after_traceback(lines, index)
+            elif any(alarm in line for alarm in LOG_ALARMS):
+                problems.append(f"{log.name}: {line}")
+    missing = [f"expected, never logged: {p.pattern}" for p in expected if p not in seen]
+    return problems + missing
+
+
+def _after_traceback(lines: list[str], index: int) -> int:
+    """The index past the traceback starting at *lines[index]*, if one does; else *index*."""
+    if index < len(lines) and lines[index] == "Traceback (most recent call last):":
+        index += 1
+        while index < len(lines) and lines[index].startswith(" "):
+            index += 1
+        if index < len(lines) and not LOG_RECORD_START.match(lines[index]):
+            index += 1  # the exception's own line
+    return index
 
 
 @pytest.fixture
@@ -308,7 +340,7 @@ def mounts(machine: Machine, work_root: Path) -> Iterator[Mounts]:
         after.reclaim_dead_owners()
         leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
     assert leftover == {}, f"pages still owned after unmount: {leftover}"
-    errors = log_errors(machine)
+    errors = log_errors(machine, factory.expected_log_errors)
     assert errors == [], "errors in the daemon logs:\n" + "\n".join(errors)
 
 
