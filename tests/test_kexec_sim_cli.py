@@ -162,3 +162,33 @@ def test_runs_as_a_program(machine_dir: Path) -> None:
     )
     assert done.returncode == 1 and done.stdout == ""
     assert_one_line_error(done.stderr, "no machine at")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["kexec-sim", "status"],
+        ["kexec-sim", "check"],
+        ["kexec-sim", "load"],
+        ["kexec-sim", "exec"],
+        ["kexec-sim", "hibernate", "--image", "IMAGE"],
+        ["kexec-sim", "resume", "--image", "IMAGE"],
+        ["pkramfs-ctl", "nodes"],
+        ["pkramfs-ctl", "check"],
+    ],
+)
+def test_a_machine_not_made_yet_is_one_line_saying_how(tmp_path: Path, command: list[str]) -> None:
+    """The first run as a new user meets it: nothing made yet, one line saying what makes it."""
+    missing = tmp_path / "not-yet"
+    argv = [a.replace("IMAGE", str(tmp_path / "img")) for a in command]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, MACHINE_ENV: str(missing)},
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == "", done.stdout
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "the first pkramfs mount makes it, or 'kexec-sim init'" in done.stderr
+    assert not missing.exists()
