@@ -17,10 +17,11 @@ from kexec_sim.pages import PfnArray
 from . import preserve
 from .errors import FsError, MountError, NodeError, OptionError
 from .node_store import NodeStore
-from .options import HUGE_POLICIES, MountOptions, parse_options
+from .options import MountOptions, parse_options
 from .page_pool import PagePool
 from .preserve import Preserved, PreserveStats, Restoring
 from .tree import Tree
+from .tree_record import MountSettings
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,13 @@ class PkramFilesystem:
             return
         self._restoring = restoring
         saved = restoring.mount
-        size_pages, max_inodes = saved.get("size_pages"), saved.get("max_inodes")
-        if self.options.size_bytes is None and isinstance(size_pages, int):
-            self.pool.limit_pages = max(0, size_pages)
-        if self.options.nr_inodes is None and isinstance(max_inodes, int):
-            self.tree.max_inodes = max(0, max_inodes)
-        if self.options.huge is None and saved.get("huge") in HUGE_POLICIES:
-            self.tree.huge = saved["huge"] == "always"
-        if saved.get("secret") is True:  # a secret mount stays secret: the option cannot be undone
+        if self.options.size_bytes is None:
+            self.pool.limit_pages = saved.size_pages
+        if self.options.nr_inodes is None:
+            self.tree.max_inodes = saved.max_inodes
+        if self.options.huge is None:
+            self.tree.huge = saved.huge
+        if saved.secret:  # a secret mount stays secret: the option cannot be undone
             self.tree.secret = True
 
     def take_restored(self) -> None:
@@ -107,13 +107,13 @@ class PkramFilesystem:
             self.restored.seconds * 1e3,
         )
 
-    def _mount_settings(self) -> dict[str, object]:
-        return {
-            "size_pages": self.pool.limit_pages,
-            "max_inodes": self.tree.max_inodes,
-            "huge": "always" if self.tree.huge else "never",
-            "secret": self.tree.secret,
-        }
+    def _mount_settings(self) -> MountSettings:
+        return MountSettings(
+            size_pages=self.pool.limit_pages,
+            max_inodes=self.tree.max_inodes,
+            huge=self.tree.huge,
+            secret=self.tree.secret,
+        )
 
     def status(self) -> dict[str, Any]:
         """Return what ``pkramfs-ctl status`` shows (small: fits in one xattr)."""

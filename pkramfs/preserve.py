@@ -110,7 +110,7 @@ def _copy_pages(ram: Ram, old: PfnArray, new: PfnArray, secret: bool) -> None:
 
 
 def preserve(
-    store: NodeStore, tree: Tree, owner_id: int, name: str, mount: dict[str, object]
+    store: NodeStore, tree: Tree, owner_id: int, name: str, mount: tree_record.MountSettings
 ) -> tuple[Preserved, PreserveStats]:
     """Record *tree* as node *name* and hand its pages to PRESERVED; the tree must be quiet.
 
@@ -178,7 +178,7 @@ class Restoring:
     """A node read back into a tree that does not own its pages yet (``take_restored``)."""
 
     contents: NodeContents
-    mount: dict[str, object]
+    mount: tree_record.MountSettings
     stats: PreserveStats
 
 

@@ -24,6 +24,7 @@ from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PfnArray
 from .errors import CorruptNode
 from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .inode import Inode
+from .options import MAX_NR_INODES, MAX_SIZE_BYTES
 from .tree import (
     FIRST_FREE_INO,
     MAX_FILE_BYTES,
@@ -36,6 +37,8 @@ from .tree import (
 )
 
 RECORD_FORMAT = 1
+MAX_SIZE_PAGES = MAX_SIZE_BYTES // PAGE_SIZE
+_MAX_KEY_BYTES = 64
 _FIELDS = 12
 _MAX_TIME_NS = 1 << 63
 _KINDS = (
@@ -60,16 +63,39 @@ class TreeSnapshot:
     nr_objects: int
 
 
+@dataclass(frozen=True)
+class MountSettings:
+    """The settings a preserved mount records (the ``mount`` map): a restoring mount takes
+    those it is not given; a secret mount stays secret."""
+
+    size_pages: int
+    """The ``size=`` limit in pages (0: unlimited)."""
+    max_inodes: int
+    """``nr_inodes=`` (0: unlimited)."""
+    huge: bool
+    """``huge=always``."""
+    secret: bool
+
+    def to_record(self) -> dict[str, object]:
+        """The ``mount`` map as the metadata stores it."""
+        return {
+            "size_pages": self.size_pages,
+            "max_inodes": self.max_inodes,
+            "huge": "always" if self.huge else "never",
+            "secret": self.secret,
+        }
+
+
 @dataclass
 class RebuiltTree:
     """What a node's records rebuild: the inodes, the next free inode number, mount settings."""
 
     inodes: dict[int, Inode]
     next_ino: int
-    mount: dict[str, Any]
+    mount: MountSettings
 
 
-def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
+def snapshot(tree: Tree, mount: MountSettings) -> TreeSnapshot:
     """Record every linked inode of *tree* (open-but-unlinked files are not preserved)."""
     records: list[list[Any]] = []
     files: list[tuple[list[int], FilePages]] = []
@@ -108,7 +134,12 @@ def snapshot(tree: Tree, mount: dict[str, Any]) -> TreeSnapshot:
         content[0], content[1] = first, count
         first += count
     meta = msgpack.packb(
-        {"format": RECORD_FORMAT, "mount": mount, "next_ino": tree.next_ino, "inodes": records},
+        {
+            "format": RECORD_FORMAT,
+            "mount": mount.to_record(),
+            "next_ino": tree.next_ino,
+            "inodes": records,
+        },
         use_bin_type=True,
     )
     return TreeSnapshot(meta, pfns, orders, indexes, len(records))
@@ -200,7 +231,17 @@ def rebuild(
 ) -> RebuiltTree:
     """Rebuild the inodes from a node's metadata and page entries; CorruptNode if they are bad."""
     try:
-        document = msgpack.unpackb(meta, raw=False, strict_map_key=False, use_list=True)
+        document = msgpack.unpackb(
+            meta,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            max_str_len=_MAX_KEY_BYTES,  # map keys and the huge policy only
+            max_bin_len=max(XATTR_SIZE_MAX, PAGE_SIZE),  # names, xattr values, symlink targets
+            max_ext_len=0,  # none are written
+            max_array_len=len(meta),  # each element takes a byte at least
+            max_map_len=len(meta),
+        )
     except Exception as exc:  # msgpack raises many types for bad input
         raise CorruptNode(f"{what}: metadata is not msgpack ({exc})") from None
     check = _Checker(what)
@@ -208,8 +249,7 @@ def rebuild(
     check.that(
         document.get("format") == RECORD_FORMAT, f"metadata format {document.get('format')!r}"
     )
-    mount = document.get("mount")
-    check.that(isinstance(mount, dict), "no mount settings")
+    mount = check.mount_settings(document.get("mount"))
     next_ino = check.integer(document.get("next_ino"), "next_ino", FIRST_FREE_INO, 1 << 62)
     records = document.get("inodes")
     check.that(isinstance(records, list), "no inode list")
@@ -272,6 +312,21 @@ class _Checker:
         )
         assert isinstance(value, int)
         return value
+
+    def mount_settings(self, raw: object) -> MountSettings:
+        """The ``mount`` map as MountSettings; fail naming the first bad field."""
+        self.that(isinstance(raw, dict), "no mount settings")
+        assert isinstance(raw, dict)
+        huge = raw.get("huge")
+        self.that(huge in ("always", "never"), f"mount setting huge {huge!r}")
+        secret = raw.get("secret", False)  # nodes written before -o secret existed lack it
+        self.that(isinstance(secret, bool), f"mount setting secret {secret!r}")
+        return MountSettings(
+            size_pages=self.integer(raw.get("size_pages"), "size_pages", 0, MAX_SIZE_PAGES),
+            max_inodes=self.integer(raw.get("max_inodes"), "max_inodes", 0, MAX_NR_INODES),
+            huge=huge == "always",
+            secret=bool(secret),
+        )
 
     def name(self, name: object) -> None:
         self.that(

@@ -137,6 +137,9 @@ def sample_inodes() -> dict[int, Inode]:
     return {i.ino: i for i in (root, sub, big, link, fifo)}
 
 
+SETTINGS = tree_record.MountSettings(size_pages=1234, max_inodes=99, huge=True, secret=True)
+
+
 class FakeTree:
     """What snapshot reads of a Tree: inodes and the next inode number."""
 
@@ -147,10 +150,10 @@ class FakeTree:
 
 def test_tree_record_round_trip() -> None:
     inodes = sample_inodes()
-    snap = tree_record.snapshot(FakeTree(inodes), {"huge": "always"})  # type: ignore[arg-type]
+    snap = tree_record.snapshot(FakeTree(inodes), SETTINGS)  # type: ignore[arg-type]
     assert snap.nr_objects == 5 and len(snap.pfns) == 4  # 3 small + 1 huge entry
     rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
-    assert rebuilt.mount == {"huge": "always"} and rebuilt.next_ino == 7
+    assert rebuilt.mount == SETTINGS and rebuilt.next_ino == 7
     for ino, old in inodes.items():
         new = rebuilt.inodes[ino]
         for field in (
@@ -189,15 +192,45 @@ def mutate(meta: bytes, change: str) -> bytes:
         records[4][11] = [1, 3]
     elif change == "type":
         records[6][1] = 0o170644
+    elif change == "huge":
+        doc["mount"]["huge"] = "sometimes"
+    elif change == "size":
+        doc["mount"]["size_pages"] = -1
+    elif change == "inodes":
+        doc["mount"]["max_inodes"] = 1 << 60
+    elif change == "secret":
+        doc["mount"]["secret"] = 1
+    elif change == "settings":
+        doc["mount"] = [1, 2]
+    elif change == "long":  # a string past the unpacker's bound (where no check looks)
+        doc["mount"]["note"] = "x" * 65
+    elif change == "ext":  # an extension type: pkramfs writes none
+        doc["mount"]["ext"] = msgpack.ExtType(1, b"x")
     packed: bytes = msgpack.packb(doc, use_bin_type=True)
     return packed
 
 
-@pytest.mark.parametrize("change", ["loop", "nlink", "name", "dangling", "slice", "type"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "loop", "nlink", "name", "dangling", "slice", "type",
+        "huge", "size", "inodes", "secret", "settings", "long", "ext",
+    ],
+)  # fmt: skip
 def test_tree_record_refuses_an_impossible_tree(change: str) -> None:
-    snap = tree_record.snapshot(FakeTree(sample_inodes()), {})  # type: ignore[arg-type]
+    snap = tree_record.snapshot(FakeTree(sample_inodes()), SETTINGS)  # type: ignore[arg-type]
     with pytest.raises(CorruptNode):
         tree_record.rebuild(mutate(snap.meta, change), snap.pfns, snap.orders, snap.indexes, "t")
+
+
+def test_tree_record_without_secret_setting_is_not_secret() -> None:
+    """Nodes written before -o secret existed have no ``secret`` setting: not secret."""
+    snap = tree_record.snapshot(FakeTree(sample_inodes()), SETTINGS)  # type: ignore[arg-type]
+    doc = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+    del doc["mount"]["secret"]
+    meta = msgpack.packb(doc, use_bin_type=True)
+    rebuilt = tree_record.rebuild(meta, snap.pfns, snap.orders, snap.indexes, "t")
+    assert rebuilt.mount == tree_record.MountSettings(1234, 99, huge=True, secret=False)
 
 
 def test_tree_record_refuses_garbage() -> None:
