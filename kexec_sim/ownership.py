@@ -32,12 +32,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.allocator import PfnRange, find_free_huge, find_free_pages
+from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
 from kexec_sim.memmap import MemoryMap
@@ -104,7 +104,7 @@ def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
     )
 
 
-class PageOwnership:
+class PageOwnership(Closing):
     """The shared page-ownership map and owner registry of the current boot.
 
     Open it with ``Machine.page_ownership()``; close it (or use ``with``) when done. Every
@@ -225,17 +225,6 @@ class PageOwnership:
         os.close(self._fd)
         self._fd = -1
         self._lock.close()
-
-    def __enter__(self) -> "PageOwnership":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @contextmanager
     def locked(self) -> Iterator[None]:

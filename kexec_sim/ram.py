@@ -7,11 +7,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, MachineError
 from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, runs_in_order
 from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
@@ -39,7 +39,7 @@ def _pfn_runs(pfns: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.N
     return runs_in_order(ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))])
 
 
-class Ram:
+class Ram(Closing):
     """The RAM file mapped read/write and shared: what every process of a boot sees.
 
     Views from ``buffer`` and ``pages`` are valid until ``close()``. ``keys`` are the pages'
@@ -275,14 +275,3 @@ class Ram:
             pass  # a caller still holds a view; the mapping goes when it is collected
         os.close(self._fd)
         self._fd = -1
-
-    def __enter__(self) -> "Ram":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

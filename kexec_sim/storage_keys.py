@@ -22,11 +22,11 @@ import mmap
 import os
 from contextlib import suppress
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine
 from kexec_sim.pages import as_pfn_array
 
@@ -54,7 +54,7 @@ def create_keys_file(path: Path, nr_pages: int) -> None:
         os.close(fd)
 
 
-class StorageKeys:
+class StorageKeys(Closing):
     """The key bytes of a machine's pages, mapped shared. Close when done."""
 
     def __init__(self, path: Path, nr_pages: int) -> None:
@@ -123,14 +123,3 @@ class StorageKeys:
         self._keys = None
         with suppress(BufferError):  # a caller holds a view: the mapping goes with it
             self._mmap.close()
-
-    def __enter__(self) -> "StorageKeys":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
