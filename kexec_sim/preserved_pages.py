@@ -80,8 +80,7 @@ def write_table(
     bitmaps = np.packbits(
         marked.reshape(nr_leaves, PFNS_PER_LEAF)[leaves], axis=1, bitorder="little"
     )
-    ram.pages[leaf_pages] = bitmaps
-    ram.keys.mark_changed(leaf_pages)
+    ram.store_pages(leaf_pages, bitmaps)
     leaf_pfn = np.full(nr_roots * ENTRIES_PER_ROOT, NO_LEAF, dtype="<u8")
     leaf_crc = np.zeros(nr_roots * ENTRIES_PER_ROOT, dtype="<u4")
     leaf_pfn[leaves] = leaf_pages
@@ -125,8 +124,7 @@ def _write_root(
     ROOT_HEADER.pack_into(page, 0, *header)
     crc = zlib.crc32(page)
     ROOT_HEADER.pack_into(page, 0, *header[:2], crc, *header[3:])
-    ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = page
-    ram.keys.mark_changed_range(pfn, 1)
+    ram.write_page(pfn, page)
 
 
 def read_table(ram: Ram, root_pfn: int) -> PfnArray:

@@ -98,6 +98,26 @@ class Ram(Closing):
         self._buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = data
         self.keys.mark_changed_range(pfn, 1)
 
+    def store_word(self, pfn: int, index: int, value: int) -> None:
+        """Store *value* as the little-endian u64 word *index* of page *pfn*: one aligned
+        8-byte store, which readers see whole (old or new), never a mix."""
+        self._check_pfn(pfn)
+        self._pages[pfn].view("<u8")[index] = value
+        self.keys.mark_changed_range(pfn, 1)
+
+    def store_pages(self, pfns: npt.ArrayLike, rows: npt.NDArray[np.uint8]) -> None:
+        """Store *rows* (one page each, shaped (n, PAGE_SIZE)) into the pages *pfns*."""
+        checked = as_pfn_array(pfns, self.nr_pages)
+        self._pages[checked] = rows
+        self.keys.mark_changed(checked)
+
+    def writable_run(self, start_pfn: int, nr_pages: int) -> npt.NDArray[np.uint8]:
+        """The pages ``start_pfn .. start_pfn + nr_pages - 1`` as a writable (n, PAGE_SIZE)
+        view, marked changed: for a caller that builds their content in place."""
+        self._check_range(start_pfn, nr_pages)
+        self.keys.mark_changed_range(start_pfn, nr_pages)
+        return self._pages[start_pfn : start_pfn + nr_pages]
+
     def punch_holes(self, pfns: npt.ArrayLike) -> None:
         """Give the pages *pfns* back to the host: afterwards they read as zeros.
 

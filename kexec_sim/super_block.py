@@ -18,9 +18,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
 from .errors import CorruptHandover, MachineError
 from .pages import PAGE_SIZE
 from .ram import Ram
@@ -60,16 +57,12 @@ def write_super_block(ram: Ram, pfn: int, sb: SuperBlock) -> None:
     fields = (sb.generation, sb.nr_ram_pages, sb.table_root_pfn, sb.node_list_pfn, sb.flags)
     SUPER_BLOCK.pack_into(page, 0, MAGIC, VERSION, 0, *fields)
     struct.pack_into("<I", page, _CRC_AT, _crc(page))
-    ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = page
-    ram.keys.mark_changed_range(pfn, 1)
+    ram.write_page(pfn, page)
 
 
-def _node_list_word(ram: Ram, sb_pfn: int) -> npt.NDArray[np.uint64]:
-    """The page *sb_pfn* as little-endian u64 words (a view into RAM)."""
+def _check_pfn(ram: Ram, sb_pfn: int) -> None:
     if not 0 < sb_pfn < ram.nr_pages:
         raise MachineError(f"super block pfn {sb_pfn} is not a page of RAM (1..{ram.nr_pages - 1})")
-    words: npt.NDArray[np.uint64] = ram.pages[sb_pfn].view("<u8")
-    return words
 
 
 def node_list_head(ram: Ram, sb_pfn: int) -> int:
@@ -77,7 +70,8 @@ def node_list_head(ram: Ram, sb_pfn: int) -> int:
 
     Raises MachineError when *sb_pfn* is not a page of RAM.
     """
-    return int(_node_list_word(ram, sb_pfn)[_NODE_LIST_WORD])
+    _check_pfn(ram, sb_pfn)
+    return int(ram.pages[sb_pfn].view("<u8")[_NODE_LIST_WORD])
 
 
 def set_node_list_head(ram: Ram, sb_pfn: int, head_pfn: int) -> None:
@@ -89,8 +83,8 @@ def set_node_list_head(ram: Ram, sb_pfn: int, head_pfn: int) -> None:
     """
     if not 0 <= head_pfn < ram.nr_pages:
         raise MachineError(f"node list head {head_pfn} is outside RAM (0..{ram.nr_pages - 1})")
-    _node_list_word(ram, sb_pfn)[_NODE_LIST_WORD] = head_pfn
-    ram.keys.mark_changed_range(sb_pfn, 1)
+    _check_pfn(ram, sb_pfn)
+    ram.store_word(sb_pfn, _NODE_LIST_WORD, head_pfn)
 
 
 def read_super_block(ram: Ram, pfn: int) -> SuperBlock:

@@ -41,9 +41,7 @@ def new_pages(ram: Ram, pfns: PfnArray, magic: bytes) -> Words:
     """
     n = len(pfns)
     if n and int(pfns[-1]) - int(pfns[0]) == n - 1 and (np.diff(pfns) == 1).all():
-        first = int(pfns[0])
-        words: Words = ram.pages[first : first + n].view(np.uint64)
-        ram.keys.mark_changed_range(first, n)
+        words: Words = ram.writable_run(int(pfns[0]), n).view(np.uint64)
     else:
         words = np.empty((n, WORDS_PER_PAGE), dtype=np.uint64)
     words[:, 0] = magic_word(magic)
@@ -67,9 +65,8 @@ def seal_and_store(ram: Ram, pfns: PfnArray, words: Words, counts: npt.ArrayLike
     as_bytes = words.view(np.uint8)
     crcs = np.fromiter((zlib.crc32(row) for row in as_bytes), dtype=np.uint64, count=len(words))
     words[:, 1] |= crcs
-    if not np.shares_memory(words, ram.pages):
-        ram.pages[pfns] = as_bytes.reshape(len(pfns), PAGE_SIZE)
-    ram.keys.mark_changed(pfns)
+    if not np.shares_memory(words, ram.pages):  # else marked changed by `new_pages`
+        ram.store_pages(pfns, as_bytes.reshape(len(pfns), PAGE_SIZE))
 
 
 def read_chain(

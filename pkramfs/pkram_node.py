@@ -80,8 +80,7 @@ def write_node(ram: Ram, pfn: int, header: NodeHeader) -> None:
     )
     struct.pack_into("<I", page, _CRC_AT, zlib.crc32(page))
     page[STATE_WORD * 8 : STATE_WORD * 8 + 8] = SAVING
-    ram.buffer[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE] = page
-    ram.keys.mark_changed_range(pfn, 1)
+    ram.write_page(pfn, page)
 
 
 def read_node(ram: Ram, pfn: int) -> NodeHeader:
@@ -133,13 +132,11 @@ def node_state(ram: Ram, pfn: int) -> bytes:
 
 def set_node_state(ram: Ram, pfn: int, state: bytes) -> None:
     """Change a node's state with one aligned 8-byte store."""
-    _words(ram)[pfn, STATE_WORD] = magic_word(state)
-    ram.keys.mark_changed_range(pfn, 1)
+    ram.store_word(pfn, STATE_WORD, int(magic_word(state)))
 
 
 def _set_next(ram: Ram, pfn: int, next_pfn: int) -> None:
-    _words(ram)[pfn, NEXT_WORD] = np.uint64(next_pfn)
-    ram.keys.mark_changed_range(pfn, 1)
+    ram.store_word(pfn, NEXT_WORD, next_pfn)
 
 
 @dataclass(frozen=True)

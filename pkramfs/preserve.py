@@ -100,9 +100,8 @@ def _copy_pages(ram: Ram, old: PfnArray, new: PfnArray, secret: bool) -> None:
     """Copy the pages *old* to *new*; a secret file's through temporary mappings, after which
     *new* leave the direct map and *old* come back to it."""
     if not secret:
-        ram.pages[new] = ram.pages[old]
+        ram.store_pages(new, ram.pages[old])
         ram.keys.mark_referenced(old)
-        ram.keys.mark_changed(new)
         return
     secret_pages.scatter(ram, new, secret_pages.gather(ram, old))
     secret_pages.hide(ram, new)

@@ -50,8 +50,12 @@ def test_ram_writes_mark_pages_changed(machine: Machine) -> None:
         ram.fill_range(20, 3, 0xAA)
         ram.punch_range(30, 2)
         ram.fill([40], 1)
+        ram.store_word(50, 3, 0x1234)
+        ram.store_pages([60, 62], np.ones((2, 4096), dtype=np.uint8))
+        ram.writable_run(70, 2)[:] = 5
         changed = np.flatnonzero(ram.keys.array & CHANGED).tolist()
-        assert changed == [7, 20, 21, 22, 30, 31, 40]
+        assert changed == [7, 20, 21, 22, 30, 31, 40, 50, 60, 62, 70, 71]
+        assert ram.pages[50].view("<u8")[3] == 0x1234 and ram.pages[62, 0] == 1
         assert (ram.keys.array[changed] & SINCE_IMAGE).all()
 
 
