@@ -45,8 +45,10 @@ def as_pfn_array(pfns: npt.ArrayLike, nr_pages: int) -> PfnArray:
     return array.astype(np.int64, copy=False)
 
 
-def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
-    """Split *pfns* (as given, not sorted) into runs of consecutive pfns: (starts, lengths).
+def run_positions(pfns: PfnArray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Where in *pfns* (as given, not sorted) each run of consecutive pfns begins, and its
+    length: (positions, lengths). The one place runs are found; `runs_in_order` names them by
+    their first pfn.
 
     Pages a file or an allocation holds are mostly consecutive, so a few runs stand for
     millions of pfns and per-run slices replace per-pfn fancy indexing.
@@ -55,9 +57,22 @@ def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
     breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [pfns.size])))
-    return pfns[starts], lengths.astype(np.int64)
+    at = np.concatenate(([0], breaks)).astype(np.int64)
+    lengths = np.diff(np.concatenate((at, [pfns.size]))).astype(np.int64)
+    return at, lengths
+
+
+def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
+    """Split *pfns* (as given, not sorted) into runs of consecutive pfns: (starts, lengths)."""
+    at, lengths = run_positions(pfns)
+    return pfns[at], lengths
+
+
+def mask_runs(mask: npt.NDArray[np.bool_]) -> tuple[PfnArray, PfnArray]:
+    """(first pfn, pages) of every run of True in *mask* (one bool per pfn)."""
+    edges = np.diff(np.concatenate(([False], mask, [False])).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    return starts, np.flatnonzero(edges == -1) - starts
 
 
 def expand_runs(starts: PfnArray, lengths: PfnArray) -> PfnArray:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, MachineError
-from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, runs_in_order
+from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, run_positions, runs_in_order
 from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -276,9 +276,9 @@ class Ram(Closing):
         out = np.empty((checked.size, PAGE_SIZE), dtype=np.uint8)
         out[~hidden] = self._pages[checked[~hidden]]
         at = np.flatnonzero(hidden)
-        breaks = np.flatnonzero(np.diff(checked[at]) != 1) + 1
-        for run in np.split(at, breaks):
-            with self.temporary_mapping(int(checked[run[0]]), run.size) as window:
+        for begin, length in zip(*(a.tolist() for a in run_positions(checked[at])), strict=True):
+            run = at[begin : begin + length]
+            with self.temporary_mapping(int(checked[run[0]]), length) as window:
                 out[run] = window
         return out
 

@@ -10,18 +10,12 @@ consecutive pfns (one call per run, never per page).
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.pages import mask_runs
 from kexec_sim.ram import Ram
 
 POISON_BYTE = 0xAA
 """What ``poison`` fills pages with (like the kernel's PAGE_POISON)."""
 SCRUB_MODES = ("punch", "poison")
-
-
-def pfn_runs(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Return (first pfn, pages) of every run of True in *mask* (one bool per pfn)."""
-    edges = np.diff(np.concatenate(([False], mask, [False])).astype(np.int8))
-    starts = np.flatnonzero(edges == 1)
-    return starts, np.flatnonzero(edges == -1) - starts
 
 
 def scrub(ram: Ram, keep: npt.NDArray[np.bool_], mode: str) -> int:
@@ -31,7 +25,7 @@ def scrub(ram: Ram, keep: npt.NDArray[np.bool_], mode: str) -> int:
     """
     if mode not in SCRUB_MODES:
         raise ValueError(f"scrub mode must be one of {', '.join(SCRUB_MODES)}, got {mode!r}")
-    starts, counts = pfn_runs(~keep)
+    starts, counts = mask_runs(~keep)
     for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
         if mode == "punch":
             ram.punch_range(start, count)

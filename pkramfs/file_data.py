@@ -9,7 +9,7 @@ sets REFERENCED on the pages it touches, every store sets CHANGED (one numpy cal
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray
+from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray, run_positions
 from kexec_sim.ram import Ram
 
 from . import secret_pages
@@ -37,11 +37,9 @@ def _small_runs(pfns: list[int]) -> list[tuple[int, int]]:
 
 def _runs(pfns: PfnArray) -> tuple[np.ndarray, np.ndarray]:
     """Return (starts, ends) of the runs of consecutive present pfns (holes excluded)."""
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(pfns)]])
-    keep = pfns[starts] != HOLE
-    return starts[keep], ends[keep]
+    at, lengths = run_positions(pfns)
+    keep = pfns[at] != HOLE
+    return at[keep], (at + lengths)[keep]
 
 
 def read(

@@ -11,7 +11,7 @@ keys, so the hibernation image writer, a process of its own, reads them the same
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import PfnArray
+from kexec_sim.pages import PfnArray, run_positions
 from kexec_sim.ram import Ram
 from kexec_sim.storage_keys import FETCH_PROTECT
 
@@ -20,13 +20,8 @@ Pages = npt.NDArray[np.uint8]
 
 def _runs(pfns: PfnArray) -> list[tuple[int, int, int]]:
     """(position in *pfns*, first pfn, pages) of each run of consecutive pfns, in order."""
-    if len(pfns) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate([[0], breaks]).tolist()
-    ends = np.concatenate([breaks, [len(pfns)]]).tolist()
-    firsts = pfns[starts].tolist()
-    return [(at, first, end - at) for at, first, end in zip(starts, firsts, ends, strict=True)]
+    at, lengths = run_positions(pfns)
+    return list(zip(at.tolist(), pfns[at].tolist(), lengths.tolist(), strict=True))
 
 
 def gather(ram: Ram, pfns: PfnArray) -> Pages:
