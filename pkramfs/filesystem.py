@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim.errors import OutOfMemory
 from kexec_sim.machine import Machine
 from kexec_sim.ownership import OwnerInfo, PageOwnership
 from kexec_sim.pages import PfnArray
 
 from . import preserve
-from .errors import FsError, MountError, NodeError, OptionError
+from .errors import FsError, MountError, OptionError
 from .node_store import NodeStore
 from .options import MountOptions, parse_options
 from .page_pool import PagePool
@@ -188,14 +187,9 @@ class PkramFilesystem:
         if self.preserved is not None:
             return  # already preserved, and read-only since
         self.pool.give_back_idle()
-        try:
-            self.preserved, self.last_preserve = preserve.preserve(
-                self.store, self.tree, self.owner_id, self.options.pkram, self._mount_settings()
-            )
-        except NodeError as exc:
-            raise FsError(errno.EEXIST, str(exc)) from None
-        except OutOfMemory as exc:
-            raise FsError(errno.ENOMEM, str(exc)) from None
+        self.preserved, self.last_preserve = preserve.preserve(
+            self.store, self.tree, self.owner_id, self.options.pkram, self._mount_settings()
+        )
         self.tree.read_only = True
         stats = self.last_preserve
         log.info(

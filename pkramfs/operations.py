@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 import msgpack
 import pyfuse3
 
-from kexec_sim.errors import MachineError
+from kexec_sim.errors import MachineError, OutOfMemory
 from kexec_sim.pages import PAGE_SIZE
 
 from . import control
-from .errors import FsError, PkramfsError
+from .errors import FsError, NodeError, PkramfsError
 from .filesystem import PkramFilesystem
 from .inode import Inode
 from .tree import CAPABILITY_XATTR, NAME_MAX
@@ -398,8 +398,7 @@ class Operations(pyfuse3.Operations):
             self._run_command(request)
         except (ValueError, PkramfsError, MachineError, OSError) as exc:
             self._last_control_error = str(exc).encode()
-            code = exc.errno if isinstance(exc, FsError | OSError) and exc.errno else errno.EINVAL
-            raise pyfuse3.FUSEError(code) from None
+            raise pyfuse3.FUSEError(_command_errno(exc)) from None
         self._last_control_error = b""
 
     def _run_command(self, request: dict[str, Any]) -> None:
@@ -411,3 +410,15 @@ class Operations(pyfuse3.Operations):
             self.fs.remount(options)
         else:
             raise ValueError(f"unknown command {cmd!r}")
+
+
+def _command_errno(exc: Exception) -> int:
+    """The errno a failed control command answers: an FsError's or OSError's own; EEXIST when a
+    preserve finds its name taken, ENOMEM when RAM has no page for a node; else EINVAL."""
+    if isinstance(exc, FsError | OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, NodeError):
+        return errno.EEXIST
+    if isinstance(exc, OutOfMemory):
+        return errno.ENOMEM
+    return errno.EINVAL
