@@ -339,3 +339,15 @@ def _copy_span(
         ram.buffer[ram_lo:ram_hi] = buf[buf_lo:buf_hi]
     else:
         buf[buf_lo:buf_hi] = ram.buffer[ram_lo:ram_hi]
+
+
+def copy_pages(ram: Ram, old: PfnArray, new: PfnArray, secret: bool) -> None:
+    """Copy the pages *old* to *new* (relocation); a secret file's through temporary mappings,
+    after which *new* leave the direct map and *old* come back to it."""
+    if not secret:
+        ram.store_pages(new, ram.pages[old])
+        ram.keys.mark_referenced(old)
+        return
+    secret_pages.scatter(ram, new, secret_pages.gather(ram, old))
+    secret_pages.hide(ram, new)
+    secret_pages.unhide(ram, old)

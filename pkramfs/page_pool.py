@@ -10,6 +10,7 @@ import errno
 
 import numpy as np
 
+from kexec_sim.allocator import PfnRange
 from kexec_sim.errors import OutOfMemory
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import HUGE_PAGES, PfnArray
@@ -85,6 +86,24 @@ class PagePool:
             self._ownership.free(self.owner_id, idle[BATCH_PAGES:])
             idle = idle[:BATCH_PAGES]
         self._free, self._next = idle, 0
+
+    def owns_any(self, start: int, end: int) -> bool:
+        """Whether the mount owns any of the pfns ``start .. end - 1``."""
+        with self._ownership.locked():
+            return bool((self._ownership.owner_map[start:end] == self.owner_id).any())
+
+    def replacements(self, n_pages: int, avoid: PfnRange) -> PfnArray:
+        """*n_pages* fresh pages outside *avoid* to move file pages to; ``size=`` is unchanged
+        (a page for a page: the moved ones go back with `release_replaced`)."""
+        return self._ownership.allocate(self.owner_id, n_pages, avoid=avoid)
+
+    def huge_replacement(self, avoid: PfnRange) -> int:
+        """The base of a fresh aligned 2 MiB run outside *avoid* (see `replacements`)."""
+        return int(self._ownership.allocate_huge(self.owner_id, 1, avoid=avoid)[0])
+
+    def release_replaced(self, pfns: PfnArray) -> None:
+        """Return pages whose content moved to `replacements` to the machine."""
+        self._ownership.free(self.owner_id, pfns)
 
     def give_back_idle(self) -> None:
         """Return every idle page to the machine (before a preserve: nothing left over)."""

@@ -10,16 +10,11 @@ they are copied to pages outside it first. The cost is a few numpy passes over t
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from kexec_sim.kexec import next_kernel_range
-from kexec_sim.ownership import PageOwnership
-from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PageRuns, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim.pages import PageRuns, PfnArray
 
-from . import byte_stream, page_stream, secret_pages, tree_record
+from . import byte_stream, page_stream, tree_record
 from .errors import CorruptNode
-from .file_pages import CHUNK_SHIFT
 from .node_store import NodeContents, NodeStore, fault_point
 from .pkram_node import NodeHeader, write_node
 from .tree import Tree
@@ -60,54 +55,6 @@ class _Clock:
         self._last = now
 
 
-def relocate_out_of(
-    tree: Tree, ownership: PageOwnership, owner_id: int, start: int, end: int
-) -> int:
-    """Copy file pages in pfn range [start, end) to pages outside it; return pages moved."""
-    ram = tree.ram
-    with ownership.locked():
-        if not (ownership.owner_map[start:end] == owner_id).any():
-            return 0
-    moved = 0
-    for inode in tree.inodes.values():
-        if inode.pages is None or inode.pages.nr_pages == 0:
-            continue
-        pfns, orders, indexes, _ = tree_record.page_entries([inode.pages])
-        inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
-        if not inside.any():
-            continue
-        secret = tree.is_secret(inode)
-        small = inside & (orders == 0)
-        if small.any():
-            old = pfns[small]
-            new = ownership.allocate(owner_id, len(old), avoid=(start, end))
-            _copy_pages(ram, old, new, secret)
-            inode.pages.replace_pages(indexes[small], new)
-            ownership.free(owner_id, old)
-            moved += len(old)
-        huge = inside & (orders == HUGE_ORDER)
-        for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
-            new_base = int(ownership.allocate_huge(owner_id, 1, avoid=(start, end))[0])
-            old = np.arange(base, base + HUGE_PAGES, dtype=np.int64)
-            _copy_pages(ram, old, old - base + new_base, secret)
-            inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
-            ownership.free(owner_id, old)
-            moved += HUGE_PAGES
-    return moved
-
-
-def _copy_pages(ram: Ram, old: PfnArray, new: PfnArray, secret: bool) -> None:
-    """Copy the pages *old* to *new*; a secret file's through temporary mappings, after which
-    *new* leave the direct map and *old* come back to it."""
-    if not secret:
-        ram.store_pages(new, ram.pages[old])
-        ram.keys.mark_referenced(old)
-        return
-    secret_pages.scatter(ram, new, secret_pages.gather(ram, old))
-    secret_pages.hide(ram, new)
-    secret_pages.unhide(ram, old)
-
-
 def preserve(
     store: NodeStore, tree: Tree, owner_id: int, name: str, mount: tree_record.MountSettings
 ) -> tuple[Preserved, PreserveStats]:
@@ -120,7 +67,7 @@ def preserve(
     clock = _Clock()
     machine, ram, ownership = store.machine, store.ram, store.ownership
     start, end = next_kernel_range(machine)
-    relocated = relocate_out_of(tree, ownership, owner_id, start, end)
+    relocated = tree.relocate_out_of(start, end)
     clock.lap("relocate")
     snap = tree_record.snapshot(tree, mount)
     clock.lap("snapshot")

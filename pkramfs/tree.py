@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 
 from . import file_data, secret_pages
 from .errors import FsError
+from .file_pages import CHUNK_SHIFT, page_entries
 from .inode import Inode
 from .page_pool import PagePool
 
@@ -585,6 +586,39 @@ class Tree:
         return inode.pages is not None and (
             self.secret or inode.xattrs.get(SECRET_XATTR) == SECRET_VALUE
         )
+
+    def relocate_out_of(self, start: int, end: int) -> int:
+        """Move the file pages in pfns ``start .. end - 1`` to pages outside (where a kexec is
+        about to write its kernel); return how many pages moved."""
+        if not self.pool.owns_any(start, end):
+            return 0
+        avoid = (start, end)
+        moved = 0
+        for inode in self.inodes.values():
+            if inode.pages is None or inode.pages.nr_pages == 0:
+                continue
+            pfns, orders, indexes, _ = page_entries([inode.pages])
+            inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
+            if not inside.any():
+                continue
+            secret = self.is_secret(inode)
+            small = inside & (orders == 0)
+            if small.any():
+                old = pfns[small]
+                new = self.pool.replacements(len(old), avoid)
+                file_data.copy_pages(self.ram, old, new, secret)
+                inode.pages.replace_pages(indexes[small], new)
+                self.pool.release_replaced(old)
+                moved += len(old)
+            huge = inside & (orders == HUGE_ORDER)
+            for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
+                new_base = self.pool.huge_replacement(avoid)
+                old = np.arange(base, base + HUGE_PAGES, dtype=np.int64)
+                file_data.copy_pages(self.ram, old, old - base + new_base, secret)
+                inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
+                self.pool.release_replaced(old)
+                moved += HUGE_PAGES
+        return moved
 
     def hide_secret_pages(self) -> None:
         """Remove every secret file's pages from the direct map (after a restore)."""

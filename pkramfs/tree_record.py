@@ -21,6 +21,7 @@ import numpy as np
 
 from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PfnArray
 
+from . import file_pages
 from .errors import CorruptNode
 from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .inode import Inode
@@ -128,7 +129,7 @@ def snapshot(tree: Tree, mount: MountSettings) -> TreeSnapshot:
                 content,
             ]
         )
-    pfns, orders, indexes, per_file = page_entries([pages for _, pages in files])
+    pfns, orders, indexes, per_file = file_pages.page_entries([pages for _, pages in files])
     first = 0
     for (content, _), count in zip(files, per_file.tolist(), strict=True):
         content[0], content[1] = first, count
@@ -143,87 +144,6 @@ def snapshot(tree: Tree, mount: MountSettings) -> TreeSnapshot:
         use_bin_type=True,
     )
     return TreeSnapshot(meta, pfns, orders, indexes, len(records))
-
-
-_BATCH_CHUNKS = 4096  # chunks stacked at once (16 MiB)
-
-
-def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
-    """Return the page-stream entries of *files* in order (pfns, orders, file indexes) and
-    how many belong to each file.
-
-    Chunks of small pages are stacked and masked in batches; a huge chunk is one entry (its
-    first pfn, order 9) and is never stacked.
-    """
-    arrays: list[PfnArray] = []
-    chunk_nos: list[int] = []
-    huge_pfns: list[int] = []  # first pfn of each huge chunk, -1 for small ones
-    owners: list[int] = []
-    for file_no, pages in enumerate(files):
-        for chunk_no, chunk, is_huge in pages.chunks():
-            if is_huge:
-                huge_pfns.append(int(chunk[0]))
-            else:
-                arrays.append(chunk)
-                huge_pfns.append(-1)
-            chunk_nos.append(chunk_no)
-            owners.append(file_no)
-    if not chunk_nos:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, empty, np.zeros(len(files), dtype=np.int64)
-    first_pfn = np.array(huge_pfns, dtype=np.int64)
-    huge = first_pfn >= 0
-    bases = np.array(chunk_nos, dtype=np.int64) << CHUNK_SHIFT
-    small_pfns, small_index, small_counts = _small_entries(arrays, bases[~huge])
-    per_chunk = np.ones(len(chunk_nos), dtype=np.int64)
-    per_chunk[~huge] = small_counts
-    if not huge.any():
-        pfns, indexes = small_pfns, small_index
-        orders = np.zeros(len(pfns), dtype=np.int64)
-    else:  # interleave: each chunk's entries go where its count says
-        begin = np.cumsum(per_chunk) - per_chunk
-        pfns = np.empty(int(per_chunk.sum()), dtype=np.int64)
-        indexes = np.empty_like(pfns)
-        orders = np.zeros_like(pfns)
-        pfns[begin[huge]], indexes[begin[huge]], orders[begin[huge]] = (
-            first_pfn[huge],
-            bases[huge],
-            HUGE_ORDER,
-        )
-        small_at = np.repeat(begin[~huge], small_counts)
-        small_at += np.arange(len(small_pfns)) - np.repeat(
-            np.cumsum(small_counts) - small_counts, small_counts
-        )
-        pfns[small_at], indexes[small_at] = small_pfns, small_index
-    counts = np.bincount(owners, weights=per_chunk, minlength=len(files))
-    return pfns, orders, indexes, counts.astype(np.int64)
-
-
-def _small_entries(arrays: list[PfnArray], bases: PfnArray) -> tuple[PfnArray, PfnArray, PfnArray]:
-    """The present pages of chunks of small pages: (pfns, file indexes, count per chunk)."""
-    parts: list[tuple[PfnArray, PfnArray]] = []
-    counts: list[PfnArray] = []
-    span = np.arange(CHUNK_PAGES, dtype=np.int64)
-    for lo in range(0, len(arrays), _BATCH_CHUNKS):
-        hi = min(lo + _BATCH_CHUNKS, len(arrays))
-        stacked = np.stack(arrays[lo:hi])
-        present = stacked != HOLE
-        if present.all():  # dense: no masking at all
-            parts.append((stacked.reshape(-1), (bases[lo:hi, None] + span).reshape(-1)))
-            counts.append(np.full(hi - lo, CHUNK_PAGES, dtype=np.int64))
-            continue
-        where = np.flatnonzero(present.reshape(-1))
-        parts.append(
-            (stacked.reshape(-1)[where], bases[lo:hi][where >> CHUNK_SHIFT] + (where & CHUNK_MASK))
-        )
-        counts.append(present.sum(axis=1))
-    if not parts:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, empty
-    if len(parts) == 1:
-        return parts[0][0], parts[0][1], counts[0]
-    pfns, indexes = (np.concatenate(column) for column in zip(*parts, strict=True))
-    return pfns, indexes, np.concatenate(counts)
 
 
 def rebuild(
