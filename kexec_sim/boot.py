@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from kexec_sim.allocator import find_free_pages
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn
-from kexec_sim.errors import CorruptHandover, OutOfMemory
+from kexec_sim.errors import CorruptHandover, InvalidRequest, OutOfMemory
 from kexec_sim.owners import FREE, HANDOVER, PRESERVED, owner_name
 from kexec_sim.preserved_pages import walk_table
 from kexec_sim.ram import Ram
@@ -50,7 +50,7 @@ def early_boot(
     warnings: list[str] = []
     try:
         pfn = pkram_pfn(cmdline, ram.nr_pages)
-    except ValueError as exc:
+    except InvalidRequest as exc:
         warnings.append(f"{exc}; preserved memory not reserved")
         pfn = None
     if pfn is not None:

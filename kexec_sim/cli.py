@@ -24,6 +24,7 @@ Exit codes:
         a load address over preserved pages, exec of a pkram= that is not this boot's)
     3   a hibernation image refused: corrupt, truncated, tampered, wrong or missing key,
         another machine's, already used, or stale (the machine booted since)
+    70  internal error (a bug): one line naming it and the log file with its traceback
     130 interrupted (Ctrl-C)
 
 Every error is one line ``kexec-sim: error: ...`` on stderr, never a traceback; warnings are
@@ -35,12 +36,21 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from kexec_sim import hibernate_cli, kexec
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
-from kexec_sim.errors import CorruptImage, CorruptMachine, MachineError, MachineExists, UsageError
+from kexec_sim.errors import (
+    CorruptImage,
+    CorruptMachine,
+    InvalidRequest,
+    MachineError,
+    MachineExists,
+    UsageError,
+)
 from kexec_sim.image import LoadedImage, default_image_pages, loaded_image
+from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
 from kexec_sim.owners import (
     FIRMWARE,
@@ -88,7 +98,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     try:
         ram_bytes = parse_size(args.ram)
         check_ram_bytes(ram_bytes)
-    except ValueError as exc:
+    except InvalidRequest as exc:
         raise UsageError(f"--ram: {exc}") from None
     try:
         machine = Machine.create(args.machine, ram_bytes, force=args.force)
@@ -306,7 +316,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
             if args.image_size is None
             else parse_size(args.image_size)
         )
-    except ValueError as exc:
+    except InvalidRequest as exc:
         raise UsageError(f"--image-size: {exc}") from None
     try:
         image = kexec.load(
@@ -317,8 +327,6 @@ def _cmd_load(args: argparse.Namespace) -> int:
             image_size=image_size,
             image_file=args.kernel,
         )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"{args.kernel}: {exc.strerror or exc}") from None
     _warn(image.warnings)
@@ -343,10 +351,7 @@ def _scrub_mode(args: argparse.Namespace) -> str:
     if args.scrub is not None:
         mode: str = args.scrub
         return mode
-    try:
-        return kexec.check_scrub_env()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return kexec.check_scrub_env()
 
 
 def _print_exec(report: kexec.ExecReport, as_json: bool) -> None:
@@ -392,10 +397,7 @@ def _stop_timeout(args: argparse.Namespace) -> float:
 def _cmd_exec(args: argparse.Namespace) -> int:
     machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
-    try:
-        report = kexec.exec_(machine, scrub=scrub, force=args.force, stop_timeout_s=timeout)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    report = kexec.exec_(machine, scrub=scrub, force=args.force, stop_timeout_s=timeout)
     _print_exec(report, args.json)
     return EXIT_OK
 
@@ -555,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
-    except UsageError as exc:
+    except (UsageError, InvalidRequest) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except CorruptImage as exc:
         return _fail(str(exc), EXIT_IMAGE)
@@ -567,6 +569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as exc:  # a bug: one line and the log, never a traceback
+        print(report_internal_error(PROG, exc, _machine_dir(argv)), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _machine_dir(argv: Sequence[str] | None) -> Path | None:
+    """The machine directory a command line names (for the internal-error log), if any."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    named = args[args.index("--machine") + 1] if "--machine" in args[:-1] else None
+    return resolve_machine_dir(named)
 
 
 if __name__ == "__main__":

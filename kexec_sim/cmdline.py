@@ -4,6 +4,8 @@ A command line is one line of at most MAX_CMDLINE_BYTES; parameters are separate
 whitespace (no quoting), ``name=value`` or a bare ``name``.
 """
 
+from kexec_sim.errors import InvalidRequest
+
 MAX_CMDLINE_BYTES = 4096
 PKRAM_PARAM = "pkram"
 _DECIMAL_DIGITS = frozenset("0123456789")
@@ -11,9 +13,9 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def check_cmdline(cmdline: str) -> None:
-    """Raise ValueError unless *cmdline* is one line of at most MAX_CMDLINE_BYTES."""
+    """Raise InvalidRequest unless *cmdline* is one line of at most MAX_CMDLINE_BYTES."""
     if "\n" in cmdline or "\0" in cmdline or len(cmdline.encode()) > MAX_CMDLINE_BYTES:
-        raise ValueError(f"a command line is one line of at most {MAX_CMDLINE_BYTES} bytes")
+        raise InvalidRequest(f"a command line is one line of at most {MAX_CMDLINE_BYTES} bytes")
 
 
 def param_values(cmdline: str, name: str) -> list[str]:
@@ -37,33 +39,35 @@ def join_cmdline(*parts: str) -> str:
 
 
 def parse_pfn(text: str) -> int:
-    """Parse a pfn written in decimal or ``0x`` hex; raise ValueError if it is not one."""
+    """Parse a pfn written in decimal or ``0x`` hex; raise InvalidRequest if it is not one."""
     is_hex = text[:2].lower() == "0x"
     digits = text[2:] if is_hex else text
     allowed = _HEX_DIGITS if is_hex else _DECIMAL_DIGITS
     if not digits or not set(digits) <= allowed:
-        raise ValueError(f"not a pfn: {text!r}")
+        raise InvalidRequest(f"not a pfn: {text!r}")
     return int(digits, 16 if is_hex else 10)
 
 
 def pkram_pfn(cmdline: str, nr_pages: int) -> int | None:
     """Return the pfn that ``pkram=`` on *cmdline* names, or None when there is none.
 
-    Raises ValueError when the parameter is given twice, is not a decimal or 0x-hex pfn, or
+    Raises InvalidRequest when the parameter is given twice, is not a decimal or 0x-hex pfn, or
     names no page of a RAM of *nr_pages* pages (pfn 0 is never a super block).
     """
     values = param_values(cmdline, PKRAM_PARAM)
     if not values:
         return None
     if len(values) > 1:
-        raise ValueError(f"{PKRAM_PARAM}= is given {len(values)} times")
+        raise InvalidRequest(f"{PKRAM_PARAM}= is given {len(values)} times")
     try:
         pfn = parse_pfn(values[0])
-    except ValueError:
-        raise ValueError(
+    except InvalidRequest:
+        raise InvalidRequest(
             f"{PKRAM_PARAM}={values[0]}: not a pfn (decimal or 0x hex, as in "
             f"sys/kernel/{PKRAM_PARAM})"
         ) from None
     if not 0 < pfn < nr_pages:
-        raise ValueError(f"{PKRAM_PARAM}={values[0]}: not a page of this RAM (1..{nr_pages - 1})")
+        raise InvalidRequest(
+            f"{PKRAM_PARAM}={values[0]}: not a page of this RAM (1..{nr_pages - 1})"
+        )
     return pfn

@@ -1,8 +1,22 @@
-"""The exceptions kexec_sim raises."""
+"""The exceptions of this project: one root, `Error`, and a subclass per domain.
+
+kexec_sim's are here (the machine, its images, its command line); pkramfs's derive from `Error`
+too (pkramfs.errors). Anything else that escapes a command is a bug: the CLIs report it as an
+internal error with the log holding its traceback (kexec_sim.internal_error).
+"""
 
 
-class MachineError(Exception):
+class Error(Exception):
+    """The root of every error pkramfs and kexec_sim raise on purpose."""
+
+
+class MachineError(Error):
     """Base of every error about the simulated machine (bad state, bad request)."""
+
+
+class InvalidRequest(MachineError):
+    """A request is malformed (a size, command line, address, option or mode that cannot be):
+    the caller's mistake, reported by the CLIs as a usage error."""
 
 
 class OutOfMemory(MachineError):
@@ -38,5 +52,5 @@ class ImageTooLarge(MachineError):
     """A hibernation image would exceed the size it was allowed (nothing valid was left)."""
 
 
-class UsageError(Exception):
-    """Bad input from a command line (the CLIs exit with code 2)."""
+class UsageError(Error):
+    """Bad input from a command line (raised by the CLIs only; they exit with code 2)."""

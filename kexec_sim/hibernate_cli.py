@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from kexec_sim import hibernate, kexec, resume
-from kexec_sim.errors import UsageError
+from kexec_sim.errors import InvalidRequest, UsageError
 from kexec_sim.image_file import COMPRESSIONS
 from kexec_sim.progress import ProgressBar
 from kexec_sim.recovery import open_machine
@@ -105,7 +105,7 @@ def run_hibernate(args: argparse.Namespace) -> int:
     if args.max_image_size is not None:
         try:
             max_bytes = parse_size(args.max_image_size)
-        except ValueError as exc:
+        except InvalidRequest as exc:
             raise UsageError(f"--max-image-size: {exc}") from None
     machine = open_machine(args.machine, notify=_note)
     bar = _bar(args)

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from kexec_sim.allocator import PfnRange
 from kexec_sim.cmdline import PKRAM_PARAM, check_cmdline, pkram_pfn
-from kexec_sim.errors import CorruptMachine, MachineError
+from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import MemoryMap, RegionType
@@ -201,7 +201,7 @@ def load(
     The image is *image_file*'s contents, else synthetic, *image_size* bytes. It goes at
     *addr_pfn* if given, at a random free 2 MiB-aligned range with *kaslr*, else at the
     preferred address or the lowest clean range (see the module docstring). Replaces a
-    previous load. Raises ValueError for a bad command line or ``pkram=``, a bad size, or an
+    previous load. Raises InvalidRequest for a bad command line or ``pkram=``, a bad size, or an
     *addr_pfn* range overlapping preserved or firmware pages or leaving RAM (naming the first
     such pfn); OSError when *image_file* cannot be read; MachineError when no range fits.
     The result's ``warnings`` say when ``pkram=`` is absent though pages are preserved, or
@@ -210,16 +210,18 @@ def load(
     check_cmdline(cmdline)
     pkram = pkram_pfn(cmdline, machine.nr_pages)
     if addr_pfn is not None and kaslr:
-        raise ValueError("a load address and kaslr exclude each other")
+        raise InvalidRequest("a load address and kaslr exclude each other")
     data: bytes | None = None
     if image_file is not None:
         size = os.stat(image_file).st_size
         if not 0 < size <= machine.ram_bytes:
-            raise ValueError(f"{os.fspath(image_file)}: {size} bytes is not a kernel for this RAM")
+            raise InvalidRequest(
+                f"{os.fspath(image_file)}: {size} bytes is not a kernel for this RAM"
+            )
         data = Path(image_file).read_bytes()
         image_size = len(data)
     if not 0 < image_size <= machine.ram_bytes:
-        raise ValueError(f"image size {image_size} bytes must be 1 byte to the RAM size")
+        raise InvalidRequest(f"image size {image_size} bytes must be 1 byte to the RAM size")
     nr_pages = pages_for_bytes(image_size)
     with machine.page_ownership() as po, po.locked():
         owner_map = po.owner_map
@@ -264,7 +266,7 @@ def _choose_start(
     if addr_pfn is not None:
         conflict = range_conflict(owner_map, addr_pfn, nr_pages)
         if conflict is not None:
-            raise ValueError(f"load address {addr_pfn * PAGE_SIZE:#x}: {conflict}")
+            raise InvalidRequest(f"load address {addr_pfn * PAGE_SIZE:#x}: {conflict}")
         return addr_pfn
     preferred = preferred_start_pfn(machine.memory_map)
     if not kaslr and range_conflict(owner_map, preferred, nr_pages) is None:

@@ -28,7 +28,7 @@ from kexec_sim import scrub as scrubbing
 from kexec_sim.allocator import PfnRange, find_free_pages
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
-from kexec_sim.errors import CorruptHandover, MachineError, OutOfMemory
+from kexec_sim.errors import CorruptHandover, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
@@ -84,7 +84,7 @@ SCRUB_ENV = "KEXEC_SIM_SCRUB"
 DEFAULT_SCRUB = "punch"
 
 
-class HandoverRefused(ValueError):
+class HandoverRefused(InvalidRequest):
     """exec refuses the staged ``pkram=``: it is not this boot's super block (a usage error)."""
 
 
@@ -137,7 +137,7 @@ class Phases:
 
 def _check_scrub(mode: str) -> None:
     if mode not in scrubbing.SCRUB_MODES:
-        raise ValueError(
+        raise InvalidRequest(
             f"scrub mode must be one of {', '.join(scrubbing.SCRUB_MODES)}, got {mode!r}"
         )
 
@@ -353,8 +353,8 @@ def exec_(
     *scrub* is ``punch`` or ``poison`` (kexec_sim.scrub); *stop_timeout_s* the grace period
     between SIGTERM and SIGKILL. Raises MachineError when nothing is staged, a preserved page
     lies in the staged range, or (unless *force*) the super block is damaged;
-    HandoverRefused (a ValueError) when, unless *force*, the staged ``pkram=`` is not this
-    boot's super block; ValueError for a bad *scrub*. Nothing changes when it raises.
+    HandoverRefused (an InvalidRequest) when, unless *force*, the staged ``pkram=`` is not this
+    boot's super block; InvalidRequest for a bad *scrub*. Nothing changes when it raises.
     """
     _check_scrub(scrub)
     sb_pfn = machine.super_block_pfn
@@ -442,7 +442,7 @@ def reboot(
 
     Nothing is handed over; the new command line is the current one without ``pkram=``.
     A staged image is dropped (the firmware boots its kernel at the preferred address).
-    Raises MachineError when the machine is powered off, ValueError for a bad *scrub*.
+    Raises MachineError when the machine is powered off, InvalidRequest for a bad *scrub*.
     """
     _check_scrub(scrub)
     phases = Phases()
@@ -497,7 +497,7 @@ def poweroff(
     RAM content is lost by *scrub*: punched (zeros) or poisoned (what stale RAM looks like
     to a resume that failed to restore a page). *transition* is the caller's running one
     (hibernate's; it records its phases there and ends nothing), else poweroff runs its own.
-    Raises MachineError when it is already off, ValueError for a bad *scrub*.
+    Raises MachineError when it is already off, InvalidRequest for a bad *scrub*.
     """
     _check_scrub(scrub)
     phases = Phases()
@@ -609,11 +609,11 @@ def _boot_report(
 def check_scrub_env() -> str:
     """The scrub mode ``$KEXEC_SIM_SCRUB`` asks for (DEFAULT_SCRUB when unset).
 
-    Raises ValueError when it names no mode.
+    Raises InvalidRequest when it names no mode.
     """
     mode = os.environ.get(SCRUB_ENV) or DEFAULT_SCRUB
     if mode not in scrubbing.SCRUB_MODES:
-        raise ValueError(
+        raise InvalidRequest(
             f"${SCRUB_ENV}={mode!r}: scrub mode must be one of {', '.join(scrubbing.SCRUB_MODES)}"
         )
     return mode

@@ -42,7 +42,7 @@ from pathlib import Path
 from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot, early_boot
 from kexec_sim.cmdline import MAX_CMDLINE_BYTES, check_cmdline
-from kexec_sim.errors import CorruptMachine, MachineError, MachineExists
+from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, MachineExists
 from kexec_sim.filelock import FileLock
 from kexec_sim.jsonfile import (
     fsync_dir,
@@ -95,9 +95,9 @@ def resolve_machine_dir(path: str | os.PathLike[str] | None) -> Path:
 
 
 def check_ram_bytes(ram_bytes: int) -> None:
-    """Raise ValueError unless *ram_bytes* is a whole number of pages in the supported range."""
+    """Raise InvalidRequest unless *ram_bytes* is a whole number of pages in the supported range."""
     if ram_bytes % PAGE_SIZE or not MIN_RAM_BYTES <= ram_bytes <= MAX_RAM_BYTES:
-        raise ValueError(
+        raise InvalidRequest(
             f"RAM size {ram_bytes} bytes must be a multiple of {PAGE_SIZE} "
             f"between {MIN_RAM_BYTES >> 20} MiB and {MAX_RAM_BYTES >> 40} TiB"
         )
@@ -187,7 +187,7 @@ class Machine:
         """Create a fresh machine at *path* with *ram_bytes* of RAM, booted (generation 1).
 
         An existing machine there is wiped when *force*, else MachineExists; a directory that
-        is neither empty nor a machine is never wiped (MachineError). Raises ValueError for a
+        is neither empty nor a machine is never wiped (MachineError). Raises InvalidRequest for a
         bad size or command line.
         """
         check_ram_bytes(ram_bytes)
@@ -231,7 +231,7 @@ class Machine:
         ram_bytes = get_int(data, "ram_bytes", where, minimum=1)
         try:
             check_ram_bytes(ram_bytes)
-        except ValueError as exc:
+        except InvalidRequest as exc:
             raise CorruptMachine(f"{where}: {exc}") from None
         created_ns = get_int(data, "created_ns", where)
         try:
@@ -347,7 +347,7 @@ class Machine:
 
         Takes boot/lock, unless the caller holds it through *held* (a PageOwnership of the
         previous boot inside its ``locked()``); never call it inside another object's
-        ``locked()`` (that deadlocks). Raises ValueError for a bad command line.
+        ``locked()`` (that deadlocks). Raises InvalidRequest for a bad command line.
         """
         check_cmdline(cmdline)
         generation = self.boot_record().generation + 1

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.errors import CorruptMachine
+from kexec_sim.errors import CorruptMachine, InvalidRequest
 from kexec_sim.pages import PAGE_SIZE
 
 _MIB_PAGES = (1 << 20) // PAGE_SIZE
@@ -69,10 +69,12 @@ class MemoryMap:
     def default_for(cls, nr_pages: int) -> "MemoryMap":
         """Return the default map of a machine with *nr_pages* pages (see module docstring).
 
-        Raises ValueError when *nr_pages* is below MIN_PAGES.
+        Raises InvalidRequest when *nr_pages* is below MIN_PAGES.
         """
         if nr_pages < MIN_PAGES:
-            raise ValueError(f"RAM of {nr_pages} pages is below the minimum of {MIN_PAGES} pages")
+            raise InvalidRequest(
+                f"RAM of {nr_pages} pages is below the minimum of {MIN_PAGES} pages"
+            )
         if nr_pages >= STANDARD_LAYOUT_MIN_PAGES:
             kernel_start, kernel_end, nosave_end = KERNEL_START_PFN, KERNEL_END_PFN, NOSAVE_END_PFN
         else:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.errors import CorruptMachine
+from kexec_sim.errors import CorruptMachine, InvalidRequest
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.memmap import MemoryMap, RegionType
 
@@ -50,7 +50,7 @@ _BINCOUNT_MAX_RANGE = 1 << 20  # ids spanning less than this are counted with np
 
 
 def check_mountpoint(mountpoint: str | None) -> None:
-    """Raise ValueError unless *mountpoint* is None or an absolute, printable path."""
+    """Raise InvalidRequest unless *mountpoint* is None or an absolute, printable path."""
     if mountpoint is None:
         return
     if (
@@ -58,7 +58,7 @@ def check_mountpoint(mountpoint: str | None) -> None:
         or len(mountpoint) > MAX_MOUNTPOINT_CHARS
         or not mountpoint.isprintable()
     ):
-        raise ValueError(
+        raise InvalidRequest(
             f"mountpoint must be an absolute printable path of at most {MAX_MOUNTPOINT_CHARS} "
             f"characters, got {mountpoint[:100]!r}"
         )
@@ -73,7 +73,7 @@ def _get_mountpoint(raw: Mapping[str, object], where: str) -> str | None:
         raise CorruptMachine(f"{where}: 'mountpoint' must be a string or null, got {value!r}")
     try:
         check_mountpoint(value)
-    except ValueError as exc:
+    except InvalidRequest as exc:
         raise CorruptMachine(f"{where}: {exc}") from None
     return value
 

@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from kexec_sim.allocator import PfnRange, find_free_huge, find_free_pages
 from kexec_sim.closing import Closing
-from kexec_sim.errors import CorruptMachine, MachineError, OutOfMemory
+from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
 from kexec_sim.memmap import MemoryMap
 from kexec_sim.owners import (
@@ -290,11 +290,11 @@ class PageOwnership(Closing):
 
         *mountpoint* is the mount the owner serves, if any: ``kexec-sim exec`` unmounts it;
         *preservable* says the mount can preserve its pages (``remount,preserve``).
-        Reclaims dead owners first. Raises ValueError for a bad name or mountpoint,
+        Reclaims dead owners first. Raises InvalidRequest for a bad name or mountpoint,
         MachineError when *pid* is not a running process or the ids of this boot are exhausted.
         """
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
-            raise ValueError(f"owner name must be 1..{MAX_NAME_CHARS} printable characters")
+            raise InvalidRequest(f"owner name must be 1..{MAX_NAME_CHARS} printable characters")
         check_mountpoint(mountpoint)
         with self.locked():
             self.reclaim_dead_owners()
@@ -371,7 +371,7 @@ class PageOwnership(Closing):
         self, owner_id: int, n_units: int, unit_pages: int, avoid: PfnRange | None
     ) -> PfnArray:
         if n_units < 0:
-            raise ValueError(f"cannot allocate {n_units} units")
+            raise InvalidRequest(f"cannot allocate {n_units} units")
         find = find_free_pages if unit_pages == 1 else find_free_huge
         with self.locked():
             self._require_registered(owner_id)

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.closing import Closing
-from kexec_sim.errors import CorruptMachine, MachineError
+from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError
 from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, run_positions, runs_in_order
 from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 
@@ -155,7 +155,7 @@ class Ram(Closing):
     def fill_range(self, start_pfn: int, nr_pages: int, pattern_byte: int) -> None:
         """Fill the pages ``start_pfn .. start_pfn + nr_pages - 1`` with *pattern_byte*."""
         if not 0 <= pattern_byte <= 0xFF:
-            raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
+            raise InvalidRequest(f"pattern byte {pattern_byte} is not in 0..255")
         self._check_range(start_pfn, nr_pages)
         self._pages[start_pfn : start_pfn + nr_pages] = pattern_byte
         self.keys.mark_changed_range(start_pfn, nr_pages)
@@ -185,7 +185,7 @@ class Ram(Closing):
     def fill(self, pfns: npt.ArrayLike, pattern_byte: int) -> None:
         """Fill every page of *pfns* with *pattern_byte* (0..255); MachineError for a bad pfn."""
         if not 0 <= pattern_byte <= 0xFF:
-            raise ValueError(f"pattern byte {pattern_byte} is not in 0..255")
+            raise InvalidRequest(f"pattern byte {pattern_byte} is not in 0..255")
         checked = as_pfn_array(pfns, self.nr_pages)
         self._pages[checked] = pattern_byte
         self.keys.mark_changed(checked)

@@ -10,6 +10,7 @@ consecutive pfns (one call per run, never per page).
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.errors import InvalidRequest
 from kexec_sim.pages import mask_runs
 from kexec_sim.ram import Ram
 
@@ -21,10 +22,10 @@ SCRUB_MODES = ("punch", "poison")
 def scrub(ram: Ram, keep: npt.NDArray[np.bool_], mode: str) -> int:
     """Scrub every page of *ram* whose entry in *keep* is False; return how many.
 
-    Raises ValueError for an unknown *mode*, OSError when the host refuses.
+    Raises InvalidRequest for an unknown *mode*, OSError when the host refuses.
     """
     if mode not in SCRUB_MODES:
-        raise ValueError(f"scrub mode must be one of {', '.join(SCRUB_MODES)}, got {mode!r}")
+        raise InvalidRequest(f"scrub mode must be one of {', '.join(SCRUB_MODES)}, got {mode!r}")
     starts, counts = mask_runs(~keep)
     for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
         if mode == "punch":

@@ -31,15 +31,15 @@ def control_path(mountpoint: str) -> str:
 
 
 def decode_request(value: bytes) -> dict[str, Any]:
-    """Decode a command value; raise ValueError if it is not a msgpack map with a ``cmd``."""
+    """Decode a command value; raise MountError if it is not a msgpack map with a ``cmd``."""
     if len(value) > MAX_REQUEST_BYTES:
-        raise ValueError("command too long")
+        raise MountError("command too long")
     try:
         request = msgpack.unpackb(value, raw=False)
     except Exception as exc:  # msgpack raises several types for bad input
-        raise ValueError(f"undecodable command: {exc}") from None
+        raise MountError(f"undecodable command: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-        raise ValueError("a command is a map with a 'cmd' string")
+        raise MountError("a command is a map with a 'cmd' string")
     return request
 
 

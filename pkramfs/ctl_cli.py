@@ -5,7 +5,9 @@
 nodes; ``pkramfs-ctl nodes [--machine DIR] [--json]`` lists the preserved nodes (like reading
 /sys/kernel/pkram's list), ``pkramfs-ctl discard NAME [--machine DIR]`` frees one.
 
-Exit codes: 0 fine; 1 the check found problems or a mount did not answer; 2 bad invocation.
+Exit codes: 0 fine; 1 the check found problems, a mount did not answer or the host refused;
+2 bad invocation; 70 internal error, a bug (one line naming it and the log file with its
+traceback).
 """
 
 import argparse
@@ -14,7 +16,8 @@ import sys
 from dataclasses import asdict
 
 from kexec_sim.errors import MachineError
-from kexec_sim.machine import Machine
+from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
+from kexec_sim.machine import Machine, resolve_machine_dir
 from kexec_sim.recovery import open_machine
 
 from . import control
@@ -63,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except (PkramfsError, MachineError) as exc:
         print(f"pkramfs-ctl: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pkramfs-ctl: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except Exception as exc:  # a bug: one line and the log, never a traceback
+        machine = None if args.command == "status" else resolve_machine_dir(args.machine)
+        print(report_internal_error("pkramfs-ctl", exc, machine), file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _open(args: argparse.Namespace) -> Machine:

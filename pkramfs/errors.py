@@ -2,9 +2,11 @@
 
 import errno as errno_module
 
+from kexec_sim.errors import Error
 
-class PkramfsError(Exception):
-    """Base of every pkramfs error."""
+
+class PkramfsError(Error):
+    """Base of every pkramfs error (under the project's one root, kexec_sim.errors.Error)."""
 
 
 class FsError(PkramfsError):

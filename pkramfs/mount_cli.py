@@ -6,7 +6,9 @@ the foreground, ``-d`` logs debug output). Called as ``mount.pkramfs`` by mount(
 "fake" as for every mount helper, and ``-n``, ``-s``, ``-v`` are accepted.
 
 Exit codes (those of mount(8)): 0 mounted; 1 bad invocation or bad option (a one-line message
-names it; nothing is mounted); 32 the mount or remount failed (the message says why).
+names it; nothing is mounted); 4 internal error, a bug (mount(8)'s "internal mount bug": one
+line naming it and the log file with its traceback); 32 the mount or remount failed (the
+message says why).
 """
 
 import argparse
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kexec_sim.errors import MachineError
+from kexec_sim.internal_error import report_internal_error
 from kexec_sim.machine import Machine
 from kexec_sim.recovery import open_machine
 
@@ -27,6 +30,7 @@ from .mounts import pkramfs_mounts
 from .options import MountOptions, parse_options, split_option_list
 
 EXIT_USAGE = 1
+EXIT_INTERNAL = 4
 EXIT_FAILED = 32
 READY = b"mounted\n"  # what the daemon writes to the pipe once the mount is live
 
@@ -77,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PkramfsError, MachineError, OSError, ValueError) as exc:
+    except (PkramfsError, MachineError, OSError) as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:  # a bug: one line and the log, never a traceback
+        print(report_internal_error("pkramfs", exc, None), file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _check_mountpoint(path: str) -> str:

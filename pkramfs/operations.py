@@ -27,7 +27,7 @@ from kexec_sim.errors import MachineError, OutOfMemory
 from kexec_sim.pages import PAGE_SIZE
 
 from . import control
-from .errors import FsError, NodeError, PkramfsError
+from .errors import FsError, MountError, NodeError, PkramfsError
 from .filesystem import PkramFilesystem
 from .inode import Inode
 from .tree import CAPABILITY_XATTR, NAME_MAX
@@ -396,7 +396,7 @@ class Operations(pyfuse3.Operations):
         try:
             request = control.decode_request(value)
             self._run_command(request)
-        except (ValueError, PkramfsError, MachineError, OSError) as exc:
+        except (PkramfsError, MachineError, OSError) as exc:
             self._last_control_error = str(exc).encode()
             raise pyfuse3.FUSEError(_command_errno(exc)) from None
         self._last_control_error = b""
@@ -406,10 +406,10 @@ class Operations(pyfuse3.Operations):
         if cmd == "remount":
             options = request.get("options")
             if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
-                raise ValueError("remount needs a list of option strings")
+                raise MountError("remount needs a list of option strings")
             self.fs.remount(options)
         else:
-            raise ValueError(f"unknown command {cmd!r}")
+            raise MountError(f"unknown command {cmd!r}")
 
 
 def _command_errno(exc: Exception) -> int:

@@ -14,6 +14,7 @@ take its counts as signed (Python's os.statvfs) still see right.
 import re
 from dataclasses import dataclass, field
 
+from kexec_sim.errors import InvalidRequest
 from kexec_sim.pages import PAGE_SIZE, pages_for_bytes
 from kexec_sim.sizes import parse_size
 
@@ -107,7 +108,7 @@ def parse_options(items: list[str], *, ram_bytes: int | None = None) -> MountOpt
         key, has_value, value = item.partition("=")
         try:
             _apply(opts, key, value if has_value else None, ram_bytes)
-        except ValueError as exc:
+        except (ValueError, InvalidRequest) as exc:  # int() and parse_size
             raise OptionError(f"bad value for mount option '{key}': {exc}") from None
     return opts
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kexec_sim import HANDOVER, PRESERVED, Machine, MachineError
+from kexec_sim import HANDOVER, PRESERVED, InvalidRequest, Machine, MachineError
 from kexec_sim.cmdline import join_cmdline, parse_pfn, pkram_pfn, without_param
 from kexec_sim.owners import FREE
 from kexec_sim.preserved_pages import write_table
@@ -28,7 +28,7 @@ def test_parse_pfn(text: str, pfn: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "0x", "-1", "+5", "1_000", "12a", "0xg", " 5", "٣"])
 def test_parse_pfn_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="not a pfn"):
+    with pytest.raises(InvalidRequest, match="not a pfn"):
         parse_pfn(text)
 
 
@@ -42,7 +42,7 @@ def test_pkram_param() -> None:
         ("pkram=0", "not a page of this RAM"),
         (f"pkram={NR_PAGES}", "not a page of this RAM"),
     ]:
-        with pytest.raises(ValueError, match=reason):
+        with pytest.raises(InvalidRequest, match=reason):
             pkram_pfn(cmdline, NR_PAGES)
     assert without_param("a pkram=5 b=1 pkram c", "pkram") == "a b=1 c"
     assert join_cmdline(" quiet ", "", "pkram=5") == "quiet pkram=5"

@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kexec_sim import MACHINE_ENV, Machine
+from kexec_sim import MACHINE_ENV, Machine, cli
 from kexec_sim.cli import main
 from kexec_sim.ownership import HEADER_BYTES, MAP_FILE
 
@@ -192,3 +193,37 @@ def test_a_machine_not_made_yet_is_one_line_saying_how(tmp_path: Path, command: 
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "the first pkramfs mount makes it, or 'kexec-sim init'" in done.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("bug", [ZeroDivisionError("boom"), ValueError("a numpy bug")])
+def test_an_unexpected_exception_is_one_line_and_a_log(
+    capsys: pytest.CaptureFixture[str],
+    machine_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bug: Exception,
+) -> None:
+    """A bug is not a user mistake: exit 70, one line naming it and the traceback's file."""
+    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+
+    def broken(args: object) -> int:
+        raise bug
+
+    monkeypatch.setitem(cli.COMMANDS, "status", replace(cli.COMMANDS["status"], run=broken))
+    code, out, err = run(capsys, "--machine", str(machine_dir), "status")
+    assert code == 70 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"kexec-sim: internal error: {type(bug).__name__}: {bug}" in err
+    log = Path(err.rsplit("(traceback in ", 1)[1].removesuffix(")\n"))
+    assert log.parent == machine_dir / "logs"
+    assert "Traceback" in log.read_text() and "in broken" in log.read_text()
+
+
+def test_a_bad_request_from_the_library_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], machine_dir: Path
+) -> None:
+    code, _, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "12Q")
+    assert code == 2
+    assert_one_line_error(err, "--ram: not a size")
+    code, _, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "1M")
+    assert code == 2
+    assert_one_line_error(err, "must be a multiple of 4096 between")

@@ -12,6 +12,7 @@ from kexec_sim import (
     DEFAULT_RAM_BYTES,
     MACHINE_ENV,
     CorruptMachine,
+    InvalidRequest,
     Machine,
     MachineError,
     MachineExists,
@@ -104,7 +105,7 @@ def test_create_fills_an_empty_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("ram_bytes", [0, 4096, (4 << 20) - 4096, RAM_BYTES + 1, 1 << 41])
 def test_create_rejects_bad_sizes(tmp_path: Path, ram_bytes: int) -> None:
-    with pytest.raises(ValueError, match="multiple of 4096"):
+    with pytest.raises(InvalidRequest, match="multiple of 4096"):
         Machine.create(tmp_path / "m", ram_bytes)
     assert not (tmp_path / "m").exists()
 
@@ -183,6 +184,6 @@ def test_start_boot_moves_to_the_next_generation(machine: Machine) -> None:
     with machine.page_ownership() as po:
         assert po.owners() == {} and po.check({}) == []
     assert Machine.open(machine.path).generation == 2
-    with pytest.raises(ValueError, match="one line"):
+    with pytest.raises(InvalidRequest, match="one line"):
         machine.start_boot("a\nb")
     assert machine.generation == 2

@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kexec_sim.errors import CorruptMachine
+from kexec_sim.errors import CorruptMachine, InvalidRequest
 from kexec_sim.memmap import MIN_PAGES, MemoryMap, MemoryRegion, RegionType
 
 MIB_PAGES = 256
@@ -50,7 +50,7 @@ def test_default_map_scales_down_to_small_ram(ram_mib: int) -> None:
 
 
 def test_default_map_refuses_tiny_ram() -> None:
-    with pytest.raises(ValueError, match="minimum"):
+    with pytest.raises(InvalidRequest, match="minimum"):
         MemoryMap.default_for(MIN_PAGES - 1)
 
 

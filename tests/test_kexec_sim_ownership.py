@@ -24,6 +24,7 @@ from kexec_sim import (
     NOSAVE,
     PRESERVED,
     CorruptMachine,
+    InvalidRequest,
     Machine,
     MachineError,
     OutOfMemory,
@@ -129,9 +130,9 @@ def test_register_and_unregister(po: PageOwnership) -> None:
 
 
 def test_register_rejects_bad_input(po: PageOwnership) -> None:
-    with pytest.raises(ValueError, match="printable"):
+    with pytest.raises(InvalidRequest, match="printable"):
         po.register_owner("", os.getpid())
-    with pytest.raises(ValueError, match="printable"):
+    with pytest.raises(InvalidRequest, match="printable"):
         po.register_owner("a\nb", os.getpid())
     with pytest.raises(MachineError, match="no running process"):
         po.register_owner("ghost", 2**31 - 1)
@@ -202,7 +203,7 @@ def test_allocate_rejects_unregistered_owner_and_bad_counts(po: PageOwnership, o
         po.allocate(owner + 1, 1)
     with pytest.raises(MachineError, match="not a registered owner"):
         po.allocate(KERNEL, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         po.allocate(owner, -1)
 
 
@@ -677,7 +678,7 @@ def test_owner_mountpoint_is_registered(machine: Machine, po: PageOwnership) -> 
     assert po.owners()[owner_id].mountpoint == "/mnt/a b"
     plain = po.register_owner("plain", os.getpid())
     assert po.owners()[plain].mountpoint is None
-    with pytest.raises(ValueError, match="mountpoint"):
+    with pytest.raises(InvalidRequest, match="mountpoint"):
         po.register_owner("bad", os.getpid(), mountpoint="relative/path")
     registry = json.loads((machine.boot_dir / "owners.json").read_text())
     del registry["owners"][str(owner_id)]["mountpoint"]  # as written before mountpoints

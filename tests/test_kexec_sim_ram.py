@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kexec_sim.ram
-from kexec_sim import PAGE_SIZE, CorruptMachine, Machine, MachineError, Ram
+from kexec_sim import PAGE_SIZE, CorruptMachine, InvalidRequest, Machine, MachineError, Ram
 
 RAM_BYTES = 8 << 20
 
@@ -36,7 +36,7 @@ def test_page_access_is_checked(machine: Machine) -> None:
             ram.write_page(0, b"short")
         with pytest.raises(MachineError, match="outside"):
             ram.fill([machine.nr_pages], 0)
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             ram.fill([0], 256)
 
 

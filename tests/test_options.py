@@ -2,6 +2,7 @@
 
 import pytest
 
+from kexec_sim.errors import InvalidRequest
 from kexec_sim.sizes import parse_size
 from pkramfs.errors import OptionError
 from pkramfs.options import MAX_NR_INODES, MAX_SIZE_BYTES, parse_options, split_option_list
@@ -101,5 +102,5 @@ def test_parse_size(text: str, value: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "G", "1.5G", "-1", "12X"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         parse_size(text)
