@@ -26,11 +26,11 @@ import pyfuse3
 from kexec_sim.errors import MachineError, OutOfMemory
 from kexec_sim.pages import PAGE_SIZE
 
-from . import control
+from . import control, xattrs
 from .errors import FsError, MountError, NodeError, PkramfsError
 from .filesystem import PkramFilesystem
 from .inode import Inode
-from .tree import CAPABILITY_XATTR, NAME_MAX
+from .tree import NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == control.CONTROL_INO:
             return self._control_query(name)
-        if name == CAPABILITY_XATTR:
+        if name == xattrs.CAPABILITY:
             self.requests["capability_query"] += 1
         return self.tree.getxattr(inode, name)
 

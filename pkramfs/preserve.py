@@ -17,6 +17,7 @@ from . import byte_stream, page_stream, tree_record
 from .errors import CorruptNode
 from .node_store import NodeContents, NodeStore, fault_point
 from .pkram_node import NodeHeader, write_node
+from .relocation import relocate_out_of
 from .tree import Tree
 
 
@@ -67,7 +68,7 @@ def preserve(
     clock = _Clock()
     machine, ram, ownership = store.machine, store.ram, store.ownership
     start, end = next_kernel_range(machine)
-    relocated = tree.relocate_out_of(start, end)
+    relocated = relocate_out_of(tree, start, end)
     clock.lap("relocate")
     snap = tree_record.snapshot(tree, mount)
     clock.lap("snapshot")

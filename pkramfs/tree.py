@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PAGE_SIZE, PfnArray
+from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 
-from . import file_data, secret_pages
+from . import file_data, secret_pages, xattrs
 from .errors import FsError
-from .file_pages import CHUNK_SHIFT, page_entries
 from .inode import Inode
 from .page_pool import PagePool
 
@@ -28,17 +27,9 @@ ROOT_INO = 1
 FIRST_FREE_INO = 3  # 2 is the hidden control file's
 NAME_MAX = 255
 MAX_FILE_BYTES = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
-XATTR_SPACE_PER_INODE = 1024  # like tmpfs's ispace: the mount's xattr bytes <= nr_inodes * 1 KiB
-XATTR_SPACE_UNLIMITED = 1 << 30  # with nr_inodes=0, still a bound on the daemon's memory
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-CAPABILITY_XATTR = b"security.capability"
-SECRET_XATTR = b"user.pkramfs.secret"  # value b"1": the file's pages leave the direct map
-SECRET_VALUE = b"1"
 
 
 @dataclass
@@ -487,9 +478,9 @@ class Tree:
         File capabilities always go; set-uid, and set-gid when group-exec is set, go on a
         chown, or when the caller is not root (root stands for CAP_FSETID here).
         """
-        capability = inode.xattrs.pop(CAPABILITY_XATTR, None)
+        capability = inode.xattrs.pop(xattrs.CAPABILITY, None)
         if capability is not None:
-            self.xattr_bytes -= len(CAPABILITY_XATTR) + len(capability)
+            self.xattr_bytes -= len(xattrs.CAPABILITY) + len(capability)
         if chown or caller_uid != 0:
             inode.mode &= ~stat.S_ISUID
             if inode.mode & stat.S_IXGRP:
@@ -584,41 +575,8 @@ class Tree:
     def is_secret(self, inode: Inode) -> bool:
         """Whether *inode* is a secret regular file: its pages are out of the direct map."""
         return inode.pages is not None and (
-            self.secret or inode.xattrs.get(SECRET_XATTR) == SECRET_VALUE
+            self.secret or inode.xattrs.get(xattrs.SECRET) == xattrs.SECRET_VALUE
         )
-
-    def relocate_out_of(self, start: int, end: int) -> int:
-        """Move the file pages in pfns ``start .. end - 1`` to pages outside (where a kexec is
-        about to write its kernel); return how many pages moved."""
-        if not self.pool.owns_any(start, end):
-            return 0
-        avoid = (start, end)
-        moved = 0
-        for inode in self.inodes.values():
-            if inode.pages is None or inode.pages.nr_pages == 0:
-                continue
-            pfns, orders, indexes, _ = page_entries([inode.pages])
-            inside = (pfns < end) & (pfns + (np.int64(1) << orders) > start)
-            if not inside.any():
-                continue
-            secret = self.is_secret(inode)
-            small = inside & (orders == 0)
-            if small.any():
-                old = pfns[small]
-                new = self.pool.replacements(len(old), avoid)
-                file_data.copy_pages(self.ram, old, new, secret)
-                inode.pages.replace_pages(indexes[small], new)
-                self.pool.release_replaced(old)
-                moved += len(old)
-            huge = inside & (orders == HUGE_ORDER)
-            for base, index in zip(pfns[huge].tolist(), indexes[huge].tolist(), strict=True):
-                new_base = self.pool.huge_replacement(avoid)
-                old = np.arange(base, base + HUGE_PAGES, dtype=np.int64)
-                file_data.copy_pages(self.ram, old, old - base + new_base, secret)
-                inode.pages.replace_huge(index >> CHUNK_SHIFT, new_base)
-                self.pool.release_replaced(old)
-                moved += HUGE_PAGES
-        return moved
 
     def hide_secret_pages(self) -> None:
         """Remove every secret file's pages from the direct map (after a restore)."""
@@ -643,71 +601,49 @@ class Tree:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """Return the value of xattr *name* (ENODATA if absent)."""
         inode = self.get(ino)
-        _check_xattr_name(name)
+        xattrs.check_name(name)
         try:
             return inode.xattrs[name]
         except KeyError:
             raise FsError(errno.ENODATA) from None
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        """Create or replace xattr *name*."""
+        """Create or replace xattr *name*; the secret one only as `_make_secret` allows."""
         self._check_writable()
         inode = self.get(ino)
-        _check_xattr_name(name)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError(errno.E2BIG)
-        if name == SECRET_XATTR:
+        xattrs.check_name(name)
+        if name == xattrs.SECRET:
             self._make_secret(inode, value)
             return
-        old = inode.xattrs.get(name)
-        growth = len(value) - len(old) if old is not None else len(name) + len(value)
-        if self.xattr_bytes + growth > self.xattr_space():
-            raise FsError(errno.ENOSPC)
-        inode.xattrs[name] = value
-        self.xattr_bytes += growth
-        inode.ctime_ns = time.time_ns()
+        space = xattrs.space_bytes(self.max_inodes)
+        self.xattr_bytes += xattrs.store(inode, name, value, self.xattr_bytes, space)
 
     def _make_secret(self, inode: Inode, value: bytes) -> None:
         """Set the secret xattr: only to "1", only on a regular file, never undone (EPERM)."""
-        if value != SECRET_VALUE:
+        if value != xattrs.SECRET_VALUE:
             raise FsError(errno.EPERM, "user.pkramfs.secret can only be set to 1")
         if inode.pages is None:
             raise FsError(errno.EPERM, "only a regular file can be secret")
-        old = inode.xattrs.get(SECRET_XATTR)
-        if old == value:
+        if inode.xattrs.get(xattrs.SECRET) == value:
             return
-        growth = len(value) - len(old) if old is not None else len(SECRET_XATTR) + len(value)
-        if self.xattr_bytes + growth > self.xattr_space():
-            raise FsError(errno.ENOSPC)
         was_secret = self.is_secret(inode)
-        inode.xattrs[SECRET_XATTR] = value
-        self.xattr_bytes += growth
-        inode.ctime_ns = time.time_ns()
+        space = xattrs.space_bytes(self.max_inodes)
+        self.xattr_bytes += xattrs.store(inode, xattrs.SECRET, value, self.xattr_bytes, space)
         if not was_secret:
             secret_pages.hide(self.ram, inode.pages.all_pfns())
-
-    def xattr_space(self) -> int:
-        """The bytes of xattr names and values the whole mount may hold."""
-        if not self.max_inodes:
-            return XATTR_SPACE_UNLIMITED
-        return self.max_inodes * XATTR_SPACE_PER_INODE
 
     def listxattr(self, ino: int) -> list[bytes]:
         """Return the names of an inode's xattrs."""
         return list(self.get(ino).xattrs)
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        """Remove xattr *name* (ENODATA if absent)."""
+        """Remove xattr *name* (ENODATA if absent); a secret file stays secret (EPERM)."""
         self._check_writable()
         inode = self.get(ino)
-        _check_xattr_name(name)
-        if name == SECRET_XATTR and inode.xattrs.get(name) == SECRET_VALUE:
+        xattrs.check_name(name)
+        if name == xattrs.SECRET and inode.xattrs.get(name) == xattrs.SECRET_VALUE:
             raise FsError(errno.EPERM, "a secret file stays secret")
-        value = inode.xattrs.pop(name, None)
-        if value is None:
-            raise FsError(errno.ENODATA)
-        self.xattr_bytes -= len(name) + len(value)
-        inode.ctime_ns = time.time_ns()
+        self.xattr_bytes -= xattrs.remove(inode, name)
 
     # --- the whole mount --------------------------------------------------------------------
 
@@ -754,10 +690,3 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG)
     if b"/" in name or not name:
         raise FsError(errno.EINVAL)
-
-
-def _check_xattr_name(name: bytes) -> None:
-    if not name or len(name) > XATTR_NAME_MAX:
-        raise FsError(errno.ERANGE)
-    if not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES:
-        raise FsError(errno.EOPNOTSUPP)

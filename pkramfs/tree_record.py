@@ -21,7 +21,7 @@ import numpy as np
 
 from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PfnArray
 
-from . import file_pages
+from . import file_pages, xattrs
 from .errors import CorruptNode
 from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
 from .inode import Inode
@@ -31,9 +31,6 @@ from .tree import (
     MAX_FILE_BYTES,
     NAME_MAX,
     ROOT_INO,
-    XATTR_NAME_MAX,
-    XATTR_NAMESPACES,
-    XATTR_SIZE_MAX,
     Tree,
 )
 
@@ -157,7 +154,7 @@ def rebuild(
             strict_map_key=False,
             use_list=True,
             max_str_len=_MAX_KEY_BYTES,  # map keys and the huge policy only
-            max_bin_len=max(XATTR_SIZE_MAX, PAGE_SIZE),  # names, xattr values, symlink targets
+            max_bin_len=max(xattrs.SIZE_MAX, PAGE_SIZE),  # names, xattr values, symlink targets
             max_ext_len=0,  # none are written
             max_array_len=len(meta),  # each element takes a byte at least
             max_map_len=len(meta),
@@ -263,22 +260,22 @@ class _Checker:
         if not _plausible(record, next_ino):
             self._explain(record, next_ino)
         assert isinstance(record, list)
-        ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime, xattrs, content = record
+        ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime, attrs, content = record
         inode = Inode(ino, mode, uid, gid, 0)
         inode.nlink, inode.rdev, inode.size_bytes = nlink, rdev, size
         inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
-        if xattrs is not None:
-            self.that(isinstance(xattrs, dict), f"inode {ino}: bad xattrs")
-            for key, value in xattrs.items():
+        if attrs is not None:
+            self.that(isinstance(attrs, dict), f"inode {ino}: bad xattrs")
+            for key, value in attrs.items():
                 self.that(
                     isinstance(key, bytes)
-                    and 0 < len(key) <= XATTR_NAME_MAX
-                    and key.startswith(XATTR_NAMESPACES)
+                    and 0 < len(key) <= xattrs.NAME_MAX
+                    and key.startswith(xattrs.NAMESPACES)
                     and isinstance(value, bytes)
-                    and len(value) <= XATTR_SIZE_MAX,
+                    and len(value) <= xattrs.SIZE_MAX,
                     f"inode {ino}: bad xattr {key!r}",
                 )
-            inode.xattrs = dict(xattrs)
+            inode.xattrs = dict(attrs)
         return inode, content
 
     def _explain(self, record: object, next_ino: int) -> None:
