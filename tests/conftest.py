@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,17 +26,15 @@ import pytest_timeout
 
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerInfo, OwnerRegistry
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import process_start_time
-from kexec_sim.ram import Ram
 from pkramfs.checker import check_machine
 from pkramfs.mounts import unescape_field
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from .util import BIN, run
+
 SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
-COMMAND_TIMEOUT_S = 30.0
+CLEANUP_TIMEOUT_S = 30.0
 LOG_ALARMS = ("ERROR", "CRITICAL", "Traceback")
 LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ ")  # mount_cli's format
 KILL_AFTER_TIMEOUT_S = 5.0
@@ -45,24 +42,10 @@ EXIT_AFTER_TIMEOUT_S = 65.0
 _WATCHDOG = pytest.StashKey[list[threading.Timer]]()
 
 
-def make_ram(directory: Path, nr_pages: int) -> Ram:
-    """A bare RAM file of *nr_pages* in *directory*, mapped (for tests of the RAM formats)."""
-    path = directory / "RAM"
-    with open(path, "wb") as f:
-        f.truncate(nr_pages * PAGE_SIZE)
-    return Ram(path, nr_pages)
-
-
-def _run(
-    *cmd: str, check: bool = True, timeout: float | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=timeout)
-
-
 def _try(*cmd: str) -> bool:
     """Run a cleanup command with a timeout; return whether it succeeded (never raise)."""
     try:
-        return _run(*cmd, check=False, timeout=COMMAND_TIMEOUT_S).returncode == 0
+        return run(*cmd, timeout=CLEANUP_TIMEOUT_S).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -219,7 +202,7 @@ def machine(work_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machin
     kexec, reboot or power off lose is poisoned (KEXEC_SIM_SCRUB=poison), so reading a page
     nobody preserved or restored shows 0xAA, not plausible zeros."""
     path = work_root / f"machine-{uuid.uuid4().hex[:8]}"
-    result = _run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
+    result = run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv("KEXEC_SIM_MACHINE", str(path))
     monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
@@ -246,7 +229,7 @@ class Mounts:
         mnt = mountpoint or self.mountpoint()
         opts = f"machine={self.machine.path}" + (f",{options}" if options else "")
         self.track(mnt)  # before any assertion: a half-made mount is torn down too
-        result = _run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts, check=False)
+        result = run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts)
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert os.path.ismount(mnt)
         return mnt
@@ -349,7 +332,8 @@ def kernel_tmpfs(work_root: Path) -> Iterator[Path]:
     """A kernel tmpfs mounted for comparison."""
     path = work_root / f"tmpfs-{uuid.uuid4().hex[:8]}"
     path.mkdir()
-    _run("mount", "-t", "tmpfs", "-o", "size=256M", "tmpfs", str(path))
+    result = run("mount", "-t", "tmpfs", "-o", "size=256M", "tmpfs", str(path))
+    assert result.returncode == 0, result.stderr
     try:
         yield path
     finally:

@@ -17,8 +17,20 @@ from kexec_sim.ownership import PRESERVED
 from kexec_sim.pages import PAGE_SIZE
 from pkramfs.checker import check_machine
 
-from .conftest import BIN, Mounts
-from .util import contents, ctl, kexec, kexec_sim, make_tree, md5, preserve, run, snapshot
+from .conftest import Mounts
+from .util import (
+    BIN,
+    contents,
+    ctl,
+    ctl_status,
+    kexec,
+    kexec_sim,
+    make_tree,
+    md5,
+    preserve,
+    run,
+    snapshot,
+)
 
 
 def test_the_user_flow_at_small_size(machine: Machine, mounts: Mounts) -> None:
@@ -35,7 +47,7 @@ def test_the_user_flow_at_small_size(machine: Machine, mounts: Mounts) -> None:
     with pytest.raises(OSError) as raised:
         (mnt / "other").write_bytes(b"x")
     assert raised.value.errno == errno.EROFS
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    status = ctl_status(mnt)
     assert status["preserved_node"] and status["read_only"]
     kexec(machine)
     assert not os.path.ismount(mnt)  # exec stopped the old daemon
@@ -59,7 +71,7 @@ def test_full_tree_round_trip(machine: Machine, mounts: Mounts) -> None:
         after_meta = snapshot(m)
         assert after_meta == before[m][1]
         assert contents(m) == before[m][0]
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(huge), "--json").stdout)
+    status = ctl_status(huge)
     assert status["huge"] == "always"  # the mount's options came back with the tree
     assert status["restored"]["entries"] < 20  # the 9 MiB file's huge pages are one entry each
     assert os.stat(huge / "h").st_blocks == huge_blocks
@@ -84,7 +96,7 @@ def test_removed_files_the_kernel_still_knows_hold_nothing_and_are_not_preserved
         os.rmdir(mnt / "cwd")
         (mnt / "gone").write_bytes(b"g" * (3 << 20))
         os.unlink(mnt / "gone")
-        status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+        status = ctl_status(mnt)
         assert status["inodes"] == 2 and status["used_pages"] == 25  # root and keep
         assert check_machine(machine) == []
         assert run("mount", "-o", "remount,preserve,ro", str(mnt)).returncode == 32  # busy
@@ -175,7 +187,7 @@ def test_load_addr_conflict_and_relocation_out_of_the_load_range(
     )
     assert loaded.returncode == 0, loaded.stderr
     preserve(mnt)
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    status = ctl_status(mnt)
     assert status["last_preserve"]["relocated_pages"] > 0
     pfns = preserved_pfns(machine)
     assert not any((2 << 20) // PAGE_SIZE <= p < (6 << 20) // PAGE_SIZE for p in pfns)

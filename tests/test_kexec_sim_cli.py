@@ -13,7 +13,7 @@ from kexec_sim import MACHINE_ENV, Machine
 from kexec_sim.cli import main
 from kexec_sim.ownership import HEADER_BYTES, MAP_FILE
 
-REPO = Path(__file__).resolve().parents[1]
+from .util import REPO
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray
 from kexec_sim.scrub import POISON_BYTE
 from kexec_sim.super_block import SuperBlock, read_super_block
 
-from .conftest import BIN
+from .util import kexec_sim
 
 RAM = "64M"
 NR_PAGES = 16384
@@ -76,16 +76,9 @@ class Cli:
         return err
 
 
-def run(machine: Machine, *argv: str) -> subprocess.CompletedProcess[str]:
-    """The real ``kexec-sim`` in a subprocess."""
-    return subprocess.run(
-        [str(BIN / "kexec-sim"), "--machine", str(machine.path), *argv],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-        env={**os.environ, "KEXEC_SIM_SCRUB": "poison"},
-    )
+def kexec_sim_poison(machine: Machine, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real ``kexec-sim`` in a subprocess, scrubbing with poison."""
+    return kexec_sim(machine, *argv, env={**os.environ, "KEXEC_SIM_SCRUB": "poison"})
 
 
 @pytest.fixture
@@ -153,10 +146,10 @@ def test_exec_hands_over_preserved_pages_intact(
     with machine.page_ownership() as po:  # a mount's pages that are not preserved: lost
         owner = po.register_owner("pkramfs:x", daemon, mountpoint=str(work_root / "unmounted"))
         lost = po.allocate(owner, 100)
-    loaded = run(machine, "load", "--append", f"quiet pkram={sys_pkram(machine)}")
+    loaded = kexec_sim_poison(machine, "load", "--append", f"quiet pkram={sys_pkram(machine)}")
     assert loaded.returncode == 0 and loaded.stderr == "", loaded.stderr
     assert f"at {KERNEL_PFN * PAGE_SIZE:#x}" in loaded.stdout
-    done = run(machine, "exec", "--json")
+    done = kexec_sim_poison(machine, "exec", "--json")
     assert done.returncode == 0, done.stderr
     assert done.stderr == (
         f"kexec-sim: warning: {work_root / 'unmounted'} (owner 2): 100 pages not preserved, lost\n"
@@ -403,8 +396,8 @@ def test_exec_stops_daemons_with_sigterm_then_sigkill(
     with machine.page_ownership() as po:
         po.register_owner("polite", polite)
         po.allocate(po.register_owner("stubborn", stubborn), 10)
-    assert run(machine, "load").returncode == 0
-    done = run(machine, "exec", "--stop-timeout", "0.3")
+    assert kexec_sim_poison(machine, "load").returncode == 0
+    done = kexec_sim_poison(machine, "exec", "--stop-timeout", "0.3")
     assert done.returncode == 0, done.stderr
     assert "stubborn (owner 2): 10 pages not preserved, lost" in done.stderr
     assert (

@@ -35,7 +35,8 @@ from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import FAULT_ENV, HEADER_BYTES, MAP_FILE
 from kexec_sim.transfer_journal import JOURNAL_FILE, write_journal
 
-REPO = Path(__file__).resolve().parents[1]
+from .util import REPO
+
 RAM_BYTES = 64 << 20
 NR_PAGES = RAM_BYTES // 4096
 SUPER_BLOCK_PFN = 256  # the boot's super block: the first usable page (HANDOVER)

@@ -15,8 +15,8 @@ from kexec_sim.machine import Machine
 from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.storage_keys import CHANGED, SINCE_IMAGE
 
-from .conftest import BIN, Mounts, make_ram
-from .util import kexec, kexec_sim, md5, preserve, run
+from .conftest import Mounts
+from .util import ctl_status, kexec, kexec_sim, make_ram, md5, preserve
 
 SECRET = "user.pkramfs.secret"
 
@@ -52,16 +52,9 @@ def test_a_page_out_of_the_direct_map_faults_and_a_temporary_mapping_reaches_it(
         assert ram.unmapped_pages == 0
 
 
-def status(mnt: Path) -> dict[str, object]:
-    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
-    assert result.returncode == 0, result.stderr
-    loaded: dict[str, object] = json.loads(result.stdout)
-    return loaded
-
-
 def unmapped_pfns(machine: Machine, mnt: Path) -> list[int]:
     """The pfns the daemon of *mnt* has mapped PROT_NONE (``---s``) in its mapping of RAM."""
-    pid = status(mnt)["pid"]
+    pid = ctl_status(mnt)["pid"]
     ram_path = os.path.realpath(machine.path / "RAM")
     regions = []
     with open(f"/proc/{pid}/maps", encoding="utf-8") as maps:
@@ -97,7 +90,7 @@ def assert_hidden_exactly(machine: Machine, mnt: Path, *files: bytes) -> list[in
             ram.seek(pfn * PAGE_SIZE)
             held.append(hashlib.md5(ram.read(PAGE_SIZE)).digest())
     assert sorted(held) == sorted(d for data in files for d in page_digests(data))
-    assert status(mnt)["secret_pages"] == len(pfns)
+    assert ctl_status(mnt)["secret_pages"] == len(pfns)
     return pfns
 
 
@@ -113,7 +106,7 @@ def test_a_secret_mount_hides_its_file_pages_and_serves_them(
         os.pwrite(f.fileno(), b"tail", len(data) + 3)
         data += bytes(3) + b"tail"
     assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
-    state = status(mnt)
+    state = ctl_status(mnt)
     ranges = state["unmapped_ranges"]
     assert state["secret"] is True and isinstance(ranges, int) and ranges >= 1
     pfns = assert_hidden_exactly(machine, mnt, bytes(data))
@@ -163,7 +156,7 @@ def test_secret_files_survive_kexec_and_are_hidden_again(machine: Machine, mount
     kexec(machine)
     mounts.mount("pkram=whole", whole)  # the option comes back with the node
     mounts.mount("pkram=one", one)
-    assert status(whole)["secret"] is True
+    assert ctl_status(whole)["secret"] is True
     assert md5(whole / "a") == hashlib.md5(a).hexdigest()
     assert md5(one / "b") == hashlib.md5(b).hexdigest()
     assert md5(one / "c") == hashlib.md5(c).hexdigest()
@@ -191,7 +184,7 @@ def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: 
     assert (mnt / "g").read_bytes() == data[:100_000]
     os.unlink(mnt / "g")
     assert unmapped_pfns(machine, mnt) == []
-    assert status(mnt)["unmapped_ranges"] == 0
+    assert ctl_status(mnt)["unmapped_ranges"] == 0
 
 
 def test_relocation_copies_secret_pages_through_temporary_mappings(
@@ -209,7 +202,7 @@ def test_relocation_copies_secret_pages_through_temporary_mappings(
         ram.keys.image_completed()
         preserve(mnt)
         since_image = ram.keys.array & SINCE_IMAGE != 0
-    last = status(mnt)["last_preserve"]
+    last = ctl_status(mnt)["last_preserve"]
     assert isinstance(last, dict) and last["relocated_pages"] > 0
     after = assert_hidden_exactly(machine, mnt, data)  # the copies are hidden, the old back
     moved = sorted(set(after) - before)

@@ -1,31 +1,56 @@
-"""Helpers the handover, hibernation and crash tests share: commands, trees and their
-comparison (file contents by md5, metadata by snapshot)."""
+"""Helpers the test modules share: commands (this checkout's ``kexec-sim``, ``pkramfs-ctl``
+and mount(8) helpers), trees and their comparison (file contents by md5, metadata by snapshot)."""
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from kexec_sim.machine import Machine
+from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
 
-from .conftest import BIN
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # this checkout's commands (the virtualenv's bin)
+COMMAND_TIMEOUT_S = 120.0
 
 Snapshot = dict[str, tuple[object, ...]]
 
 
-def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run *cmd*, capturing its output as text; never raises for an exit code."""
     return subprocess.run(
-        list(cmd), capture_output=True, text=True, check=False, timeout=120, env=env
+        list(cmd), capture_output=True, text=True, check=False, timeout=timeout, env=env
     )
 
 
-def kexec_sim(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args)
+def path_env() -> dict[str, str]:
+    """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+def kexec_sim(
+    machine: Machine, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args, env=env)
 
 
 def ctl(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
     return run(str(BIN / "pkramfs-ctl"), *args, "--machine", str(machine.path))
+
+
+def ctl_status(mnt: Path) -> dict[str, Any]:
+    """``pkramfs-ctl status MNT --json``, which must succeed."""
+    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
+    assert result.returncode == 0, result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
 
 
 def preserve(mnt: Path) -> None:
@@ -41,6 +66,14 @@ def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.Completed
     result = kexec_sim(machine, "exec")
     assert result.returncode == 0, result.stderr
     return result
+
+
+def make_ram(directory: Path, nr_pages: int) -> Ram:
+    """A bare RAM file of *nr_pages* in *directory*, mapped (for tests of the RAM formats)."""
+    path = directory / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(nr_pages * PAGE_SIZE)
+    return Ram(path, nr_pages)
 
 
 def md5(path: Path) -> str:
