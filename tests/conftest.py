@@ -30,7 +30,7 @@ from kexec_sim.process import process_start_time
 from pkramfs.checker import check_machine
 from pkramfs.mounts import unescape_field
 
-from .util import BIN, run
+from .util import BIN, SMALL_RAM_BYTES, run
 
 SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
@@ -207,6 +207,19 @@ def machine(work_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machin
     monkeypatch.setenv("KEXEC_SIM_MACHINE", str(path))
     monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
     yield Machine.open(str(path), create=False)
+
+
+@pytest.fixture
+def small_machine(work_root: Path) -> Iterator[Machine]:
+    """A fresh 64 MiB machine made in this process (``Machine.create``), alone in a directory of
+    the session's root: nothing in the environment names it, and RAM that kexec, reboot or power
+    off lose is punched unless a test asks for poison. Removed afterwards."""
+    home = work_root / f"small-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    try:
+        yield Machine.create(home / "machine", SMALL_RAM_BYTES)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Mounts:

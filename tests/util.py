@@ -17,6 +17,7 @@ from kexec_sim.ram import Ram
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # this checkout's commands (the virtualenv's bin)
 COMMAND_TIMEOUT_S = 120.0
+SMALL_RAM_BYTES = 64 << 20  # the small_machine fixture's RAM
 
 Snapshot = dict[str, tuple[object, ...]]
 
