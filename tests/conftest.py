@@ -136,6 +136,18 @@ def _session_root() -> Path:
     return Path(given) if given else SHM_BASE / f"pkramfs-tests-{os.getpid()}"
 
 
+MOUNTING_FIXTURES = frozenset(["mounts", "kernel_tmpfs"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``mounted`` every test that uses a fixture that mounts (directly or through another
+    fixture), so that ``-m "not mounted"`` mounts nothing; a test that mounted some other way
+    would have to carry the mark itself (none does)."""
+    for item in items:
+        if MOUNTING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mounted)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: pytest_timeout.Settings) -> None:
     """Back pytest-timeout's SIGALRM up for tests stuck in a request to a hung daemon.

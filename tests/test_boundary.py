@@ -18,8 +18,6 @@ from pkramfs.operations import HANDLER_FAULT_ENV
 from .conftest import Mounts
 from .util import BIN, ctl_status, path_env, run
 
-pytestmark = pytest.mark.mounted
-
 LARGEST_SIZE = "18446744073709547520"  # 2^64 bytes less one page
 LARGEST_NR_INODES = "18014398509481983"  # 2^54 - 1, as kernel tmpfs
 TOO_LARGE = [

@@ -23,8 +23,6 @@ from hypothesis import strategies as st
 
 from .conftest import Mounts
 
-pytestmark = pytest.mark.mounted
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
 RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE

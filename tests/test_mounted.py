@@ -22,8 +22,6 @@ from pkramfs.checker import check_machine
 from .conftest import Mounts, wait_exit
 from .util import BIN, path_env, run
 
-pytestmark = pytest.mark.mounted
-
 
 def test_write_read_md5_and_unmount_frees_pages(mounts: Mounts, machine: Machine) -> None:
     mnt = mounts.mount("pkram=t1")
