@@ -10,6 +10,7 @@ has this session's daemons killed, since a request to a hung daemon ignores SIGA
 """
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -26,9 +27,13 @@ import pytest_timeout
 
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerInfo, OwnerRegistry
+from kexec_sim.ownership_check import handover_problems
 from kexec_sim.process import process_start_time
 from pkramfs.checker import check_machine
+from pkramfs.filesystem import PkramFilesystem
 from pkramfs.mounts import unescape_field
+from pkramfs.operations import Operations
+from pkramfs.options import parse_options, split_option_list
 
 from .util import BIN, SMALL_RAM_BYTES, run
 
@@ -343,13 +348,94 @@ def mounts(machine: Machine, work_root: Path) -> Iterator[Mounts]:
     finally:
         stuck = factory.teardown()
     assert stuck == [], "; ".join(stuck)
-    # After every daemon is gone, no page may remain owned by anybody.
+    assert_no_page_owned(machine)
+    errors = log_errors(machine, factory.expected_log_errors)
+    assert errors == [], "errors in the daemon logs:\n" + "\n".join(errors)
+
+
+def assert_no_page_owned(machine: Machine) -> None:
+    """After every mount is gone, no page may remain owned by anybody."""
     with machine.page_ownership() as after:
         after.reclaim_dead_owners()
         leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
     assert leftover == {}, f"pages still owned after unmount: {leftover}"
-    errors = log_errors(machine, factory.expected_log_errors)
-    assert errors == [], "errors in the daemon logs:\n" + "\n".join(errors)
+
+
+class InProcessMounts:
+    """Filesystems served in this process without FUSE: each a `PkramFilesystem` on the test's
+    machine and the pyfuse3 `Operations` over it, whose handlers a test awaits directly with a
+    stand-in request context (`tests.util.caller`). The tier between `Tree` and a real mount."""
+
+    def __init__(self, machine: Machine, root: Path) -> None:
+        self.machine = machine
+        self.root = root
+        self.filesystems: list[PkramFilesystem] = []
+        self.expected_log_errors: list[re.Pattern[str]] = []
+
+    def start(self, options: str = "") -> Operations:
+        """What a mount with ``-o OPTIONS`` serves, as the daemon makes it; never mounted (the
+        mountpoint only names the owner)."""
+        text = f"machine={self.machine.path}" + (f",{options}" if options else "")
+        parsed = parse_options(split_option_list(text), ram_bytes=self.machine.ram_bytes)
+        fs = PkramFilesystem(parsed, mountpoint=str(self.root / f"ops-{uuid.uuid4().hex[:8]}"))
+        self.filesystems.append(fs)
+        fs.take_restored()  # the daemon does it once mounted, before the first request
+        return Operations(fs)
+
+    def stop(self, operations: Operations) -> None:
+        """Unmount: the filesystem gives its pages back and leaves the registry."""
+        self.filesystems.remove(operations.fs)
+        operations.fs.close()
+
+    def expect_log_error(self, pattern: str) -> None:
+        """Let error records whose message matches the regex *pattern* pass; the test fails
+        if none does (as `Mounts.expect_log_error`)."""
+        self.expected_log_errors.append(re.compile(pattern))
+
+    def problems(self) -> list[str]:
+        """The ownership checker over the machine, with the claims of every running filesystem
+        (what `pkramfs.checker.check_machine` asks each mount for)."""
+        if not self.filesystems:
+            return []
+        fs = self.filesystems[0]
+        claims = {each.owner_id: each.owned_pfns() for each in self.filesystems}
+        handover = handover_problems(fs.ram, fs.store.sb_pfn, fs.store.generation)
+        return fs.ownership.check(claims) + (handover or fs.store.check())
+
+    def log_errors(self, records: Sequence[logging.LogRecord]) -> list[str]:
+        """The error records among *records* no expected pattern matches, then each expected
+        pattern that matched none."""
+        problems, seen = [], set()
+        for record in records:
+            if record.levelno < logging.ERROR and not record.exc_info:
+                continue
+            matching = [p for p in self.expected_log_errors if p.search(record.getMessage())]
+            seen.update(matching)
+            if not matching:
+                problems.append(f"{record.name}: {record.getMessage()}")
+        missing = [p.pattern for p in self.expected_log_errors if p not in seen]
+        return problems + [f"expected, never logged: {pattern}" for pattern in missing]
+
+
+@pytest.fixture
+def in_process(
+    small_machine: Machine, work_root: Path, caplog: pytest.LogCaptureFixture
+) -> Iterator[InProcessMounts]:
+    """Factory of filesystems served in this process (`InProcessMounts`) on a private machine.
+    Afterwards, as for `mounts`: the ownership checker, no page left owned once every
+    filesystem is closed, and no error logged but the expected ones."""
+    factory = InProcessMounts(small_machine, work_root)
+    try:
+        yield factory
+        problems = factory.problems()
+        assert problems == [], "ownership checker: " + "; ".join(problems)
+    finally:
+        for fs in factory.filesystems:
+            fs.close()
+    assert_no_page_owned(small_machine)
+    records = [r for phase in ("setup", "call", "teardown") for r in caplog.get_records(phase)]
+    errors = factory.log_errors(records)
+    assert errors == [], "errors logged:\n" + "\n".join(errors)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Helpers the test modules share: commands (this checkout's ``kexec-sim``, ``pkramfs-ctl``
-and mount(8) helpers), trees and their comparison (file contents by md5, metadata by snapshot)."""
+and mount(8) helpers), request contexts for calling handlers directly, bare RAM files, trees
+and their comparison (file contents by md5, metadata by snapshot)."""
 
 import hashlib
 import json
@@ -7,8 +8,11 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import pyfuse3
 
 from kexec_sim.machine import Machine
 from kexec_sim.pages import PAGE_SIZE
@@ -75,6 +79,25 @@ def make_ram(directory: Path, nr_pages: int) -> Ram:
     with open(path, "wb") as f:
         f.truncate(nr_pages * PAGE_SIZE)
     return Ram(path, nr_pages)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a FUSE request: a stand-in for pyfuse3's RequestContext, whose fields (a cdef
+    class's) cannot be set from Python. The handlers only read these four."""
+
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0o022
+
+
+ROOT = pyfuse3.RequestContext()  # pyfuse3's own, as made from Python: uid, gid, pid, umask 0
+
+
+def caller(uid: int, gid: int | None = None) -> pyfuse3.RequestContext:
+    """The request context of user *uid* (group *gid*, by default the same) in this process."""
+    return cast(pyfuse3.RequestContext, Caller(uid, uid if gid is None else gid, os.getpid()))
 
 
 def md5(path: Path) -> str:
