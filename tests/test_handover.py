@@ -20,16 +20,19 @@ from pkramfs.checker import check_machine
 from .conftest import Mounts
 from .util import (
     BIN,
+    OVER_FIRST_PAGES,
     contents,
     ctl,
     ctl_status,
     kexec,
     kexec_sim,
+    load_next_kernel,
     make_tree,
     md5,
     preserve,
     run,
     snapshot,
+    write_over_first_pages,
 )
 
 
@@ -171,21 +174,8 @@ def test_load_addr_conflict_and_relocation_out_of_the_load_range(
     machine: Machine, mounts: Mounts
 ) -> None:
     mnt = mounts.mount("pkram=reloc")
-    data = os.urandom(6 << 20)
-    (mnt / "f").write_bytes(data)
-    # The first usable pages (from 1 MiB, after the super block) hold the file: load the next
-    # kernel over them before preserving.
-    loaded = kexec_sim(
-        machine,
-        "load",
-        "--addr",
-        hex(2 << 20),
-        "--image-size",
-        "4M",
-        "--append",
-        "pkram=" + (machine.path / "sys/kernel/pkram").read_text().strip(),
-    )
-    assert loaded.returncode == 0, loaded.stderr
+    data = write_over_first_pages(mnt)
+    load_next_kernel(machine, OVER_FIRST_PAGES)  # before preserving
     preserve(mnt)
     status = ctl_status(mnt)
     assert status["last_preserve"]["relocated_pages"] > 0
@@ -195,7 +185,7 @@ def test_load_addr_conflict_and_relocation_out_of_the_load_range(
     assert conflict.returncode == 2 and "preserved" in conflict.stderr
     assert "Traceback" not in conflict.stderr
     # Loading the first range again (a conflict-free one) and exec: the data survives.
-    kexec(machine, ("--addr", hex(2 << 20), "--image-size", "4M"))
+    kexec(machine, OVER_FIRST_PAGES)
     mounts.mount("pkram=reloc", mnt)
     assert (mnt / "f").read_bytes() == data
 

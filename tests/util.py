@@ -63,11 +63,29 @@ def preserve(mnt: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """Load the next kernel with pkram= this boot's super block and exec it."""
+# `kexec-sim load` arguments that put the next kernel at 2-6 MiB, over the first usable pages,
+# where a fresh mount's first file lands: preserving it then relocates those pages.
+OVER_FIRST_PAGES = ("--addr", hex(2 << 20), "--image-size", "4M")
+
+
+def write_over_first_pages(mnt: Path) -> bytes:
+    """Write a 6 MiB file ``f`` on the fresh mount *mnt*: its pages are the first usable ones
+    (from 1 MiB, after the super block), under the kernel `OVER_FIRST_PAGES` loads. Return it."""
+    data = os.urandom(6 << 20)
+    (mnt / "f").write_bytes(data)
+    return data
+
+
+def load_next_kernel(machine: Machine, extra: tuple[str, ...] = ()) -> None:
+    """Load the next kernel with pkram= this boot's super block (and *extra* arguments)."""
     sb = (machine.path / "sys/kernel/pkram").read_text().strip()
     loaded = kexec_sim(machine, "load", "--append", f"pkram={sb}", *extra)
     assert loaded.returncode == 0, loaded.stderr
+
+
+def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Load the next kernel with pkram= this boot's super block and exec it."""
+    load_next_kernel(machine, extra)
     result = kexec_sim(machine, "exec")
     assert result.returncode == 0, result.stderr
     return result
