@@ -35,7 +35,7 @@ from pkramfs.mounts import unescape_field
 from pkramfs.operations import Operations
 from pkramfs.options import parse_options, split_option_list
 
-from .util import BIN, SMALL_RAM_BYTES, run
+from .util import BIN, SMALL_RAM_BYTES, kernel_tmpfs_in, run
 
 SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
@@ -440,12 +440,6 @@ def in_process(
 
 @pytest.fixture
 def kernel_tmpfs(work_root: Path) -> Iterator[Path]:
-    """A kernel tmpfs mounted for comparison."""
-    path = work_root / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    result = run("mount", "-t", "tmpfs", "-o", "size=256M", "tmpfs", str(path))
-    assert result.returncode == 0, result.stderr
-    try:
+    """A kernel tmpfs mounted for comparison (256 MiB)."""
+    with kernel_tmpfs_in(work_root, "size=256M") as path:
         yield path
-    finally:
-        _try("umount", "-l", str(path))

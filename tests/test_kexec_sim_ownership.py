@@ -35,7 +35,7 @@ from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import FAULT_ENV, HEADER_BYTES, MAP_FILE
 from kexec_sim.transfer_journal import JOURNAL_FILE, write_journal
 
-from .util import REPO, SMALL_RAM_BYTES
+from .util import REPO, SMALL_RAM_BYTES, run
 
 NR_PAGES = SMALL_RAM_BYTES // 4096
 SUPER_BLOCK_PFN = 256  # the boot's super block: the first usable page (HANDOVER)
@@ -587,13 +587,14 @@ def test_a_transfer_killed_midway_is_finished_by_the_next_lock_holder(
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "transfer-midway"}
     out = tmp_path / "pfns.npy"
-    child = subprocess.run(
-        [sys.executable, "-c", MIDWAY_CHILD, str(small_machine.path), str(out)],
+    child = run(
+        sys.executable,
+        "-c",
+        MIDWAY_CHILD,
+        str(small_machine.path),
+        str(out),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=TIMEOUT_S,
-        check=False,
     )
     assert child.returncode == -signal.SIGKILL and "not killed" not in child.stdout
     pfns = np.sort(np.load(out))

@@ -2,12 +2,15 @@
 and mount(8) helpers), request contexts for calling handlers directly, bare RAM files, trees
 and their comparison (file contents by md5, metadata by snapshot)."""
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -38,6 +41,20 @@ def run(
 def path_env() -> dict[str, str]:
     """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
     return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+@contextlib.contextmanager
+def kernel_tmpfs_in(root: Path, options: str) -> Iterator[Path]:
+    """A kernel tmpfs mounted with ``-o OPTIONS`` on a new directory of *root*, to compare
+    with; lazily unmounted afterwards."""
+    path = root / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    result = run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path))
+    assert result.returncode == 0, result.stderr
+    try:
+        yield path
+    finally:
+        run("umount", "-l", str(path), timeout=30)
 
 
 def kexec_sim(
