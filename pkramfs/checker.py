@@ -53,14 +53,14 @@ def _store(machine: Machine) -> tuple[NodeStore, PageOwnership, Ram]:
     return NodeStore(machine, ram, ownership), ownership, ram
 
 
-def check_machine(machine: Machine) -> list[str]:
+def check_machine(machine: Machine, claims: dict[int, PfnArray] | None = None) -> list[str]:
     """Return the ownership problems of *machine* (empty when every page is accounted for):
-    the mounts' pages, this boot's super block and table, and every preserved page named by
-    exactly one valid node."""
+    the mounts' pages (*claims*, else what every running mount says it owns), this boot's
+    super block and table, and every preserved page named by exactly one valid node."""
     store, ownership, ram = _store(machine)
     try:
         ownership.reclaim_dead_owners()
-        problems = ownership.check(gather_claims(machine))
+        problems = ownership.check(gather_claims(machine) if claims is None else claims)
         handover = handover_problems(ram, store.sb_pfn, store.generation)
         return problems + (handover or store.check())
     finally:

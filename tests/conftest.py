@@ -10,12 +10,12 @@ has this session's daemons killed, since a request to a hung daemon ignores SIGA
 """
 
 import contextlib
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,17 +27,18 @@ import pytest_timeout
 
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerInfo, OwnerRegistry
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import process_start_time
-from kexec_sim.ram import Ram
 from pkramfs.checker import check_machine
+from pkramfs.filesystem import PkramFilesystem
 from pkramfs.mounts import unescape_field
+from pkramfs.operations import Operations
+from pkramfs.options import parse_options, split_option_list
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from .util import BIN, SMALL_RAM_BYTES, kernel_tmpfs_in, run
+
 SHM_BASE = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 TEST_RAM = "256M"
-COMMAND_TIMEOUT_S = 30.0
+CLEANUP_TIMEOUT_S = 30.0
 LOG_ALARMS = ("ERROR", "CRITICAL", "Traceback")
 LOG_RECORD_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ ")  # mount_cli's format
 KILL_AFTER_TIMEOUT_S = 5.0
@@ -45,24 +46,10 @@ EXIT_AFTER_TIMEOUT_S = 65.0
 _WATCHDOG = pytest.StashKey[list[threading.Timer]]()
 
 
-def make_ram(directory: Path, nr_pages: int) -> Ram:
-    """A bare RAM file of *nr_pages* in *directory*, mapped (for tests of the RAM formats)."""
-    path = directory / "RAM"
-    with open(path, "wb") as f:
-        f.truncate(nr_pages * PAGE_SIZE)
-    return Ram(path, nr_pages)
-
-
-def _run(
-    *cmd: str, check: bool = True, timeout: float | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=timeout)
-
-
 def _try(*cmd: str) -> bool:
     """Run a cleanup command with a timeout; return whether it succeeded (never raise)."""
     try:
-        return _run(*cmd, check=False, timeout=COMMAND_TIMEOUT_S).returncode == 0
+        return run(*cmd, timeout=CLEANUP_TIMEOUT_S).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -153,6 +140,18 @@ def _session_root() -> Path:
     return Path(given) if given else SHM_BASE / f"pkramfs-tests-{os.getpid()}"
 
 
+MOUNTING_FIXTURES = frozenset(["mounts", "kernel_tmpfs"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``mounted`` every test that uses a fixture that mounts (directly or through another
+    fixture), so that ``-m "not mounted"`` mounts nothing; a test that mounted some other way
+    would have to carry the mark itself (none does)."""
+    for item in items:
+        if MOUNTING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mounted)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: pytest_timeout.Settings) -> None:
     """Back pytest-timeout's SIGALRM up for tests stuck in a request to a hung daemon.
@@ -219,11 +218,24 @@ def machine(work_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machin
     kexec, reboot or power off lose is poisoned (KEXEC_SIM_SCRUB=poison), so reading a page
     nobody preserved or restored shows 0xAA, not plausible zeros."""
     path = work_root / f"machine-{uuid.uuid4().hex[:8]}"
-    result = _run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
+    result = run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv("KEXEC_SIM_MACHINE", str(path))
     monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
     yield Machine.open(str(path), create=False)
+
+
+@pytest.fixture
+def small_machine(work_root: Path) -> Iterator[Machine]:
+    """A fresh 64 MiB machine made in this process (``Machine.create``), alone in a directory of
+    the session's root: nothing in the environment names it, and RAM that kexec, reboot or power
+    off lose is punched unless a test asks for poison. Removed afterwards."""
+    home = work_root / f"small-{uuid.uuid4().hex[:8]}"
+    home.mkdir()
+    try:
+        yield Machine.create(home / "machine", SMALL_RAM_BYTES)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 class Mounts:
@@ -246,7 +258,7 @@ class Mounts:
         mnt = mountpoint or self.mountpoint()
         opts = f"machine={self.machine.path}" + (f",{options}" if options else "")
         self.track(mnt)  # before any assertion: a half-made mount is torn down too
-        result = _run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts, check=False)
+        result = run(str(BIN / "pkramfs"), "none", str(mnt), "-o", opts)
         assert result.returncode == 0, f"mount failed: {result.stderr}"
         assert os.path.ismount(mnt)
         return mnt
@@ -335,22 +347,96 @@ def mounts(machine: Machine, work_root: Path) -> Iterator[Mounts]:
     finally:
         stuck = factory.teardown()
     assert stuck == [], "; ".join(stuck)
-    # After every daemon is gone, no page may remain owned by anybody.
-    with machine.page_ownership() as after:
-        after.reclaim_dead_owners()
-        leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
-    assert leftover == {}, f"pages still owned after unmount: {leftover}"
+    assert_no_page_owned(machine)
     errors = log_errors(machine, factory.expected_log_errors)
     assert errors == [], "errors in the daemon logs:\n" + "\n".join(errors)
 
 
+def assert_no_page_owned(machine: Machine) -> None:
+    """After every mount is gone, no page may remain owned by anybody."""
+    with machine.page_ownership() as after:
+        after.reclaim_dead_owners()
+        leftover = {k: v for k, v in after.count_by_owner().items() if k > 0}
+    assert leftover == {}, f"pages still owned after unmount: {leftover}"
+
+
+class InProcessMounts:
+    """Filesystems served in this process without FUSE: each a `PkramFilesystem` on the test's
+    machine and the pyfuse3 `Operations` over it, whose handlers a test awaits directly with a
+    stand-in request context (`tests.util.caller`). The tier between `Tree` and a real mount."""
+
+    def __init__(self, machine: Machine, root: Path) -> None:
+        self.machine = machine
+        self.root = root
+        self.filesystems: list[PkramFilesystem] = []
+        self.expected_log_errors: list[re.Pattern[str]] = []
+
+    def start(self, options: str = "") -> Operations:
+        """What a mount with ``-o OPTIONS`` serves, as the daemon makes it; never mounted (the
+        mountpoint only names the owner)."""
+        text = f"machine={self.machine.path}" + (f",{options}" if options else "")
+        parsed = parse_options(split_option_list(text), ram_bytes=self.machine.ram_bytes)
+        fs = PkramFilesystem(parsed, mountpoint=str(self.root / f"ops-{uuid.uuid4().hex[:8]}"))
+        self.filesystems.append(fs)
+        fs.take_restored()  # the daemon does it once mounted, before the first request
+        return Operations(fs)
+
+    def stop(self, operations: Operations) -> None:
+        """Unmount: the filesystem gives its pages back and leaves the registry."""
+        self.filesystems.remove(operations.fs)
+        operations.fs.close()
+
+    def expect_log_error(self, pattern: str) -> None:
+        """Let error records whose message matches the regex *pattern* pass; the test fails
+        if none does (as `Mounts.expect_log_error`)."""
+        self.expected_log_errors.append(re.compile(pattern))
+
+    def problems(self) -> list[str]:
+        """The ownership checker over the machine, with the claims of every running filesystem
+        (what `pkramfs.checker.check_machine` asks each mount for)."""
+        if not self.filesystems:
+            return []
+        claims = {each.owner_id: each.owned_pfns() for each in self.filesystems}
+        return check_machine(self.machine, claims)
+
+    def log_errors(self, records: Sequence[logging.LogRecord]) -> list[str]:
+        """The error records among *records* no expected pattern matches, then each expected
+        pattern that matched none."""
+        problems, seen = [], set()
+        for record in records:
+            if record.levelno < logging.ERROR and not record.exc_info:
+                continue
+            matching = [p for p in self.expected_log_errors if p.search(record.getMessage())]
+            seen.update(matching)
+            if not matching:
+                problems.append(f"{record.name}: {record.getMessage()}")
+        missing = [p.pattern for p in self.expected_log_errors if p not in seen]
+        return problems + [f"expected, never logged: {pattern}" for pattern in missing]
+
+
+@pytest.fixture
+def in_process(
+    small_machine: Machine, work_root: Path, caplog: pytest.LogCaptureFixture
+) -> Iterator[InProcessMounts]:
+    """Factory of filesystems served in this process (`InProcessMounts`) on a private machine.
+    Afterwards, as for `mounts`: the ownership checker, no page left owned once every
+    filesystem is closed, and no error logged but the expected ones."""
+    factory = InProcessMounts(small_machine, work_root)
+    try:
+        yield factory
+        problems = factory.problems()
+        assert problems == [], "ownership checker: " + "; ".join(problems)
+    finally:
+        for fs in factory.filesystems:
+            fs.close()
+    assert_no_page_owned(small_machine)
+    records = [r for phase in ("setup", "call", "teardown") for r in caplog.get_records(phase)]
+    errors = factory.log_errors(records)
+    assert errors == [], "errors logged:\n" + "\n".join(errors)
+
+
 @pytest.fixture
 def kernel_tmpfs(work_root: Path) -> Iterator[Path]:
-    """A kernel tmpfs mounted for comparison."""
-    path = work_root / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    _run("mount", "-t", "tmpfs", "-o", "size=256M", "tmpfs", str(path))
-    try:
+    """A kernel tmpfs mounted for comparison (256 MiB)."""
+    with kernel_tmpfs_in(work_root, "size=256M") as path:
         yield path
-    finally:
-        _try("umount", "-l", str(path))

@@ -3,7 +3,6 @@ and a failure inside any handler is answered EIO while the mount serves on."""
 
 import errno
 import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -16,9 +15,8 @@ from pkramfs import control
 from pkramfs.errors import MountError
 from pkramfs.operations import HANDLER_FAULT_ENV
 
-from .conftest import BIN, Mounts
-
-pytestmark = pytest.mark.mounted
+from .conftest import Mounts
+from .util import BIN, ctl_status, path_env, run
 
 LARGEST_SIZE = "18446744073709547520"  # 2^64 bytes less one page
 LARGEST_NR_INODES = "18014398509481983"  # 2^54 - 1, as kernel tmpfs
@@ -31,15 +29,6 @@ TOO_LARGE = [
     "nr_inodes=18446744073709551616",
     "nr_inodes=18014398509481984",  # the largest and one
 ]
-
-
-def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, env=env)
-
-
-def path_env() -> dict[str, str]:
-    """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
 
 
 def remount(mnt: Path, options: str) -> subprocess.CompletedProcess[str]:
@@ -117,7 +106,7 @@ def test_the_largest_values_are_served_and_one_more_is_refused(mounts: Mounts) -
         answers(mnt)
     st = os.statvfs(mnt)
     assert st.f_blocks * st.f_frsize == 2**64 - 4096 and st.f_files == 2**54 - 1
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    status = ctl_status(mnt)
     assert (status["size_pages"], status["max_inodes"]) == (2**52 - 1, 2**54 - 1)
     result = remount(mnt, "size=1M,nr_inodes=10")
     assert result.returncode == 0, result.stderr

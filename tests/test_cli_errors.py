@@ -10,11 +10,6 @@ from kexec_sim import Machine
 from pkramfs import ctl_cli, mount_cli
 
 
-@pytest.fixture
-def small_machine(tmp_path: Path) -> Machine:
-    return Machine.create(tmp_path / "machine", 64 << 20)
-
-
 def _check_raising(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
     def broken(machine: Machine) -> list[str]:
         raise error

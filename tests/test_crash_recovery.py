@@ -19,8 +19,19 @@ import pytest
 
 from kexec_sim.machine import Machine
 
-from .conftest import BIN, Mounts
-from .util import Snapshot, contents, kexec, kexec_sim, make_tree, preserve, run, snapshot
+from .conftest import Mounts
+from .util import (
+    BIN,
+    Snapshot,
+    contents,
+    ctl_status,
+    kexec,
+    kexec_sim,
+    make_tree,
+    preserve,
+    run,
+    snapshot,
+)
 
 NAME = "victim"
 KILLED = -9
@@ -270,11 +281,11 @@ def test_a_mount_refuses_a_name_beyond_a_broken_node_list(scene: Scene) -> None:
 
 def test_preserving_a_preserved_mount_again_does_nothing(scene: Scene) -> None:
     preserve(scene.mnt)
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(scene.mnt), "--json").stdout)
+    status = ctl_status(scene.mnt)
     preserve(scene.mnt)  # exit 0, checked by preserve()
     helper = run(str(BIN / "pkramfs"), "none", str(scene.mnt), "-o", "remount,preserve,ro")
     assert helper.returncode == 0, helper.stderr  # what mount(8) runs for fuse.pkramfs
-    again = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(scene.mnt), "--json").stdout)
+    again = ctl_status(scene.mnt)
     assert again["preserved_node"] == status["preserved_node"] and again["read_only"]
     # A read-only mount still takes other remount options (size=), and stays read-only.
     assert run("mount", "-o", "remount,size=64M", str(scene.mnt)).returncode == 0

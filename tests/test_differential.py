@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import stat
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Mounts
-
-pytestmark = pytest.mark.mounted
+from .util import kernel_tmpfs_in
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
@@ -311,10 +309,5 @@ def shared_pair(
 ) -> Iterator[tuple[Path, Path]]:
     """A kernel tmpfs and a pkramfs with the same options, both empty, for one hypothesis run."""
     options: str = request.param
-    tmpfs = work_root / f"tmpfs-{uuid.uuid4().hex[:8]}"
-    tmpfs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(tmpfs)], check=True)
-    try:
+    with kernel_tmpfs_in(work_root, options) as tmpfs:
         yield tmpfs, mounts.mount(options)
-    finally:
-        subprocess.run(["umount", "-l", str(tmpfs)], check=False)

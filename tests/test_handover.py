@@ -17,8 +17,23 @@ from kexec_sim.ownership import PRESERVED
 from kexec_sim.pages import PAGE_SIZE
 from pkramfs.checker import check_machine
 
-from .conftest import BIN, Mounts
-from .util import contents, ctl, kexec, kexec_sim, make_tree, md5, preserve, run, snapshot
+from .conftest import Mounts
+from .util import (
+    BIN,
+    OVER_FIRST_PAGES,
+    contents,
+    ctl,
+    ctl_status,
+    kexec,
+    kexec_sim,
+    load_next_kernel,
+    make_tree,
+    md5,
+    preserve,
+    run,
+    snapshot,
+    write_over_first_pages,
+)
 
 
 def test_the_user_flow_at_small_size(machine: Machine, mounts: Mounts) -> None:
@@ -35,7 +50,7 @@ def test_the_user_flow_at_small_size(machine: Machine, mounts: Mounts) -> None:
     with pytest.raises(OSError) as raised:
         (mnt / "other").write_bytes(b"x")
     assert raised.value.errno == errno.EROFS
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    status = ctl_status(mnt)
     assert status["preserved_node"] and status["read_only"]
     kexec(machine)
     assert not os.path.ismount(mnt)  # exec stopped the old daemon
@@ -59,7 +74,7 @@ def test_full_tree_round_trip(machine: Machine, mounts: Mounts) -> None:
         after_meta = snapshot(m)
         assert after_meta == before[m][1]
         assert contents(m) == before[m][0]
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(huge), "--json").stdout)
+    status = ctl_status(huge)
     assert status["huge"] == "always"  # the mount's options came back with the tree
     assert status["restored"]["entries"] < 20  # the 9 MiB file's huge pages are one entry each
     assert os.stat(huge / "h").st_blocks == huge_blocks
@@ -84,7 +99,7 @@ def test_removed_files_the_kernel_still_knows_hold_nothing_and_are_not_preserved
         os.rmdir(mnt / "cwd")
         (mnt / "gone").write_bytes(b"g" * (3 << 20))
         os.unlink(mnt / "gone")
-        status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+        status = ctl_status(mnt)
         assert status["inodes"] == 2 and status["used_pages"] == 25  # root and keep
         assert check_machine(machine) == []
         assert run("mount", "-o", "remount,preserve,ro", str(mnt)).returncode == 32  # busy
@@ -159,23 +174,10 @@ def test_load_addr_conflict_and_relocation_out_of_the_load_range(
     machine: Machine, mounts: Mounts
 ) -> None:
     mnt = mounts.mount("pkram=reloc")
-    data = os.urandom(6 << 20)
-    (mnt / "f").write_bytes(data)
-    # The first usable pages (from 1 MiB, after the super block) hold the file: load the next
-    # kernel over them before preserving.
-    loaded = kexec_sim(
-        machine,
-        "load",
-        "--addr",
-        hex(2 << 20),
-        "--image-size",
-        "4M",
-        "--append",
-        "pkram=" + (machine.path / "sys/kernel/pkram").read_text().strip(),
-    )
-    assert loaded.returncode == 0, loaded.stderr
+    data = write_over_first_pages(mnt)
+    load_next_kernel(machine, OVER_FIRST_PAGES)  # before preserving
     preserve(mnt)
-    status = json.loads(run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json").stdout)
+    status = ctl_status(mnt)
     assert status["last_preserve"]["relocated_pages"] > 0
     pfns = preserved_pfns(machine)
     assert not any((2 << 20) // PAGE_SIZE <= p < (6 << 20) // PAGE_SIZE for p in pfns)
@@ -183,7 +185,7 @@ def test_load_addr_conflict_and_relocation_out_of_the_load_range(
     assert conflict.returncode == 2 and "preserved" in conflict.stderr
     assert "Traceback" not in conflict.stderr
     # Loading the first range again (a conflict-free one) and exec: the data survives.
-    kexec(machine, ("--addr", hex(2 << 20), "--image-size", "4M"))
+    kexec(machine, OVER_FIRST_PAGES)
     mounts.mount("pkram=reloc", mnt)
     assert (mnt / "f").read_bytes() == data
 

@@ -1,7 +1,6 @@
 """Command lines and early boot: what pkram= reserves, and how a bad handover is refused."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +11,9 @@ from kexec_sim.owners import FREE
 from kexec_sim.preserved_pages import write_table
 from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
 
-RAM_BYTES = 64 << 20
-NR_PAGES = RAM_BYTES // 4096
+from .util import SMALL_RAM_BYTES
 
-
-@pytest.fixture
-def machine(tmp_path: Path) -> Machine:
-    return Machine.create(tmp_path / "machine", RAM_BYTES)
+NR_PAGES = SMALL_RAM_BYTES // 4096
 
 
 @pytest.mark.parametrize(("text", "pfn"), [("256", 256), ("0x100", 256), ("0X1f", 31), ("007", 7)])
@@ -53,10 +48,10 @@ def owner_map_of(machine: Machine) -> np.ndarray:
         return po.owner_map.copy()
 
 
-def test_a_handover_is_reserved_before_anything_allocates(machine: Machine) -> None:
+def test_a_handover_is_reserved_before_anything_allocates(small_machine: Machine) -> None:
     """Hand-made handover (as exec writes it): early boot reserves exactly the listed pages."""
     data = np.arange(300, 400, dtype=np.int64)
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         ram.fill(data, 0x5A)
         spare = iter(range(13000, 13100))  # usable pages (49..64 MiB) for the table
         root, table = write_table(
@@ -67,18 +62,18 @@ def test_a_handover_is_reserved_before_anything_allocates(machine: Machine) -> N
         )
         set_head = 4321
         write_super_block(ram, 256, SuperBlock(1, NR_PAGES, root, set_head))
-    machine.start_boot("pkram=256")
-    owners = owner_map_of(machine)
+    small_machine.start_boot("pkram=256")
+    owners = owner_map_of(small_machine)
     assert np.array_equal(np.flatnonzero(owners == PRESERVED), data)
     assert np.flatnonzero(owners == HANDOVER).tolist() == [256]
     assert (owners[table] == FREE).all()  # the table is consumed
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         assert read_super_block(ram, 256) == SuperBlock(2, NR_PAGES, 0, set_head)
         assert (ram.pages[data] == 0x5A).all()
-    assert machine.super_block_pfn == 256
-    log = (machine.path / "logs/boot-2.log").read_text()
+    assert small_machine.super_block_pfn == 256
+    log = (small_machine.path / "logs/boot-2.log").read_text()
     assert f"reserved 100 preserved pages, consumed a table of {table.size} pages" in log
-    with machine.page_ownership() as po:
+    with small_machine.page_ownership() as po:
         assert po.check({}) == []
 
 
@@ -91,22 +86,22 @@ def test_a_handover_is_reserved_before_anything_allocates(machine: Machine) -> N
     ],
 )
 def test_a_bad_handover_reserves_nothing_and_warns(
-    machine: Machine, cmdline: str, reason: str
+    small_machine: Machine, cmdline: str, reason: str
 ) -> None:
-    booted = machine.start_boot(cmdline)
+    booted = small_machine.start_boot(cmdline)
     (warning,) = booted.warnings
     assert warning.startswith(reason) and warning.endswith("preserved memory not reserved")
-    assert f"warning: {warning}" in (machine.path / "logs/boot-2.log").read_text()
-    owners = owner_map_of(machine)
+    assert f"warning: {warning}" in (small_machine.path / "logs/boot-2.log").read_text()
+    owners = owner_map_of(small_machine)
     assert not (owners == PRESERVED).any()
     assert np.flatnonzero(owners == HANDOVER).tolist() == [booted.super_block_pfn]
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         assert read_super_block(ram, booted.super_block_pfn) == SuperBlock(2, NR_PAGES, 0, 0)
 
 
-def test_a_table_listing_reserved_memory_is_refused(machine: Machine) -> None:
+def test_a_table_listing_reserved_memory_is_refused(small_machine: Machine) -> None:
     kernel_pfn = 16 << 8  # the memory map's KERNEL region: never free at boot
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         spare = iter(range(13000, 13100))  # usable pages (49..64 MiB) for the table
         root, _ = write_table(
             ram,
@@ -115,25 +110,25 @@ def test_a_table_listing_reserved_memory_is_refused(machine: Machine) -> None:
             lambda unused: None,
         )
         write_super_block(ram, 256, SuperBlock(1, NR_PAGES, root, 0))
-    (warning,) = machine.start_boot("pkram=256").warnings
+    (warning,) = small_machine.start_boot("pkram=256").warnings
     assert f"1 listed pfns are not free usable RAM at boot, e.g. pfn {kernel_pfn} (kernel)" in (
         warning
     )
-    assert not (owner_map_of(machine) == PRESERVED).any()
+    assert not (owner_map_of(small_machine) == PRESERVED).any()
 
 
-def test_power_off_state_is_refused_clearly(machine: Machine) -> None:
-    with machine.page_ownership() as po:
+def test_power_off_state_is_refused_clearly(small_machine: Machine) -> None:
+    with small_machine.page_ownership() as po:
         po.register_owner("x", os.getpid())
-        machine.record_power_off(held=po)
+        small_machine.record_power_off(held=po)
         with pytest.raises(MachineError, match="stale"):
             po.free_pages()
-    assert not machine.powered
+    assert not small_machine.powered
     with pytest.raises(MachineError, match="powered off: run 'kexec-sim boot'"):
-        machine.page_ownership()
+        small_machine.page_ownership()
     with pytest.raises(MachineError, match="powered off"):
-        _ = machine.super_block_pfn
-    machine.start_boot("")
-    assert machine.powered and machine.generation == 2
-    with machine.page_ownership() as po:
+        _ = small_machine.super_block_pfn
+    small_machine.start_boot("")
+    assert small_machine.powered and small_machine.generation == 2
+    with small_machine.page_ownership() as po:
         assert po.owners() == {} and po.check({}) == []

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kexec_sim import MACHINE_ENV, Machine, cli
+from kexec_sim import MACHINE_ENV, Machine
+from kexec_sim import cli as kexec_sim_cli
 from kexec_sim.cli import main
 from kexec_sim.ownership import HEADER_BYTES, MAP_FILE
 
-REPO = Path(__file__).resolve().parents[1]
+from .util import BIN, REPO, run
 
 
 @pytest.fixture
@@ -22,7 +23,8 @@ def machine_dir(tmp_path: Path) -> Path:
     return tmp_path / "machine"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``kexec-sim ARGV`` in this process: (exit code, stdout, stderr)."""
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
@@ -35,10 +37,10 @@ def assert_one_line_error(err: str, text: str) -> None:
 
 
 def test_init_then_status(capsys: pytest.CaptureFixture[str], machine_dir: Path) -> None:
-    code, out, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")
+    code, out, err = cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")
     assert (code, err) == (0, "")
     assert "64.0 MiB RAM, 16384 pages, generation 1" in out
-    code, out, err = run(capsys, "--machine", str(machine_dir), "status")
+    code, out, err = cli(capsys, "--machine", str(machine_dir), "status")
     assert (code, err) == (0, "")
     assert f"machine:     {machine_dir}" in out
     assert "generation:  1" in out
@@ -52,13 +54,13 @@ def test_init_then_status(capsys: pytest.CaptureFixture[str], machine_dir: Path)
 def test_status_json_counts_pages_per_owner(
     capsys: pytest.CaptureFixture[str], machine_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "1GiB")[0] == 0
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "1GiB")[0] == 0
     machine = Machine.open(machine_dir, create=False)
     with machine.page_ownership() as po:
         owner = po.register_owner("mytmpfs", os.getpid(), mountpoint="/mnt/my tmpfs")
         po.allocate(owner, 1000)
     monkeypatch.setenv(MACHINE_ENV, str(machine_dir))  # no --machine: the environment decides
-    code, out, err = run(capsys, "status", "--json")
+    code, out, err = cli(capsys, "status", "--json")
     assert (code, err) == (0, "")
     report = json.loads(out)
     assert report["machine"] == str(machine_dir)
@@ -77,7 +79,7 @@ def test_status_json_counts_pages_per_owner(
 
 
 def test_check_reclaims_dead_owners(capsys: pytest.CaptureFixture[str], machine_dir: Path) -> None:
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with Machine.open(machine_dir).page_ownership() as po:
@@ -85,18 +87,18 @@ def test_check_reclaims_dead_owners(capsys: pytest.CaptureFixture[str], machine_
     finally:
         child.kill()
         child.wait()
-    code, out, err = run(capsys, "--machine", str(machine_dir), "check")
+    code, out, err = cli(capsys, "--machine", str(machine_dir), "check")
     assert (code, err) == (0, "")
     assert "reclaimed 1 dead owners: 1" in out
     assert "0 problems" in out
 
 
 def test_check_reports_a_damaged_map(capsys: pytest.CaptureFixture[str], machine_dir: Path) -> None:
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
     fd = os.open(machine_dir / "boot" / MAP_FILE, os.O_WRONLY)
     os.pwrite(fd, np.int32(42).tobytes(), HEADER_BYTES + 4 * 300)
     os.close(fd)
-    code, out, _ = run(capsys, "--machine", str(machine_dir), "check")
+    code, out, _ = cli(capsys, "--machine", str(machine_dir), "check")
     assert code == 1
     assert "problem: 1 pfns are owned by unregistered owner 42, e.g. 300" in out
 
@@ -117,35 +119,35 @@ def test_check_reports_a_damaged_map(capsys: pytest.CaptureFixture[str], machine
 def test_user_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], machine_dir: Path, argv: list[str], code: int, text: str
 ) -> None:
-    got, out, err = run(capsys, "--machine", str(machine_dir), *argv)
+    got, out, err = cli(capsys, "--machine", str(machine_dir), *argv)
     assert got == code and out == ""
     assert_one_line_error(err, text)
     assert not machine_dir.exists()
 
 
 def test_init_twice_needs_force(capsys: pytest.CaptureFixture[str], machine_dir: Path) -> None:
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
-    code, _, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+    code, _, err = cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")
     assert code == 1
     assert_one_line_error(err, "already exists")
     assert "--force" in err
-    code, out, _ = run(capsys, "--machine", str(machine_dir), "init", "--ram", "128M", "--force")
+    code, out, _ = cli(capsys, "--machine", str(machine_dir), "init", "--ram", "128M", "--force")
     assert code == 0 and "128.0 MiB" in out
 
 
 def test_corrupt_machine_is_a_one_line_error(
     capsys: pytest.CaptureFixture[str], machine_dir: Path
 ) -> None:
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
     (machine_dir / "machine.json").write_text("{")
-    code, _, err = run(capsys, "--machine", str(machine_dir), "status")
+    code, _, err = cli(capsys, "--machine", str(machine_dir), "status")
     assert code == 1
     assert_one_line_error(err, "not valid JSON")
 
 
 def test_host_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    code, _, err = run(
+    code, _, err = cli(
         capsys, "--machine", str(tmp_path / "file" / "machine"), "init", "--ram", "64M"
     )
     assert code == 1
@@ -154,12 +156,8 @@ def test_host_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_runs_as_a_program(machine_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "kexec_sim.cli", "--machine", str(machine_dir), "status"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+    done = run(
+        sys.executable, "-m", "kexec_sim.cli", "--machine", str(machine_dir), "status", env=env
     )
     assert done.returncode == 1 and done.stdout == ""
     assert_one_line_error(done.stderr, "no machine at")
@@ -182,13 +180,7 @@ def test_a_machine_not_made_yet_is_one_line_saying_how(tmp_path: Path, command: 
     """The first run as a new user meets it: nothing made yet, one line saying what makes it."""
     missing = tmp_path / "not-yet"
     argv = [a.replace("IMAGE", str(tmp_path / "img")) for a in command]
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / argv[0]), *argv[1:]],
-        capture_output=True,
-        text=True,
-        env={**os.environ, MACHINE_ENV: str(missing)},
-        check=False,
-    )
+    done = run(str(BIN / argv[0]), *argv[1:], env={**os.environ, MACHINE_ENV: str(missing)})
     assert done.returncode == 1 and done.stdout == "", done.stdout
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "the first pkramfs mount makes it, or 'kexec-sim init'" in done.stderr
@@ -203,13 +195,15 @@ def test_an_unexpected_exception_is_one_line_and_a_log(
     bug: Exception,
 ) -> None:
     """A bug is not a user mistake: exit 70, one line naming it and the traceback's file."""
-    assert run(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
+    assert cli(capsys, "--machine", str(machine_dir), "init", "--ram", "64M")[0] == 0
 
     def broken(args: object) -> int:
         raise bug
 
-    monkeypatch.setitem(cli.COMMANDS, "status", replace(cli.COMMANDS["status"], run=broken))
-    code, out, err = run(capsys, "--machine", str(machine_dir), "status")
+    monkeypatch.setitem(
+        kexec_sim_cli.COMMANDS, "status", replace(kexec_sim_cli.COMMANDS["status"], run=broken)
+    )
+    code, out, err = cli(capsys, "--machine", str(machine_dir), "status")
     assert code == 70 and out == ""
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"kexec-sim: internal error: {type(bug).__name__}: {bug}" in err
@@ -221,9 +215,9 @@ def test_an_unexpected_exception_is_one_line_and_a_log(
 def test_a_bad_request_from_the_library_is_a_usage_error(
     capsys: pytest.CaptureFixture[str], machine_dir: Path
 ) -> None:
-    code, _, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "12Q")
+    code, _, err = cli(capsys, "--machine", str(machine_dir), "init", "--ram", "12Q")
     assert code == 2
     assert_one_line_error(err, "--ram: not a size")
-    code, _, err = run(capsys, "--machine", str(machine_dir), "init", "--ram", "1M")
+    code, _, err = cli(capsys, "--machine", str(machine_dir), "init", "--ram", "1M")
     assert code == 2
     assert_one_line_error(err, "must be a multiple of 4096 between")

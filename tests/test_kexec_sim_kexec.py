@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +24,8 @@ from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray
 from kexec_sim.scrub import POISON_BYTE
 from kexec_sim.super_block import SuperBlock, read_super_block
 
-from .conftest import BIN
+from .util import kexec_sim
 
-RAM = "64M"
 NR_PAGES = 16384
 SB_PFN = 256
 KERNEL_PFN = 16 * 256  # the preferred load address, 16 MiB
@@ -39,16 +37,8 @@ CliResult = tuple[int, str, str]
 
 
 @pytest.fixture
-def machine(work_root: Path, capsys: pytest.CaptureFixture[str]) -> Machine:
-    path = work_root / f"kexec-{uuid.uuid4().hex[:8]}"
-    assert main(["--machine", str(path), "init", "--ram", RAM]) == 0
-    capsys.readouterr()
-    return Machine.open(path, create=False)
-
-
-@pytest.fixture
-def cli(machine: Machine, capsys: pytest.CaptureFixture[str]) -> "Cli":
-    return Cli(machine, capsys)
+def cli(small_machine: Machine, capsys: pytest.CaptureFixture[str]) -> "Cli":
+    return Cli(small_machine, capsys)
 
 
 class Cli:
@@ -76,16 +66,9 @@ class Cli:
         return err
 
 
-def run(machine: Machine, *argv: str) -> subprocess.CompletedProcess[str]:
-    """The real ``kexec-sim`` in a subprocess."""
-    return subprocess.run(
-        [str(BIN / "kexec-sim"), "--machine", str(machine.path), *argv],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-        env={**os.environ, "KEXEC_SIM_SCRUB": "poison"},
-    )
+def kexec_sim_poison(machine: Machine, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real ``kexec-sim`` in a subprocess, scrubbing with poison."""
+    return kexec_sim(machine, *argv, env={**os.environ, "KEXEC_SIM_SCRUB": "poison"})
 
 
 @pytest.fixture
@@ -146,17 +129,19 @@ def sys_pkram(machine: Machine) -> int:
 
 
 def test_exec_hands_over_preserved_pages_intact(
-    machine: Machine, children: list["subprocess.Popen[str]"], work_root: Path
+    small_machine: Machine, children: list["subprocess.Popen[str]"], work_root: Path
 ) -> None:
     daemon = sleeper(children)
-    kept = preserve(machine, sleeper(children), n=300)
-    with machine.page_ownership() as po:  # a mount's pages that are not preserved: lost
+    kept = preserve(small_machine, sleeper(children), n=300)
+    with small_machine.page_ownership() as po:  # a mount's pages that are not preserved: lost
         owner = po.register_owner("pkramfs:x", daemon, mountpoint=str(work_root / "unmounted"))
         lost = po.allocate(owner, 100)
-    loaded = run(machine, "load", "--append", f"quiet pkram={sys_pkram(machine)}")
+    loaded = kexec_sim_poison(
+        small_machine, "load", "--append", f"quiet pkram={sys_pkram(small_machine)}"
+    )
     assert loaded.returncode == 0 and loaded.stderr == "", loaded.stderr
     assert f"at {KERNEL_PFN * PAGE_SIZE:#x}" in loaded.stdout
-    done = run(machine, "exec", "--json")
+    done = kexec_sim_poison(small_machine, "exec", "--json")
     assert done.returncode == 0, done.stderr
     assert done.stderr == (
         f"kexec-sim: warning: {work_root / 'unmounted'} (owner 2): 100 pages not preserved, lost\n"
@@ -172,11 +157,11 @@ def test_exec_hands_over_preserved_pages_intact(
     assert set(report["durations_s"]) == {"stop", "table", "scrub", "image", "boot"}
     assert [child.wait(TIMEOUT_S) for child in children] == [-signal.SIGTERM] * 2
 
-    owners = owner_map(machine)
+    owners = owner_map(small_machine)
     assert np.array_equal(np.flatnonzero(owners == PRESERVED), np.sort(kept))
-    assert np.flatnonzero(owners == HANDOVER).tolist() == [SB_PFN] == [sys_pkram(machine)]
+    assert np.flatnonzero(owners == HANDOVER).tolist() == [SB_PFN] == [sys_pkram(small_machine)]
     image = np.arange(KERNEL_PFN, KERNEL_PFN + DEFAULT_IMAGE_PAGES)
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         pages = ram.pages
         assert np.array_equal(pages[kept], pattern(kept))  # the preserved data, intact
         assert read_super_block(ram, SB_PFN) == SuperBlock(2, NR_PAGES, 0, 0)
@@ -193,54 +178,59 @@ def test_exec_hands_over_preserved_pages_intact(
     assert np.setdiff1d(lost, unpoisoned).size >= lost.size - unpoisoned.size
     assert (owners[unpoisoned] == FREE).all()
     assert (owners[image] == KERNEL).all()
-    with machine.page_ownership() as po:
+    with small_machine.page_ownership() as po:
         assert po.owners() == {} and po.check({}) == []
-    assert machine.boot_record().kernel_image == (KERNEL_PFN, KERNEL_PFN + DEFAULT_IMAGE_PAGES)
-    assert "reserved 300 preserved pages" in (machine.path / "logs/boot-2.log").read_text()
-    assert not (machine.boot_dir / "kexec-load.json").exists()
+    assert small_machine.boot_record().kernel_image == (
+        KERNEL_PFN,
+        KERNEL_PFN + DEFAULT_IMAGE_PAGES,
+    )
+    assert "reserved 300 preserved pages" in (small_machine.path / "logs/boot-2.log").read_text()
+    assert not (small_machine.boot_dir / "kexec-load.json").exists()
 
 
 def test_handover_twice_keeps_the_same_pages(
-    machine: Machine,
+    small_machine: Machine,
     cli: Cli,
     children: list["subprocess.Popen[str]"],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
-    kept = preserve(machine, sleeper(children), n=50)
+    kept = preserve(small_machine, sleeper(children), n=50)
     for generation in (2, 3):
-        cli.ok("load", "--reuse-cmdline", "--append", f"pkram={sys_pkram(machine)}")
+        cli.ok("load", "--reuse-cmdline", "--append", f"pkram={sys_pkram(small_machine)}")
         assert "scrubbed" in cli.ok("exec")
-        assert machine.cmdline == "pkram=256"  # --reuse-cmdline dropped the old pkram=
-        assert machine.generation == generation
-    assert np.array_equal(np.flatnonzero(owner_map(machine) == PRESERVED), np.sort(kept))
-    with machine.ram() as ram:
+        assert small_machine.cmdline == "pkram=256"  # --reuse-cmdline dropped the old pkram=
+        assert small_machine.generation == generation
+    assert np.array_equal(np.flatnonzero(owner_map(small_machine) == PRESERVED), np.sort(kept))
+    with small_machine.ram() as ram:
         assert np.array_equal(ram.pages[kept], pattern(kept))
 
 
 def test_without_pkram_preserved_pages_are_scrubbed_with_a_warning(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    kept = preserve(machine, sleeper(children), n=40)
+    kept = preserve(small_machine, sleeper(children), n=40)
     code, _, err = cli("load")
     assert code == 0 and "40 pages are preserved but the command line has no pkram=" in err
     code, out, err = cli("exec", "--scrub", "poison")
     assert code == 0
     assert "kexec-sim: warning: 40 preserved pages are not handed over (no pkram= on the " in err
     assert "handed over: 0 preserved pages" in out
-    assert not (owner_map(machine) == PRESERVED).any()
-    with machine.ram() as ram:
+    assert not (owner_map(small_machine) == PRESERVED).any()
+    with small_machine.ram() as ram:
         assert (ram.pages[kept] == POISON_BYTE).all()
 
 
-def test_punch_scrub_gives_memory_back(machine: Machine, cli: Cli) -> None:
-    with machine.ram() as ram:
+def test_punch_scrub_gives_memory_back(small_machine: Machine, cli: Cli) -> None:
+    with small_machine.ram() as ram:
         ram.fill(np.arange(300, 2000), 0x11)
     cli.ok("load")
     assert "scrubbed:    16128 pages (punch)" in cli.ok("exec", "--scrub", "punch")
     # What the host still holds: the image (16 MiB) and the new super block, nothing else.
-    assert (machine.path / "RAM").stat().st_blocks * 512 == (DEFAULT_IMAGE_PAGES + 1) * PAGE_SIZE
-    with machine.ram() as ram:
+    assert (small_machine.path / "RAM").stat().st_blocks * 512 == (
+        DEFAULT_IMAGE_PAGES + 1
+    ) * PAGE_SIZE
+    with small_machine.ram() as ram:
         assert not ram.pages[300:2000].any()
 
 
@@ -253,58 +243,58 @@ def test_exec_without_load(cli: Cli) -> None:
 
 
 def test_a_mismatching_pkram_is_refused_unless_forced(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    preserve(machine, sleeper(children), n=10)
+    preserve(small_machine, sleeper(children), n=10)
     code, _, err = cli("load", "--append", "pkram=300")
     assert code == 0 and "pkram=300 is not this boot's super block (pfn 256" in err
     err = cli.error(2, "exec")
     assert "pkram=300 is not this boot's super block (pfn 256" in err and "--force" in err
-    assert machine.generation == 1 and children[0].poll() is None  # nothing happened
+    assert small_machine.generation == 1 and children[0].poll() is None  # nothing happened
     code, _, err = cli("exec", "--force", "--scrub", "poison")
     assert code == 0
     assert "10 preserved pages are not handed over (pkram=300 is not this boot's" in err
     assert "pkram=300: no super block there" in err and "preserved memory not reserved" in err
-    owners = owner_map(machine)
+    owners = owner_map(small_machine)
     assert not (owners == PRESERVED).any() and np.count_nonzero(owners == HANDOVER) == 1
-    with machine.page_ownership() as po:
+    with small_machine.page_ownership() as po:
         assert po.check({}) == []
 
 
 def test_a_damaged_super_block_is_refused_unless_forced(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    preserve(machine, sleeper(children), n=10)
-    with machine.ram() as ram:
+    preserve(small_machine, sleeper(children), n=10)
+    with small_machine.ram() as ram:
         ram.buffer[SB_PFN * PAGE_SIZE + 100] = 1
     cli.ok("load", "--append", "pkram=256")
     err = cli.error(1, "exec")
     assert "super block is damaged" in err and "checksum" in err
-    assert machine.generation == 1 and children[0].poll() is None
+    assert small_machine.generation == 1 and children[0].poll() is None
     code, _, err = cli("exec", "--force", "--stop-timeout", "2")
     assert code == 0 and "the super block is damaged" in err
     assert "pkram=256: no super block there" in err  # scrubbed: the next boot finds nothing
-    assert machine.generation == 2 and not (owner_map(machine) == PRESERVED).any()
+    assert small_machine.generation == 2 and not (owner_map(small_machine) == PRESERVED).any()
 
 
 def test_preserved_pages_in_the_loaded_range_stop_exec(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
     cli.ok("load", "--addr", hex(2 << 20), "--image-size", "1M", "--append", "pkram=256")
-    preserve(machine, sleeper(children), pfns=np.array([2 * MIB + 10]))
+    preserve(small_machine, sleeper(children), pfns=np.array([2 * MIB + 10]))
     err = cli.error(1, "exec")
     assert f"preserved pfn {2 * MIB + 10} (1 preserved pages) lies in the loaded image" in err
-    assert machine.generation == 1
+    assert small_machine.generation == 1
 
 
 # -- where the image goes -------------------------------------------------------------------
 
 
 def test_load_prefers_the_kernel_region_then_the_lowest_clean_range(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
     assert f"at {KERNEL_PFN * PAGE_SIZE:#x}" in cli.ok("load", "--image-size", "40M")
-    preserve(machine, sleeper(children), pfns=np.array([50 * MIB]))  # inside 16 + 40 MiB
+    preserve(small_machine, sleeper(children), pfns=np.array([50 * MIB]))  # inside 16 + 40 MiB
     out = cli.ok("load", "--image-size", "40M")
     assert f"at {2 << 20:#x}, pfns {2 * MIB}..{2 * MIB + 40 * MIB - 1}" in out
     status = json.loads(cli.ok("status", "--json"))
@@ -314,9 +304,9 @@ def test_load_prefers_the_kernel_region_then_the_lowest_clean_range(
 
 
 def test_load_addr_over_preserved_or_firmware_pages_is_refused(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    preserve(machine, sleeper(children), pfns=np.array([3 * MIB + 7]))
+    preserve(small_machine, sleeper(children), pfns=np.array([3 * MIB + 7]))
     err = cli.error(2, "load", "--addr", hex(3 << 20))
     assert f"overlap 1 preserved pages, the first at pfn {3 * MIB + 7} (preserved)" in err
     err = cli.error(2, "load", "--addr", str(SB_PFN * PAGE_SIZE), "--image-size", "8K")
@@ -331,12 +321,12 @@ def test_load_addr_over_preserved_or_firmware_pages_is_refused(
 
 
 def test_kaslr_avoids_preserved_pages(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
     # One preserved page in every 2 MiB range of usable RAM but the one at 10 MiB.
     ranges = [r for r in range(1, 32) if not 8 <= r <= 24 and r != 5]
     preserved = preserve(
-        machine, sleeper(children), pfns=np.array([r * HUGE_PAGES + 3 for r in ranges])
+        small_machine, sleeper(children), pfns=np.array([r * HUGE_PAGES + 3 for r in ranges])
     )
     starts = set()
     for _ in range(12):
@@ -369,7 +359,7 @@ def test_load_usage_errors(cli: Cli, argv: list[str], text: str) -> None:
     assert text in cli.error(2, "load", *argv)
 
 
-def test_load_a_kernel_file(machine: Machine, cli: Cli, tmp_path: Path) -> None:
+def test_load_a_kernel_file(small_machine: Machine, cli: Cli, tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     data = os.urandom(10_000)
     kernel.write_bytes(data)
@@ -380,10 +370,10 @@ def test_load_a_kernel_file(machine: Machine, cli: Cli, tmp_path: Path) -> None:
     assert "loaded 3 pages (9.8 KiB)" in out and "'root=/dev/x quiet'" in out
     kernel.write_bytes(b"changed after load")  # kexec -l copies the kernel at load time
     cli.ok("exec")
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         assert ram.buffer[KERNEL_PFN * PAGE_SIZE : KERNEL_PFN * PAGE_SIZE + 10_000] == data
-    assert machine.cmdline == "root=/dev/x quiet"
-    assert machine.boot_record().kernel_image == (KERNEL_PFN, KERNEL_PFN + 3)
+    assert small_machine.cmdline == "root=/dev/x quiet"
+    assert small_machine.boot_record().kernel_image == (KERNEL_PFN, KERNEL_PFN + 3)
 
 
 def test_unload(cli: Cli) -> None:
@@ -397,14 +387,14 @@ def test_unload(cli: Cli) -> None:
 
 
 def test_exec_stops_daemons_with_sigterm_then_sigkill(
-    machine: Machine, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, children: list["subprocess.Popen[str]"]
 ) -> None:
     polite, stubborn = sleeper(children), sleeper(children, ignore_term=True)
-    with machine.page_ownership() as po:
+    with small_machine.page_ownership() as po:
         po.register_owner("polite", polite)
         po.allocate(po.register_owner("stubborn", stubborn), 10)
-    assert run(machine, "load").returncode == 0
-    done = run(machine, "exec", "--stop-timeout", "0.3")
+    assert kexec_sim_poison(small_machine, "load").returncode == 0
+    done = kexec_sim_poison(small_machine, "exec", "--stop-timeout", "0.3")
     assert done.returncode == 0, done.stderr
     assert "stubborn (owner 2): 10 pages not preserved, lost" in done.stderr
     assert (
@@ -418,44 +408,44 @@ def test_exec_stops_daemons_with_sigterm_then_sigkill(
 
 
 def test_reboot_scrubs_everything_and_drops_pkram(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    kept = preserve(machine, sleeper(children), n=20)
+    kept = preserve(small_machine, sleeper(children), n=20)
     cli.ok("load", "--append", "quiet pkram=256")
     cli.ok("exec", "--scrub", "poison")
-    assert machine.cmdline == "quiet pkram=256"
+    assert small_machine.cmdline == "quiet pkram=256"
     code, out, err = cli("reboot", "--scrub", "poison")
     assert code == 0 and "20 preserved pages are scrubbed (a reboot hands over nothing)" in err
     assert "reboot: generation 3 booted, command line 'quiet'" in out
-    assert machine.cmdline == "quiet" and not (owner_map(machine) == PRESERVED).any()
-    with machine.ram() as ram:
+    assert small_machine.cmdline == "quiet" and not (owner_map(small_machine) == PRESERVED).any()
+    with small_machine.ram() as ram:
         assert (ram.pages[kept] == POISON_BYTE).all()
         assert ram.pages[KERNEL_PFN].tobytes().startswith(IMAGE_MAGIC + b"generation 3\n")
 
 
 def test_poweroff_and_boot(
-    machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
+    small_machine: Machine, cli: Cli, children: list["subprocess.Popen[str]"]
 ) -> None:
-    kept = preserve(machine, sleeper(children), n=20)
+    kept = preserve(small_machine, sleeper(children), n=20)
     cli.ok("load", "--append", "pkram=256")
     code, out, err = cli("poweroff")
     assert code == 0 and "20 preserved pages are lost (power off)" in err
     assert "poweroff: generation 1 is off, RAM lost" in out
     assert children[0].wait(TIMEOUT_S) == -signal.SIGTERM
-    assert (machine.path / "RAM").stat().st_blocks == 0
+    assert (small_machine.path / "RAM").stat().st_blocks == 0
     status = json.loads(cli.ok("status", "--json"))
     assert (status["powered"], status["pages"], status["loaded"]) == (False, None, None)
     assert "powered:     off (run 'kexec-sim boot')" in cli.ok("status")
     for argv in (["exec"], ["load"], ["reboot"], ["poweroff"], ["check"], ["unload"]):
         assert "is powered off: run 'kexec-sim boot'" in cli.error(1, *argv)
     with pytest.raises(MachineError, match="powered off"):
-        machine.page_ownership()
+        small_machine.page_ownership()
     assert "boot: generation 2 booted, command line ''" in cli.ok("boot")
     assert "is running already" in cli.error(1, "boot")
     status = json.loads(cli.ok("status", "--json"))
     assert status["powered"] and status["pages"]["preserved"] == 0
     assert status["super_block_pfn"] == SB_PFN
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         assert not ram.pages[kept].any()
         assert ram.pages[KERNEL_PFN].tobytes().startswith(IMAGE_MAGIC)
 
@@ -468,8 +458,8 @@ def test_scrub_mode_from_the_environment(cli: Cli, monkeypatch: pytest.MonkeyPat
     assert "--stop-timeout" in cli.error(2, "exec", "--scrub", "punch", "--stop-timeout", "-1")
 
 
-def test_a_missing_super_block_export(machine: Machine, cli: Cli) -> None:
-    (machine.path / "sys/kernel/pkram").unlink()  # e.g. a machine made by an older version
+def test_a_missing_super_block_export(small_machine: Machine, cli: Cli) -> None:
+    (small_machine.path / "sys/kernel/pkram").unlink()  # e.g. a machine made by an older version
     status = json.loads(cli.ok("status", "--json"))
     assert status["super_block_pfn"] is None and "pkram: missing" in status["super_block_error"]
     assert "'kexec-sim reboot' makes one" in cli.ok("status")

@@ -20,12 +20,7 @@ from kexec_sim import (
     resolve_machine_dir,
 )
 
-RAM_BYTES = 64 << 20
-
-
-@pytest.fixture
-def machine(tmp_path: Path) -> Machine:
-    return Machine.create(tmp_path / "machine", RAM_BYTES)
+from .util import SMALL_RAM_BYTES
 
 
 def test_resolution_prefers_argument_then_environment(
@@ -41,8 +36,8 @@ def test_resolution_prefers_argument_then_environment(
     assert resolve_machine_dir(None) == DEFAULT_MACHINE_DIR
 
 
-def test_create_lays_out_the_directory(machine: Machine) -> None:
-    root = machine.path
+def test_create_lays_out_the_directory(small_machine: Machine) -> None:
+    root = small_machine.path
     files = [
         "machine.json",
         "RAM",
@@ -61,49 +56,54 @@ def test_create_lays_out_the_directory(machine: Machine) -> None:
     assert sorted(p.name for p in root.parent.iterdir()) == ["machine"]  # no staging left
     config = json.loads((root / "machine.json").read_text())
     assert (
-        config["format"] == 1 and config["ram_bytes"] == RAM_BYTES and config["page_size"] == 4096
+        config["format"] == 1
+        and config["ram_bytes"] == SMALL_RAM_BYTES
+        and config["page_size"] == 4096
     )
-    assert MemoryMap.from_dict(config["memory_map"], machine.nr_pages) == machine.memory_map
-    assert (root / "RAM").stat().st_size == RAM_BYTES
+    assert (
+        MemoryMap.from_dict(config["memory_map"], small_machine.nr_pages)
+        == small_machine.memory_map
+    )
+    assert (root / "RAM").stat().st_size == SMALL_RAM_BYTES
     assert (root / "RAM").stat().st_blocks * 512 <= 4096  # sparse: the super block only
     assert (root / "sys/kernel/pkram").read_text() == "256\n"  # the first usable page
-    assert machine.super_block_pfn == 256
+    assert small_machine.super_block_pfn == 256
     assert "new empty super block at pfn 256" in (root / "logs/boot-1.log").read_text()
-    assert (machine.generation, machine.cmdline) == (1, "")
+    assert (small_machine.generation, small_machine.cmdline) == (1, "")
     assert (root / "cmdline").read_text() == "\n"
-    assert machine.nr_pages == RAM_BYTES // 4096
-    assert machine.memory_map == MemoryMap.default_for(machine.nr_pages)
+    assert small_machine.nr_pages == SMALL_RAM_BYTES // 4096
+    assert small_machine.memory_map == MemoryMap.default_for(small_machine.nr_pages)
 
 
-def test_create_refuses_an_existing_machine_unless_forced(machine: Machine) -> None:
-    with machine.page_ownership() as po:
+def test_create_refuses_an_existing_machine_unless_forced(small_machine: Machine) -> None:
+    with small_machine.page_ownership() as po:
         po.allocate(po.register_owner("old", os.getpid()), 10)
     with pytest.raises(MachineExists, match="already exists"):
-        Machine.create(machine.path, RAM_BYTES)
-    fresh = Machine.create(machine.path, 2 * RAM_BYTES, force=True)
-    assert fresh.ram_bytes == 2 * RAM_BYTES
+        Machine.create(small_machine.path, SMALL_RAM_BYTES)
+    fresh = Machine.create(small_machine.path, 2 * SMALL_RAM_BYTES, force=True)
+    assert fresh.ram_bytes == 2 * SMALL_RAM_BYTES
     with fresh.page_ownership() as po:
         assert po.owners() == {}
-    assert sorted(p.name for p in machine.path.parent.iterdir()) == ["machine"]
+    assert sorted(p.name for p in small_machine.path.parent.iterdir()) == ["machine"]
 
 
 def test_create_never_wipes_a_foreign_directory(tmp_path: Path) -> None:
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data").write_text("keep me")
     with pytest.raises(MachineError, match="not a machine directory"):
-        Machine.create(tmp_path / "precious", RAM_BYTES, force=True)
+        Machine.create(tmp_path / "precious", SMALL_RAM_BYTES, force=True)
     assert (tmp_path / "precious" / "data").read_text() == "keep me"
     (tmp_path / "file").write_text("")
     with pytest.raises(MachineError, match="not a directory"):
-        Machine.create(tmp_path / "file", RAM_BYTES)
+        Machine.create(tmp_path / "file", SMALL_RAM_BYTES)
 
 
 def test_create_fills_an_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert Machine.create(tmp_path / "empty", RAM_BYTES).generation == 1
+    assert Machine.create(tmp_path / "empty", SMALL_RAM_BYTES).generation == 1
 
 
-@pytest.mark.parametrize("ram_bytes", [0, 4096, (4 << 20) - 4096, RAM_BYTES + 1, 1 << 41])
+@pytest.mark.parametrize("ram_bytes", [0, 4096, (4 << 20) - 4096, SMALL_RAM_BYTES + 1, 1 << 41])
 def test_create_rejects_bad_sizes(tmp_path: Path, ram_bytes: int) -> None:
     with pytest.raises(InvalidRequest, match="multiple of 4096"):
         Machine.create(tmp_path / "m", ram_bytes)
@@ -133,7 +133,7 @@ def edit_json(path: Path, **changes: object) -> None:
         ({"format": 2}, "unsupported format"),
         ({"page_size": 8192}, "page_size"),
         ({"ram_bytes": "64M"}, "ram_bytes"),
-        ({"ram_bytes": RAM_BYTES + 4096}, "RAM: .* bytes, machine.json says"),
+        ({"ram_bytes": SMALL_RAM_BYTES + 4096}, "RAM: .* bytes, machine.json says"),
         ({"ram_bytes": 12345}, "multiple of 4096"),
         ({"created_ns": None}, "created_ns"),
         (
@@ -147,43 +147,45 @@ def edit_json(path: Path, **changes: object) -> None:
     ],
 )
 def test_open_rejects_a_corrupt_machine_json(
-    machine: Machine, changes: dict[str, object], message: str
+    small_machine: Machine, changes: dict[str, object], message: str
 ) -> None:
-    edit_json(machine.path / "machine.json", **changes)
+    edit_json(small_machine.path / "machine.json", **changes)
     with pytest.raises(CorruptMachine, match=message):
-        Machine.open(machine.path)
+        Machine.open(small_machine.path)
 
 
-def test_open_rejects_garbage_files(machine: Machine) -> None:
-    (machine.path / "boot.json").write_text('{"generation": 0, "cmdline": "", "booted_ns": 1}')
+def test_open_rejects_garbage_files(small_machine: Machine) -> None:
+    (small_machine.path / "boot.json").write_text(
+        '{"generation": 0, "cmdline": "", "booted_ns": 1}'
+    )
     with pytest.raises(CorruptMachine, match="generation"):
-        Machine.open(machine.path)
-    (machine.path / "boot.json").unlink()
+        Machine.open(small_machine.path)
+    (small_machine.path / "boot.json").unlink()
     with pytest.raises(CorruptMachine, match=r"boot\.json: missing"):
-        Machine.open(machine.path)
-    (machine.path / "machine.json").write_bytes(b"\xff\x00")
+        Machine.open(small_machine.path)
+    (small_machine.path / "machine.json").write_bytes(b"\xff\x00")
     with pytest.raises(CorruptMachine, match="not valid JSON"):
-        Machine.open(machine.path)
-    (machine.path / "machine.json").write_text("[1]")
+        Machine.open(small_machine.path)
+    (small_machine.path / "machine.json").write_text("[1]")
     with pytest.raises(CorruptMachine, match="expected a JSON object"):
-        Machine.open(machine.path)
+        Machine.open(small_machine.path)
 
 
-def test_start_boot_moves_to_the_next_generation(machine: Machine) -> None:
-    with machine.page_ownership() as po:
+def test_start_boot_moves_to_the_next_generation(small_machine: Machine) -> None:
+    with small_machine.page_ownership() as po:
         po.allocate(po.register_owner("old", os.getpid()), 10)
-    (machine.boot_dir / "leftover").write_text("from the old boot")
-    machine.start_boot("pkram=4242 quiet")
-    assert (machine.generation, machine.cmdline) == (2, "pkram=4242 quiet")
-    assert (machine.path / "cmdline").read_text() == "pkram=4242 quiet\n"
-    assert sorted(p.name for p in machine.boot_dir.iterdir()) == [
+    (small_machine.boot_dir / "leftover").write_text("from the old boot")
+    small_machine.start_boot("pkram=4242 quiet")
+    assert (small_machine.generation, small_machine.cmdline) == (2, "pkram=4242 quiet")
+    assert (small_machine.path / "cmdline").read_text() == "pkram=4242 quiet\n"
+    assert sorted(p.name for p in small_machine.boot_dir.iterdir()) == [
         "lock",
         "owners.json",
         "page-owners",
     ]
-    with machine.page_ownership() as po:
+    with small_machine.page_ownership() as po:
         assert po.owners() == {} and po.check({}) == []
-    assert Machine.open(machine.path).generation == 2
+    assert Machine.open(small_machine.path).generation == 2
     with pytest.raises(InvalidRequest, match="one line"):
-        machine.start_boot("a\nb")
-    assert machine.generation == 2
+        small_machine.start_boot("a\nb")
+    assert small_machine.generation == 2

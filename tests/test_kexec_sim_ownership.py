@@ -36,9 +36,9 @@ from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import FAULT_ENV, HEADER_BYTES, MAP_FILE
 from kexec_sim.transfer_journal import JOURNAL_FILE, write_journal
 
-REPO = Path(__file__).resolve().parents[1]
-RAM_BYTES = 64 << 20
-NR_PAGES = RAM_BYTES // 4096
+from .util import REPO, SMALL_RAM_BYTES, run
+
+NR_PAGES = SMALL_RAM_BYTES // 4096
 SUPER_BLOCK_PFN = 256  # the boot's super block: the first usable page (HANDOVER)
 USABLE_PAGES = 30 * 256 - 1  # 1..16 MiB and 49..64 MiB of the default map, but the super block
 HUGE_RUNS = 14  # aligned 2 MiB runs inside 1..16 MiB (7) and 49..64 MiB (7)
@@ -46,13 +46,8 @@ TIMEOUT_S = 60
 
 
 @pytest.fixture
-def machine(tmp_path: Path) -> Machine:
-    return Machine.create(tmp_path / "machine", RAM_BYTES)
-
-
-@pytest.fixture
-def po(machine: Machine) -> Iterator[PageOwnership]:
-    with machine.page_ownership() as ownership:
+def po(small_machine: Machine) -> Iterator[PageOwnership]:
+    with small_machine.page_ownership() as ownership:
         yield ownership
 
 
@@ -78,17 +73,17 @@ def poke(machine: Machine, pfn: int, owner_id: int) -> None:
 # -- a fresh boot -------------------------------------------------------------------------
 
 
-def test_fresh_map_follows_memory_map(machine: Machine, po: PageOwnership) -> None:
+def test_fresh_map_follows_memory_map(small_machine: Machine, po: PageOwnership) -> None:
     assert po.count_by_owner() == {
         FREE: USABLE_PAGES,
         HANDOVER: 1,
-        FIRMWARE: machine.memory_map.pages_of_type(RegionType.FIRMWARE),
-        KERNEL: machine.memory_map.pages_of_type(RegionType.KERNEL),
-        NOSAVE: machine.memory_map.pages_of_type(RegionType.NOSAVE),
+        FIRMWARE: small_machine.memory_map.pages_of_type(RegionType.FIRMWARE),
+        KERNEL: small_machine.memory_map.pages_of_type(RegionType.KERNEL),
+        NOSAVE: small_machine.memory_map.pages_of_type(RegionType.NOSAVE),
     }
     assert po.free_pages() == USABLE_PAGES
     free = po.pages_of(FREE)
-    usable = np.flatnonzero(machine.memory_map.usable_mask(NR_PAGES))
+    usable = np.flatnonzero(small_machine.memory_map.usable_mask(NR_PAGES))
     assert np.array_equal(free, usable[usable != SUPER_BLOCK_PFN])
     assert po.pages_of(HANDOVER).tolist() == [SUPER_BLOCK_PFN] == [po.super_block_pfn]
     assert po.kernel_image == (0, 0)
@@ -96,18 +91,18 @@ def test_fresh_map_follows_memory_map(machine: Machine, po: PageOwnership) -> No
     assert po.check({}) == []
 
 
-def test_bad_header_is_corrupt(machine: Machine) -> None:
-    path = machine.boot_dir / MAP_FILE
+def test_bad_header_is_corrupt(small_machine: Machine) -> None:
+    path = small_machine.boot_dir / MAP_FILE
     with path.open("r+b") as file:
         file.write(b"XXXXXXXX")
     with pytest.raises(CorruptMachine, match="magic"):
-        machine.page_ownership()
+        small_machine.page_ownership()
 
 
-def test_truncated_map_is_corrupt(machine: Machine) -> None:
-    os.truncate(machine.boot_dir / MAP_FILE, HEADER_BYTES + 4 * (NR_PAGES - 1))
+def test_truncated_map_is_corrupt(small_machine: Machine) -> None:
+    os.truncate(small_machine.boot_dir / MAP_FILE, HEADER_BYTES + 4 * (NR_PAGES - 1))
     with pytest.raises(CorruptMachine, match="expected a map"):
-        machine.page_ownership()
+        small_machine.page_ownership()
 
 
 # -- owners -------------------------------------------------------------------------------
@@ -138,8 +133,8 @@ def test_register_rejects_bad_input(po: PageOwnership) -> None:
         po.register_owner("ghost", 2**31 - 1)
 
 
-def test_registry_is_shared_between_handles(machine: Machine, po: PageOwnership) -> None:
-    with machine.page_ownership() as other:
+def test_registry_is_shared_between_handles(small_machine: Machine, po: PageOwnership) -> None:
+    with small_machine.page_ownership() as other:
         owner_id = other.register_owner("other", os.getpid())
         assert owner_id in po.owners()
         pfns = po.allocate(owner_id, 5)
@@ -150,12 +145,12 @@ def test_registry_is_shared_between_handles(machine: Machine, po: PageOwnership)
 
 
 def test_allocate_gives_distinct_free_usable_pages(
-    machine: Machine, po: PageOwnership, owner: int
+    small_machine: Machine, po: PageOwnership, owner: int
 ) -> None:
     pfns = po.allocate(owner, 1000)
     assert pfns.dtype == np.int64 and pfns.size == 1000
     assert np.unique(pfns).size == 1000
-    assert machine.memory_map.usable_mask(NR_PAGES)[pfns].all()
+    assert small_machine.memory_map.usable_mask(NR_PAGES)[pfns].all()
     assert np.array_equal(po.pages_of(owner), np.sort(pfns))
     assert po.free_pages() == USABLE_PAGES - 1000
     assert po.check({owner: pfns}) == []
@@ -231,7 +226,7 @@ def test_allocate_huge_is_all_or_nothing(po: PageOwnership, owner: int) -> None:
 
 
 def test_allocate_huge_on_ram_that_is_not_whole_huge_pages(tmp_path: Path) -> None:
-    machine = Machine.create(tmp_path / "odd", RAM_BYTES + 3 * 4096)
+    machine = Machine.create(tmp_path / "odd", SMALL_RAM_BYTES + 3 * 4096)
     with machine.page_ownership() as po:
         owner = po.register_owner("test", os.getpid())
         bases = po.allocate_huge(owner, HUGE_RUNS)
@@ -243,10 +238,10 @@ def test_allocate_huge_on_ram_that_is_not_whole_huge_pages(tmp_path: Path) -> No
 
 
 def test_map_header_matches_the_documented_layout(
-    machine: Machine, po: PageOwnership, owner: int
+    small_machine: Machine, po: PageOwnership, owner: int
 ) -> None:
     pfns = po.allocate(owner, 10)
-    header = (machine.boot_dir / MAP_FILE).read_bytes()[:HEADER_BYTES]
+    header = (small_machine.boot_dir / MAP_FILE).read_bytes()[:HEADER_BYTES]
     fields = struct.unpack_from("<8sIIQQQQQQ", header)
     magic, version, header_bytes, nr_pages, cursor, serial, sb, image, image_pages = fields
     assert (magic, version, header_bytes, nr_pages) == (b"KSIMOWN\0", 1, 4096, NR_PAGES)
@@ -312,13 +307,13 @@ def test_lock_is_reentrant(po: PageOwnership, owner: int) -> None:
 
 
 def test_a_new_boot_makes_old_handles_stale(
-    machine: Machine, po: PageOwnership, owner: int
+    small_machine: Machine, po: PageOwnership, owner: int
 ) -> None:
     po.allocate(owner, 10)
-    machine.start_boot("pkram=123")
+    small_machine.start_boot("pkram=123")
     with pytest.raises(MachineError, match="booted again"):
         po.allocate(owner, 1)
-    with machine.page_ownership() as fresh:
+    with small_machine.page_ownership() as fresh:
         assert fresh.owners() == {}
         assert fresh.free_pages() == USABLE_PAGES
         assert fresh.register_owner("next", os.getpid()) == 1
@@ -381,8 +376,8 @@ def finish(child: "subprocess.Popen[str]") -> int:
     return child.wait(TIMEOUT_S)
 
 
-def test_dead_owner_is_reclaimed(machine: Machine, po: PageOwnership, tmp_path: Path) -> None:
-    child = start_child(machine, "doomed", 100, 3, tmp_path / "doomed.npy")
+def test_dead_owner_is_reclaimed(small_machine: Machine, po: PageOwnership, tmp_path: Path) -> None:
+    child = start_child(small_machine, "doomed", 100, 3, tmp_path / "doomed.npy")
     try:
         owner_id = int(read_line(child))
         say(child, "go")
@@ -399,9 +394,9 @@ def test_dead_owner_is_reclaimed(machine: Machine, po: PageOwnership, tmp_path: 
 
 
 def test_allocation_reclaims_dead_owners_before_giving_up(
-    machine: Machine, po: PageOwnership, owner: int, tmp_path: Path
+    small_machine: Machine, po: PageOwnership, owner: int, tmp_path: Path
 ) -> None:
-    child = start_child(machine, "hog", USABLE_PAGES, 1, tmp_path / "hog.npy")
+    child = start_child(small_machine, "hog", USABLE_PAGES, 1, tmp_path / "hog.npy")
     try:
         hog = int(read_line(child))
         say(child, "go")
@@ -428,10 +423,10 @@ def test_reused_pid_does_not_keep_an_owner_alive(
 
 
 def test_concurrent_allocations_never_share_a_page(
-    machine: Machine, po: PageOwnership, tmp_path: Path
+    small_machine: Machine, po: PageOwnership, tmp_path: Path
 ) -> None:
     outs = [tmp_path / "a.npy", tmp_path / "b.npy"]
-    children = [start_child(machine, f"c{i}", 7, 400, out) for i, out in enumerate(outs)]
+    children = [start_child(small_machine, f"c{i}", 7, 400, out) for i, out in enumerate(outs)]
     try:
         ids = [int(read_line(child)) for child in children]
         for child in children:
@@ -446,7 +441,7 @@ def test_concurrent_allocations_never_share_a_page(
     assert codes == [0, 0]
 
 
-def test_lock_excludes_other_processes(machine: Machine, po: PageOwnership) -> None:
+def test_lock_excludes_other_processes(small_machine: Machine, po: PageOwnership) -> None:
     code = (
         "import sys\nfrom kexec_sim import Machine\n"
         "with Machine.open(sys.argv[1], create=False).page_ownership() as po, po.locked():\n"
@@ -455,7 +450,7 @@ def test_lock_excludes_other_processes(machine: Machine, po: PageOwnership) -> N
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with po.locked():
         child = subprocess.Popen(
-            [sys.executable, "-c", code, str(machine.path)],
+            [sys.executable, "-c", code, str(small_machine.path)],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -527,15 +522,15 @@ def test_checker_finds_a_leak(po: PageOwnership, two: Two) -> None:
 
 
 def test_checker_finds_pages_of_an_unregistered_owner(
-    machine: Machine, po: PageOwnership, two: Two
+    small_machine: Machine, po: PageOwnership, two: Two
 ) -> None:
     a, pa, b, pb = two
     free_pfn = int(po.pages_of(FREE)[0])
-    poke(machine, free_pfn, 77)
+    poke(small_machine, free_pfn, 77)
     assert po.check({a: pa, b: pb}) == [
         f"1 pfns are owned by unregistered owner 77, e.g. {free_pfn}"
     ]
-    poke(machine, free_pfn, -9)
+    poke(small_machine, free_pfn, -9)
     assert po.check({}) == [f"1 pfns are owned by unregistered owner -9, e.g. {free_pfn}"]
 
 
@@ -554,12 +549,12 @@ def test_checker_finds_claims_outside_ram(po: PageOwnership, two: Two) -> None:
 
 
 def test_checker_finds_reserved_regions_off_the_memory_map(
-    machine: Machine, po: PageOwnership
+    small_machine: Machine, po: PageOwnership
 ) -> None:
     kernel_pfn = int(po.pages_of(KERNEL)[0])
     usable_pfn = int(po.pages_of(FREE)[0])
-    poke(machine, kernel_pfn, FREE)
-    poke(machine, usable_pfn, FIRMWARE)
+    poke(small_machine, kernel_pfn, FREE)
+    poke(small_machine, usable_pfn, FIRMWARE)
     assert po.check({}) == [
         f"1 pfns of the memory map's kernel regions are not owned by kernel, e.g. {kernel_pfn}",
         f"1 usable pfns are owned by a reserved owner (firmware), e.g. {usable_pfn}",
@@ -589,49 +584,52 @@ def raw_map(machine: Machine) -> np.ndarray:
 
 
 def test_a_transfer_killed_midway_is_finished_by_the_next_lock_holder(
-    machine: Machine, po: PageOwnership, tmp_path: Path
+    small_machine: Machine, po: PageOwnership, tmp_path: Path
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), FAULT_ENV: "transfer-midway"}
     out = tmp_path / "pfns.npy"
-    child = subprocess.run(
-        [sys.executable, "-c", MIDWAY_CHILD, str(machine.path), str(out)],
+    child = run(
+        sys.executable,
+        "-c",
+        MIDWAY_CHILD,
+        str(small_machine.path),
+        str(out),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=TIMEOUT_S,
-        check=False,
     )
     assert child.returncode == -signal.SIGKILL and "not killed" not in child.stdout
     pfns = np.sort(np.load(out))
-    before = raw_map(machine)[pfns]
+    before = raw_map(small_machine)[pfns]
     assert np.count_nonzero(before == PRESERVED) == 500  # the map was left half done
-    assert (machine.boot_dir / JOURNAL_FILE).exists()
+    assert (small_machine.boot_dir / JOURNAL_FILE).exists()
     # The owner is dead: reclaiming it first would free the 500 pages not yet moved. The
     # journal is replayed before anything else, so all 1000 are preserved and none freed.
     (dead,) = po.reclaim_dead_owners()
     assert np.array_equal(po.pages_of(PRESERVED), pfns)
     assert po.pages_of(dead).size == 0 and dead not in po.owners()
-    assert not (machine.boot_dir / JOURNAL_FILE).exists()
+    assert not (small_machine.boot_dir / JOURNAL_FILE).exists()
     assert po.check({}) == []
 
 
-def test_replaying_a_journal_is_idempotent(machine: Machine, po: PageOwnership, owner: int) -> None:
+def test_replaying_a_journal_is_idempotent(
+    small_machine: Machine, po: PageOwnership, owner: int
+) -> None:
     pfns = po.allocate(owner, 10)
     po.transfer(pfns[:4], owner, PRESERVED)  # as if a killed transfer had done 4 of 10
-    write_journal(machine.boot_dir, pfns, owner, PRESERVED)
+    write_journal(small_machine.boot_dir, pfns, owner, PRESERVED)
     with po.locked():
         assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
-    write_journal(machine.boot_dir, pfns, owner, PRESERVED)  # replayed again: no change
+    write_journal(small_machine.boot_dir, pfns, owner, PRESERVED)  # replayed again: no change
     assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
     assert po.check({owner: pfns[:0]}) == []
 
 
 def test_a_tampered_journal_is_a_corrupt_machine(
-    machine: Machine, po: PageOwnership, owner: int
+    small_machine: Machine, po: PageOwnership, owner: int
 ) -> None:
     pfns = po.allocate(owner, 10)
-    write_journal(machine.boot_dir, pfns, owner, PRESERVED)
-    path = machine.boot_dir / JOURNAL_FILE
+    write_journal(small_machine.boot_dir, pfns, owner, PRESERVED)
+    path = small_machine.boot_dir / JOURNAL_FILE
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(CorruptMachine, match="transfer-journal"):
         po.free_pages()
@@ -673,46 +671,49 @@ def test_allocate_huge_avoids_runs_overlapping_a_range(po: PageOwnership, owner:
 # -- owners with mountpoints ----------------------------------------------------------------
 
 
-def test_owner_mountpoint_is_registered(machine: Machine, po: PageOwnership) -> None:
+def test_owner_mountpoint_is_registered(small_machine: Machine, po: PageOwnership) -> None:
     owner_id = po.register_owner("pkramfs:x:/mnt/x", os.getpid(), mountpoint="/mnt/a b")
     assert po.owners()[owner_id].mountpoint == "/mnt/a b"
     plain = po.register_owner("plain", os.getpid())
     assert po.owners()[plain].mountpoint is None
     with pytest.raises(InvalidRequest, match="mountpoint"):
         po.register_owner("bad", os.getpid(), mountpoint="relative/path")
-    registry = json.loads((machine.boot_dir / "owners.json").read_text())
+    registry = json.loads((small_machine.boot_dir / "owners.json").read_text())
     del registry["owners"][str(owner_id)]["mountpoint"]  # as written before mountpoints
-    (machine.boot_dir / "owners.json").write_text(json.dumps(registry))
-    assert OwnerRegistry.load(machine.boot_dir / "owners.json").owners[owner_id].mountpoint is None
+    (small_machine.boot_dir / "owners.json").write_text(json.dumps(registry))
+    assert (
+        OwnerRegistry.load(small_machine.boot_dir / "owners.json").owners[owner_id].mountpoint
+        is None
+    )
 
 
 # -- the checker and HANDOVER ---------------------------------------------------------------
 
 
 def test_checker_wants_handover_to_own_the_super_block_only(
-    machine: Machine, po: PageOwnership
+    small_machine: Machine, po: PageOwnership
 ) -> None:
     free_pfn = int(po.pages_of(FREE)[0])
-    poke(machine, free_pfn, HANDOVER)
+    poke(small_machine, free_pfn, HANDOVER)
     assert po.check({}) == [
         f"1 pfns are owned by handover but are not this boot's super block (pfn "
         f"{SUPER_BLOCK_PFN}), e.g. {free_pfn}"
     ]
-    poke(machine, free_pfn, FREE)
-    poke(machine, SUPER_BLOCK_PFN, FREE)
+    poke(small_machine, free_pfn, FREE)
+    poke(small_machine, SUPER_BLOCK_PFN, FREE)
     assert po.check({}) == [
         f"this boot's super block, pfn {SUPER_BLOCK_PFN}, is owned by free, not handover"
     ]
 
 
-def test_checker_accepts_the_kernel_image_outside_the_kernel_region(machine: Machine) -> None:
+def test_checker_accepts_the_kernel_image_outside_the_kernel_region(small_machine: Machine) -> None:
     image = (600, 700)  # usable pages where a kexec put the kernel
-    machine.start_boot("", kernel_image=image)
-    with machine.page_ownership() as po:
+    small_machine.start_boot("", kernel_image=image)
+    with small_machine.page_ownership() as po:
         assert po.kernel_image == image
         assert np.array_equal(po.pages_of(KERNEL)[:100], np.arange(*image))
         assert po.check({}) == []
-        poke(machine, 650, FREE)
+        poke(small_machine, 650, FREE)
         assert po.check({}) == [
             "1 usable pfns of the kernel image (600..699) are not owned by kernel, e.g. 650"
         ]

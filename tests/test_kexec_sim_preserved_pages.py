@@ -19,7 +19,7 @@ from kexec_sim.preserved_pages import (
 )
 from kexec_sim.ram import Ram
 
-from .conftest import make_ram
+from .util import make_ram
 
 
 @pytest.fixture

@@ -19,32 +19,25 @@ from kexec_sim.storage_keys import (
     StorageKeys,
 )
 
-RAM_BYTES = 8 << 20
 
-
-@pytest.fixture
-def machine(tmp_path: Path) -> Machine:
-    return Machine.create(tmp_path / "machine", RAM_BYTES)
-
-
-def test_keys_are_shared_and_private(machine: Machine) -> None:
-    with machine.ram() as ram, machine.ram() as other:
+def test_keys_are_shared_and_private(small_machine: Machine) -> None:
+    with small_machine.ram() as ram, small_machine.ram() as other:
         ram.keys.clear()
         ram.keys.mark_referenced([5, 9])
         assert other.keys.read([5, 9, 10]).tolist() == [REFERENCED, REFERENCED, 0]
-    mode = os.stat(machine.path / KEYS_FILE).st_mode
+    mode = os.stat(small_machine.path / KEYS_FILE).st_mode
     assert stat.S_IMODE(mode) == 0o600
 
 
-def test_boot_marks_what_it_writes(machine: Machine) -> None:
-    with machine.ram() as ram:
-        super_block = int((machine.path / "sys/kernel/pkram").read_text())
+def test_boot_marks_what_it_writes(small_machine: Machine) -> None:
+    with small_machine.ram() as ram:
+        super_block = int((small_machine.path / "sys/kernel/pkram").read_text())
         assert ram.keys.read([super_block])[0] & CHANGED
         assert not ram.keys.read([super_block + 1])[0] & CHANGED
 
 
-def test_ram_writes_mark_pages_changed(machine: Machine) -> None:
-    with machine.ram() as ram:
+def test_ram_writes_mark_pages_changed(small_machine: Machine) -> None:
+    with small_machine.ram() as ram:
         ram.keys.clear()
         ram.write_page(7, bytes(4096))
         ram.fill_range(20, 3, 0xAA)
@@ -60,9 +53,9 @@ def test_ram_writes_mark_pages_changed(machine: Machine) -> None:
 
 
 def test_restore_sets_architectural_bits_and_image_completion_clears_since_image(
-    machine: Machine,
+    small_machine: Machine,
 ) -> None:
-    with machine.ram() as ram:
+    with small_machine.ram() as ram:
         keys = ram.keys
         keys.clear()
         keys.mark_changed([1, 2, 3])
@@ -78,11 +71,11 @@ def test_restore_sets_architectural_bits_and_image_completion_clears_since_image
         assert keys.read([1]).tolist() == [REFERENCED | CHANGED]
 
 
-def test_power_off_clears_every_key(machine: Machine) -> None:
-    with machine.ram() as ram:
+def test_power_off_clears_every_key(small_machine: Machine) -> None:
+    with small_machine.ram() as ram:
         ram.keys.mark_changed(np.arange(100, 200))
-    poweroff(machine)
-    with machine.ram() as ram:
+    poweroff(small_machine)
+    with small_machine.ram() as ram:
         assert not ram.keys.array.any()
 
 

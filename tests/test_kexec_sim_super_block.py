@@ -18,7 +18,7 @@ from kexec_sim.super_block import (
     write_super_block,
 )
 
-from .conftest import make_ram
+from .util import make_ram
 
 NR_PAGES = 4096
 

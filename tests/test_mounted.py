@@ -19,18 +19,8 @@ from kexec_sim.machine import Machine
 from pkramfs import control
 from pkramfs.checker import check_machine
 
-from .conftest import BIN, Mounts, wait_exit
-
-pytestmark = pytest.mark.mounted
-
-
-def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, env=env)
-
-
-def path_env() -> dict[str, str]:
-    """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+from .conftest import Mounts, wait_exit
+from .util import BIN, path_env, run
 
 
 def test_write_read_md5_and_unmount_frees_pages(mounts: Mounts, machine: Machine) -> None:

@@ -16,7 +16,7 @@ from pkramfs.file_pages import FilePages
 from pkramfs.inode import Inode
 from pkramfs.tree import ROOT_INO
 
-from .conftest import make_ram
+from .util import make_ram
 
 NR_PAGES = 1 << 16
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,18 @@ from kexec_sim.machine import Machine
 from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.storage_keys import CHANGED, SINCE_IMAGE
 
-from .conftest import BIN, Mounts, make_ram
-from .util import kexec, kexec_sim, md5, preserve, run
+from .conftest import Mounts
+from .util import (
+    OVER_FIRST_PAGES,
+    ctl_status,
+    kexec,
+    kexec_sim,
+    load_next_kernel,
+    make_ram,
+    md5,
+    preserve,
+    write_over_first_pages,
+)
 
 SECRET = "user.pkramfs.secret"
 
@@ -52,16 +63,9 @@ def test_a_page_out_of_the_direct_map_faults_and_a_temporary_mapping_reaches_it(
         assert ram.unmapped_pages == 0
 
 
-def status(mnt: Path) -> dict[str, object]:
-    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
-    assert result.returncode == 0, result.stderr
-    loaded: dict[str, object] = json.loads(result.stdout)
-    return loaded
-
-
 def unmapped_pfns(machine: Machine, mnt: Path) -> list[int]:
     """The pfns the daemon of *mnt* has mapped PROT_NONE (``---s``) in its mapping of RAM."""
-    pid = status(mnt)["pid"]
+    pid = ctl_status(mnt)["pid"]
     ram_path = os.path.realpath(machine.path / "RAM")
     regions = []
     with open(f"/proc/{pid}/maps", encoding="utf-8") as maps:
@@ -97,7 +101,7 @@ def assert_hidden_exactly(machine: Machine, mnt: Path, *files: bytes) -> list[in
             ram.seek(pfn * PAGE_SIZE)
             held.append(hashlib.md5(ram.read(PAGE_SIZE)).digest())
     assert sorted(held) == sorted(d for data in files for d in page_digests(data))
-    assert status(mnt)["secret_pages"] == len(pfns)
+    assert ctl_status(mnt)["secret_pages"] == len(pfns)
     return pfns
 
 
@@ -113,7 +117,7 @@ def test_a_secret_mount_hides_its_file_pages_and_serves_them(
         os.pwrite(f.fileno(), b"tail", len(data) + 3)
         data += bytes(3) + b"tail"
     assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
-    state = status(mnt)
+    state = ctl_status(mnt)
     ranges = state["unmapped_ranges"]
     assert state["secret"] is True and isinstance(ranges, int) and ranges >= 1
     pfns = assert_hidden_exactly(machine, mnt, bytes(data))
@@ -150,28 +154,52 @@ def test_the_secret_xattr_makes_one_file_secret_for_good(machine: Machine, mount
     assert refused.value.errno == errno.EPERM
 
 
-def test_secret_files_survive_kexec_and_are_hidden_again(machine: Machine, mounts: Mounts) -> None:
-    whole = mounts.mount("secret,pkram=whole")
-    one = mounts.mount("pkram=one")
-    a, b, c = os.urandom(2 << 20), os.urandom(700_000), os.urandom(50_000)
+@dataclass(frozen=True)
+class SecretMounts:
+    """A mount made with ``-o secret`` holding file *a*, and one holding a file *b* made secret
+    by its xattr beside a plain file *c*; both with ``pkram=``, to be preserved."""
+
+    names: tuple[str, str]
+    whole: Path
+    one: Path
+    a: bytes
+    b: bytes
+    c: bytes
+
+    def assert_back(self, machine: Machine, mounts: Mounts) -> None:
+        """Mount both again by name alone: every file is back and exactly the secret ones
+        are hidden (the ``secret`` option came back with the node, the xattr with the file)."""
+        mounts.mount(f"pkram={self.names[0]}", self.whole)
+        mounts.mount(f"pkram={self.names[1]}", self.one)
+        assert ctl_status(self.whole)["secret"] is True
+        assert md5(self.whole / "a") == hashlib.md5(self.a).hexdigest()
+        assert md5(self.one / "b") == hashlib.md5(self.b).hexdigest()
+        assert md5(self.one / "c") == hashlib.md5(self.c).hexdigest()
+        assert os.getxattr(self.one / "b", SECRET) == b"1"
+        assert_hidden_exactly(machine, self.whole, self.a)
+        assert_hidden_exactly(machine, self.one, self.b)
+
+
+def write_secret_mounts(mounts: Mounts, prefix: str, sizes: tuple[int, int, int]) -> SecretMounts:
+    """Mount `SecretMounts` named *prefix*whole and *prefix*one, files *sizes* bytes long."""
+    names = (f"{prefix}whole", f"{prefix}one")
+    whole, one = mounts.mount(f"secret,pkram={names[0]}"), mounts.mount(f"pkram={names[1]}")
+    a, b, c = (os.urandom(size) for size in sizes)
     (whole / "a").write_bytes(a)
     (one / "b").write_bytes(b)
     (one / "c").write_bytes(c)
     os.setxattr(one / "b", SECRET, b"1")
-    preserve(whole)
-    preserve(one)
+    return SecretMounts(names, whole, one, a, b, c)
+
+
+def test_secret_files_survive_kexec_and_are_hidden_again(machine: Machine, mounts: Mounts) -> None:
+    pair = write_secret_mounts(mounts, "", (2 << 20, 700_000, 50_000))
+    preserve(pair.whole)
+    preserve(pair.one)
     kexec(machine)
-    mounts.mount("pkram=whole", whole)  # the option comes back with the node
-    mounts.mount("pkram=one", one)
-    assert status(whole)["secret"] is True
-    assert md5(whole / "a") == hashlib.md5(a).hexdigest()
-    assert md5(one / "b") == hashlib.md5(b).hexdigest()
-    assert md5(one / "c") == hashlib.md5(c).hexdigest()
-    assert os.getxattr(one / "b", SECRET) == b"1"
-    assert_hidden_exactly(machine, whole, a)
-    assert_hidden_exactly(machine, one, b)
-    (whole / "new").write_bytes(b"n" * 9000)
-    assert_hidden_exactly(machine, whole, a, b"n" * 9000)
+    pair.assert_back(machine, mounts)
+    (pair.whole / "new").write_bytes(b"n" * 9000)
+    assert_hidden_exactly(machine, pair.whole, pair.a, b"n" * 9000)
 
 
 def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: Mounts) -> None:
@@ -191,30 +219,26 @@ def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: 
     assert (mnt / "g").read_bytes() == data[:100_000]
     os.unlink(mnt / "g")
     assert unmapped_pfns(machine, mnt) == []
-    assert status(mnt)["unmapped_ranges"] == 0
+    assert ctl_status(mnt)["unmapped_ranges"] == 0
 
 
 def test_relocation_copies_secret_pages_through_temporary_mappings(
     machine: Machine, mounts: Mounts
 ) -> None:
     mnt = mounts.mount("secret,pkram=moved")
-    data = os.urandom(6 << 20)
-    (mnt / "f").write_bytes(data)
+    data = write_over_first_pages(mnt)
     before = set(unmapped_pfns(machine, mnt))
-    sb = (machine.path / "sys/kernel/pkram").read_text().strip()
-    load = ("--addr", hex(2 << 20), "--image-size", "4M")
-    loaded = kexec_sim(machine, "load", *load, "--append", f"pkram={sb}")
-    assert loaded.returncode == 0, loaded.stderr
+    load_next_kernel(machine, OVER_FIRST_PAGES)
     with machine.ram() as ram:
         ram.keys.image_completed()
         preserve(mnt)
         since_image = ram.keys.array & SINCE_IMAGE != 0
-    last = status(mnt)["last_preserve"]
+    last = ctl_status(mnt)["last_preserve"]
     assert isinstance(last, dict) and last["relocated_pages"] > 0
     after = assert_hidden_exactly(machine, mnt, data)  # the copies are hidden, the old back
     moved = sorted(set(after) - before)
     assert len(moved) == last["relocated_pages"] and since_image[moved].all()
-    kexec(machine, load)
+    kexec(machine, OVER_FIRST_PAGES)
     mounts.mount("pkram=moved", mnt)
     assert md5(mnt / "f") == hashlib.md5(data).hexdigest()
     assert_hidden_exactly(machine, mnt, data)
@@ -223,14 +247,8 @@ def test_relocation_copies_secret_pages_through_temporary_mappings(
 def test_secret_files_survive_hibernation_and_the_writer_maps_them_temporarily(
     machine: Machine, mounts: Mounts, tmp_path: Path
 ) -> None:
-    whole = mounts.mount("secret,pkram=hib-whole")
-    one = mounts.mount("pkram=hib-one")
-    a, b, c = os.urandom(1 << 20), os.urandom(300_000), os.urandom(70_000)
-    (whole / "a").write_bytes(a)
-    (one / "b").write_bytes(b)
-    (one / "c").write_bytes(c)
-    os.setxattr(one / "b", SECRET, b"1")
-    hidden = len(unmapped_pfns(machine, whole)) + len(unmapped_pfns(machine, one))
+    pair = write_secret_mounts(mounts, "hib-", (1 << 20, 300_000, 70_000))
+    hidden = len(unmapped_pfns(machine, pair.whole)) + len(unmapped_pfns(machine, pair.one))
     image = tmp_path / "secret.img"
     result = kexec_sim(machine, "hibernate", "--image", str(image), "--json")
     assert result.returncode == 0, result.stderr
@@ -238,10 +256,4 @@ def test_secret_files_survive_hibernation_and_the_writer_maps_them_temporarily(
     assert json.loads(result.stdout)["fetch_protected_pages"] == hidden
     result = kexec_sim(machine, "resume", "--image", str(image))
     assert result.returncode == 0, result.stderr
-    mounts.mount("pkram=hib-whole", whole)
-    mounts.mount("pkram=hib-one", one)
-    assert md5(whole / "a") == hashlib.md5(a).hexdigest()
-    assert md5(one / "b") == hashlib.md5(b).hexdigest()
-    assert md5(one / "c") == hashlib.md5(c).hexdigest()
-    assert_hidden_exactly(machine, whole, a)
-    assert_hidden_exactly(machine, one, b)
+    pair.assert_back(machine, mounts)

@@ -1,9 +1,7 @@
 """Storage keys set by a real mount: its stores mark CHANGED, its reads only REFERENCED."""
 
 import hashlib
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -14,17 +12,10 @@ from pkramfs.byte_stream import BYTE_MAGIC
 from pkramfs.page_stream import LINK_MAGIC
 from pkramfs.pkram_node import NODE_MAGIC
 
-from .conftest import BIN, Mounts
-from .util import preserve, run
+from .conftest import Mounts
+from .util import ctl_status, preserve
 
 BATCH_BYTES = 8 << 20  # the page pool's batch: the mount then holds no idle page
-
-
-def status(mnt: Path) -> dict[str, object]:
-    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
-    assert result.returncode == 0, result.stderr
-    loaded: dict[str, object] = json.loads(result.stdout)
-    return loaded
 
 
 def owned(machine: Machine, owner_id: object) -> np.ndarray:
@@ -40,7 +31,7 @@ def test_writes_mark_changed_reads_only_referenced(machine: Machine, mounts: Mou
         changed_before = keys & CHANGED != 0
         data = os.urandom(BATCH_BYTES)
         (mnt / "f").write_bytes(data)  # opened write-only: direct I/O, no page cache
-        state = status(mnt)
+        state = ctl_status(mnt)
         assert state["idle_pages"] == 0 and state["used_pages"] == BATCH_BYTES // 4096
         pages = owned(machine, state["owner_id"])
         assert len(pages) == BATCH_BYTES // 4096
@@ -69,7 +60,7 @@ def test_preserve_marks_the_pages_it_writes(machine: Machine, mounts: Mounts) ->
         since_image = ram.keys.array & SINCE_IMAGE != 0
         magics = [bytes(ram.pages[pfn, :8]) for pfn in preserved.tolist()]
     metadata = np.isin(magics, [NODE_MAGIC, LINK_MAGIC, BYTE_MAGIC])
-    last = status(mnt)["last_preserve"]
+    last = ctl_status(mnt)["last_preserve"]
     assert isinstance(last, dict)
     assert metadata.sum() >= 3 and (~metadata).sum() == last["data_pages"]
     assert since_image[preserved[metadata]].all()  # the node, byte and link pages it wrote

@@ -1,31 +1,78 @@
-"""Helpers the handover, hibernation and crash tests share: commands, trees and their
-comparison (file contents by md5, metadata by snapshot)."""
+"""Helpers the test modules share: commands (this checkout's ``kexec-sim``, ``pkramfs-ctl``
+and mount(8) helpers), request contexts for calling handlers directly, bare RAM files, trees
+and their comparison (file contents by md5, metadata by snapshot)."""
 
+import contextlib
 import hashlib
+import json
 import os
 import stat
 import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
+
+import pyfuse3
 
 from kexec_sim.machine import Machine
+from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
 
-from .conftest import BIN
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # this checkout's commands (the virtualenv's bin)
+COMMAND_TIMEOUT_S = 120.0
+SMALL_RAM_BYTES = 64 << 20  # the small_machine fixture's RAM
 
 Snapshot = dict[str, tuple[object, ...]]
 
 
-def run(*cmd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run *cmd*, capturing its output as text; never raises for an exit code."""
     return subprocess.run(
-        list(cmd), capture_output=True, text=True, check=False, timeout=120, env=env
+        list(cmd), capture_output=True, text=True, check=False, timeout=timeout, env=env
     )
 
 
-def kexec_sim(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args)
+def path_env() -> dict[str, str]:
+    """The environment with this checkout's commands first on PATH (for mount(8) helpers)."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+@contextlib.contextmanager
+def kernel_tmpfs_in(root: Path, options: str) -> Iterator[Path]:
+    """A kernel tmpfs mounted with ``-o OPTIONS`` on a new directory of *root*, to compare
+    with; lazily unmounted afterwards."""
+    path = root / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    result = run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path))
+    assert result.returncode == 0, result.stderr
+    try:
+        yield path
+    finally:
+        run("umount", "-l", str(path), timeout=30)
+
+
+def kexec_sim(
+    machine: Machine, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run(str(BIN / "kexec-sim"), "--machine", str(machine.path), *args, env=env)
 
 
 def ctl(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
     return run(str(BIN / "pkramfs-ctl"), *args, "--machine", str(machine.path))
+
+
+def ctl_status(mnt: Path) -> dict[str, Any]:
+    """``pkramfs-ctl status MNT --json``, which must succeed."""
+    result = run(str(BIN / "pkramfs-ctl"), "status", str(mnt), "--json")
+    assert result.returncode == 0, result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
 
 
 def preserve(mnt: Path) -> None:
@@ -33,14 +80,59 @@ def preserve(mnt: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """Load the next kernel with pkram= this boot's super block and exec it."""
+# `kexec-sim load` arguments that put the next kernel at 2-6 MiB, over the first usable pages,
+# where a fresh mount's first file lands: preserving it then relocates those pages.
+OVER_FIRST_PAGES = ("--addr", hex(2 << 20), "--image-size", "4M")
+
+
+def write_over_first_pages(mnt: Path) -> bytes:
+    """Write a 6 MiB file ``f`` on the fresh mount *mnt*: its pages are the first usable ones
+    (from 1 MiB, after the super block), under the kernel `OVER_FIRST_PAGES` loads. Return it."""
+    data = os.urandom(6 << 20)
+    (mnt / "f").write_bytes(data)
+    return data
+
+
+def load_next_kernel(machine: Machine, extra: tuple[str, ...] = ()) -> None:
+    """Load the next kernel with pkram= this boot's super block (and *extra* arguments)."""
     sb = (machine.path / "sys/kernel/pkram").read_text().strip()
     loaded = kexec_sim(machine, "load", "--append", f"pkram={sb}", *extra)
     assert loaded.returncode == 0, loaded.stderr
+
+
+def kexec(machine: Machine, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Load the next kernel with pkram= this boot's super block and exec it."""
+    load_next_kernel(machine, extra)
     result = kexec_sim(machine, "exec")
     assert result.returncode == 0, result.stderr
     return result
+
+
+def make_ram(directory: Path, nr_pages: int) -> Ram:
+    """A bare RAM file of *nr_pages* in *directory*, mapped (for tests of the RAM formats)."""
+    path = directory / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(nr_pages * PAGE_SIZE)
+    return Ram(path, nr_pages)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a FUSE request: a stand-in for pyfuse3's RequestContext, whose fields (a cdef
+    class's) cannot be set from Python. The handlers only read these four."""
+
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0o022
+
+
+ROOT = pyfuse3.RequestContext()  # pyfuse3's own, as made from Python: uid, gid, pid, umask 0
+
+
+def caller(uid: int, gid: int | None = None) -> pyfuse3.RequestContext:
+    """The request context of user *uid* (group *gid*, by default the same) in this process."""
+    return cast(pyfuse3.RequestContext, Caller(uid, uid if gid is None else gid, os.getpid()))
 
 
 def md5(path: Path) -> str:
