@@ -65,7 +65,7 @@ from kexec_sim.ownership import PageOwnership
 from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
-from kexec_sim.recovery import open_machine
+from kexec_sim.recovery import discard_transition, open_machine
 from kexec_sim.scrub import SCRUB_MODES
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size
@@ -403,8 +403,17 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_reboot(args: argparse.Namespace) -> int:
-    machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
+    if args.force:  # the way out when recovering an interrupted transition keeps failing
+        discarded = discard_transition(resolve_machine_dir(args.machine))
+        if discarded is not None:
+            _warn([f"an interrupted {discarded.describe()} was discarded, not recovered"])
+        machine = Machine.open(args.machine, create=False)
+        if not machine.powered:
+            _print_exec(kexec.power_on(machine), args.json)
+            return EXIT_OK
+    else:
+        machine = _open(args)
     _print_exec(kexec.reboot(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
@@ -499,6 +508,12 @@ def _reboot_arguments(parser: argparse.ArgumentParser) -> None:
     _scrub_argument(parser)
     _stop_argument(parser)
     _status_arguments(parser)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="discard an interrupted power-state change without recovering it, then reboot "
+        "(boot, if the machine is off): what it had preserved is lost",
+    )
 
 
 def _poweroff_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,11 @@ class InvalidRequest(MachineError):
     the caller's mistake, reported by the CLIs as a usage error."""
 
 
+class MachineBusy(MachineError):
+    """Another process is taking the machine through a power-state change (or left one
+    interrupted that must be recovered first)."""
+
+
 class OutOfMemory(MachineError):
     """The machine has fewer free pages than were asked for."""
 

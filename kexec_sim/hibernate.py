@@ -10,9 +10,12 @@
    as ``kexec-sim exec`` would (a table left by an interrupted hibernate is dropped first);
 4. a fresh process (kexec_sim.image_writer) writes the image from that handover alone: the
    super block, the table, the pages the table marks and their storage keys;
-5. it powers the machine off. If anything fails before that, the table is dropped, the mounts
-   it preserved are made writable again (``remount,rw`` cancels a preservation) and the error
-   is raised: nothing is lost.
+5. it powers the machine off. If anything fails before the power off scrubs RAM, the table
+   is dropped, an image at the path is invalidated, the mounts it preserved are made writable
+   again (``remount,rw`` cancels a preservation) and the error is raised: nothing is lost.
+
+It runs as one transition (kexec_sim.transition), recorded from the preserve on; its point of
+no return is its power off's scrub.
 
 The way back is kexec_sim.resume.
 """
@@ -45,7 +48,7 @@ from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
-from kexec_sim.transition import fault_point, give_up
+from kexec_sim.transition import give_up
 
 __all__ = [
     "LAST_IMAGE_FILE",
@@ -263,41 +266,37 @@ def hibernate(
     sb_pfn = machine.super_block_pfn
     generation = machine.generation
     transition = begin_transition(machine, "hibernate", generation)
+    made_ro: list[str] = []
     try:
         with machine.page_ownership() as po:
             mounts, warnings = _plan(po, force)
+            transition.record("preserve", image=str(image), scrub=scrub)
             with phases("preserve"):
                 made_ro = _preserve_mounts(mounts)
-            fault_point("hibernate:preserved")
-            try:
-                transition.record("handover", image=str(image))
-                with machine.ram() as ram, po.locked(), phases("handover"):
-                    drop_stale_table(ram, po, sb_pfn)
-                    sb = read_super_block(ram, sb_pfn)
-                    write_handover(ram, po, sb_pfn, sb, None, generation)
-                transition.record("write")
-                with phases("write"):
-                    result = _run_writer(
-                        machine, image, sb_pfn, compression, threads, key_file, passphrase,
-                        max_bytes, base_info, progress,
-                    )  # fmt: skip
-                transition.record("image-complete", scrub=scrub)
-            except BaseException as exc:
-                if transition.committed:
-                    raise
-                with suppress(Exception):
-                    undo_hibernate(machine, transition.facts)
-                transition.phase = None  # undone
-                failures = _undo_preserve(made_ro)
-                if failures and isinstance(exc, MachineError):
-                    raise MachineError(f"{exc}; also: {'; '.join(failures)}") from None
-                raise
+            transition.record("handover")
+            with machine.ram() as ram, po.locked(), phases("handover"):
+                drop_stale_table(ram, po, sb_pfn)
+                sb = read_super_block(ram, sb_pfn)
+                write_handover(ram, po, sb_pfn, sb, None, generation)
+            transition.record("write")
+            with phases("write"):
+                result = _run_writer(
+                    machine, image, sb_pfn, compression, threads, key_file, passphrase,
+                    max_bytes, base_info, progress,
+                )  # fmt: skip
+            transition.record("image-complete")
         with phases("poweroff"):
             report = poweroff(
                 machine, scrub=scrub, stop_timeout_s=stop_timeout_s, transition=transition
             )
-    except BaseException:
-        give_up(transition)  # committed: the record stays, the next command powers off
+    except BaseException as exc:
+        if transition.committed:  # the power off had begun scrubbing: the next command ends it
+            transition.abandon()
+            raise
+        give_up(transition, lambda: undo_hibernate(machine, transition.facts))
+        failures = _undo_preserve(made_ro)  # once the record is gone: nodes may change again
+        if failures and isinstance(exc, MachineError):
+            raise MachineError(f"{exc}; also: {'; '.join(failures)}") from None
         raise
     transition.end()
     return HibernateReport(

@@ -124,7 +124,8 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
             copy_pages=ram.copy_pages if protected.size else None,
             progress=progress,
         )
-        ram.keys.image_completed()
+        # SINCE_IMAGE stays: the image counts only once hibernate powers off (which clears
+        # every key); a hibernate undone before that must leave the next increment complete.
     written = image_file.read_header(image, key=key)
     return {
         "image_id": written.image_id.hex(),

@@ -28,7 +28,13 @@ from kexec_sim import scrub as scrubbing
 from kexec_sim.allocator import PfnRange, find_free_pages
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
-from kexec_sim.errors import CorruptHandover, InvalidRequest, MachineError, OutOfMemory
+from kexec_sim.errors import (
+    CorruptHandover,
+    CorruptMachine,
+    InvalidRequest,
+    MachineError,
+    OutOfMemory,
+)
 from kexec_sim.image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
@@ -50,7 +56,6 @@ from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_owners
 from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
 from kexec_sim.transition import (
     Transition,
-    TransitionRecord,
     fact_range,
     fact_str,
     give_up,
@@ -224,47 +229,86 @@ def begin_transition(machine: Machine, action: str, generation: int) -> Transiti
     return transition
 
 
-def undo_exec(machine: Machine) -> None:
-    """Drop what an exec that did not boot left: the table it wrote (this boot goes on)."""
+def undo_exec(machine: Machine, facts: Mapping[str, object]) -> None:
+    """Drop what an exec that had not begun scrubbing left: the super block as it was before
+    the handover (a write of it may have been cut), and the table it wrote. This boot goes
+    on, its preserved nodes as they were."""
     with machine.page_ownership() as po, machine.ram() as ram, po.locked():
+        rewrite_super_block(ram, facts, "super_block_before")
         drop_stale_table(ram, po, machine.super_block_pfn)
 
 
-def finish_exec(machine: Machine, record: TransitionRecord) -> None:
-    """Boot what an exec stopped in its boot phase was booting (the point of no return).
-
-    Early boot reads the super block as the exec left it before booting (its facts), so a
-    boot interrupted after early boot rewrote it runs again the same.
-    """
-    if machine.generation > record.generation:
+def finish_exec(machine: Machine, transition: Transition) -> None:
+    """Finish an exec a dead process took past its point of no return (the scrub): scrub
+    again what is not handed over, write the kernel, boot. Early boot reads the super block
+    as the handover left it (the facts), so a boot cut short runs again the same."""
+    if machine.generation > transition.generation:
         return  # it had booted: only the record was left
-    with machine.ram() as ram:
-        rewrite_super_block(ram, record.facts)
-    machine.start_boot(fact_str(record.facts, "cmdline"), kernel_image=fact_range(record.facts))
-
-
-def finish_reboot(machine: Machine, record: TransitionRecord) -> None:
-    """Finish a reboot stopped after it began scrubbing: scrub, image, boot."""
-    if machine.generation > record.generation:
+    facts = transition.facts
+    if transition.phase == "boot":  # the kernel is written; the boot state may be half made
+        with machine.ram() as ram:
+            rewrite_super_block(ram, facts)
+        cmdline = fact_str(facts, "cmdline")
+        machine.start_boot(cmdline, kernel_image=fact_range(facts, machine.nr_pages))
         return
-    facts = record.facts
+    image = loaded_image(machine)
+    if image is None:
+        raise CorruptMachine("the kernel the exec was booting is no longer staged")
+    with machine.page_ownership() as po, machine.ram() as ram, po.locked():
+        _exec_from_scrub(machine, ram, po, transition, image, Phases())
+
+
+def _exec_from_scrub(
+    machine: Machine,
+    ram: Ram,
+    po: PageOwnership,
+    transition: Transition,
+    image: LoadedImage,
+    phases: Phases,
+) -> tuple[int, EarlyBoot]:
+    """exec from its point of no return (the lock held): scrub every page but firmware and
+    what is handed over, write the staged kernel, boot with it; (scrubbed, early boot)."""
+    facts = transition.facts
+    scrub = fact_str(facts, "scrub", scrubbing.SCRUB_MODES)
+    keep = po.owner_map == FIRMWARE
+    if facts.get("super_block") is not None:  # handed over: the table marks these
+        keep |= (po.owner_map == PRESERVED) | (po.owner_map == HANDOVER)
+    with phases("scrub"):
+        scrubbed = scrubbing.scrub(ram, keep, scrub)
+    transition.record("image")
+    with phases("image"):
+        write_image(ram, machine, image, transition.generation + 1)
+    transition.record("boot")
+    with phases("boot"):
+        rewrite_super_block(ram, facts)  # as handed over: a repeated boot reads the same
+        booted = machine.start_boot(image.cmdline, kernel_image=image.pfn_range, held=po)
+    return scrubbed, booted
+
+
+def finish_reboot(machine: Machine, transition: Transition) -> None:
+    """Finish a reboot a dead process took past its scrub's start: scrub, image, boot."""
+    if machine.generation > transition.generation:
+        return
+    facts = transition.facts
     with machine.ram() as ram:
         _reboot_from_scrub(
             machine,
             ram,
-            fact_str(facts, "scrub"),
+            fact_str(facts, "scrub", scrubbing.SCRUB_MODES),
             fact_str(facts, "cmdline"),
-            fact_range(facts),
+            fact_range(facts, machine.nr_pages),
             Phases(),
             None,
         )
 
 
 def finish_poweroff(machine: Machine, transition: Transition) -> None:
-    """Finish a power off (or hibernate's, once its image is complete) a dead process began:
-    stop what still runs, lose RAM, record it off."""
+    """Finish a power off (hibernate's too) a dead process took past its scrub's start: lose
+    RAM and the keys, record it off. Its daemons were stopped before."""
     if machine.powered:
-        poweroff(machine, scrub=fact_str(transition.facts, "scrub"), transition=transition)
+        scrub = fact_str(transition.facts, "scrub", scrubbing.SCRUB_MODES)
+        with machine.ram() as ram:
+            _lose_ram(machine, ram, scrub, None)
 
 
 def _reboot_from_scrub(
@@ -384,36 +428,22 @@ def exec_(
                 _refuse_preserved_in(po.owner_map, image)
                 sb, plan_warnings = _handover_plan(ram, po, sb_pfn, wanted, force)
                 warnings += plan_warnings
-                keep = po.owner_map == FIRMWARE
-                handed_over = None
-                transition.record("handover")
+                before = super_block_facts(ram, sb_pfn) if sb is not None else None
+                transition.record("handover", super_block_before=before)
                 with phases("table"):
                     if sb is not None:
                         drop_stale_table(ram, po, sb_pfn)
-                        handed, table = write_handover(
-                            ram, po, sb_pfn, sb, image.pfn_range, generation - 1
-                        )
-                        keep[handed] = True
-                        keep[table] = True
-                        handed_over = super_block_facts(ram, sb_pfn)
-                transition.record("scrub")
-                with phases("scrub"):
-                    scrubbed = scrubbing.scrub(ram, keep, scrub)
-                transition.record("image")
-                with phases("image"):
-                    write_image(ram, machine, image, generation)
+                        write_handover(ram, po, sb_pfn, sb, image.pfn_range, generation - 1)
                 transition.record(
-                    "boot",
+                    "scrub",
+                    scrub=scrub,
                     cmdline=image.cmdline,
                     kernel_image=list(image.pfn_range),
-                    super_block=handed_over,
+                    super_block=None if sb is None else super_block_facts(ram, sb_pfn),
                 )
-                with phases("boot"):
-                    booted = machine.start_boot(
-                        image.cmdline, kernel_image=image.pfn_range, held=po
-                    )
+                scrubbed, booted = _exec_from_scrub(machine, ram, po, transition, image, phases)
     except BaseException:
-        give_up(transition, lambda: undo_exec(machine))
+        give_up(transition, lambda: undo_exec(machine, transition.facts))
         raise
     transition.end()
     return ExecReport(
@@ -553,10 +583,16 @@ def power_on(machine: Machine) -> ExecReport:
     record = machine.boot_record()
     cmdline = without_param(record.cmdline, PKRAM_PARAM)
     kernel = default_kernel_range(machine)
-    with phases("image"), machine.ram() as ram:
-        _write_default_image(ram, kernel, cmdline, record.generation + 1)
-    with phases("boot"):
-        booted = machine.start_boot(cmdline, kernel_image=kernel)
+    transition = Transition.begin(machine.path, "boot", record.generation)  # nothing to record:
+    try:  # cut short anywhere, the machine is still off (boot.json is written last)
+        if machine.boot_record() != record:
+            raise MachineError(f"machine {machine.path} changed meanwhile: nothing done")
+        with phases("image"), machine.ram() as ram:
+            _write_default_image(ram, kernel, cmdline, record.generation + 1)
+        with phases("boot"):
+            booted = machine.start_boot(cmdline, kernel_image=kernel)
+    finally:
+        transition.end()
     return _boot_report(
         "boot",
         record.generation + 1,

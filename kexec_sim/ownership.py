@@ -72,6 +72,7 @@ from kexec_sim.transfer_journal import (
     remove_journal,
     write_journal_runs,
 )
+from kexec_sim.transition import refuse_changes
 
 __all__ = [
     "FIRMWARE",
@@ -291,12 +292,15 @@ class PageOwnership(Closing):
         *mountpoint* is the mount the owner serves, if any: ``kexec-sim exec`` unmounts it;
         *preservable* says the mount can preserve its pages (``remount,preserve``).
         Reclaims dead owners first. Raises InvalidRequest for a bad name or mountpoint,
-        MachineError when *pid* is not a running process or the ids of this boot are exhausted.
+        MachineBusy while the machine's power state is changing (an owner registered then
+        would escape the exec or hibernate deciding what to stop and keep), MachineError when
+        *pid* is not a running process or the ids of this boot are exhausted.
         """
         if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
             raise InvalidRequest(f"owner name must be 1..{MAX_NAME_CHARS} printable characters")
         check_mountpoint(mountpoint)
         with self.locked():
+            refuse_changes(self.boot_dir.parent, f"cannot register owner {name!r}")
             self.reclaim_dead_owners()
             start_time = process_start_time(pid)
             if start_time is None:

@@ -3,9 +3,10 @@
 Every command that opens a machine for use goes through ``open_machine``. When it finds a
 transition record (kexec_sim.transition) whose process died, it takes the power lock and
 either undoes the transition (it stopped before its point of no return: the machine goes on
-in the state it left, minus the remains) or finishes it (past that point), then returns one
-line saying what it did and what the user can do next. A transition still running is left
-alone: MachineBusy.
+in the state it left, minus the remains) or finishes it (from that point on), then returns
+one line saying what it did and what the user can do next. A transition still running is
+left alone (MachineBusy); a recovery already under way in another command is waited for.
+``discard_transition`` is the way out when a recovery itself keeps failing.
 """
 
 from collections.abc import Callable
@@ -30,41 +31,51 @@ Notify = Callable[[str], None]
 
 
 def open_machine(
-    path: str | Path | None, *, create: bool = False, notify: Notify | None = None
+    path: str | Path | None,
+    *,
+    create: bool = False,
+    notify: Notify | None = None,
+    while_running: bool = False,
 ) -> Machine:
     """Open the machine at *path* (Machine.open), recovering an interrupted transition first.
 
     *notify* gets the one line saying what recovery did. Raises MachineBusy while another
-    process changes the machine's power state, MachineError when recovery fails.
+    process changes the machine's power state (unless *while_running*: a mount's remount,
+    which hibernate itself asks for), MachineError when recovery fails.
     """
     target = resolve_machine_dir(path)
     if (target / TRANSITION_FILE).exists():
-        message = recover(target)
+        message = recover(target, while_running=while_running)
         if message is not None and notify is not None:
             notify(message)
     return Machine.open(target, create=create)
 
 
-def recover(machine_dir: Path) -> str | None:
+def recover(machine_dir: Path, *, while_running: bool = False) -> str | None:
     """Undo or finish the transition a dead process left in *machine_dir*; return what was
-    done (None: there was none). Raises MachineBusy if its process is still running."""
+    done (None: there was none). Raises MachineBusy if its process is still running (unless
+    *while_running*: then nothing is done)."""
     lock = PowerLock(machine_dir)
     try:
         if not lock.try_acquire():
-            raise busy(machine_dir, read_record(machine_dir))
+            record = read_record(machine_dir)
+            if record is None or record.running:
+                if while_running:
+                    return None
+                raise busy(machine_dir, record)
+            lock.acquire()  # its process died: another command is recovering it, wait
         record = read_record(machine_dir)
         if record is None:
             return None
         machine = Machine.open(machine_dir, create=False)
         transition = Transition.adopt(machine_dir, record, lock)
         try:
-            message = _finish(machine, record, transition) if record.committed else None
-            if message is None:
-                message = _undo(machine, record)
+            message = _finish(machine, transition) if record.committed else _undo(machine, record)
         except MachineError as exc:
             raise MachineError(
                 f"machine {machine_dir}: recovering an interrupted {record.describe()} "
-                f"failed: {exc}"
+                f"failed: {exc} ('kexec-sim reboot --force' discards it and reboots, losing "
+                "what it had preserved)"
             ) from None
         clear_record(machine_dir)
         return message
@@ -72,10 +83,25 @@ def recover(machine_dir: Path) -> str | None:
         lock.release()
 
 
+def discard_transition(machine_dir: Path) -> TransitionRecord | None:
+    """Drop the record of an interrupted transition without recovering it (``reboot
+    --force``: what follows must not rely on the machine's state); return it. MachineBusy
+    while its process runs."""
+    lock = PowerLock(machine_dir)
+    try:
+        if not lock.try_acquire():
+            raise busy(machine_dir, read_record(machine_dir))
+        record = read_record(machine_dir) if (machine_dir / TRANSITION_FILE).exists() else None
+        clear_record(machine_dir)
+        return record
+    finally:
+        lock.release()
+
+
 def _undo(machine: Machine, record: TransitionRecord) -> str:
     what = f"an interrupted {record.describe()} was undone"
     if record.action == "exec":
-        kexec.undo_exec(machine)
+        kexec.undo_exec(machine, record.facts)
         return (
             f"{what}: generation {record.generation} goes on with its preserved trees (mount "
             "them again, or 'kexec-sim exec' to run the exec again)"
@@ -83,8 +109,9 @@ def _undo(machine: Machine, record: TransitionRecord) -> str:
     if record.action == "hibernate":
         undo_hibernate(machine, record.facts)
         return (
-            f"{what}: no image was completed; the mounts it preserved stay preserved and "
-            "read-only ('kexec-sim hibernate' again, or 'mount -o remount,rw' to go on)"
+            f"{what}: no image will be resumed (one at the path is invalidated); the mounts "
+            "it preserved stay preserved ('kexec-sim hibernate' again; a stopped mount restores "
+            "when mounted again; 'mount -o remount,rw' makes a running one writable)"
         )
     if record.action == "resume":
         undo_resume(machine)
@@ -93,20 +120,21 @@ def _undo(machine: Machine, record: TransitionRecord) -> str:
     return f"{what}: generation {record.generation} goes on ('kexec-sim {record.action}' again)"
 
 
-def _finish(machine: Machine, record: TransitionRecord, transition: Transition) -> str:
-    what = f"an interrupted {record.describe()} was finished"
-    if record.action == "exec":
-        kexec.finish_exec(machine, record)
+def _finish(machine: Machine, transition: Transition) -> str:
+    action = transition.action
+    what = f"an interrupted {action} of generation {transition.generation} was finished"
+    if action == "exec":
+        kexec.finish_exec(machine, transition)
         return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
-    if record.action == "reboot":
-        kexec.finish_reboot(machine, record)
+    if action == "reboot":
+        kexec.finish_reboot(machine, transition)
         return f"{what}: generation {machine.generation} booted"
-    if record.action == "resume":
+    if action == "resume":
         finish_resume(machine, transition)
         return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
-    kexec.finish_poweroff(machine, transition)  # poweroff, or hibernate's once its image was whole
-    if record.action == "hibernate":
-        image = record.facts.get("image")
+    kexec.finish_poweroff(machine, transition)  # poweroff, or hibernate's
+    if action == "hibernate":
+        image = transition.facts.get("image")
         return (
             f"{what}: its image was complete and the machine is now off "
             f"('kexec-sim resume --image {image}' brings it back)"

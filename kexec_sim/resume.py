@@ -274,7 +274,9 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
     facts = transition.facts
     record = machine.boot_record()
     generation = record.generation + 1
-    kernel_image = None if facts.get("kernel_image") is None else fact_range(facts)
+    kernel_image = (
+        None if facts.get("kernel_image") is None else fact_range(facts, machine.nr_pages)
+    )
     kernel = kernel_image or default_kernel_range(machine)
     cmdline = fact_str(facts, "cmdline")
     with phases("invalidate"):

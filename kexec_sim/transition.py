@@ -4,13 +4,18 @@ exec, reboot, poweroff, hibernate and resume each run as one *transition*: they 
 ``power.lock`` (flock, so a dead process holds nothing) for their whole run, and before their
 first step that changes anything they write ``transition.json`` in the machine directory: the
 action, the generation it leaves, its phase and the facts that finishing it needs. Each phase
-is recorded before it starts; the record goes once the new state is committed. A phase is
-*reversible* when the machine, stopped there, is still the previous state plus remains that
-can be dropped, or *committed* when it is past the point of no return and can only be
-finished. kexec_sim.recovery reads a record whose lock is free (its process died) and undoes
-or finishes the transition.
+is recorded before it starts; the record goes once the new state is committed.
 
-Layout: ``{"format": 1, "action", "phase", "generation", "pid", "started_ns", "facts"}``.
+Each action has one point of no return, its first destructive write to RAM (the scrub; for
+resume, RAM restored from the images): the phases before it are *reversible* (stopped there,
+the machine is still the previous state, plus remains that can be dropped), the phases from it
+on are *committed* (they can only be finished, from the facts recorded). kexec_sim.recovery
+reads a record whose process died and undoes or finishes the transition. While a record
+exists nothing may register as an owner of the boot or move preserved nodes (`refuse_changes`),
+so no mount can slip in between a transition's decisions and its work.
+
+Layout: ``{"format": 1, "action", "phase", "generation", "pid", "pid_start_time",
+"started_ns", "facts"}``.
 
 Tests kill a transition at a phase with ``KEXEC_SIM_FAULT=<action>:<phase>``: the process
 SIGKILLs itself right after recording that phase (before doing its work); ``<action>:end``
@@ -22,14 +27,15 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kexec_sim.allocator import PfnRange
-from kexec_sim.errors import CorruptMachine, MachineError
+from kexec_sim.errors import CorruptMachine, MachineBusy, MachineError
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
+from kexec_sim.process import is_alive, process_start_time
 from kexec_sim.ram import Ram
 from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
 
@@ -39,17 +45,15 @@ FORMAT = 1
 FAULT_ENV = "KEXEC_SIM_FAULT"
 
 COMMITTED_PHASES: Mapping[str, frozenset[str]] = {
-    "exec": frozenset({"boot"}),
-    "reboot": frozenset({"scrub", "boot"}),
+    "exec": frozenset({"scrub", "image", "boot"}),
+    "reboot": frozenset({"scrub"}),
     "poweroff": frozenset({"scrub"}),
-    "hibernate": frozenset({"image-complete", "stop", "scrub"}),  # the last two: its power off
+    "hibernate": frozenset({"scrub"}),  # its power off's scrub: the image is the state by then
     "resume": frozenset({"restored"}),
 }
-"""Per action, the phases past its point of no return (the others can be undone)."""
-
-
-class MachineBusy(MachineError):
-    """Another process is taking the machine through a power-state transition."""
+"""Per action, the phases from its point of no return on (the others can be undone)."""
+PRESERVING = frozenset({("hibernate", "preserve")})
+"""(action, phase) during which mounts may preserve themselves: hibernate preserving them."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,14 @@ class TransitionRecord:
     generation: int
     """The generation the transition leaves (for resume: the powered-off one)."""
     pid: int
+    pid_start_time: int | None
     started_ns: int
     facts: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        """Whether the process that wrote the record still runs (else it was interrupted)."""
+        return self.pid_start_time is not None and is_alive(self.pid, self.pid_start_time)
 
     @property
     def committed(self) -> bool:
@@ -100,6 +110,9 @@ def read_record(machine_dir: Path) -> TransitionRecord | None:
         phase=get_str(data, "phase", where),
         generation=get_int(data, "generation", where, minimum=1),
         pid=get_int(data, "pid", where),
+        pid_start_time=get_int(data, "pid_start_time", where)
+        if data.get("pid_start_time") is not None
+        else None,
         started_ns=get_int(data, "started_ns", where),
         facts=facts,
     )
@@ -123,6 +136,10 @@ class PowerLock:
             raise
         return True
 
+    def acquire(self) -> None:
+        """Take the lock, waiting for its holder."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
     def release(self) -> None:
         """Release the lock and close its file."""
         if self._fd >= 0:
@@ -134,6 +151,24 @@ def busy(machine_dir: Path, record: TransitionRecord | None) -> MachineBusy:
     """The error for a machine another process is changing."""
     doing = record.describe() if record is not None else "a power-state change"
     return MachineBusy(f"machine {machine_dir} is busy: {doing} is running; try again after it")
+
+
+def refuse_changes(
+    machine_dir: Path, what: str, *, allowed_during: Collection[tuple[str, str]] = ()
+) -> None:
+    """MachineBusy when a transition is recorded (running, or interrupted and not yet
+    recovered), but in an (action, phase) of *allowed_during*: *what* (registering a mount,
+    moving a preserved node) must wait for it. Call it under the boot's ownership lock, where
+    those changes happen."""
+    record = read_record(machine_dir)
+    if record is None or (record.action, record.phase) in allowed_during:
+        return
+    if record.running:
+        raise MachineBusy(f"{what}: machine {machine_dir} is going through {record.describe()}")
+    raise MachineBusy(
+        f"{what}: machine {machine_dir} has an interrupted {record.describe()}: any "
+        "'kexec-sim' command (e.g. 'kexec-sim status') recovers it first"
+    )
 
 
 class Transition:
@@ -181,7 +216,12 @@ class Transition:
         return transition
 
     def record(self, phase: str, **facts: object) -> None:
-        """Record that the transition enters *phase* (adding *facts*), before its work."""
+        """Record that the transition enters *phase* (adding *facts*), before its work.
+
+        A committed transition never goes back to a phase that could be undone.
+        """
+        if self.committed and phase not in COMMITTED_PHASES[self.action]:
+            raise MachineError(f"{self.action}: phase {phase!r} after committed {self.phase!r}")
         self.phase = phase
         self.facts.update(facts)
         write_json_atomic(
@@ -192,6 +232,7 @@ class Transition:
                 "phase": phase,
                 "generation": self.generation,
                 "pid": os.getpid(),
+                "pid_start_time": process_start_time(os.getpid()),
                 "started_ns": self._started_ns,
                 "facts": self.facts,
             },
@@ -244,49 +285,57 @@ def super_block_facts(ram: Ram, sb_pfn: int) -> dict[str, int]:
     }
 
 
-def rewrite_super_block(ram: Ram, facts: Mapping[str, object]) -> None:
-    """Write back the super block recorded in *facts* (``super_block``; None: nothing was
-    handed over, nothing to write)."""
-    saved = facts.get("super_block")
+def rewrite_super_block(ram: Ram, facts: Mapping[str, object], key: str = "super_block") -> None:
+    """Write back the super block recorded in *facts* under *key* (None: nothing to write)."""
+    saved = facts.get(key)
     if saved is None:
         return
     if not isinstance(saved, dict):
-        raise MachineError("transition record: 'super_block' is not an object")
+        raise CorruptMachine(f"transition record: {key!r} is not an object")
     sb = SuperBlock(
         fact_int(saved, "generation"),
         ram.nr_pages,
-        fact_int(saved, "table_root_pfn"),
-        fact_int(saved, "node_list_pfn"),
+        fact_int(saved, "table_root_pfn", below=ram.nr_pages),
+        fact_int(saved, "node_list_pfn", below=ram.nr_pages),
     )
-    write_super_block(ram, fact_int(saved, "super_block_pfn"), sb)
+    pfn = fact_int(saved, "super_block_pfn", below=ram.nr_pages)
+    if pfn == 0:
+        raise CorruptMachine("transition record: super block pfn 0")
+    write_super_block(ram, pfn, sb)
 
 
-def fact_int(facts: Mapping[str, object], key: str) -> int:
-    """A non-negative integer fact; MachineError if the record lacks it."""
+def fact_int(facts: Mapping[str, object], key: str, below: int | None = None) -> int:
+    """A non-negative integer fact (under *below*); CorruptMachine if the record lacks it."""
     value = facts.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MachineError(f"transition record: {key!r} is not a count: {value!r}")
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < 0
+        or (below is not None and value >= below)
+    ):
+        raise CorruptMachine(f"transition record: {key!r} is not a fitting count: {value!r}")
     return value
 
 
-def fact_str(facts: Mapping[str, object], key: str) -> str:
-    """A text fact; MachineError if the record lacks it."""
+def fact_str(facts: Mapping[str, object], key: str, choices: Collection[str] = ()) -> str:
+    """A text fact (one of *choices*, when given); CorruptMachine if the record lacks it."""
     value = facts.get(key)
-    if not isinstance(value, str):
-        raise MachineError(f"transition record: {key!r} is not text: {value!r}")
+    if not isinstance(value, str) or (choices and value not in choices):
+        raise CorruptMachine(f"transition record: {key!r} is not fitting text: {value!r}")
     return value
 
 
-def fact_range(facts: Mapping[str, object]) -> PfnRange:
-    """The ``kernel_image`` pfn range fact; MachineError if the record lacks it."""
+def fact_range(facts: Mapping[str, object], nr_pages: int) -> PfnRange:
+    """The ``kernel_image`` pfn range fact, inside a RAM of *nr_pages*; CorruptMachine if the
+    record lacks it."""
     value = facts.get("kernel_image")
     if (
         not isinstance(value, list)
         or len(value) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or not 0 <= value[0] < value[1]
+        or not 0 <= value[0] < value[1] <= nr_pages
     ):
-        raise MachineError(f"transition record: 'kernel_image' is not a pfn range: {value!r}")
+        raise CorruptMachine(f"transition record: 'kernel_image' is not a pfn range: {value!r}")
     return (value[0], value[1])
 
 

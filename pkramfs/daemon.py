@@ -47,14 +47,17 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
         ready(f"cannot mount {fs.mountpoint}: {exc}")
         return 32
     fault_point("restore", "mounted")
+    ready(None)
+    fault_point("restore", "ready")
     try:
-        fs.take_restored()  # before the first request is read: nothing can see the tree yet
+        # Before the first request is read. Only now does the node leave RAM: a daemon that
+        # dies before this (a dead mount for the user to unmount) leaves it to be mounted again.
+        fs.take_restored()
     except (PkramfsError, MachineError) as exc:
+        log.error("the restored tree cannot take its node, unmounting: %s", exc)
         pyfuse3.close(unmount=True)
         fs.close()
-        ready(str(exc))
         return 32
-    ready(None)
     code = 0
     try:
         trio.run(_serve_until_stopped, fs.mountpoint)

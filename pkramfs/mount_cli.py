@@ -21,7 +21,6 @@ from pathlib import Path
 
 from kexec_sim.errors import MachineError
 from kexec_sim.internal_error import report_internal_error
-from kexec_sim.machine import Machine
 from kexec_sim.recovery import open_machine
 
 from . import control
@@ -70,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(items, ram_bytes=0)
         if helper and args.flag_f:
             return 0  # mount -f: fake it
-        machine = open_machine(
-            options.machine, create=True, notify=lambda m: print(f"pkramfs: {m}", file=sys.stderr)
-        )
+        machine = open_machine(options.machine, create=True, notify=_note)
         options = parse_options(items, ram_bytes=machine.ram_bytes)
         options.fsname = options.fsname or (None if args.source == "none" else args.source)
         mountpoint = _check_mountpoint(args.mountpoint)
@@ -87,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line and the log, never a traceback
         print(report_internal_error("pkramfs", exc, None), file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _note(message: str) -> None:
+    print(f"pkramfs: {message}", file=sys.stderr)
 
 
 def _check_mountpoint(path: str) -> str:
@@ -108,7 +109,7 @@ def _remount(mountpoint: str, items: list[str]) -> int:
     """
     mountpoint = _check_mountpoint(mountpoint)
     status = control.query_status(mountpoint)
-    machine = Machine.open(status["machine"], create=False)
+    machine = open_machine(status["machine"], notify=_note, while_running=True)
     options = parse_options(items, ram_bytes=machine.ram_bytes)
     forwarded = [item for item in items if item != "remount"]
     kernel_read_only = bool(os.statvfs(mountpoint).f_flag & os.ST_RDONLY)

@@ -23,6 +23,7 @@ from kexec_sim.ownership import PRESERVED, PageOwnership
 from kexec_sim.pages import PageRuns, PfnArray
 from kexec_sim.ram import Ram
 from kexec_sim.super_block import read_super_block
+from kexec_sim.transition import PRESERVING, read_record, refuse_changes
 
 from . import byte_stream, page_stream
 from .errors import CorruptNode, CorruptNodeList, NodeError
@@ -218,6 +219,7 @@ class NodeStore:
         """
         fault_point("preserve", "written")
         with self.ownership.locked():
+            refuse_changes(self.machine.path, f"preserve {name!r}", allowed_during=PRESERVING)
             self._remove_dead_remains()
             node, _ = self._find(name)
             if node is not None:
@@ -236,6 +238,7 @@ class NodeStore:
     def cancel(self, owner_id: int, node_pfn: int, pages: PageRuns) -> None:
         """Undo `publish` of the node at *node_pfn*: its *pages* go back to *owner_id*."""
         with self.ownership.locked():
+            refuse_changes(self.machine.path, "cancel a preservation")
             self._remove_dead_remains()
             node = next((n for n in self._walk() if n.pfn == node_pfn), None)
             if node is None or node.state != COMPLETE:
@@ -253,6 +256,7 @@ class NodeStore:
         is bad, CorruptNodeList when the list cannot be trusted to show it.
         """
         with self.ownership.locked():
+            refuse_changes(self.machine.path, f"restore {name!r}")
             self._remove_dead_remains()
             node, damaged = self._find(name)
             if node is None:
@@ -271,6 +275,7 @@ class NodeStore:
         when the node is no longer the one that was read.
         """
         with self.ownership.locked():
+            refuse_changes(self.machine.path, f"restore {contents.header.name!r}")
             self._remove_dead_remains()
             node, _ = self._find(contents.header.name)
             if node is None or node.pfn != contents.pfn or node.header != contents.header:
@@ -292,6 +297,7 @@ class NodeStore:
         *owner_id* is a registered owner of the caller, which holds the pages for a moment.
         """
         with self.ownership.locked():
+            refuse_changes(self.machine.path, f"discard {name!r}")
             self._remove_dead_remains()
             listed = self._walk()
             node = next((n for n in listed if n.header is not None and n.header.name == name), None)
@@ -363,6 +369,8 @@ class NodeStore:
         transfer, so nothing was taken. Any other is unlinked: its pages belong to someone
         else by now (a dead preserve's daemon, reclaimed as a dead owner's).
         """
+        if read_record(self.machine.path) is not None:
+            return  # a power-state change decides what is kept: settle after it
         while True:
             listed = self._walk()
             dead = next((n for n in listed if n.state in (SAVING, TAKEN) and n.error is None), None)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgpack
 import pyfuse3
 
-from kexec_sim.errors import MachineError, OutOfMemory
+from kexec_sim.errors import MachineBusy, MachineError, OutOfMemory
 from kexec_sim.pages import PAGE_SIZE
 
 from . import control, xattrs
@@ -413,10 +413,13 @@ class Operations(pyfuse3.Operations):
 
 
 def _command_errno(exc: Exception) -> int:
-    """The errno a failed control command answers: an FsError's or OSError's own; EEXIST when a
-    preserve finds its name taken, ENOMEM when RAM has no page for a node; else EINVAL."""
+    """The errno a failed control command answers: an FsError's or OSError's own; EBUSY while
+    the machine's power state changes; EEXIST when a preserve finds its name taken, ENOMEM
+    when RAM has no page for a node; else EINVAL."""
     if isinstance(exc, FsError | OSError) and exc.errno:
         return exc.errno
+    if isinstance(exc, MachineBusy):
+        return errno.EBUSY
     if isinstance(exc, NodeError):
         return errno.EEXIST
     if isinstance(exc, OutOfMemory):
