@@ -44,9 +44,9 @@ from kexec_sim.kexec import (
     write_handover,
 )
 from kexec_sim.machine import Machine
+from kexec_sim.mounts import read_mounts
 from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
-from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
 from kexec_sim.transition import give_up
 
@@ -111,14 +111,12 @@ class HibernateReport:
 # -- hibernate ------------------------------------------------------------------------------
 
 
-def _mount_options(mountpoint: str) -> list[str] | None:
-    """The options of the FUSE mount at *mountpoint* (from /proc/self/mounts), None if absent."""
+def _mount_options(mountpoint: str) -> tuple[str, ...] | None:
+    """The options of the FUSE mount at *mountpoint* (the top one), None if absent."""
     found = None
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 3 and unescape_mount_field(fields[1]) == mountpoint:
-                found = fields[3].split(",")
+    for entry in read_mounts():
+        if entry.mountpoint == mountpoint:
+            found = entry.options
     return found
 
 

@@ -9,13 +9,13 @@ Only FUSE mounts are unmounted: they are the ones a daemon of this boot serves.
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from kexec_sim.mounts import is_fuse, read_mounts
 from kexec_sim.owners import OwnerInfo
 from kexec_sim.process import is_alive
 
@@ -23,7 +23,6 @@ DEFAULT_STOP_TIMEOUT_S = 5.0
 KILL_WAIT_S = 5.0
 POLL_S = 0.01
 UMOUNT_TIMEOUT_S = 30.0
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -40,20 +39,9 @@ class StoppedOwner:
     unmounted: bool
 
 
-def unescape_mount_field(field: str) -> str:
-    """A field of /proc/self/mounts with its octal escapes (``\\040`` for a space) undone."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def fuse_mountpoints() -> set[str]:
-    """The mountpoints of FUSE filesystems in this mount namespace (from /proc/self/mounts)."""
-    found = set()
-    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and (fields[2] == "fuse" or fields[2].startswith("fuse.")):
-                found.add(unescape_mount_field(fields[1]))
-    return found
+    """The mountpoints of FUSE filesystems in this mount namespace."""
+    return {entry.mountpoint for entry in read_mounts() if is_fuse(entry)}
 
 
 def _lazy_unmount(mountpoint: str) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kexec_sim.machine import Machine
+from kexec_sim.mounts import read_mounts
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PfnArray
@@ -18,8 +19,8 @@ from kexec_sim.ram import Ram
 from . import control
 from .errors import MountError, NodeError
 from .filesystem import OWNER_PREFIX, mount_using
-from .mounts import pkramfs_mounts
 from .node_store import NodeInfo, NodeStore
+from .options import FSTYPE
 
 
 def gather_claims(machine: Machine) -> dict[int, PfnArray]:
@@ -32,7 +33,9 @@ def gather_claims(machine: Machine) -> dict[int, PfnArray]:
         for info in machine.page_ownership().owners().values()
         if info.name.startswith(OWNER_PREFIX)
     }
-    for entry in pkramfs_mounts():
+    for entry in read_mounts():
+        if entry.fstype != FSTYPE:
+            continue
         if entry.mountpoint not in registered:
             continue
         try:

@@ -9,12 +9,13 @@ import pyfuse3
 import trio
 
 from kexec_sim.errors import MachineError
+from kexec_sim.mounts import unescape_field
 
 from .errors import PkramfsError
 from .filesystem import PkramFilesystem
-from .mounts import unescape_field
 from .node_store import fault_point
 from .operations import Operations
+from .options import SUBTYPE
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ READAHEAD_KB = 1024
 def fuse_options(fs: PkramFilesystem) -> set[str]:
     """Return the FUSE/kernel mount options for *fs* (always default_permissions, allow_other)."""
     opts = fs.options
-    result = {"default_permissions", "allow_other", "subtype=pkramfs"}
+    result = {"default_permissions", "allow_other", f"subtype={SUBTYPE}"}
     result.add(f"fsname={opts.fsname or (opts.pkram and 'pkram:' + opts.pkram) or 'pkramfs'}")
     result.update(flag for flag in opts.kernel_flags if flag != "rw")
     # tmpfs allows set-uid files and device nodes unless told otherwise; FUSE's default is not to.

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from kexec_sim.errors import MachineError
 from kexec_sim.internal_error import report_internal_error
+from kexec_sim.mounts import read_mounts
 from kexec_sim.recovery import open_machine
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError
-from .mounts import pkramfs_mounts
-from .options import MountOptions, parse_options, split_option_list
+from .options import FSTYPE, MountOptions, parse_options, split_option_list
 
 EXIT_USAGE = 1
 EXIT_INTERNAL = 4
@@ -191,7 +191,7 @@ def _mount(
 
 def _pkramfs_mount_count(mountpoint: str) -> int:
     """How many pkramfs mounts are stacked on *mountpoint* (from /proc/mounts)."""
-    return sum(1 for entry in pkramfs_mounts() if entry.mountpoint == mountpoint)
+    return sum(1 for e in read_mounts() if e.fstype == FSTYPE and e.mountpoint == mountpoint)
 
 
 def _run_daemon(options: MountOptions, mountpoint: str, ready: Callable[[str | None], None]) -> int:

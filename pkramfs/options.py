@@ -22,6 +22,8 @@ from .errors import OptionError
 
 PKRAM_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HUGE_POLICIES = ("never", "always")
+SUBTYPE = "pkramfs"
+FSTYPE = f"fuse.{SUBTYPE}"  # in the mount table
 MAX_SIZE_BYTES = 2**64 - PAGE_SIZE  # its pages, in bytes, still fit 64 bits (df multiplies)
 MAX_NR_INODES = 2**54 - 1  # kernel tmpfs: ULONG_MAX / BOGO_INODE_SIZE
 

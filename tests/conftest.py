@@ -26,11 +26,11 @@ import pytest
 import pytest_timeout
 
 from kexec_sim.machine import Machine
+from kexec_sim.mounts import read_mounts
 from kexec_sim.owners import OwnerInfo, OwnerRegistry
 from kexec_sim.process import process_start_time
 from pkramfs.checker import check_machine
 from pkramfs.filesystem import PkramFilesystem
-from pkramfs.mounts import unescape_field
 from pkramfs.operations import Operations
 from pkramfs.options import parse_options, split_option_list
 
@@ -56,8 +56,7 @@ def _try(*cmd: str) -> bool:
 
 def _mountpoints() -> list[str]:
     """Return every mountpoint of this mount namespace, in mount order (no syscall on them)."""
-    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-        return [unescape_field(line.split()[1]) for line in f if len(line.split()) > 1]
+    return [entry.mountpoint for entry in read_mounts()]
 
 
 def _canonical(path: Path) -> str:
