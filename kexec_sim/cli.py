@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 from kexec_sim import hibernate_cli, kexec
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
 from kexec_sim.errors import CorruptImage, CorruptMachine, MachineError, MachineExists, UsageError
-from kexec_sim.image import LoadedImage, default_image_pages, loaded_image
+from kexec_sim.kernel_image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
 from kexec_sim.owners import (
     FIRMWARE,

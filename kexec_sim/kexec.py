@@ -4,10 +4,10 @@
 then, holding the ownership lock to the end, writes the preserved-pages table and the super
 block (when the staged command line hands them over with ``pkram=``), scrubs every page that is
 neither handed over nor firmware (kexec_sim.scrub), writes the staged image over its range
-(kexec_sim.image) and boots the next generation, whose early boot (kexec_sim.boot) reserves the
-handed-over pages before anything can allocate. ``reboot`` does the same but hands nothing
-over; ``poweroff`` loses all of RAM and the storage keys, and ``power_on`` (``kexec-sim
-boot``) starts afresh.
+(kexec_sim.kernel_image) and boots the next generation, whose early boot (kexec_sim.boot)
+reserves the handed-over pages before anything can allocate. ``reboot`` does the same but hands
+nothing over; ``poweroff`` loses all of RAM and the storage keys, and ``power_on``
+(``kexec-sim boot``) starts afresh.
 
 Refusals happen before anything changes: nothing staged, a ``pkram=`` that is not this boot's
 super block (a usage error, unless forced), a damaged super block (unless forced), a preserved
@@ -29,7 +29,7 @@ from kexec_sim.allocator import PfnRange, find_free_pages
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
 from kexec_sim.errors import CorruptHandover, MachineError, OutOfMemory
-from kexec_sim.image import (
+from kexec_sim.kernel_image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
     default_kernel_range,

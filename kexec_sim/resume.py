@@ -30,8 +30,8 @@ from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, MachineError
 from kexec_sim.hibernate import Progress, image_key, reason, write_last_image
-from kexec_sim.image import default_kernel_range, write_synthetic_image
 from kexec_sim.image_file import ImageKey
+from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kexec_sim.kexec import next_kernel_range
+from kexec_sim.kernel_image import next_kernel_range
 from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PageRuns, PfnArray
 from kexec_sim.ram import Ram
