@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 LAST_IMAGE_FILE = "last-image.json"
-"""In the machine directory: the chain of images RAM was last resumed from (kexec_sim.hibernate)."""
+"""In the machine directory: the image chain RAM was last resumed from (kexec_sim.hibernation)."""
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
 """The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
 DEFAULT_SCRUB = "punch"

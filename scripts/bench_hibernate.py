@@ -2,8 +2,8 @@
 
 For each size (default 1 and 4 GiB) and kind of data, a RAM file in /dev/shm is filled and its
 pages (runs of consecutive pfns with small holes between them, keys zero) are written with
-``kexec_sim.image_file.write_image`` to a directory on the real disk (--dir, /var/tmp), for
-each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
+``kexec_sim.hibernation.image_file.write_image`` to a directory on the real disk (--dir,
+/var/tmp), for each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 
 * random: incompressible (PCG64 output);
 * text: Python standard library sources tiled over the pages (lz4 stores about 0.4 of it);
@@ -11,8 +11,8 @@ each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 
 write MB/s: the page set's bytes (zero pages included) over the wall time of ``write_image``,
 which fsyncs the data, then the header, then the directory: an honest durable write.
-resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/resume.py), from a
-cold page cache (synced and dropped first): ``load_image`` reads the image, checking
+resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/hibernation/resume.py),
+from a cold page cache (synced and dropped first): ``load_image`` reads the image, checking
 everything, then resume's own ``_restore_pages`` reads it again from the page cache into a
 second RAM (each chunk checked again), zero pages punched out.
 The target RAM is populated beforehand
@@ -46,9 +46,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import image_file
-from kexec_sim import resume as resume_module
-from kexec_sim.image_file import load_image, write_image
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation import resume as resume_module
+from kexec_sim.hibernation.image_file import load_image, write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
@@ -189,8 +189,8 @@ def dd_reference(work: Path, size: int, repeat: int) -> DdResult:
 
 
 def resume(path: Path, target: Ram, machine_id: bytes, threads: int) -> tuple[float, float, int]:
-    """The two steps of a resume from a cold cache, as kexec_sim/resume.py takes them (its own
-    _restore_pages): (check seconds, restore seconds, pages)."""
+    """The two steps of a resume from a cold cache, as kexec_sim/hibernation/resume.py takes them
+    (its own _restore_pages): (check seconds, restore seconds, pages)."""
     drop_caches()
     start = time.perf_counter()
     checked = load_image(

@@ -4,7 +4,8 @@ import re
 import struct
 from pathlib import Path
 
-from kexec_sim import image_file, preserved_pages, super_block
+from kexec_sim import preserved_pages, super_block
+from kexec_sim.hibernation import image_file
 from pkramfs import byte_stream, page_chain, page_stream, pkram_node
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"

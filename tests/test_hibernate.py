@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kexec_sim import image_file
-from kexec_sim import resume as resume_module
 from kexec_sim.errors import CorruptImage
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.machine import Machine
 from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED

@@ -10,7 +10,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from kexec_sim import image_file
 from kexec_sim.errors import (
     CorruptImage,
     ForeignImage,
@@ -18,7 +17,8 @@ from kexec_sim.errors import (
     ImageTooLarge,
     MachineError,
 )
-from kexec_sim.image_file import CHUNK_HEADER, ImageHeader, ImageKey, ImageStats
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation.image_file import CHUNK_HEADER, ImageHeader, ImageKey, ImageStats
 from kexec_sim.pages import PAGE_SIZE
 
 NR_PAGES = 4096

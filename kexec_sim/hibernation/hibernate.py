@@ -8,13 +8,13 @@
    trees are serialized into RAM and their pages become PRESERVED;
 3. under the ownership lock it writes the preserved-pages table and the super block, exactly
    as ``kexec-sim exec`` would (a table left by an interrupted hibernate is dropped first);
-4. a fresh process (kexec_sim.image_writer) writes the image from that handover alone: the
-   super block, the table, the pages the table marks and their storage keys;
+4. a fresh process (kexec_sim.hibernation.writer_process) writes the image from that handover
+   alone: the super block, the table, the pages the table marks and their storage keys;
 5. it powers the machine off. If anything fails before that, the table is dropped, the mounts
    it preserved are made writable again (``remount,rw`` cancels a preservation) and the error
    is raised: nothing is lost.
 
-The way back is kexec_sim.resume.
+The way back is kexec_sim.hibernation.resume.
 """
 
 import json
@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kexec_sim import image_file
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.image_file import ImageKey
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation.image_file import ImageKey
 from kexec_sim.jsonfile import read_json_object, write_json_atomic
 from kexec_sim.kexec import (
     DEFAULT_SCRUB,
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 REMOUNT_TIMEOUT_S = 120.0
-WRITER_MODULE = "kexec_sim.image_writer"
+WRITER_MODULE = "kexec_sim.hibernation.writer_process"
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): pages done of total in a phase ("write", "verify", ...)."""

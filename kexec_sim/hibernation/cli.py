@@ -12,10 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from kexec_sim import hibernate, kexec, resume
+from kexec_sim import kexec
 from kexec_sim.errors import UsageError
-from kexec_sim.image_file import COMPRESSIONS
-from kexec_sim.progress import ProgressBar
+from kexec_sim.hibernation import hibernate, resume
+from kexec_sim.hibernation.image_file import COMPRESSIONS
+from kexec_sim.hibernation.progress import ProgressBar
 from kexec_sim.recovery import open_machine
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size

@@ -1,15 +1,16 @@
 """The hibernation image writer: a fresh process writing the handed-over page set to an image.
 
-``kexec-sim hibernate`` runs ``python -m kexec_sim.image_writer`` after it wrote the handover
-(the super block and the preserved-pages table), the way kexec-based hibernation boots a
-fresh kernel to write the image: this process knows nothing of the daemons that made the
-pages, only the machine, the super block pfn it is given and, for an incremental image, the
-base image on disk. It saves the pages the table marks (the table and the super block among
-them, nosave regions never), with their storage keys; then clears every page's SINCE_IMAGE
-key bit, since the image now holds what RAM holds.
+``kexec-sim hibernate`` runs ``python -m kexec_sim.hibernation.writer_process`` after it
+wrote the handover (the super block and the preserved-pages table), the way kexec-based
+hibernation boots a fresh kernel to write the image: this process knows nothing of the daemons
+that made the pages, only the machine, the super block pfn it is given and, for an incremental
+image, the base image on disk. It saves the pages the table marks (the table and the super
+block among them, nosave regions never), with their storage keys; then clears every page's
+SINCE_IMAGE key bit, since the image now holds what RAM holds.
 
-Protocol: one JSON request on stdin (see ``kexec_sim.hibernate._run_writer``); JSON lines on
-stdout: ``{"progress": [done, total]}`` while writing, then ``{"result": {...}}`` (exit 0) or
+Protocol: one JSON request on stdin (see ``kexec_sim.hibernation.hibernate._run_writer``);
+JSON lines on stdout: ``{"progress": [done, total]}`` while writing, then
+``{"result": {...}}`` (exit 0) or
 ``{"error": message, "kind": "too_large" | "refused" | "machine"}`` (exit 1).
 """
 
@@ -23,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim import image_file
 from kexec_sim.errors import CorruptHandover, CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.image_file import ImageKey
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation.image_file import ImageKey
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import RegionType
 from kexec_sim.pages import PfnArray

@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .errors import CorruptImage, ForeignImage, ImageKeyError, ImageTooLarge, MachineError
-from .jsonfile import fsync_dir
-from .pages import PAGE_SIZE, PfnArray, as_pfn_array
+from kexec_sim.errors import CorruptImage, ForeignImage, ImageKeyError, ImageTooLarge, MachineError
+from kexec_sim.jsonfile import fsync_dir
+from kexec_sim.pages import PAGE_SIZE, PfnArray, as_pfn_array
 
 SIGNATURE = b"KSIMHIB1"
 USED_SIGNATURE = b"KSIMUSED"

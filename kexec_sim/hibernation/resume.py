@@ -1,10 +1,10 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.image_file.load_image) and the chain itself before
-it writes a page (then reads them again, from the page cache: image_file.read_into), then
-writes the page data, then the storage keys (so CHANGED bits are what
-they were at hibernation, not "everything"), invalidates the images and boots the next
+every image of the chain whole (kexec_sim.hibernation.image_file.load_image) and the chain
+itself before it writes a page (then reads them again, from the page cache:
+image_file.read_into), then writes the page data, then the storage keys (so CHANGED bits are
+what they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
 
 No page an image restores can be in use while resume writes it: the machine is powered off
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import image_file
 from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, MachineError
-from kexec_sim.hibernate import Progress, image_key, reason, write_last_image
-from kexec_sim.image_file import ImageKey
+from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation.hibernate import Progress, image_key, reason, write_last_image
+from kexec_sim.hibernation.image_file import ImageKey
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
