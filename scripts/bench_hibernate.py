@@ -46,9 +46,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.hibernation import image_file
 from kexec_sim.hibernation import resume as resume_module
-from kexec_sim.hibernation.image_file import load_image, write_image
+from kexec_sim.hibernation import writer
+from kexec_sim.hibernation.format import COMPRESSIONS
+from kexec_sim.hibernation.reader import load_image
+from kexec_sim.hibernation.writer import write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
@@ -395,7 +397,7 @@ def main() -> int:
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     if bad := [k for k in kinds if k not in KINDS]:
         raise SystemExit(f"bench-hibernate: unknown kinds {bad} (one of {', '.join(KINDS)})")
-    if bad := [c for c in compressions if c not in image_file.COMPRESSIONS]:
+    if bad := [c for c in compressions if c not in COMPRESSIONS]:
         raise SystemExit(f"bench-hibernate: unknown compressions {bad}")
     if os.geteuid() != 0:
         raise SystemExit("bench-hibernate: run as root (it drops the page cache)")
@@ -408,7 +410,7 @@ def main() -> int:
     print(
         f"bench-hibernate: {', '.join(size_name(s) for s in sizes)} x {', '.join(kinds)} x "
         f"{', '.join(compressions)} x threads {args.threads}; images in {work}, RAM in {shm}; "
-        f"{cores} CPUs; image code {image_file.__file__}",
+        f"{cores} CPUs; image code {Path(writer.__file__).parent}",
         flush=True,
     )
     results: list[Result] = []

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from kexec_sim.errors import CorruptImage
-from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation import crypto, reader
 from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.machine import Machine
 from kexec_sim.owners import HANDOVER
@@ -144,8 +144,8 @@ def test_storage_keys_round_trip_with_no_over_indicated_changed_bits(
         before = ram.keys.array.copy()
     image = images / "keys.img"
     ok(hibernate(machine, image, "--json"))
-    header = image_file.read_header(image)
-    saved = image_file.read_pfn_list(image, header)
+    header = reader.read_header(image)
+    saved = reader.read_pfn_list(image, header)
     in_image = np.isin(file_pfns, saved.pfns)
     assert in_image.all()
     at = np.searchsorted(saved.pfns, file_pfns)
@@ -234,7 +234,7 @@ def test_encrypted_images_refuse_a_wrong_key_and_a_flipped_byte(
         assert refused.returncode == 3, refused.stderr
         assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1
     data = bytearray(image.read_bytes())
-    header = image_file.read_header(image, key=image_file.ImageKey.from_key_file(key))
+    header = reader.read_header(image, key=crypto.ImageKey.from_key_file(key))
     for offset in (20, header.pfn_list_offset + 3, header.first_chunk_offset + 30, len(data) - 1):
         flipped = images / f"flipped-{offset}.img"
         tampered = bytearray(data)
@@ -276,7 +276,7 @@ def test_a_resume_after_an_intervening_boot_is_refused(
     refused = resume(machine, image)
     assert refused.returncode == 3 and "booted since" in refused.stderr
     assert ram_digest(machine) == untouched
-    assert image_file.read_header(image).generation  # still a valid (but stale) image
+    assert reader.read_header(image).generation  # still a valid (but stale) image
     boot(machine)
 
 
@@ -348,7 +348,7 @@ def test_a_hibernate_killed_midway_loses_nothing_and_leaves_no_valid_image(
     killed = run(*cmd, "--threads", "1", env=env)
     assert killed.returncode == -signal.SIGKILL
     with pytest.raises(CorruptImage):
-        image_file.read_header(loop_device, allow_used=True)
+        reader.read_header(loop_device, allow_used=True)
     assert powered(machine) and os.path.ismount(mnt)
     assert (mnt / "f").read_bytes() == data
     assert run("mount", "-o", "remount,rw", str(mnt)).returncode == 0  # writable again

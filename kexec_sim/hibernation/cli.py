@@ -15,7 +15,7 @@ from pathlib import Path
 from kexec_sim import kexec
 from kexec_sim.errors import UsageError
 from kexec_sim.hibernation import hibernate, resume
-from kexec_sim.hibernation.image_file import COMPRESSIONS
+from kexec_sim.hibernation.format import COMPRESSIONS
 from kexec_sim.hibernation.progress import ProgressBar
 from kexec_sim.recovery import open_machine
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S

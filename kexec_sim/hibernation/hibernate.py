@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.hibernation import image_file
-from kexec_sim.hibernation.image_file import ImageKey
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey
 from kexec_sim.jsonfile import read_json_object, write_json_atomic
 from kexec_sim.kexec import (
     DEFAULT_SCRUB,
@@ -199,8 +199,8 @@ class _Base:
 def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
     """Read and check the base of an incremental image; HibernationRefused if unusable."""
     try:
-        header = image_file.read_header(base, key=key, allow_used=True)
-        image_file.read_pfn_list(base, header, key=key)  # the writer reads it again
+        header = reader.read_header(base, key=key, allow_used=True)
+        reader.read_pfn_list(base, header, key=key)  # the writer reads it again
     except (OSError, CorruptImage) as exc:
         raise HibernationRefused(f"base image {base}: {reason(exc)}") from None
     if header.machine_id != machine.machine_id:
@@ -330,7 +330,7 @@ def undo_hibernate(machine: Machine, facts: Mapping[str, object]) -> None:
     image = facts.get("image")
     if isinstance(image, str):
         with suppress(OSError, CorruptImage):
-            image_file.invalidate(image)
+            writer.invalidate(image)
 
 
 def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:

@@ -1,9 +1,9 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.hibernation.image_file.load_image) and the chain
+every image of the chain whole (kexec_sim.hibernation.reader.load_image) and the chain
 itself before it writes a page (then reads them again, from the page cache:
-image_file.read_into), then writes the page data, then the storage keys (so CHANGED bits are
+reader.read_into), then writes the page data, then the storage keys (so CHANGED bits are
 what they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
 
@@ -28,9 +28,10 @@ from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, MachineError
-from kexec_sim.hibernation import image_file
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey
+from kexec_sim.hibernation.format import ImageHeader, PfnList
 from kexec_sim.hibernation.hibernate import Progress, image_key, reason, write_last_image
-from kexec_sim.hibernation.image_file import ImageKey
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
@@ -81,22 +82,22 @@ class ResumeReport:
 class _Chain:
     """A validated chain of images: the final page set and where each page's data comes from."""
 
-    headers: tuple[image_file.ImageHeader, ...]
-    pfn_lists: tuple[image_file.PfnList, ...]
+    headers: tuple[ImageHeader, ...]
+    pfn_lists: tuple[PfnList, ...]
     source: npt.NDArray[np.int64]
     """Per page of the final set: the index of the image holding its data, -1 for zero."""
-    checked: tuple[image_file.CheckedImage, ...]
+    checked: tuple[reader.CheckedImage, ...]
     """Each image as checked (with its chunks' offsets, where the restore reads them again)."""
 
     @property
-    def final(self) -> image_file.PfnList:
+    def final(self) -> PfnList:
         return self.pfn_lists[-1]
 
 
 def _resolve_chain(
     paths: Sequence[Path],
-    headers: Sequence[image_file.ImageHeader],
-    lists: Sequence[image_file.PfnList],
+    headers: Sequence[ImageHeader],
+    lists: Sequence[PfnList],
 ) -> npt.NDArray[np.int64]:
     """Where each page of the last image's set takes its data from; CorruptImage if nowhere."""
     for k in range(1, len(headers)):
@@ -161,7 +162,7 @@ def _verify_chain(
     headers, lists, checks = [], [], []
     for k, path in enumerate(paths):
         try:
-            checked = image_file.load_image(
+            checked = reader.load_image(
                 path,
                 machine_id=machine.machine_id,
                 nr_ram_pages=machine.nr_pages,
@@ -204,7 +205,7 @@ def _can_stage(paths: Sequence[Path], key: ImageKey | None) -> bool:
     """
     try:
         data_pages = sum(
-            image_file.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
+            reader.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
         )
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
@@ -225,7 +226,7 @@ def _restore_pages(
     """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
 
     Each image is read again (from the page cache, just read by the check) and every chunk
-    checked again as it is written (image_file.read_into). Pages outside the set keep
+    checked again as it is written (reader.read_into). Pages outside the set keep
     whatever power off left there (poison, or zeros).
     """
     final = chain.final
@@ -239,7 +240,7 @@ def _restore_pages(
             continue
         wanted[:] = False
         wanted[mine] = True
-        done += image_file.read_into(
+        done += reader.read_into(
             path, chain.checked[k], ram.pages, wanted, threads=threads, key=key
         )
         ram.keys.mark_changed(mine)
@@ -281,7 +282,7 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
         images = facts.get("images")
         for path in images if isinstance(images, list) else []:
             with suppress(CorruptImage, OSError, TypeError):  # a base used by an earlier resume
-                image_file.invalidate(path)
+                writer.invalidate(path)
     fault_point("resume:invalidated")
     with machine.ram() as ram, phases("boot"):
         rewrite_super_block(ram, facts)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from kexec_sim.errors import CorruptHandover, CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.hibernation import image_file
-from kexec_sim.hibernation.image_file import ImageKey
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import RegionType
 from kexec_sim.pages import PfnArray
@@ -101,12 +101,12 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
         in_base = None
         if request.get("base"):
             base = Path(request["base"])
-            header = image_file.read_header(base, key=key, allow_used=True)
-            base_pfns = image_file.read_pfn_list(base, header, key=key).pfns
+            header = reader.read_header(base, key=key, allow_used=True)
+            base_pfns = reader.read_pfn_list(base, header, key=key).pfns
             base_id = header.image_id
             in_base = np.isin(pfns, base_pfns, assume_unique=True)
             in_base &= ~ram.keys.changed_since_image()[pfns]
-        stats = image_file.write_image(
+        stats = writer.write_image(
             image,
             ram.pages,
             pfns,
@@ -126,7 +126,7 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
             progress=progress,
         )
         ram.keys.image_completed()
-    written = image_file.read_header(image, key=key)
+    written = reader.read_header(image, key=key)
     return {
         "image_id": written.image_id.hex(),
         "pages": stats.pages,
