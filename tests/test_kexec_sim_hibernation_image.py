@@ -1,4 +1,4 @@
-"""The hibernation image container: round trips, and every kind of bad image refused."""
+"""The hibernation image (kexec_sim.hibernation): round trips; every kind of bad image refused."""
 
 import os
 import stat
