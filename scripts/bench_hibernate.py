@@ -12,7 +12,7 @@ pages (runs of consecutive pfns with small holes between them, keys zero) are wr
 write MB/s: the page set's bytes (zero pages included) over the wall time of ``write_image``,
 which fsyncs the data, then the header, then the directory: an honest durable write.
 resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/hibernation/resume.py),
-from a cold page cache (synced and dropped first): ``load_image`` reads the image, checking
+from a cold page cache (synced and dropped first): ``check_image`` reads the image, checking
 everything, then resume's own ``_restore_pages`` reads it again from the page cache into a
 second RAM (each chunk checked again), zero pages punched out.
 The target RAM is populated beforehand
@@ -49,7 +49,7 @@ import numpy.typing as npt
 from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.hibernation import writer
 from kexec_sim.hibernation.format import COMPRESSIONS
-from kexec_sim.hibernation.reader import load_image
+from kexec_sim.hibernation.reader import check_image
 from kexec_sim.hibernation.writer import write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
@@ -195,14 +195,14 @@ def resume(path: Path, target: Ram, machine_id: bytes, threads: int) -> tuple[fl
     (its own _restore_pages): (check seconds, restore seconds, pages)."""
     drop_caches()
     start = time.perf_counter()
-    checked = load_image(
-        path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads, keep=False
+    checked = check_image(
+        path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads
     )
     verified = time.perf_counter()
     header, pfn_list = checked.header, checked.pfn_list
     source = resume_module._resolve_chain([path], [header], [pfn_list])
     chain = resume_module._Chain((header,), (pfn_list,), source, (checked,))
-    resume_module._restore_pages(target, [path], chain, None, threads, None)
+    resume_module._restore_pages(target, chain, threads, None)
     end = time.perf_counter()
     return verified - start, end - verified, int(pfn_list.pfns.size)
 

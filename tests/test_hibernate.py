@@ -24,6 +24,7 @@ from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.machine import Machine
 from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED
+from kexec_sim.transition import TRANSITION_FILE
 
 from .conftest import Mounts, daemon_owners
 from .util import contents, kexec_sim, make_tree, md5, run, snapshot
@@ -359,15 +360,34 @@ def test_a_hibernate_killed_midway_loses_nothing_and_leaves_no_valid_image(
     assert (mnt / "f").read_bytes() == data and (mnt / "g").read_bytes() == b"after"
 
 
-def test_a_chain_too_big_to_keep_in_memory_is_read_twice(
-    machine: Machine, mounts: Mounts, images: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_image_changed_between_check_and_restore_is_refused(
+    machine: Machine, mounts: Mounts, images: Path
 ) -> None:
+    """Resume reads each image twice, the check, then the restore from the page cache, and
+    checks every chunk both times: a byte changed after the check fails the restore naming the
+    chunk; the resume is undone (machine off, image unused) and a resume of the intact image
+    then brings the tree back."""
     mnt = mounts.mount("pkram=twice")
     data = os.urandom(5 << 20)
     (mnt / "f").write_bytes(data)
-    ok(hibernate(machine, images / "t.img", "--json"))
-    monkeypatch.setattr(resume_module, "_can_stage", lambda paths, key: False)
-    report = resume_module.resume(Machine.open(machine.path, create=False), [images / "t.img"])
-    assert report.data_bytes >= len(data)
+    image = images / "t.img"
+    ok(hibernate(machine, image, "--json"))
+    original = image.read_bytes()
+    last = reader.read_header(image).end_offset - 1  # the last chunk's last stored byte
+    tampered: list[int] = []
+
+    def tamper(phase: str, done: int, total: int) -> None:
+        if phase == "verify" and done == total:  # the chain is checked, nothing written yet
+            with open(image, "r+b") as f:
+                f.seek(last)
+                f.write(bytes([original[last] ^ 0x01]))
+            tampered.append(done)
+
+    with pytest.raises(CorruptImage, match=r"chunk \d+: changed since it was checked"):
+        resume_module.resume(Machine.open(machine.path, create=False), [image], progress=tamper)
+    assert tampered and not powered(machine)
+    assert not (machine.path / TRANSITION_FILE).exists()  # undone, not left to recovery
+    image.write_bytes(original)
+    assert ok(resume(machine, image, args=("--json",)))["data_bytes"] >= len(data)
     mounts.mount("pkram=twice", mnt)
     assert (mnt / "f").read_bytes() == data

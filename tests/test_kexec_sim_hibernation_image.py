@@ -4,6 +4,7 @@ import os
 import stat
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from kexec_sim.hibernation import format as image_format
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey
 from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
+from kexec_sim.hibernation.reader import CheckedImage
 from kexec_sim.hibernation.writer import ImageStats
 from kexec_sim.pages import PAGE_SIZE
 
@@ -61,18 +63,24 @@ def write(tmp_path: Path, ram: npt.NDArray[np.uint8], **kwargs: object) -> tuple
     return path, stats
 
 
+def check(path: Path, **kwargs: object) -> CheckedImage:
+    """``check_image`` of the image at *path*, for this test's machine."""
+    return reader.check_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, **kwargs)  # type: ignore[arg-type]
+
+
 def restore(
     path: Path, threads: int, key: ImageKey | None = None
 ) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_format.PfnList]:
-    """What resume would do: verify, then put every page into a fresh RAM."""
-    header = reader.verify_image(
-        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, key=key
-    )
-    pfn_list = reader.read_pfn_list(path, header, key=key)
+    """What resume does: check all of it, then put every page into a fresh RAM."""
+    checked = check(path, threads=threads, key=key)
+    header, pfn_list = checked.header, checked.pfn_list
+    again = reader.read_pfn_list(path, header, key=key)
+    for name in ("pfns", "keys", "zero", "in_base"):
+        assert np.array_equal(getattr(again, name), getattr(pfn_list, name))
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
     fresh[pfn_list.zero_pfns] = 0
-    for pfns, pages in reader.iter_chunks(path, header, pfn_list, threads=threads, key=key):
-        fresh[pfns] = pages
+    everything = np.ones(NR_PAGES, np.bool_)
+    assert checked.read_into(fresh, everything, threads=threads) == header.nr_data_pages
     return header, fresh, pfn_list
 
 
@@ -118,7 +126,7 @@ def test_zero_pages_store_no_data(tmp_path: Path) -> None:
         nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, compression="none",
     )  # fmt: skip
     assert stats.zero_pages == 300 and stats.stored_bytes == 0
-    header = reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    header = verify(path)
     assert header.nr_chunks == 0 and path.stat().st_size == 2 * PAGE_SIZE
 
 
@@ -130,7 +138,7 @@ def test_incremental_and_empty_images(tmp_path: Path) -> None:
         path, ram, np.empty(0, np.int64), np.empty(0, np.uint8), machine_id=MACHINE,
         nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, base_image_id=base,
     )  # fmt: skip
-    header = reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    header = verify(path)
     assert header.incremental and header.base_image_id == base and header.nr_pfns == 0
 
 
@@ -167,7 +175,7 @@ def flip(path: Path, offset: int) -> None:
 
 
 def verify(path: Path) -> ImageHeader:
-    return reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    return check(path).header
 
 
 def test_truncated_image_refused(image: Path) -> None:
@@ -188,20 +196,23 @@ def test_trailing_garbage_refused(image: Path) -> None:
 
 
 def test_flipped_chunk_byte_refused_naming_the_chunk(image: Path) -> None:
-    header = verify(image)
+    checked = check(image)
+    header = checked.header
     with open(image, "rb") as f:
         f.seek(header.first_chunk_offset)
         stored = CHUNK_HEADER.unpack(f.read(CHUNK_HEADER.size))[0]
     second = header.first_chunk_offset + CHUNK_HEADER.size + stored
     flip(image, second + CHUNK_HEADER.size + 100)
-    with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
-        verify(image)
-    pfn_list = reader.read_pfn_list(image, header)
-    for threads in (1, 3):  # the good chunk 0 first, then the error
-        chunks = reader.iter_chunks(image, header, pfn_list, threads=threads)
-        assert next(chunks)[0].size == header.chunk_pages
+    for threads in (1, 3):
         with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
-            next(chunks)
+            check(image, threads=threads)
+    ram = make_ram(image.parent)
+    first = checked.pfn_list.data_pfns[: header.chunk_pages]
+    for threads in (1, 3):  # read after the check: the good chunk 0 is written, then the error
+        fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
+        with pytest.raises(CorruptImage, match="chunk 1: changed since it was checked: checksum"):
+            checked.read_into(fresh, np.ones(NR_PAGES, np.bool_), threads=threads)
+        assert np.array_equal(fresh[first], ram[first])
 
 
 @pytest.mark.parametrize("offset", [0, 9, 20, 50, 200, 4095])
@@ -219,9 +230,9 @@ def test_flipped_pfn_list_byte_refused(image: Path) -> None:
 
 def test_other_machine_refused(image: Path) -> None:
     with pytest.raises(ForeignImage, match="written for machine"):
-        reader.verify_image(image, machine_id=bytes(16), nr_ram_pages=NR_PAGES)
+        reader.check_image(image, machine_id=bytes(16), nr_ram_pages=NR_PAGES)
     with pytest.raises(ForeignImage, match="written for 4096 pages"):
-        reader.verify_image(image, machine_id=MACHINE, nr_ram_pages=NR_PAGES * 2)
+        reader.check_image(image, machine_id=MACHINE, nr_ram_pages=NR_PAGES * 2)
 
 
 def test_invalidate(image: Path) -> None:
@@ -244,7 +255,7 @@ def test_invalidate(image: Path) -> None:
 
 
 def verify_used(path: Path) -> ImageHeader:
-    return reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, allow_used=True)
+    return check(path, allow_used=True).header
 
 
 def test_the_super_block_pfn_round_trips_and_is_checked(tmp_path: Path) -> None:
@@ -322,14 +333,17 @@ def test_round_trip_of_runs_and_scattered_pages(tmp_path: Path) -> None:
         path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=1,
         epoch_ns=0, compression="zstd", threads=2, chunk_pages=16,
     )  # fmt: skip
-    header = verify(path)
-    pfn_list = reader.read_pfn_list(path, header)
+    checked = check(path)
+    header, pfn_list = checked.header, reader.read_pfn_list(path, checked.header)
     got = {int(p): k for p, k in zip(pfn_list.pfns, pfn_list.keys, strict=True)}
     assert got == {int(p): k for p, k in zip(pfns, keys, strict=True)}
-    restored = 0
-    for chunk_pfns, pages in reader.iter_chunks(path, header, pfn_list):
-        assert np.array_equal(pages, ram[chunk_pfns])
-        restored += chunk_pfns.size
+    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
+    restored = checked.read_into(fresh, np.ones(NR_PAGES, np.bool_))
+    data = pfn_list.data_pfns
+    assert np.array_equal(fresh[data], ram[data])
+    untouched = np.ones(NR_PAGES, np.bool_)
+    untouched[data] = False
+    assert (fresh[untouched] == 0xAA).all()
     assert restored == header.nr_data_pages == pfns.size - 10  # 2500-2509 are zero
     assert np.array_equal(pfn_list.zero_pfns, np.arange(2500, 2510))
 
@@ -382,11 +396,17 @@ def test_encrypted_images_differ_and_need_the_right_key(tmp_path: Path) -> None:
         verify(path)
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
         reader.read_pfn_list(path, header)
+    checked = check(path, key=key)
+    fresh = np.zeros((NR_PAGES, PAGE_SIZE), dtype=np.uint8)
+    everything = np.ones(NR_PAGES, np.bool_)
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
-        next(reader.iter_chunks(path, header, reader.read_pfn_list(path, header, key=key)))
+        replace(checked, key=None).read_into(fresh, everything)  # the chunks need the key
     wrong = key_of("key file", tmp_path, "another secret")
+    with pytest.raises(CorruptImage, match=r"chunk 0: .*authentication failed: wrong key"):
+        replace(checked, key=wrong).read_into(fresh, everything, threads=1)
+    assert not fresh.any()
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
-        reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=wrong)
+        check(path, key=wrong)
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
         reader.read_header(path, key=wrong)
     with pytest.raises(CorruptImage, match="pfn list authentication failed"):
@@ -396,7 +416,7 @@ def test_encrypted_images_differ_and_need_the_right_key(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     plain, _ = write(tmp_path / "sub", ram)
     with pytest.raises(ImageKeyError, match=r"hib.img: image is not encrypted$"):
-        reader.verify_image(plain, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+        check(plain, key=key)
 
 
 def test_bad_keys_refused(tmp_path: Path) -> None:
@@ -456,9 +476,7 @@ def test_flipped_byte_of_an_encrypted_image_refused(
     }[where]
     flip(path, offset)
     with pytest.raises(CorruptImage) as info:
-        reader.verify_image(
-            path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key, threads=threads
-        )
+        check(path, key=key, threads=threads)
     assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
 
 
@@ -506,7 +524,7 @@ def test_tampering_with_the_crcs_fixed_fails_authentication(
     fix_crcs(path)
     error = ImageKeyError if where in ("generation", "pfn list") else CorruptImage
     with pytest.raises(error, match="authentication failed: wrong key or tampered image"):
-        reader.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+        check(path, key=key)
 
 
 def test_stripping_the_encryption_is_noticed_by_a_reader_with_the_key(
@@ -673,31 +691,34 @@ def test_device_header_zeroed_first_and_on_overflow(
 def test_small_windows_and_read_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str, threads: int
 ) -> None:
-    """A load through windows smaller than the image finds every chunk; read_into puts back
-    exactly the flagged pages, and refuses a chunk changed after the check."""
-    monkeypatch.setattr(reader, "_WINDOW", 64 << 10)
-    monkeypatch.setattr(reader, "_READ_STEP", 20_000)
+    """A check through windows smaller than the image finds every chunk; read_into puts back
+    exactly the flagged pages, and refuses a chunk changed after the check, as a new check
+    does."""
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 64 << 10)
+    monkeypatch.setattr(reader, "READ_STEP_BYTES", 20_000)
     ram = make_ram(tmp_path)
     path, _ = write(tmp_path, ram, compression=compression, chunk_pages=4)
-    checked = reader.load_image(
-        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, keep=False
-    )
+    checked = check(path, threads=threads)
     data_pfns = checked.pfn_list.data_pfns
     assert checked.offsets.size == checked.header.nr_chunks > 1
+    assert path.stat().st_size > 4 * (64 << 10)  # many windows
     take = np.zeros(NR_PAGES, np.bool_)
     take[data_pfns[::3]] = True
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-    written = reader.read_into(path, checked, fresh, take, threads=threads)
+    written = checked.read_into(fresh, take, threads=threads)
     assert written == data_pfns[::3].size
     assert np.array_equal(fresh[take], ram[take])
     assert (fresh[~take] == 0xAA).all()
     take[:] = True
-    reader.read_into(path, checked, fresh, take, threads=threads)
+    checked.read_into(fresh, take, threads=threads)
     assert np.array_equal(fresh[data_pfns], ram[data_pfns])
     with open(path, "r+b") as f:
         f.seek(int(checked.offsets[-1]) + CHUNK_HEADER.size)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(CorruptImage, match="changed since it was checked"):
-        reader.read_into(path, checked, fresh, take, threads=threads)
+    last = checked.header.nr_chunks - 1
+    with pytest.raises(CorruptImage, match=f"chunk {last}: changed since it was checked"):
+        checked.read_into(fresh, take, threads=threads)
+    with pytest.raises(CorruptImage, match=f"chunk {last}: checksum mismatch"):
+        check(path, threads=threads)

@@ -1,4 +1,13 @@
-"""Reading a hibernation image back: its header, its pfn list, and every chunk, checked.
+"""Reading a hibernation image back: check all of it, then put its pages into RAM.
+
+Resume checks every image of its chain whole before it writes a page: ``check_image`` reads
+the header (that it is this machine's), the pfn list and every chunk (record, checksum,
+decryption, decompressed length) and the image's length, writing nothing and keeping only
+where each chunk lies. Then ``CheckedImage.read_into`` reads the chunks again (from the page
+cache the check just filled) into RAM, checking each one again on the way, since the file may
+have changed in between. Both take every chunk through the one decoder,
+kexec_sim.hibernation.chunks.ChunkCodec. ``read_header`` and ``read_pfn_list`` read just the
+front of an image (a base image, the image just written).
 
 Everything read back is untrusted: a failed check raises CorruptImage naming it.
 """
@@ -6,9 +15,7 @@ Everything read back is untrusted: a failed check raises CorruptImage naming it.
 import contextlib
 import os
 import stat
-import zlib
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +23,10 @@ from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kexec_sim.errors import CorruptImage, ForeignImage, MachineError
-from kexec_sim.hibernation.chunks import decompress
-from kexec_sim.hibernation.crypto import AUTH_FAILED, TAG_BYTES, ImageKey, nonce
+from kexec_sim.hibernation.chunks import ChunkCodec, ChunkRecord, expect_record
+from kexec_sim.hibernation.crypto import TAG_BYTES, ImageKey
 from kexec_sim.hibernation.format import (
     CHUNK_HEADER,
     ImageHeader,
@@ -30,12 +35,14 @@ from kexec_sim.hibernation.format import (
     parse_header,
     parse_pfn_list,
 )
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.pages import PAGE_SIZE, PageRuns, PfnArray
 
-_DECODE_GROUP = 8  # chunks a reader's worker checks and decompresses per task
-
-Decoded = tuple[PfnArray, npt.NDArray[np.uint8]]
-"""A chunk read back: its pfns and their pages shaped (n, 4096)."""
+READ_STEP_BYTES = 4 << 20
+"""Bytes per read while checking the chunks: large reads, as dd's."""
+WINDOW_BYTES = 16 << 20
+"""Each of the two buffers the check reads the chunks into, in turn (at least 2 chunks)."""
+DECODE_GROUP = 8
+"""Chunks a worker checks per task: one chunk is too little work to hand to a thread."""
 
 
 def read_header(
@@ -52,13 +59,6 @@ def read_header(
         return parse_header(f.read(PAGE_SIZE), str(path), key, allow_used)
 
 
-def _read_exact(f: BinaryIO, size: int, where: str) -> bytes:
-    data = f.read(size)
-    if len(data) != size:
-        raise CorruptImage(f"{where}: image truncated ({len(data)} of {size} bytes)")
-    return data
-
-
 def read_pfn_list(path: Path | str, header: ImageHeader, *, key: ImageKey | None = None) -> PfnList:
     """Read and validate the pfn list of the image *header* came from; CorruptImage if bad.
 
@@ -67,368 +67,119 @@ def read_pfn_list(path: Path | str, header: ImageHeader, *, key: ImageKey | None
     where = str(path)
     aead = image_aead(header, key, where)
     with open(path, "rb") as f:
-        f.seek(header.pfn_list_offset)
-        return _read_pfn_list(f, header, where, aead)
-
-
-def _read_pfn_list(f: BinaryIO, header: ImageHeader, where: str, aead: AESGCM | None) -> PfnList:
-    data = _read_exact(f, header.first_chunk_offset - header.pfn_list_offset, f"{where} pfn list")
+        data = _pfn_list_bytes(f, header, where)
     return parse_pfn_list(data, header, where, aead)
 
 
-def _image_size(f: BinaryIO) -> int | None:
-    """Bytes in a regular file; None for a device (its size is not the image's)."""
-    st = os.fstat(f.fileno())
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _records(f: BinaryIO, header: ImageHeader, where: str) -> Iterator[tuple[bytes, bytes]]:
-    """Read each chunk's record header and stored bytes, checking its fields and the length."""
-    size = _image_size(f)
-    if size is not None and size != header.end_offset:
-        what = "truncated" if size < header.end_offset else "followed by trailing bytes"
-        raise CorruptImage(f"{where}: image {what} ({size} bytes, header says {header.end_offset})")
-    f.seek(header.first_chunk_offset)
-    stored_total = 0
-    for index in range(header.nr_chunks):
-        at = f"{where} chunk {index}"
-        record = _read_exact(f, CHUNK_HEADER.size, at)
-        stored_bytes, raw_bytes, _, got_index, first = CHUNK_HEADER.unpack(record)
-        nr_pages = min(header.chunk_pages, header.nr_data_pages - index * header.chunk_pages)
-        if got_index != index or first != index * header.chunk_pages:
-            raise CorruptImage(f"{at}: record says chunk {got_index} from page {first}")
-        tag = TAG_BYTES if header.encrypted else 0
-        if raw_bytes != nr_pages * PAGE_SIZE or not tag < stored_bytes <= raw_bytes + tag:
-            raise CorruptImage(f"{at}: {stored_bytes} bytes stored for {raw_bytes}")
-        stored_total += stored_bytes
-        if stored_total > header.stored_bytes:
-            raise CorruptImage(f"{at}: more stored bytes than the header says")
-        yield record, _read_exact(f, stored_bytes, at)
-    if stored_total != header.stored_bytes:
-        raise CorruptImage(f"{where}: chunks hold {stored_total} bytes, header says "
-                           f"{header.stored_bytes}")  # fmt: skip
-
-
-def _chunks(
-    f: BinaryIO,
-    header: ImageHeader,
-    data_pfns: PfnArray,
-    where: str,
-    threads: int | None,
-    aead: AESGCM | None,
-) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
-    """Validate and yield (pfns, pages) of each chunk in order; *threads* decode them.
-
-    The file is read in this thread; checksums, decryption (with *aead*, authenticating the
-    record header too) and decompression run in the workers, by
-    groups of ``_DECODE_GROUP`` chunks (one chunk is too little work to hand to a thread), at
-    most 2 x *threads* groups ahead. A bad chunk raises when its turn comes.
-    """
-    workers = threads if threads is not None else os.cpu_count() or 1
-    if workers < 1:
-        raise MachineError(f"threads must be at least 1, got {workers}")
-
-    def decode(record: bytes, stored: bytes) -> Decoded:
-        stored_bytes, raw_bytes, crc, index, first = CHUNK_HEADER.unpack(record)
-        at = f"{where} chunk {index}"
-        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
-        if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
-            raise CorruptImage(f"{at}: checksum mismatch")
-        if aead is not None:
-            try:
-                stored = aead.decrypt(nonce(header.nonce_prefix, index), stored, zeroed)
-            except InvalidTag:
-                raise CorruptImage(f"{at}: {AUTH_FAILED}") from None
-        raw = decompress(header.compression, stored, raw_bytes, at)
-        pages = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-        return data_pfns[first : first + pages.shape[0]], pages
-
-    if workers == 1:
-        for record, stored in _records(f, header, where):
-            yield decode(record, stored)
-        return
-
-    def decode_group(group: list[tuple[bytes, bytes]]) -> tuple[list[Decoded], CorruptImage | None]:
-        """The group's good chunks up to its first bad one, and that one's error."""
-        done: list[Decoded] = []
-        try:
-            for record, stored in group:
-                done.append(decode(record, stored))
-        except CorruptImage as e:
-            return done, e
-        return done, None
-
-    def results(future: Future[tuple[list[Decoded], CorruptImage | None]]) -> Iterator[Decoded]:
-        done, error = future.result()
-        yield from done
-        if error is not None:
-            raise error
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        window: deque[Future[tuple[list[Decoded], CorruptImage | None]]] = deque()
-        group: list[tuple[bytes, bytes]] = []
-        for record_and_stored in _records(f, header, where):
-            group.append(record_and_stored)
-            if len(group) == _DECODE_GROUP:
-                window.append(pool.submit(decode_group, group))
-                group = []
-            if len(window) >= 2 * workers:
-                yield from results(window.popleft())
-        window.append(pool.submit(decode_group, group))
-        while window:
-            yield from results(window.popleft())
-
-
-_Task = list[tuple[memoryview, memoryview, int, int]]
-"""Chunks for one worker: (record header, stored bytes, index, first page) each."""
-
-_Result = tuple[list[Decoded], CorruptImage | None]
-"""A group's good chunks up to its first bad one, and that one's error."""
-
-
-def _fd_image_size(fd: int) -> int | None:
-    """Bytes in a regular file; None for a device (its size is not the image's)."""
-    st = os.fstat(fd)
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-_READ_STEP = 4 << 20  # bytes per read when loading: large reads, as dd's
-
-_WINDOW = 16 << 20  # the two buffers of a load that keeps nothing (verify_image)
-
-
-def _load_chunks(
-    fd: int,
-    header: ImageHeader,
-    data_pfns: PfnArray,
-    where: str,
-    threads: int | None,
-    aead: AESGCM | None,
-    keep: bool,
-) -> tuple[list[Decoded], npt.NDArray[np.int64]]:
-    """Read the chunks of the image open at *fd* once, checking each; their (pfns, pages) if *keep*.
-
-    The file is read in this thread with large reads into one buffer the size of the chunks
-    (*keep*) or into two windows used in turn, while *threads* workers check the chunks already
-    read (by groups of ``_DECODE_GROUP``): checksums, decryption (with *aead*, authenticating
-    the record header too) and decompression. A chunk stored raw and not encrypted is kept as
-    a view of the read buffer (no copy); the others are decoded into one staging array the
-    size of the data pages. Raises CorruptImage for the first bad chunk in file order.
-    """
-    workers = threads if threads is not None else os.cpu_count() or 1
-    if workers < 1:
-        raise MachineError(f"threads must be at least 1, got {workers}")
-    size = _fd_image_size(fd)
-    if size is not None and size != header.end_offset:
-        what = "truncated" if size < header.end_offset else "followed by trailing bytes"
-        raise CorruptImage(f"{where}: image {what} ({size} bytes, header says {header.end_offset})")
-    region = header.end_offset - header.first_chunk_offset
-    largest = CHUNK_HEADER.size + header.chunk_pages * PAGE_SIZE + TAG_BYTES
-    buffers = [np.empty(region, np.uint8)] if keep else [
-        np.empty(min(region, max(_WINDOW, 2 * largest)), np.uint8) for _ in range(2)
-    ]  # fmt: skip
-    staging: list[npt.NDArray[np.uint8]] = []
-    tag = TAG_BYTES if header.encrypted else 0
-    compression = header.compression
-
-    def decode(record: memoryview, stored: memoryview, index: int, first: int) -> Decoded:
-        stored_bytes, raw_bytes, crc, _, _ = CHUNK_HEADER.unpack(record)
-        at = f"{where} chunk {index}"
-        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
-        if zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
-            raise CorruptImage(f"{at}: checksum mismatch")
-        data: bytes | memoryview = stored
-        if aead is not None:
-            try:
-                data = aead.decrypt(nonce(header.nonce_prefix, index), stored, zeroed)
-            except InvalidTag:
-                raise CorruptImage(f"{at}: {AUTH_FAILED}") from None
-        pfns = data_pfns[first : first + raw_bytes // PAGE_SIZE]
-        if aead is None and stored_bytes == raw_bytes:  # raw: the read buffer holds the pages
-            return pfns, np.frombuffer(stored, np.uint8).reshape(-1, PAGE_SIZE)
-        raw = decompress(compression, data, raw_bytes, at)
-        pages = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
-        if not keep:
-            return pfns, pages
-        target = staging[0][first : first + pages.shape[0]]
-        target[...] = pages  # staged: the decoder's output memory is reused, warm
-        return pfns, target
-
-    def decode_group(group: _Task) -> _Result:
-        """The group's good chunks up to its first bad one, and that one's error."""
-        done: list[Decoded] = []
-        try:
-            for args in group:
-                done.append(decode(*args))
-        except CorruptImage as e:
-            return done, e
-        return done, None
-
-    kept: list[Decoded] = []
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-    in_flight: deque[tuple[int, Future[_Result] | _Result]] = deque()  # (buffer, result)
-
-    def settle(only: int | None) -> None:
-        """Collect the groups in order (only those reading buffer *only*, if given): wait for
-        them, keep their chunks, raise the first error."""
-        while in_flight and (only is None or in_flight[0][0] == only):
-            _, pending = in_flight.popleft()
-            done, error = pending.result() if isinstance(pending, Future) else pending
-            if keep:
-                kept.extend(done)
-            if error is not None:
-                raise error
-
-    def submit(which: int, group: _Task) -> None:
-        if group:
-            task: Future[_Result] | _Result = (
-                pool.submit(decode_group, group) if pool is not None else decode_group(group)
-            )
-            in_flight.append((which, task))
-
-    try:
-        with contextlib.suppress(OSError):  # a larger readahead
-            os.posix_fadvise(fd, header.first_chunk_offset, region, os.POSIX_FADV_SEQUENTIAL)
-        index = 0
-        stored_total = 0
-        offsets = np.zeros(header.nr_chunks, np.int64)
-        file_at = header.first_chunk_offset  # next byte to read
-        buf_at = file_at  # the file offset of the buffer's first byte
-        which = 0
-        buf = buffers[0].data
-        filled = 0  # bytes of buf read
-        off = 0  # start of the next record in buf
-        while index < header.nr_chunks:
-            if filled == len(buf) or file_at == header.end_offset:  # buf used up: the next one
-                if keep:  # one buffer holds everything: a record is missing
-                    break
-                which = 1 - which
-                settle(which)  # nothing still reads the buffer reused
-                rest = buf[off:filled]
-                buf = buffers[which].data
-                buf[: len(rest)] = rest
-                buf_at += off
-                filled, off = len(rest), 0
-            step = min(_READ_STEP, len(buf) - filled, header.end_offset - file_at)
-            got = os.preadv(fd, [buf[filled : filled + step]], file_at) if step else 0
-            if got == 0:
-                break
-            filled += got
-            file_at += got
-            group: _Task = []
-            while index < header.nr_chunks and off + CHUNK_HEADER.size <= filled:
-                where_chunk = f"{where} chunk {index}"
-                record = buf[off : off + CHUNK_HEADER.size]
-                stored_bytes, raw_bytes, _, got_index, first = CHUNK_HEADER.unpack(record)
-                nr_pages = min(
-                    header.chunk_pages, header.nr_data_pages - index * header.chunk_pages
-                )
-                if got_index != index or first != index * header.chunk_pages:
-                    settle(None)
-                    raise CorruptImage(f"{where_chunk}: record says chunk {got_index} from page "
-                                       f"{first}")  # fmt: skip
-                if raw_bytes != nr_pages * PAGE_SIZE or not tag < stored_bytes <= raw_bytes + tag:
-                    settle(None)
-                    raise CorruptImage(
-                        f"{where_chunk}: {stored_bytes} bytes stored for {raw_bytes}"
-                    )
-                if stored_total + stored_bytes > header.stored_bytes:
-                    settle(None)
-                    raise CorruptImage(f"{where_chunk}: more stored bytes than the header says")
-                end = off + CHUNK_HEADER.size + stored_bytes
-                if end > filled:
-                    break
-                if keep and not staging and (aead is not None or stored_bytes != raw_bytes):
-                    staging.append(np.empty((header.nr_data_pages, PAGE_SIZE), np.uint8))
-                group.append((record, buf[off + CHUNK_HEADER.size : end], index, first))
-                offsets[index] = buf_at + off
-                if len(group) == _DECODE_GROUP:
-                    submit(which, group)
-                    group = []
-                stored_total += stored_bytes
-                index += 1
-                off = end
-            submit(which, group)
-        settle(None)
-        if index < header.nr_chunks:
-            got_bytes = file_at - header.first_chunk_offset
-            raise CorruptImage(f"{where} chunk {index}: image truncated ({got_bytes} of "
-                               f"{region} chunk bytes)")  # fmt: skip
-        if stored_total != header.stored_bytes:
-            raise CorruptImage(f"{where}: chunks hold {stored_total} bytes, header says "
-                               f"{header.stored_bytes}")  # fmt: skip
-    finally:
-        if pool is not None:
-            for _, pending in in_flight:
-                if isinstance(pending, Future):
-                    pending.cancel()
-            pool.shutdown(wait=True)
-    return kept, offsets
-
-
-def iter_chunks(
-    path: Path | str,
-    header: ImageHeader,
-    pfn_list: PfnList,
-    *,
-    threads: int | None = None,
-    key: ImageKey | None = None,
-) -> Iterator[tuple[PfnArray, npt.NDArray[np.uint8]]]:
-    """Yield (pfns, pages shaped (n, 4096)) of each data chunk, each checked before it is yielded.
-
-    *header* and *pfn_list* are what ``read_header`` and ``read_pfn_list`` returned for
-    *path*. *threads* workers (default: the core count) check and decompress chunks while
-    the file is read. A bad chunk raises CorruptImage naming it, after the good ones before it
-    were yielded: call ``verify_image`` first to change nothing unless all of it is good.
-    An encrypted image's chunks are decrypted and authenticated with *key*.
-    """
-    aead = image_aead(header, key, str(path))
-    with open(path, "rb") as f:
-        yield from _chunks(f, header, pfn_list.data_pfns, str(path), threads, aead)
-
-
-def verify_image(
-    path: Path | str,
-    *,
-    machine_id: bytes,
-    nr_ram_pages: int,
-    threads: int | None = None,
-    key: ImageKey | None = None,
-    allow_used: bool = False,
-) -> ImageHeader:
-    """Check all of the image at *path*, writing nothing; return its header.
-
-    Checks the header, that it was written for this machine (ForeignImage otherwise), the
-    pfn list, every chunk's checksum and decompressed length (by *threads* workers, default
-    the core count), and the image's length; an encrypted image's header, pfn list and
-    chunks are all authenticated with *key*.
-    Raises CorruptImage naming the first problem (ImageKeyError for a missing or wrong key).
-    A used image (``KSIMUSED``) is refused unless *allow_used*: then it is checked as written.
-    """
-    return load_image(
-        path,
-        machine_id=machine_id,
-        nr_ram_pages=nr_ram_pages,
-        threads=threads,
-        key=key,
-        allow_used=allow_used,
-        keep=False,
-    ).header
+def _pfn_list_bytes(f: BinaryIO, header: ImageHeader, where: str) -> bytes:
+    """The pfn list of the image open as *f*, with its padding; CorruptImage if it is cut short."""
+    size = header.first_chunk_offset - header.pfn_list_offset
+    f.seek(header.pfn_list_offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise CorruptImage(f"{where} pfn list: image truncated ({len(data)} of {size} bytes)")
+    return data
 
 
 @dataclass(frozen=True)
 class CheckedImage:
-    """An image checked whole: its header, pfn list and (if kept) every chunk decoded."""
+    """An image ``check_image`` found good: its header, its pfn list and where each chunk lies."""
 
+    path: Path
     header: ImageHeader
     pfn_list: PfnList
-    chunks: list[Decoded]
-    """(pfns, pages) of each chunk in order; empty unless loaded with keep=True."""
-    offsets: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    """The file offset of each chunk's record (``read_into`` reads them again there)."""
+    offsets: npt.NDArray[np.int64]
+    """The file offset of each chunk's record, in chunk order."""
+    key: ImageKey | None = field(default=None, repr=False)
+    """The key it was checked with (an encrypted image's chunks are read with it)."""
+
+    def read_into(
+        self,
+        pages: npt.NDArray[np.uint8],
+        take: npt.NDArray[np.bool_],
+        *,
+        threads: int | None = None,
+    ) -> int:
+        """Put the data pages of this image whose pfn *take* flags into *pages*.
+
+        *pages* is RAM shaped (nr_pages, 4096); *take* a bool per page of it. The chunks are
+        read again at the offsets the check found, by *threads* workers (default: the core
+        count), and each is checked again: a chunk stored raw and not encrypted, whose pages
+        are all taken, is read straight into *pages* (a ``preadv`` over its runs of pfns) and
+        its checksum computed there; the others are read and decoded, then copied. Returns the
+        number of pages written. Raises CorruptImage naming the chunk ("changed since it was
+        checked") if the file changed meanwhile, some pages already written.
+        """
+        where = str(self.path)
+        codec = ChunkCodec.of(self.header, image_aead(self.header, self.key, where))
+        data_pfns = self.pfn_list.data_pfns
+        starts = range(0, self.header.nr_chunks, DECODE_GROUP)
+        workers = _workers(threads)
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+
+            def group(first: int) -> int:
+                last = min(first + DECODE_GROUP, self.header.nr_chunks)
+                return sum(
+                    self._read_chunk(fd, codec, data_pfns, index, pages, take)
+                    for index in range(first, last)
+                )
+
+            if workers == 1:
+                return sum(group(first) for first in starts)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return sum(pool.map(group, starts))
+        finally:
+            os.close(fd)
+
+    def _read_chunk(
+        self,
+        fd: int,
+        codec: ChunkCodec,
+        data_pfns: PfnArray,
+        index: int,
+        pages: npt.NDArray[np.uint8],
+        take: npt.NDArray[np.bool_],
+    ) -> int:
+        """Read chunk *index* again, check it and put the pages *take* flags into *pages*
+        (*data_pfns*: the pfn list's pages with data, in chunk order)."""
+        where = f"{self.path} chunk {index}: changed since it was checked"
+        at = int(self.offsets[index])
+        head = os.pread(fd, CHUNK_HEADER.size, at)
+        if len(head) != CHUNK_HEADER.size:
+            raise CorruptImage(f"{where}: truncated")
+        record = ChunkRecord.unpack(head)
+        expect_record(record, index, self.header, where)
+        first = record.first_page
+        pfns = data_pfns[first : first + record.raw_bytes // PAGE_SIZE]
+        mine = take[pfns]
+        data_at = at + CHUNK_HEADER.size
+        if codec.stores_raw(record) and mine.all():  # straight into RAM
+            views = [pages[low : low + n].reshape(-1).data for low, n, _ in _runs(pfns)]
+            if os.preadv(fd, views, data_at) != record.raw_bytes:
+                raise CorruptImage(f"{where}: truncated")
+            codec.check_crc(record, views, where)
+            return int(pfns.size)
+        stored = os.pread(fd, record.stored_bytes, data_at)
+        if len(stored) != record.stored_bytes:
+            raise CorruptImage(f"{where}: truncated")
+        raw = np.frombuffer(codec.decode(record, stored, where), np.uint8).reshape(-1, PAGE_SIZE)
+        if mine.all():
+            for low, n, start in _runs(pfns):
+                pages[low : low + n] = raw[start : start + n]
+        elif mine.any():
+            pages[pfns[mine]] = raw[mine]
+        return int(np.count_nonzero(mine))
 
 
-def load_image(
+def _runs(pfns: PfnArray) -> list[tuple[int, int, int]]:
+    """(first pfn, count, index in *pfns*) of each run of consecutive pfns of *pfns*."""
+    runs = PageRuns.of_pfns(pfns)
+    at = np.cumsum(runs.lengths) - runs.lengths
+    return list(zip(runs.starts.tolist(), runs.lengths.tolist(), at.tolist(), strict=True))
+
+
+def check_image(
     path: Path | str,
     *,
     machine_id: bytes,
@@ -436,14 +187,22 @@ def load_image(
     threads: int | None = None,
     key: ImageKey | None = None,
     allow_used: bool = False,
-    keep: bool = True,
 ) -> CheckedImage:
-    """``verify_image``, reading the file once and keeping the decoded chunks when *keep*.
+    """Check all of the image at *path*, writing nothing, reading each byte once.
 
-    Resume uses it to check a whole image and have its data, read and decoded once, before
-    it writes any page (the decoded data takes as much memory as the image's data pages).
+    Checks the header, that it was written for this machine (ForeignImage otherwise), the
+    pfn list, every chunk's record, checksum and decompressed length (by *threads* workers,
+    default the core count), and the image's length; an encrypted image's header, pfn list and
+    chunks are all authenticated with *key*. Raises CorruptImage naming the first problem in
+    file order (ImageKeyError for a missing or wrong key). A used image (``KSIMUSED``) is
+    refused unless *allow_used*: then it is checked as written.
+
+    This is resume's first step for each image of its chain; the second, once all are good,
+    is ``read_into`` of what this returns (the decoded data is not kept: reading the image
+    again from the page cache costs less than staging it in fresh memory).
     """
     where = str(path)
+    workers = _workers(threads)
     with open(path, "rb") as f:
         header = parse_header(f.read(PAGE_SIZE), where, key, allow_used)
         if header.machine_id != machine_id:
@@ -453,108 +212,165 @@ def load_image(
             raise ForeignImage(f"{where}: written for {header.nr_ram_pages} pages of RAM, "
                                f"this machine has {nr_ram_pages}")  # fmt: skip
         aead = image_aead(header, key, where)
-        pfn_list = _read_pfn_list(f, header, where, aead)
-        kept, offsets = _load_chunks(
-            f.fileno(), header, pfn_list.data_pfns, where, threads, aead, keep
-        )
-    return CheckedImage(header, pfn_list, kept, offsets)
+        pfn_list = parse_pfn_list(_pfn_list_bytes(f, header, where), header, where, aead)
+        offsets = _ChunkScan(f.fileno(), header, where, ChunkCodec.of(header, aead), workers).run()
+    return CheckedImage(Path(path), header, pfn_list, offsets, key)
 
 
-def _runs(pfns: PfnArray) -> list[tuple[int, int]]:
-    """(first pfn, count) of each run of consecutive pfns in ascending *pfns*."""
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [pfns.size]))
-    return list(zip(pfns[starts].tolist(), (ends - starts).tolist(), strict=True))
-
-
-def read_into(
-    path: Path | str,
-    checked: "CheckedImage",
-    pages: npt.NDArray[np.uint8],
-    take: npt.NDArray[np.bool_],
-    *,
-    threads: int | None = None,
-    key: ImageKey | None = None,
-) -> int:
-    """Put the data pages of the image *checked* (``load_image``) says is good into *pages*.
-
-    Only the pages whose pfn *take* (bool per page of *pages*) flags are written. The file is
-    read again (from the page cache after ``load_image``) by *threads* workers, chunk by chunk
-    at the offsets ``load_image`` found: a chunk stored raw and not encrypted is read straight
-    into *pages* (a ``preadv`` over its runs of pfns) and its checksum computed there, the others
-    are read, checked and decoded, then copied. Every chunk is checked again: CorruptImage
-    (naming it, "changed since it was checked") if the file changed meanwhile, some pages
-    already written. Returns the number of pages written.
-    """
-    header, data_pfns, offsets = checked.header, checked.pfn_list.data_pfns, checked.offsets
-    where = str(path)
-    aead = image_aead(header, key, where)
+def _workers(threads: int | None) -> int:
+    """How many threads to use: *threads*, default the core count; MachineError below 1."""
     workers = threads if threads is not None else os.cpu_count() or 1
     if workers < 1:
         raise MachineError(f"threads must be at least 1, got {workers}")
-    if offsets.size != header.nr_chunks:
-        raise MachineError(f"{where}: load the image (keeping its offsets) before reading it")
+    return workers
 
-    def one(index: int) -> int:
-        at = f"{where} chunk {index}: changed since it was checked"
-        record = os.pread(fd, CHUNK_HEADER.size, int(offsets[index]))
-        if len(record) != CHUNK_HEADER.size:
-            raise CorruptImage(f"{at} (truncated)")
-        stored_bytes, raw_bytes, crc, got_index, first = CHUNK_HEADER.unpack(record)
-        pfns = data_pfns[first : first + raw_bytes // PAGE_SIZE]
-        if (
-            got_index != index
-            or first != index * header.chunk_pages
-            or pfns.size * PAGE_SIZE != raw_bytes
-        ):
-            raise CorruptImage(at)
-        zeroed = CHUNK_HEADER.pack(stored_bytes, raw_bytes, 0, index, first)
-        mine = take[pfns]
-        data_at = int(offsets[index]) + CHUNK_HEADER.size
-        if aead is None and stored_bytes == raw_bytes and mine.all():  # straight into RAM
-            views = [pages[low : low + n].reshape(-1).data for low, n in _runs(pfns)]
-            if os.preadv(fd, views, data_at) != raw_bytes:
-                raise CorruptImage(f"{at} (truncated)")
-            value = zlib.crc32(zeroed)
-            for view in views:
-                value = zlib.crc32(view, value)
-            if value != crc:
-                raise CorruptImage(at)
-            return int(pfns.size)
-        stored = os.pread(fd, stored_bytes, data_at)
-        if len(stored) != stored_bytes or zlib.crc32(stored, zlib.crc32(zeroed)) != crc:
-            raise CorruptImage(at)
-        data: bytes = stored
-        if aead is not None:
+
+_Group = list[tuple[ChunkRecord, memoryview, str]]
+"""Chunks for one worker to check: (record, stored bytes, what to call it) each."""
+
+
+class _ChunkScan:
+    """One pass over the chunks of the image open at *fd*, checking each, in file order.
+
+    This thread reads the chunk region with large reads into two buffers used in turn and
+    checks each record's fields as it comes; the workers check the chunks already read
+    (``ChunkCodec.decode``), by groups of ``DECODE_GROUP``. Before a buffer is filled again,
+    every group reading it is waited for. The first bad chunk in file order raises.
+    """
+
+    def __init__(
+        self, fd: int, header: ImageHeader, where: str, codec: ChunkCodec, workers: int
+    ) -> None:
+        self.fd = fd
+        self.header = header
+        self.where = where
+        self.codec = codec
+        self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        region = header.end_offset - header.first_chunk_offset
+        largest = CHUNK_HEADER.size + header.chunk_pages * PAGE_SIZE + TAG_BYTES
+        size = min(region, max(WINDOW_BYTES, 2 * largest))
+        self.buffers = [np.empty(size, np.uint8).data for _ in range(2)]
+        self.in_flight: deque[tuple[int, Future[CorruptImage | None] | CorruptImage | None]]
+        self.in_flight = deque()  # (buffer, a group's first error) in file order
+        self.which = 0  # the buffer being filled
+        self.buf_at = header.first_chunk_offset  # the file offset of its first byte
+        self.filled = 0  # bytes of it read
+        self.off = 0  # where the next record starts in it
+        self.file_at = header.first_chunk_offset  # the next byte to read
+        self.index = 0  # the next chunk
+        self.stored_total = 0
+        self.offsets = np.zeros(header.nr_chunks, np.int64)
+
+    def run(self) -> npt.NDArray[np.int64]:
+        """Check every chunk; return the file offset of each chunk's record."""
+        header = self.header
+        _check_length(self.fd, header, self.where)
+        with contextlib.suppress(OSError):  # a larger readahead
+            os.posix_fadvise(self.fd, header.first_chunk_offset,
+                             header.end_offset - header.first_chunk_offset,
+                             os.POSIX_FADV_SEQUENTIAL)  # fmt: skip
+        try:
+            while self.index < header.nr_chunks:
+                buf = self.buffers[self.which]
+                if self.filled == len(buf) or self.file_at == header.end_offset:
+                    self._next_buffer()
+                if not self._read():
+                    break
+                self._submit(self._records())
+            self._settle(None)
+        finally:
+            if self.pool is not None:
+                for _, pending in self.in_flight:
+                    if isinstance(pending, Future):
+                        pending.cancel()
+                self.pool.shutdown(wait=True)
+        if self.index < header.nr_chunks:
+            got = self.file_at - header.first_chunk_offset
+            region = header.end_offset - header.first_chunk_offset
+            raise CorruptImage(f"{self.where} chunk {self.index}: image truncated ({got} of "
+                               f"{region} chunk bytes)")  # fmt: skip
+        if self.stored_total != header.stored_bytes:
+            raise CorruptImage(f"{self.where}: chunks hold {self.stored_total} bytes, header "
+                               f"says {header.stored_bytes}")  # fmt: skip
+        return self.offsets
+
+    def _next_buffer(self) -> None:
+        """Go on in the other buffer (once nothing reads it), the unfinished record moved there."""
+        rest = self.buffers[self.which][self.off : self.filled]
+        self.which = 1 - self.which
+        self._settle(self.which)
+        self.buffers[self.which][: len(rest)] = rest
+        self.buf_at += self.off
+        self.filled, self.off = len(rest), 0
+
+    def _read(self) -> bool:
+        """Read on into the buffer; False at the end of the image (or of the device)."""
+        buf = self.buffers[self.which]
+        step = min(READ_STEP_BYTES, len(buf) - self.filled, self.header.end_offset - self.file_at)
+        got = os.preadv(self.fd, [buf[self.filled : self.filled + step]], self.file_at)
+        self.filled += got
+        self.file_at += got
+        return got > 0
+
+    def _records(self) -> _Group:
+        """The whole chunks the buffer now holds, their records checked, in order."""
+        header, buf = self.header, self.buffers[self.which]
+        chunks: _Group = []
+        while self.index < header.nr_chunks and self.off + CHUNK_HEADER.size <= self.filled:
+            where = f"{self.where} chunk {self.index}"
+            record = ChunkRecord.unpack(buf[self.off : self.off + CHUNK_HEADER.size])
             try:
-                data = aead.decrypt(nonce(header.nonce_prefix, index), stored, zeroed)
-            except InvalidTag:
-                raise CorruptImage(at) from None
-        raw = np.frombuffer(decompress(header.compression, data, raw_bytes, at), np.uint8)
-        raw = raw.reshape(-1, PAGE_SIZE)
-        if mine.all():
-            for (low, n), start in zip(_runs(pfns), _run_starts(pfns), strict=True):
-                pages[low : low + n] = raw[start : start + n]
-        elif mine.any():
-            pages[pfns[mine]] = raw[mine]
-        return int(np.count_nonzero(mine))
+                expect_record(record, self.index, header, where)
+                if self.stored_total + record.stored_bytes > header.stored_bytes:
+                    raise CorruptImage(f"{where}: more stored bytes than the header says")
+            except CorruptImage:
+                self._submit(chunks)
+                self._settle(None)  # a chunk before this one may be bad: it comes first
+                raise
+            end = self.off + CHUNK_HEADER.size + record.stored_bytes
+            if end > self.filled:
+                break
+            chunks.append((record, buf[self.off + CHUNK_HEADER.size : end], where))
+            self.offsets[self.index] = self.buf_at + self.off
+            self.stored_total += record.stored_bytes
+            self.index += 1
+            self.off = end
+        return chunks
 
-    def group(first_index: int) -> int:
-        last = min(first_index + _DECODE_GROUP, header.nr_chunks)
-        return sum(one(index) for index in range(first_index, last))
+    def _submit(self, chunks: _Group) -> None:
+        """Hand *chunks* (all in the current buffer) to the workers, by groups."""
+        for start in range(0, len(chunks), DECODE_GROUP):
+            group = chunks[start : start + DECODE_GROUP]
+            pending = (
+                self.pool.submit(self._check, group) if self.pool is not None
+                else self._check(group)
+            )  # fmt: skip
+            self.in_flight.append((self.which, pending))
 
-    starts = range(0, header.nr_chunks, _DECODE_GROUP)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if workers == 1:
-            return sum(group(s) for s in starts)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return sum(pool.map(group, starts))
-    finally:
-        os.close(fd)
+    def _check(self, group: _Group) -> CorruptImage | None:
+        """Check the chunks of *group* in order (in a worker); the first one's error."""
+        try:
+            for record, stored, where in group:
+                self.codec.decode(record, stored, where)
+        except CorruptImage as e:
+            return e
+        return None
+
+    def _settle(self, only: int | None) -> None:
+        """Wait for the groups handed out (only those reading buffer *only*, if given), in
+        order; raise the first error."""
+        while self.in_flight and (only is None or self.in_flight[0][0] == only):
+            _, pending = self.in_flight.popleft()
+            error = pending.result() if isinstance(pending, Future) else pending
+            if error is not None:
+                raise error
 
 
-def _run_starts(pfns: PfnArray) -> list[int]:
-    """The index in *pfns* where each run of ``_runs`` starts."""
-    return [0, *(np.flatnonzero(np.diff(pfns) != 1) + 1).tolist()]
+def _check_length(fd: int, header: ImageHeader, where: str) -> None:
+    """CorruptImage unless the regular file at *fd* is as long as *header* says (a device's
+    size is not the image's: reading it finds a truncated image)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size != header.end_offset:
+        what = "truncated" if st.st_size < header.end_offset else "followed by trailing bytes"
+        raise CorruptImage(f"{where}: image {what} ({st.st_size} bytes, header says "
+                           f"{header.end_offset})")  # fmt: skip

@@ -1,9 +1,9 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.hibernation.reader.load_image) and the chain
+every image of the chain whole (kexec_sim.hibernation.reader.check_image) and the chain
 itself before it writes a page (then reads them again, from the page cache:
-reader.read_into), then writes the page data, then the storage keys (so CHANGED bits are
+CheckedImage.read_into), then writes the page data, then the storage keys (so CHANGED bits are
 what they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
 
@@ -162,14 +162,13 @@ def _verify_chain(
     headers, lists, checks = [], [], []
     for k, path in enumerate(paths):
         try:
-            checked = reader.load_image(
+            checked = reader.check_image(
                 path,
                 machine_id=machine.machine_id,
                 nr_ram_pages=machine.nr_pages,
                 threads=threads,
                 key=key,
                 allow_used=k < len(paths) - 1,
-                keep=False,  # staging the data costs more than a second read (page cache)
             )
         except OSError as exc:
             raise MachineError(f"{path}: {reason(exc)}") from None
@@ -197,36 +196,11 @@ def _verify_chain(
     return _Chain(tuple(headers), tuple(lists), source, tuple(checks))
 
 
-def _can_stage(paths: Sequence[Path], key: ImageKey | None) -> bool:
-    """Whether the chain's decoded data fits in half the host's available memory.
-
-    Unused since resume reads each image twice (the second time from the page cache): staging
-    the decoded data in fresh memory cost more than that read in this VM.
-    """
-    try:
-        data_pages = sum(
-            reader.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
-        )
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, CorruptImage, KeyError, ValueError):
-        return False  # load_image reports a bad image; without meminfo, read twice
-    return data_pages * PAGE_SIZE <= available // 2
-
-
-def _restore_pages(
-    ram: Ram,
-    paths: Sequence[Path],
-    chain: _Chain,
-    key: ImageKey | None,
-    threads: int | None,
-    progress: Progress | None,
-) -> None:
+def _restore_pages(ram: Ram, chain: _Chain, threads: int | None, progress: Progress | None) -> None:
     """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
 
     Each image is read again (from the page cache, just read by the check) and every chunk
-    checked again as it is written (reader.read_into). Pages outside the set keep
+    checked again as it is written (CheckedImage.read_into). Pages outside the set keep
     whatever power off left there (poison, or zeros).
     """
     final = chain.final
@@ -234,15 +208,13 @@ def _restore_pages(
     wanted = np.zeros(ram.nr_pages, dtype=np.bool_)
     total = int(np.count_nonzero(chain.source >= 0))
     done = 0
-    for k, path in enumerate(paths):
+    for k, checked in enumerate(chain.checked):
         mine = final.pfns[chain.source == k]
         if mine.size == 0:
             continue
         wanted[:] = False
         wanted[mine] = True
-        done += reader.read_into(
-            path, chain.checked[k], ram.pages, wanted, threads=threads, key=key
-        )
+        done += checked.read_into(ram.pages, wanted, threads=threads)
         ram.keys.mark_changed(mine)
         if progress is not None:
             progress("restore", done, total)
@@ -341,7 +313,7 @@ def resume(
         )
         with machine.ram() as ram:
             with phases("restore"):
-                _restore_pages(ram, paths, chain, key, threads, progress)
+                _restore_pages(ram, chain, threads, progress)
             transition.record(
                 "restored",
                 chain=[h.image_id.hex() for h in chain.headers],

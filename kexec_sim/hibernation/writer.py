@@ -22,7 +22,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.hibernation.chunks import compressor
+from kexec_sim.hibernation.chunks import ChunkCodec
 from kexec_sim.hibernation.crypto import (
     NONCE_PREFIX_BYTES,
     PFN_LIST_NONCE,
@@ -243,7 +243,7 @@ def write_image(
         pfn_list = aead.encrypt(nonce(nonce_prefix, PFN_LIST_NONCE), pfn_list, None)
     t_scan = time.perf_counter()
 
-    compress = compressor(compression)
+    codec = ChunkCodec(compression, aead, nonce_prefix)
 
     def make_chunk(index: int) -> tuple[memoryview, memoryview]:
         """The record header and stored bytes of chunk *index* (run in a worker thread)."""
@@ -256,16 +256,7 @@ def write_image(
             raw = ram_pages[low : high + 1].reshape(-1).data
         else:
             raw = ram_pages[chunk].reshape(-1).data
-        stored = memoryview(compress(raw))
-        if stored.nbytes >= raw.nbytes:
-            stored = raw
-        if aead is not None:  # authenticates the record header too (its crc field zero)
-            aad = CHUNK_HEADER.pack(stored.nbytes + TAG_BYTES, raw.nbytes, 0, index, first)
-            stored = memoryview(aead.encrypt(nonce(nonce_prefix, index), stored, aad))
-        header = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, 0, index, first)
-        crc = zlib.crc32(stored, zlib.crc32(header))
-        record = CHUNK_HEADER.pack(stored.nbytes, raw.nbytes, crc, index, first)
-        return memoryview(record), stored
+        return codec.encode(raw, index, first)
 
     fd, temp = open_image_target(path)
     stored_bytes = 0
