@@ -12,6 +12,7 @@ every reader path uses (checksum, decryption, decompression and length), and ``c
 its checksum alone, for the bytes of a raw chunk read straight into RAM.
 """
 
+import os
 import threading
 import zlib
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kexec_sim.errors import CorruptImage
+from kexec_sim.errors import CorruptImage, MachineError
 from kexec_sim.hibernation.crypto import AUTH_FAILED, TAG_BYTES, nonce
 from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
 from kexec_sim.pages import PAGE_SIZE
@@ -164,3 +165,11 @@ class ChunkCodec:
             except InvalidTag:
                 raise CorruptImage(f"{where}: {AUTH_FAILED}") from None
         return _decompress(self.compression, data, record.raw_bytes, where)
+
+
+def worker_count(threads: int | None) -> int:
+    """How many threads code chunks: *threads*, default the core count; MachineError below 1."""
+    workers = threads if threads is not None else os.cpu_count() or 1
+    if workers < 1:
+        raise MachineError(f"threads must be at least 1, got {workers}")
+    return workers

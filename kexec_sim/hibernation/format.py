@@ -263,6 +263,15 @@ def image_aead(header: ImageHeader, key: ImageKey | None, where: str) -> AESGCM 
     return None if key is None else AESGCM(key.derive(header.salt))
 
 
+def encode_pfn_list(pfn_list: PfnList) -> bytes:
+    """The entries of *pfn_list* as written (before any encryption, without padding)."""
+    entries = pfn_list.pfns.astype(np.uint64)
+    entries |= pfn_list.keys.astype(np.uint64) << np.uint64(KEY_SHIFT)
+    entries[pfn_list.zero] |= np.uint64(1 << ZERO_BIT)
+    entries[pfn_list.in_base] |= np.uint64(1 << BASE_BIT)
+    return entries.astype("<u8").tobytes()
+
+
 def parse_pfn_list(data: bytes, header: ImageHeader, where: str, aead: AESGCM | None) -> PfnList:
     """Validate the pfn list *data* (with its padding) of the image *header* describes, which
     *aead* decrypts if it is encrypted; CorruptImage with a one-line reason if it is bad."""

@@ -24,8 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.errors import CorruptImage, ForeignImage, MachineError
-from kexec_sim.hibernation.chunks import ChunkCodec, ChunkRecord, expect_record
+from kexec_sim.errors import CorruptImage, ForeignImage
+from kexec_sim.hibernation.chunks import ChunkCodec, ChunkRecord, expect_record, worker_count
 from kexec_sim.hibernation.crypto import TAG_BYTES, ImageKey
 from kexec_sim.hibernation.format import (
     CHUNK_HEADER,
@@ -114,7 +114,7 @@ class CheckedImage:
         codec = ChunkCodec.of(self.header, image_aead(self.header, self.key, where))
         data_pfns = self.pfn_list.data_pfns
         starts = range(0, self.header.nr_chunks, DECODE_GROUP)
-        workers = _workers(threads)
+        workers = worker_count(threads)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
 
@@ -202,7 +202,7 @@ def check_image(
     again from the page cache costs less than staging it in fresh memory).
     """
     where = str(path)
-    workers = _workers(threads)
+    workers = worker_count(threads)
     with open(path, "rb") as f:
         header = parse_header(f.read(PAGE_SIZE), where, key, allow_used)
         if header.machine_id != machine_id:
@@ -215,14 +215,6 @@ def check_image(
         pfn_list = parse_pfn_list(_pfn_list_bytes(f, header, where), header, where, aead)
         offsets = _ChunkScan(f.fileno(), header, where, ChunkCodec.of(header, aead), workers).run()
     return CheckedImage(Path(path), header, pfn_list, offsets, key)
-
-
-def _workers(threads: int | None) -> int:
-    """How many threads to use: *threads*, default the core count; MachineError below 1."""
-    workers = threads if threads is not None else os.cpu_count() or 1
-    if workers < 1:
-        raise MachineError(f"threads must be at least 1, got {workers}")
-    return workers
 
 
 _Group = list[tuple[ChunkRecord, memoryview, str]]
