@@ -14,7 +14,6 @@ super block (a usage error, unless forced), a damaged super block (unless forced
 page inside the staged image's range.
 """
 
-import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +28,7 @@ from kexec_sim.allocator import PfnRange, find_free_pages
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
 from kexec_sim.errors import CorruptHandover, MachineError, OutOfMemory
+from kexec_sim.hibernation.last_image import forget_last_image
 from kexec_sim.kernel_image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
@@ -77,8 +77,6 @@ __all__ = [
     "unload",
 ]
 
-LAST_IMAGE_FILE = "last-image.json"
-"""In the machine directory: the image chain RAM was last resumed from (kexec_sim.hibernation)."""
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
 """The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
 DEFAULT_SCRUB = "punch"
@@ -292,8 +290,7 @@ def _lose_ram(machine: Machine, ram: Ram, scrub: str, held: PageOwnership | None
     """Lose all of RAM and the keys, forget the last resumed image, record power off."""
     scrubbing.scrub(ram, np.zeros(ram.nr_pages, dtype=np.bool_), scrub)
     ram.keys.clear()
-    with contextlib.suppress(FileNotFoundError):  # RAM no longer holds that image
-        (machine.path / LAST_IMAGE_FILE).unlink()
+    forget_last_image(machine.path)
     machine.record_power_off(held=held)
 
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from kexec_sim.errors import MachineError
+from kexec_sim.hibernation.report import reason
 
 TAG_BYTES = 16  # AES-GCM tag
 SALT_BYTES = 16
@@ -76,3 +77,18 @@ class ImageKey:
 def nonce(prefix: bytes, index: int) -> bytes:
     """The GCM nonce of item *index* (chunk number, or PFN_LIST_NONCE / HEADER_NONCE)."""
     return prefix + index.to_bytes(8, "little")
+
+
+def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:
+    """The image key from a key file or a passphrase (None for neither); ValueError for both,
+    MachineError for an unreadable or too short key file or an empty passphrase."""
+    if key_file is not None and passphrase is not None:
+        raise ValueError("give a key file or a passphrase, not both")
+    if key_file is not None:
+        try:
+            return ImageKey.from_key_file(key_file)
+        except OSError as exc:
+            raise MachineError(f"key file {key_file}: {reason(exc)}") from None
+    if passphrase is not None:
+        return ImageKey.from_passphrase(passphrase)
+    return None

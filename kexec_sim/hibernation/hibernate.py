@@ -20,20 +20,21 @@ The way back is kexec_sim.hibernation.resume.
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
 from kexec_sim.hibernation import reader, writer
-from kexec_sim.hibernation.crypto import ImageKey
-from kexec_sim.jsonfile import read_json_object, write_json_atomic
+from kexec_sim.hibernation.crypto import ImageKey, image_key
+from kexec_sim.hibernation.last_image import read_last_image
+from kexec_sim.hibernation.progress import Progress
+from kexec_sim.hibernation.report import Report, reason
 from kexec_sim.kexec import (
     DEFAULT_SCRUB,
     DEFAULT_STOP_TIMEOUT_S,
-    LAST_IMAGE_FILE,
     Phases,
     begin_transition,
     drop_stale_table,
@@ -47,21 +48,10 @@ from kexec_sim.shutdown import unescape_mount_field
 from kexec_sim.super_block import read_super_block
 from kexec_sim.transition import fault_point, give_up
 
-__all__ = [
-    "LAST_IMAGE_FILE",
-    "HibernateReport",
-    "HibernationRefused",
-    "hibernate",
-    "image_key",
-    "reason",
-    "write_last_image",
-]
+__all__ = ["HibernateReport", "HibernationRefused", "hibernate", "undo_hibernate"]
 
 REMOUNT_TIMEOUT_S = 120.0
 WRITER_MODULE = "kexec_sim.hibernation.writer_process"
-
-Progress = Callable[[str, int, int], None]
-"""progress(phase, done, total): pages done of total in a phase ("write", "verify", ...)."""
 
 
 class HibernationRefused(MachineError):
@@ -69,7 +59,7 @@ class HibernationRefused(MachineError):
 
 
 @dataclass(frozen=True)
-class HibernateReport:
+class HibernateReport(Report):
     """What a hibernate did."""
 
     image: str
@@ -90,19 +80,6 @@ class HibernateReport:
     preserved_mounts: tuple[str, ...]
     warnings: tuple[str, ...]
     durations_s: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        """Stored over raw data bytes."""
-        return self.stored_bytes / self.data_bytes if self.data_bytes else 1.0
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON form (``kexec-sim hibernate --json``)."""
-        data = asdict(self)
-        data["ratio"] = round(self.ratio, 4)
-        data["preserved_mounts"] = list(self.preserved_mounts)
-        data["warnings"] = list(self.warnings)
-        return data
 
 
 # -- hibernate ------------------------------------------------------------------------------
@@ -205,7 +182,7 @@ def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
         raise HibernationRefused(f"base image {base}: {reason(exc)}") from None
     if header.machine_id != machine.machine_id:
         raise HibernationRefused(f"base image {base} was taken on another machine")
-    last = _last_image(machine)
+    last = read_last_image(machine.path)
     if last is None or last[-1] != header.image_id.hex():
         raise HibernationRefused(
             f"base image {base} is not the image this machine's RAM was last resumed from"
@@ -213,23 +190,6 @@ def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
             + ": write a full image"
         )
     return _Base(str(base), header.image_id)
-
-
-def _last_image(machine: Machine) -> list[str] | None:
-    """The chain of image ids RAM was last resumed from, None when unknown."""
-    try:
-        data = read_json_object(machine.path / LAST_IMAGE_FILE)
-    except (FileNotFoundError, MachineError):
-        return None
-    chain = data.get("chain")
-    if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
-        return None
-    return chain
-
-
-def reason(exc: BaseException) -> str:
-    """One line for an error: an OSError's strerror, else its message."""
-    return str(exc) if not isinstance(exc, OSError) else (exc.strerror or str(exc))
 
 
 def hibernate(
@@ -333,21 +293,6 @@ def undo_hibernate(machine: Machine, facts: Mapping[str, object]) -> None:
             writer.invalidate(image)
 
 
-def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:
-    """The image key from a key file or a passphrase (None for neither); ValueError for both,
-    MachineError for an unreadable or too short key file or an empty passphrase."""
-    if key_file is not None and passphrase is not None:
-        raise ValueError("give a key file or a passphrase, not both")
-    if key_file is not None:
-        try:
-            return ImageKey.from_key_file(key_file)
-        except OSError as exc:
-            raise MachineError(f"key file {key_file}: {reason(exc)}") from None
-    if passphrase is not None:
-        return ImageKey.from_passphrase(passphrase)
-    return None
-
-
 def _run_writer(
     machine: Machine,
     image: Path,
@@ -427,10 +372,3 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-def write_last_image(machine: Machine, chain: Sequence[str], generation: int) -> None:
-    """Record that RAM now holds what the image chain *chain* holds."""
-    write_json_atomic(
-        machine.path / LAST_IMAGE_FILE, {"chain": list(chain), "generation": generation}
-    )

@@ -18,7 +18,7 @@ not needed here.
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,11 @@ from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, MachineError
 from kexec_sim.hibernation import reader, writer
-from kexec_sim.hibernation.crypto import ImageKey
+from kexec_sim.hibernation.crypto import ImageKey, image_key
 from kexec_sim.hibernation.format import ImageHeader, PfnList
-from kexec_sim.hibernation.hibernate import Progress, image_key, reason, write_last_image
+from kexec_sim.hibernation.last_image import write_last_image
+from kexec_sim.hibernation.progress import Progress
+from kexec_sim.hibernation.report import Report, reason
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
@@ -50,7 +52,7 @@ from kexec_sim.transition import (
 
 
 @dataclass(frozen=True)
-class ResumeReport:
+class ResumeReport(Report):
     """What a resume did."""
 
     images: tuple[str, ...]
@@ -63,19 +65,6 @@ class ResumeReport:
     preserved_pages: int
     warnings: tuple[str, ...]
     durations_s: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        """Stored over raw data bytes."""
-        return self.stored_bytes / self.data_bytes if self.data_bytes else 1.0
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON form (``kexec-sim resume --json``)."""
-        data = asdict(self)
-        data["ratio"] = round(self.ratio, 4)
-        data["images"] = list(self.images)
-        data["warnings"] = list(self.warnings)
-        return data
 
 
 @dataclass(frozen=True)
@@ -269,7 +258,7 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
 def _remember_chain(machine: Machine, facts: Mapping[str, object], generation: int) -> None:
     chain = facts.get("chain")
     if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
-        write_last_image(machine, chain, generation)
+        write_last_image(machine.path, chain, generation)
 
 
 def resume(

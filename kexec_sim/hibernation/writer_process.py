@@ -26,7 +26,7 @@ import numpy as np
 
 from kexec_sim.errors import CorruptHandover, CorruptImage, ImageTooLarge, MachineError
 from kexec_sim.hibernation import reader, writer
-from kexec_sim.hibernation.crypto import ImageKey
+from kexec_sim.hibernation.crypto import image_key
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import RegionType
 from kexec_sim.pages import PfnArray
@@ -70,11 +70,8 @@ def _emit(message: dict[str, Any]) -> None:
 def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
     """Write the image *request* asks for; return the result message's body."""
     machine = Machine.open(request["machine"], create=False)
-    key = None
-    if request.get("key_file"):
-        key = ImageKey.from_key_file(Path(request["key_file"]))
-    elif request.get("passphrase") is not None:
-        key = ImageKey.from_passphrase(str(request["passphrase"]))
+    key_file, passphrase = request.get("key_file"), request.get("passphrase")
+    key = image_key(Path(key_file) if key_file else None, passphrase)
     sb_pfn = int(request["super_block_pfn"])
     image = Path(request["image"])
     last = [0.0]
