@@ -143,11 +143,12 @@ class PfnList:
 
     @property
     def data_pfns(self) -> PfnArray:
-        """Pfns of the pages whose data the chunks hold, in chunk order."""
+        """Pfns of the pages whose data the chunks hold, in chunk order (computed on each
+        call: a loop keeps it)."""
         return self.pfns[~(self.zero | self.in_base)]
 
 
-def header_crc(page: bytes | bytearray) -> int:
+def _header_crc(page: bytes | bytearray) -> int:
     zeroed = bytearray(page)
     zeroed[HEADER_CRC_AT : HEADER_CRC_AT + 4] = bytes(4)
     return zlib.crc32(zeroed)
@@ -166,7 +167,7 @@ def pack_header(h: ImageHeader, aead: AESGCM | None) -> bytes:
     if aead is not None:  # over the page with crc and tag zero
         tag = aead.encrypt(nonce(h.nonce_prefix, HEADER_NONCE), b"", bytes(page))
         page[HEADER_TAG_AT : HEADER_TAG_AT + TAG_BYTES] = tag
-    struct.pack_into("<I", page, HEADER_CRC_AT, header_crc(page))
+    struct.pack_into("<I", page, HEADER_CRC_AT, _header_crc(page))
     return bytes(page)
 
 
@@ -199,7 +200,7 @@ def parse_header(
         raise CorruptImage(f"{where}: not a hibernation image (signature {signature!r})")
     if version not in SUPPORTED_VERSIONS:
         raise CorruptImage(f"{where}: image version {version} is not supported")
-    if header_crc(page) != crc:
+    if _header_crc(page) != crc:
         raise CorruptImage(f"{where}: header checksum mismatch")
     if flags & ~KNOWN_FLAGS:
         raise CorruptImage(f"{where}: unknown flags {flags:#x}")
@@ -210,7 +211,7 @@ def parse_header(
         raise CorruptImage(f"{where}: reserved header bytes are not zero")
     if flags & FLAG_PASSPHRASE and not encrypted:
         raise CorruptImage(f"{where}: passphrase flag on an image that is not encrypted")
-    check_key(flags, key, where)
+    _check_key(flags, key, where)
     if key is not None:
         zeroed = bytearray(page)
         zeroed[HEADER_CRC_AT : HEADER_CRC_AT + 4] = bytes(4)
@@ -244,7 +245,7 @@ def parse_header(
     )  # fmt: skip
 
 
-def check_key(flags: int, key: ImageKey | None, where: str) -> None:
+def _check_key(flags: int, key: ImageKey | None, where: str) -> None:
     """ImageKeyError unless *key* is given exactly when *flags* say encrypted, of that kind."""
     if not flags & FLAG_ENCRYPTED:
         if key is not None:
@@ -259,7 +260,7 @@ def check_key(flags: int, key: ImageKey | None, where: str) -> None:
 
 def image_aead(header: ImageHeader, key: ImageKey | None, where: str) -> AESGCM | None:
     """The cipher of *header*'s image under *key* (None if not encrypted); ImageKeyError."""
-    check_key(header.flags, key, where)
+    _check_key(header.flags, key, where)
     return None if key is None else AESGCM(key.derive(header.salt))
 
 
