@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar
 
 from kexec_sim import kexec
 from kexec_sim.errors import UsageError
@@ -75,6 +75,19 @@ def _threads(args: argparse.Namespace) -> int | None:
     return threads
 
 
+class _KeyOptions(TypedDict):
+    threads: int | None
+    key_file: Path | None
+    passphrase: str | None
+
+
+def _key_options(args: argparse.Namespace) -> _KeyOptions:
+    """The options hibernate and resume share: ``--threads``, then the key (which may ask for
+    the passphrase on the terminal)."""
+    threads = _threads(args)
+    return {"threads": threads, "key_file": args.key_file, "passphrase": _passphrase(args)}
+
+
 def hibernate_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``kexec-sim hibernate``'s arguments."""
     parser.add_argument("--image", required=True, type=Path, help="image file or block device")
@@ -117,9 +130,7 @@ def run_hibernate(args: argparse.Namespace) -> int:
             args.image,
             force=args.force,
             compression=args.compression,
-            threads=_threads(args),
-            key_file=args.key_file,
-            passphrase=_passphrase(args),
+            **_key_options(args),
             max_bytes=max_bytes,
             base=args.base,
             scrub=kexec.check_scrub_env(),
@@ -157,15 +168,7 @@ def run_resume(args: argparse.Namespace) -> int:
     """``kexec-sim resume``."""
     machine = open_machine(args.machine, notify=_note)
     report = _run(
-        args,
-        lambda bar: resume.resume(
-            machine,
-            args.image,
-            key_file=args.key_file,
-            passphrase=_passphrase(args),
-            threads=_threads(args),
-            progress=bar,
-        ),
+        args, lambda bar: resume.resume(machine, args.image, **_key_options(args), progress=bar)
     )
     return _summary(
         args,

@@ -7,11 +7,13 @@ key derived from the secret (``ImageKey``) and the image's random salt. Each ite
 number, ``PFN_LIST_NONCE`` or ``HEADER_NONCE``).
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -72,6 +74,15 @@ class ImageKey:
             key = kdf.derive(self.secret)
             self._derived[salt] = key
         return key
+
+
+def new_cipher(key: ImageKey | None) -> tuple[bytes, bytes, AESGCM | None]:
+    """A new image's salt, nonce prefix and cipher under *key*: a random salt and prefix and
+    the key derived for them; zeros and None without a key (the image is not encrypted)."""
+    if key is None:
+        return bytes(SALT_BYTES), bytes(NONCE_PREFIX_BYTES), None
+    salt = os.urandom(SALT_BYTES)
+    return salt, os.urandom(NONCE_PREFIX_BYTES), AESGCM(key.derive(salt))
 
 
 def nonce(prefix: bytes, index: int) -> bytes:

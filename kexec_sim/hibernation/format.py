@@ -264,13 +264,17 @@ def image_aead(header: ImageHeader, key: ImageKey | None, where: str) -> AESGCM 
     return None if key is None else AESGCM(key.derive(header.salt))
 
 
-def encode_pfn_list(pfn_list: PfnList) -> bytes:
-    """The entries of *pfn_list* as written (before any encryption, without padding)."""
+def encode_pfn_list(pfn_list: PfnList, aead: AESGCM | None, nonce_prefix: bytes) -> bytes:
+    """The pfn list as written (without its padding): its entries, encrypted with *aead* and
+    the image's *nonce_prefix* when *aead* is given."""
     entries = pfn_list.pfns.astype(np.uint64)
     entries |= pfn_list.keys.astype(np.uint64) << np.uint64(KEY_SHIFT)
     entries[pfn_list.zero] |= np.uint64(1 << ZERO_BIT)
     entries[pfn_list.in_base] |= np.uint64(1 << BASE_BIT)
-    return entries.astype("<u8").tobytes()
+    data = entries.astype("<u8").tobytes()
+    if aead is None:
+        return data
+    return aead.encrypt(nonce(nonce_prefix, PFN_LIST_NONCE), data, None)
 
 
 def parse_pfn_list(data: bytes, header: ImageHeader, where: str, aead: AESGCM | None) -> PfnList:

@@ -1,11 +1,11 @@
 """Writing a hibernation image: a page set of RAM and its storage keys, in one file.
 
-``write_image`` takes four steps: it checks the request; scans the pages, sorted, for the
-all-zero ones (only flagged in the pfn list); writes a zeroed header page and the pfn list;
-then writes the chunks in order while worker threads compress (and encrypt) the next ones
-(``_write_chunks``); and last the header, which makes the image valid, so an interrupted
-write leaves none (``_Target``: a file is renamed into place, a device's header page is zeroed
-first). ``invalidate`` marks an image used once a resume took it.
+``write_image`` checks the request (``_check_request``); scans the pages, sorted, for the
+all-zero ones, only flagged in the pfn list (``_scan``); writes a zeroed header page and the
+pfn list; writes the chunks in order while worker threads make the next ones
+(``_write_chunks``, ``_ChunkMaker``); and writes the header last, which makes the image
+valid, so an interrupted write leaves none (``_writing``: a file is renamed into place, a
+device's header page is zeroed first). ``invalidate`` marks an image used once resumed.
 """
 
 import ctypes
@@ -14,26 +14,18 @@ import stat
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
 from kexec_sim.hibernation.chunks import ChunkCodec, worker_count
-from kexec_sim.hibernation.crypto import (
-    NONCE_PREFIX_BYTES,
-    PFN_LIST_NONCE,
-    SALT_BYTES,
-    TAG_BYTES,
-    ImageKey,
-    nonce,
-)
+from kexec_sim.hibernation.crypto import TAG_BYTES, ImageKey, new_cipher
 from kexec_sim.hibernation.format import (
     CHUNK_HEADER,
     CHUNK_PAGES,
@@ -133,18 +125,13 @@ def write_image(
     first_chunk = pfn_list_end(page_set.pfns.size, key is not None)
     limit = _SizeLimit(path, max_bytes, CHUNK_HEADER.size + 1 + (TAG_BYTES if key else 0))
     limit.check(first_chunk, nr_chunks)
-    salt, nonce_prefix = bytes(SALT_BYTES), bytes(NONCE_PREFIX_BYTES)
-    pfn_list = encode_pfn_list(page_set)
-    aead = None
-    if key is not None:
-        salt, nonce_prefix = os.urandom(SALT_BYTES), os.urandom(NONCE_PREFIX_BYTES)
-        aead = AESGCM(key.derive(salt))
-        pfn_list = aead.encrypt(nonce(nonce_prefix, PFN_LIST_NONCE), pfn_list, None)
+    salt, nonce_prefix, aead = new_cipher(key)
+    pfn_list = encode_pfn_list(page_set, aead, nonce_prefix)
     t_scan = time.perf_counter()
     chunks = _ChunkMaker(
         ram_pages, copy_pages, data_pfns, chunk_pages, ChunkCodec(compression, aead, nonce_prefix)
     )
-    with _Target(path) as target:
+    with _writing(path) as target:
         target.write_front(pfn_list, first_chunk)
         stored_bytes = _write_chunks(target, chunks, first_chunk, workers, limit, progress)
         t_data = time.perf_counter()
@@ -367,35 +354,16 @@ def open_image_target(path: Path) -> tuple[int, Path | None]:
 
 
 class _Target:
-    """The file or block device an image is being written to (a context manager).
+    """The file or block device an image is being written to (open with ``_writing``).
 
-    A regular file is written under a temporary name, renamed into place by ``commit``; left
-    early, the temporary file is removed. A device is written in place: its header page is
-    zeroed (and synced) before any chunk goes out, and again when the image is too large.
+    A regular file is written under a temporary name and renamed into place by ``commit``. A
+    device is written in place: its header page is zeroed (and synced) before any chunk goes
+    out, and again when the image turns out too large.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd, self.temp = open_image_target(path)
-
-    def __enter__(self) -> "_Target":
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        try:
-            if isinstance(error, ImageTooLarge) and self.temp is None and self.fd >= 0:
-                os.pwrite(self.fd, bytes(PAGE_SIZE), 0)  # a device: no header is left
-                os.fsync(self.fd)
-        finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-            if self.temp is not None:
-                self.temp.unlink(missing_ok=True)
 
     def write_front(self, pfn_list: bytes, first_chunk: int) -> None:
         """Write a zeroed header page (no valid header until the end), *pfn_list* and its
@@ -430,6 +398,25 @@ class _Target:
             os.rename(self.temp, self.path)
             self.temp = None
             fsync_dir(self.path.parent)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[_Target]:
+    """The image's target, open for the block; left early, no image is left behind (the
+    temporary file removed, a device's header page zeroed on ImageTooLarge)."""
+    target = _Target(path)
+    try:
+        yield target
+    except ImageTooLarge:
+        if target.temp is None and target.fd >= 0:  # a device: make sure no header is left
+            os.pwrite(target.fd, bytes(PAGE_SIZE), 0)
+            os.fsync(target.fd)
+        raise
+    finally:
+        if target.fd >= 0:
+            os.close(target.fd)
+        if target.temp is not None:
+            target.temp.unlink(missing_ok=True)
 
 
 _FLUSH_BYTES = 32 << 20
