@@ -35,7 +35,7 @@ from kexec_sim.hibernation.format import (
     parse_header,
     parse_pfn_list,
 )
-from kexec_sim.pages import PAGE_SIZE, PageRuns, PfnArray
+from kexec_sim.pages import PAGE_SIZE, PfnArray, runs_in_order
 
 READ_STEP_BYTES = 4 << 20
 """Bytes per read while checking the chunks: large reads, as dd's."""
@@ -155,7 +155,7 @@ class CheckedImage:
         mine = take[pfns]
         data_at = at + CHUNK_HEADER.size
         if codec.stores_raw(record) and mine.all():  # straight into RAM
-            views = [pages[low : low + n].reshape(-1).data for low, n, _ in _runs(pfns)]
+            views = [pages[low : low + n].reshape(-1).data for low, n in _runs(pfns)]
             if os.preadv(fd, views, data_at) != record.raw_bytes:
                 raise CorruptImage(f"{where}: truncated")
             codec.check_crc(record, views, where)
@@ -165,18 +165,19 @@ class CheckedImage:
             raise CorruptImage(f"{where}: truncated")
         raw = np.frombuffer(codec.decode(record, stored, where), np.uint8).reshape(-1, PAGE_SIZE)
         if mine.all():
-            for low, n, start in _runs(pfns):
+            start = 0
+            for low, n in _runs(pfns):
                 pages[low : low + n] = raw[start : start + n]
+                start += n
         elif mine.any():
             pages[pfns[mine]] = raw[mine]
         return int(np.count_nonzero(mine))
 
 
-def _runs(pfns: PfnArray) -> list[tuple[int, int, int]]:
-    """(first pfn, count, index in *pfns*) of each run of consecutive pfns of *pfns*."""
-    runs = PageRuns.of_pfns(pfns)
-    at = np.cumsum(runs.lengths) - runs.lengths
-    return list(zip(runs.starts.tolist(), runs.lengths.tolist(), at.tolist(), strict=True))
+def _runs(pfns: PfnArray) -> list[tuple[int, int]]:
+    """(first pfn, count) of each run of consecutive pfns of *pfns*, in order."""
+    starts, lengths = runs_in_order(pfns)
+    return list(zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
 def check_image(
