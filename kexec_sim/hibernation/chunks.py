@@ -33,9 +33,10 @@ ZSTD_LEVEL = 1
 Buffer = bytes | bytearray | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChunkRecord:
-    """A chunk's record header (``CHUNK_HEADER``), as read (untrusted) or written."""
+    """A chunk's record header (``CHUNK_HEADER``), as read (untrusted) or written (not frozen:
+    one is made per chunk, and a frozen dataclass costs more to make)."""
 
     stored_bytes: int
     raw_bytes: int
