@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kexec_sim import hibernate_cli, kexec
+from kexec_sim import kexec
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
 from kexec_sim.errors import (
     CorruptImage,
@@ -49,8 +49,9 @@ from kexec_sim.errors import (
     MachineExists,
     UsageError,
 )
-from kexec_sim.image import LoadedImage, default_image_pages, loaded_image
+from kexec_sim.hibernation import cli as hibernation_cli
 from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
+from kexec_sim.kernel_image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
 from kexec_sim.owners import (
     FIRMWARE,
@@ -534,13 +535,13 @@ COMMANDS: dict[str, Command] = {
     "boot": Command("power on: a fresh boot", _status_arguments, _cmd_boot),
     "hibernate": Command(
         "preserve the mounts, write an image, power off",
-        hibernate_cli.hibernate_arguments,
-        hibernate_cli.run_hibernate,
+        hibernation_cli.hibernate_arguments,
+        hibernation_cli.run_hibernate,
     ),
     "resume": Command(
         "resume a hibernated machine from its image(s)",
-        hibernate_cli.resume_arguments,
-        hibernate_cli.run_resume,
+        hibernation_cli.resume_arguments,
+        hibernation_cli.run_resume,
     ),
 }
 

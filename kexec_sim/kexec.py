@@ -4,17 +4,16 @@
 then, holding the ownership lock to the end, writes the preserved-pages table and the super
 block (when the staged command line hands them over with ``pkram=``), scrubs every page that is
 neither handed over nor firmware (kexec_sim.scrub), writes the staged image over its range
-(kexec_sim.image) and boots the next generation, whose early boot (kexec_sim.boot) reserves the
-handed-over pages before anything can allocate. ``reboot`` does the same but hands nothing
-over; ``poweroff`` loses all of RAM and the storage keys, and ``power_on`` (``kexec-sim
-boot``) starts afresh.
+(kexec_sim.kernel_image) and boots the next generation, whose early boot (kexec_sim.boot)
+reserves the handed-over pages before anything can allocate. ``reboot`` does the same but hands
+nothing over; ``poweroff`` loses all of RAM and the storage keys, and ``power_on``
+(``kexec-sim boot``) starts afresh.
 
 Refusals happen before anything changes: nothing staged, a ``pkram=`` that is not this boot's
 super block (a usage error, unless forced), a damaged super block (unless forced), a preserved
 page inside the staged image's range.
 """
 
-import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -35,7 +34,8 @@ from kexec_sim.errors import (
     MachineError,
     OutOfMemory,
 )
-from kexec_sim.image import (
+from kexec_sim.hibernation.last_image import forget_last_image
+from kexec_sim.kernel_image import (
     DEFAULT_IMAGE_BYTES,
     LoadedImage,
     default_kernel_range,
@@ -82,8 +82,6 @@ __all__ = [
     "unload",
 ]
 
-LAST_IMAGE_FILE = "last-image.json"
-"""In the machine directory: the chain of images RAM was last resumed from (kexec_sim.hibernate)."""
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
 """The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
 DEFAULT_SCRUB = "punch"
@@ -336,8 +334,7 @@ def _lose_ram(machine: Machine, ram: Ram, scrub: str, held: PageOwnership | None
     """Lose all of RAM and the keys, forget the last resumed image, record power off."""
     scrubbing.scrub(ram, np.zeros(ram.nr_pages, dtype=np.bool_), scrub)
     ram.keys.clear()
-    with contextlib.suppress(FileNotFoundError):  # RAM no longer holds that image
-        (machine.path / LAST_IMAGE_FILE).unlink()
+    forget_last_image(machine.path)
     machine.record_power_off(held=held)
 
 

@@ -18,7 +18,7 @@ Layout (directories 0700, files 0600)::
       page-owners   the page-ownership map (kexec_sim.ownership)
       owners.json   the registry of owners
       lock          the lock serializing changes to both
-      kexec-load.json  the image ``kexec-sim load`` staged (kexec_sim.image), if any
+      kexec-load.json  the image ``kexec-sim load`` staged (kexec_sim.kernel_image), if any
 
 A powered-off machine (``kexec-sim poweroff``) has "powered": false in boot.json and no boot
 state: nothing can open its page ownership until ``kexec-sim boot``.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from kexec_sim import kexec
 from kexec_sim.errors import MachineError
-from kexec_sim.hibernate import undo_hibernate
+from kexec_sim.hibernation.hibernate import undo_hibernate
+from kexec_sim.hibernation.resume import finish_resume, undo_resume
 from kexec_sim.machine import Machine, resolve_machine_dir
-from kexec_sim.resume import finish_resume, undo_resume
 from kexec_sim.transition import (
     TRANSITION_FILE,
     PowerLock,

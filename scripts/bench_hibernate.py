@@ -2,8 +2,8 @@
 
 For each size (default 1 and 4 GiB) and kind of data, a RAM file in /dev/shm is filled and its
 pages (runs of consecutive pfns with small holes between them, keys zero) are written with
-``kexec_sim.image_file.write_image`` to a directory on the real disk (--dir, /var/tmp), for
-each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
+``kexec_sim.hibernation.writer.write_image`` to a directory on the real disk (--dir,
+/var/tmp), for each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 
 * random: incompressible (PCG64 output);
 * text: Python standard library sources tiled over the pages (lz4 stores about 0.4 of it);
@@ -11,9 +11,9 @@ each compression (none, lz4, zstd) and thread count (1..cores). Kinds:
 
 write MB/s: the page set's bytes (zero pages included) over the wall time of ``write_image``,
 which fsyncs the data, then the header, then the directory: an honest durable write.
-resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/resume.py), from a
-cold page cache (synced and dropped first): ``load_image`` reads the image, checking
-everything, then resume's own ``_restore_pages`` reads it again from the page cache into a
+resume MB/s: the same bytes over the two steps a resume makes (kexec_sim/hibernation/resume.py),
+from a cold page cache (synced and dropped first): ``check_image`` reads the image, checking
+everything, then resume's own ``Chain.restore`` reads it again from the page cache into a
 second RAM (each chunk checked again), zero pages punched out.
 The target RAM is populated beforehand
 (this VM's first touch of fresh memory is not the image's cost); a sample of pages is compared
@@ -46,9 +46,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import image_file
-from kexec_sim import resume as resume_module
-from kexec_sim.image_file import load_image, write_image
+from kexec_sim.hibernation import writer
+from kexec_sim.hibernation.format import COMPRESSIONS
+from kexec_sim.hibernation.reader import check_image
+from kexec_sim.hibernation.resume import Chain
+from kexec_sim.hibernation.writer import write_image
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
@@ -189,20 +191,18 @@ def dd_reference(work: Path, size: int, repeat: int) -> DdResult:
 
 
 def resume(path: Path, target: Ram, machine_id: bytes, threads: int) -> tuple[float, float, int]:
-    """The two steps of a resume from a cold cache, as kexec_sim/resume.py takes them (its own
-    _restore_pages): (check seconds, restore seconds, pages)."""
+    """The two steps of a resume from a cold cache, as kexec_sim/hibernation/resume.py takes
+    them: check the image, then restore its chain into RAM (check seconds, restore seconds,
+    pages)."""
     drop_caches()
     start = time.perf_counter()
-    checked = load_image(
-        path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads, keep=False
+    checked = check_image(
+        path, machine_id=machine_id, nr_ram_pages=target.nr_pages, threads=threads
     )
     verified = time.perf_counter()
-    header, pfn_list = checked.header, checked.pfn_list
-    source = resume_module._resolve_chain([path], [header], [pfn_list])
-    chain = resume_module._Chain((header,), (pfn_list,), source, (checked,))
-    resume_module._restore_pages(target, [path], chain, None, threads, None)
+    Chain.of([checked]).restore(target, threads=threads)
     end = time.perf_counter()
-    return verified - start, end - verified, int(pfn_list.pfns.size)
+    return verified - start, end - verified, int(checked.pfn_list.pfns.size)
 
 
 def one_config(
@@ -395,7 +395,7 @@ def main() -> int:
     thread_counts = [int(t) for t in args.threads.split(",") if t]
     if bad := [k for k in kinds if k not in KINDS]:
         raise SystemExit(f"bench-hibernate: unknown kinds {bad} (one of {', '.join(KINDS)})")
-    if bad := [c for c in compressions if c not in image_file.COMPRESSIONS]:
+    if bad := [c for c in compressions if c not in COMPRESSIONS]:
         raise SystemExit(f"bench-hibernate: unknown compressions {bad}")
     if os.geteuid() != 0:
         raise SystemExit("bench-hibernate: run as root (it drops the page cache)")
@@ -408,7 +408,7 @@ def main() -> int:
     print(
         f"bench-hibernate: {', '.join(size_name(s) for s in sizes)} x {', '.join(kinds)} x "
         f"{', '.join(compressions)} x threads {args.threads}; images in {work}, RAM in {shm}; "
-        f"{cores} CPUs; image code {image_file.__file__}",
+        f"{cores} CPUs; image code {Path(writer.__file__).parent}",
         flush=True,
     )
     results: list[Result] = []

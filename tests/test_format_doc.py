@@ -4,7 +4,9 @@ import re
 import struct
 from pathlib import Path
 
-from kexec_sim import image_file, preserved_pages, super_block
+from kexec_sim import preserved_pages, super_block
+from kexec_sim.hibernation import chunks, crypto
+from kexec_sim.hibernation import format as image_format
 from pkramfs import byte_stream, page_chain, page_stream, pkram_node
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -90,29 +92,35 @@ def test_chain_header_and_bodies_match_the_doc() -> None:
 
 def test_hibernation_image_matches_the_doc() -> None:
     rows = table_after("### Image header (`IMAGE_HEADER`, 200 bytes, then zeros)")
-    assert [(o, s) for o, s, _ in rows] == struct_fields(image_file.IMAGE_HEADER)
-    assert image_file.IMAGE_HEADER.size == 200
+    assert [(o, s) for o, s, _ in rows] == struct_fields(image_format.IMAGE_HEADER)
+    assert image_format.IMAGE_HEADER.size == 200
     by_name = {name: offset for offset, _, name in rows}
-    assert by_name["crc"] == image_file._CRC_AT
+    assert by_name["crc"] == image_format.HEADER_CRC_AT
     chunk = table_after("### Chunk (`CHUNK_HEADER`, 24 bytes, then the stored bytes)")
-    assert [(o, s) for o, s, _ in chunk] == struct_fields(image_file.CHUNK_HEADER)
-    assert image_file.CHUNK_HEADER.size == 24
+    assert [(o, s) for o, s, _ in chunk] == struct_fields(image_format.CHUNK_HEADER)
+    assert image_format.CHUNK_HEADER.size == 24
     text = DOC.read_text()
-    for signature in (image_file.SIGNATURE, image_file.USED_SIGNATURE):
+    for signature in (image_format.SIGNATURE, image_format.USED_SIGNATURE):
         assert f"`{signature.decode()}`" in text
-    pfn_bits = f"Bits 0-{image_file.PFN_BITS - 1} pfn; bit {image_file.BASE_BIT} data in the base"
+    pfn_bits = (
+        f"Bits 0-{image_format.PFN_BITS - 1} pfn; bit {image_format.BASE_BIT} data in the base"
+    )
     assert pfn_bits in text
-    assert f"bit {image_file.ZERO_BIT} all-zero page" in text
-    assert f"bits {image_file.PFN_BITS}-{image_file.BASE_BIT - 1} are zero" in text
-    assert f"bits {image_file.KEY_SHIFT}-63 the page's" in text
-    for name, number in image_file.COMPRESSIONS.items():
+    assert f"bit {image_format.ZERO_BIT} all-zero page" in text
+    assert f"bits {image_format.PFN_BITS}-{image_format.BASE_BIT - 1} are zero" in text
+    assert f"bits {image_format.KEY_SHIFT}-63 the page's" in text
+    for name, number in image_format.COMPRESSIONS.items():
         assert f"{number} {name}" in text
-    assert f"zstd (frame, level {image_file.ZSTD_LEVEL})" in text
-    assert f"1..{image_file.MAX_CHUNK_PAGES} (default {image_file.CHUNK_PAGES}" in text
-    assert by_name["nonce_prefix"] == image_file._AEAD_AT
-    assert by_name["header_tag"] == image_file._TAG_AT
-    flags = (image_file.FLAG_INCREMENTAL, image_file.FLAG_ENCRYPTED, image_file.FLAG_PASSPHRASE)
-    assert sum(flags) == image_file.KNOWN_FLAGS
+    assert f"zstd (frame, level {chunks.ZSTD_LEVEL})" in text
+    assert f"1..{image_format.MAX_CHUNK_PAGES} (default {image_format.CHUNK_PAGES}" in text
+    assert by_name["nonce_prefix"] == image_format.HEADER_AEAD_AT
+    assert by_name["header_tag"] == image_format.HEADER_TAG_AT
+    flags = (
+        image_format.FLAG_INCREMENTAL,
+        image_format.FLAG_ENCRYPTED,
+        image_format.FLAG_PASSPHRASE,
+    )
+    assert sum(flags) == image_format.KNOWN_FLAGS
     names = ("incremental", "encrypted", "key from a passphrase")
     for bit, (flag, name) in enumerate(zip(flags, names, strict=True)):
         assert flag == 1 << bit and f"bit {bit} {name}" in text
@@ -120,11 +128,11 @@ def test_hibernation_image_matches_the_doc() -> None:
 
 def test_hibernation_image_encryption_matches_the_doc() -> None:
     text = DOC.read_text()
-    assert image_file.PFN_LIST_NONCE == 2**64 - 1 and "| pfn list | 2^64 - 1 |" in text
-    assert image_file.HEADER_NONCE == 2**64 - 2 and "| header | 2^64 - 2 |" in text
-    assert (image_file.SCRYPT_N, image_file.SCRYPT_R, image_file.SCRYPT_P) == (2**15, 8, 1)
+    assert crypto.PFN_LIST_NONCE == 2**64 - 1 and "| pfn list | 2^64 - 1 |" in text
+    assert crypto.HEADER_NONCE == 2**64 - 2 and "| header | 2^64 - 2 |" in text
+    assert (crypto.SCRYPT_N, crypto.SCRYPT_R, crypto.SCRYPT_P) == (2**15, 8, 1)
     assert "scrypt (n = 2^15, r = 8, p = 1" in text
-    assert f"`{image_file.HKDF_INFO.decode()}`" in text
-    assert f"at least {image_file.KEY_FILE_MIN_BYTES})" in text
-    sizes = (image_file.TAG_BYTES, image_file.SALT_BYTES, image_file.NONCE_PREFIX_BYTES)
+    assert f"`{crypto.HKDF_INFO.decode()}`" in text
+    assert f"at least {crypto.KEY_FILE_MIN_BYTES})" in text
+    sizes = (crypto.TAG_BYTES, crypto.SALT_BYTES, crypto.NONCE_PREFIX_BYTES)
     assert sizes == (16, 16, 4) and "4-byte `nonce_prefix`" in text

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kexec_sim import image_file
-from kexec_sim import resume as resume_module
 from kexec_sim.errors import CorruptImage
+from kexec_sim.hibernation import crypto, reader
+from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.machine import Machine
 from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED
+from kexec_sim.transition import TRANSITION_FILE
 
 from .conftest import Mounts, daemon_owners
 from .util import contents, kexec_sim, make_tree, md5, run, snapshot
@@ -144,8 +145,8 @@ def test_storage_keys_round_trip_with_no_over_indicated_changed_bits(
         before = ram.keys.array.copy()
     image = images / "keys.img"
     ok(hibernate(machine, image, "--json"))
-    header = image_file.read_header(image)
-    saved = image_file.read_pfn_list(image, header)
+    header = reader.read_header(image)
+    saved = reader.read_pfn_list(image, header)
     in_image = np.isin(file_pfns, saved.pfns)
     assert in_image.all()
     at = np.searchsorted(saved.pfns, file_pfns)
@@ -234,7 +235,7 @@ def test_encrypted_images_refuse_a_wrong_key_and_a_flipped_byte(
         assert refused.returncode == 3, refused.stderr
         assert "Traceback" not in refused.stderr and len(refused.stderr.splitlines()) == 1
     data = bytearray(image.read_bytes())
-    header = image_file.read_header(image, key=image_file.ImageKey.from_key_file(key))
+    header = reader.read_header(image, key=crypto.ImageKey.from_key_file(key))
     for offset in (20, header.pfn_list_offset + 3, header.first_chunk_offset + 30, len(data) - 1):
         flipped = images / f"flipped-{offset}.img"
         tampered = bytearray(data)
@@ -276,7 +277,7 @@ def test_a_resume_after_an_intervening_boot_is_refused(
     refused = resume(machine, image)
     assert refused.returncode == 3 and "booted since" in refused.stderr
     assert ram_digest(machine) == untouched
-    assert image_file.read_header(image).generation  # still a valid (but stale) image
+    assert reader.read_header(image).generation  # still a valid (but stale) image
     boot(machine)
 
 
@@ -348,7 +349,7 @@ def test_a_hibernate_killed_midway_loses_nothing_and_leaves_no_valid_image(
     killed = run(*cmd, "--threads", "1", env=env)
     assert killed.returncode == -signal.SIGKILL
     with pytest.raises(CorruptImage):
-        image_file.read_header(loop_device, allow_used=True)
+        reader.read_header(loop_device, allow_used=True)
     assert powered(machine) and os.path.ismount(mnt)
     assert (mnt / "f").read_bytes() == data
     assert run("mount", "-o", "remount,rw", str(mnt)).returncode == 0  # writable again
@@ -359,15 +360,34 @@ def test_a_hibernate_killed_midway_loses_nothing_and_leaves_no_valid_image(
     assert (mnt / "f").read_bytes() == data and (mnt / "g").read_bytes() == b"after"
 
 
-def test_a_chain_too_big_to_keep_in_memory_is_read_twice(
-    machine: Machine, mounts: Mounts, images: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_image_changed_between_check_and_restore_is_refused(
+    machine: Machine, mounts: Mounts, images: Path
 ) -> None:
+    """Resume reads each image twice, the check, then the restore from the page cache, and
+    checks every chunk both times: a byte changed after the check fails the restore naming the
+    chunk; the resume is undone (machine off, image unused) and a resume of the intact image
+    then brings the tree back."""
     mnt = mounts.mount("pkram=twice")
     data = os.urandom(5 << 20)
     (mnt / "f").write_bytes(data)
-    ok(hibernate(machine, images / "t.img", "--json"))
-    monkeypatch.setattr(resume_module, "_can_stage", lambda paths, key: False)
-    report = resume_module.resume(Machine.open(machine.path, create=False), [images / "t.img"])
-    assert report.data_bytes >= len(data)
+    image = images / "t.img"
+    ok(hibernate(machine, image, "--json"))
+    original = image.read_bytes()
+    last = reader.read_header(image).end_offset - 1  # the last chunk's last stored byte
+    tampered: list[int] = []
+
+    def tamper(phase: str, done: int, total: int) -> None:
+        if phase == "verify" and done == total:  # the chain is checked, nothing written yet
+            with open(image, "r+b") as f:
+                f.seek(last)
+                f.write(bytes([original[last] ^ 0x01]))
+            tampered.append(done)
+
+    with pytest.raises(CorruptImage, match=r"chunk \d+: changed since it was checked"):
+        resume_module.resume(Machine.open(machine.path, create=False), [image], progress=tamper)
+    assert tampered and not powered(machine)
+    assert not (machine.path / TRANSITION_FILE).exists()  # undone, not left to recovery
+    image.write_bytes(original)
+    assert ok(resume(machine, image, args=("--json",)))["data_bytes"] >= len(data)
     mounts.mount("pkram=twice", mnt)
     assert (mnt / "f").read_bytes() == data

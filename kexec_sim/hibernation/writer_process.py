@@ -1,15 +1,16 @@
 """The hibernation image writer: a fresh process writing the handed-over page set to an image.
 
-``kexec-sim hibernate`` runs ``python -m kexec_sim.image_writer`` after it wrote the handover
-(the super block and the preserved-pages table), the way kexec-based hibernation boots a
-fresh kernel to write the image: this process knows nothing of the daemons that made the
-pages, only the machine, the super block pfn it is given and, for an incremental image, the
-base image on disk. It saves the pages the table marks (the table and the super block among
-them, nosave regions never), with their storage keys; then clears every page's SINCE_IMAGE
-key bit, since the image now holds what RAM holds.
+``kexec-sim hibernate`` runs ``python -m kexec_sim.hibernation.writer_process`` after it
+wrote the handover (the super block and the preserved-pages table), the way kexec-based
+hibernation boots a fresh kernel to write the image: this process knows nothing of the daemons
+that made the pages, only the machine, the super block pfn it is given and, for an incremental
+image, the base image on disk. It saves the pages the table marks (the table and the super
+block among them, nosave regions never), with their storage keys; then clears every page's
+SINCE_IMAGE key bit, since the image now holds what RAM holds.
 
-Protocol: one JSON request on stdin (see ``kexec_sim.hibernate._run_writer``); JSON lines on
-stdout: ``{"progress": [done, total]}`` while writing, then ``{"result": {...}}`` (exit 0) or
+Protocol: one JSON request on stdin (see ``kexec_sim.hibernation.hibernate._run_writer``);
+JSON lines on stdout: ``{"progress": [done, total]}`` while writing, then
+``{"result": {...}}`` (exit 0) or
 ``{"error": message, "kind": "too_large" | "refused" | "machine"}`` (exit 1).
 """
 
@@ -23,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim import image_file
 from kexec_sim.errors import CorruptHandover, CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.image_file import ImageKey
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import image_key
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import RegionType
 from kexec_sim.pages import PfnArray
@@ -69,11 +70,8 @@ def _emit(message: dict[str, Any]) -> None:
 def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
     """Write the image *request* asks for; return the result message's body."""
     machine = Machine.open(request["machine"], create=False)
-    key = None
-    if request.get("key_file"):
-        key = ImageKey.from_key_file(Path(request["key_file"]))
-    elif request.get("passphrase") is not None:
-        key = ImageKey.from_passphrase(str(request["passphrase"]))
+    key_file, passphrase = request.get("key_file"), request.get("passphrase")
+    key = image_key(Path(key_file) if key_file else None, passphrase)
     sb_pfn = int(request["super_block_pfn"])
     image = Path(request["image"])
     last = [0.0]
@@ -100,12 +98,12 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
         in_base = None
         if request.get("base"):
             base = Path(request["base"])
-            header = image_file.read_header(base, key=key, allow_used=True)
-            base_pfns = image_file.read_pfn_list(base, header, key=key).pfns
+            header = reader.read_header(base, key=key, allow_used=True)
+            base_pfns = reader.read_pfn_list(base, header, key=key).pfns
             base_id = header.image_id
             in_base = np.isin(pfns, base_pfns, assume_unique=True)
             in_base &= ~ram.keys.changed_since_image()[pfns]
-        stats = image_file.write_image(
+        stats = writer.write_image(
             image,
             ram.pages,
             pfns,
@@ -126,7 +124,7 @@ def write_from_handover(request: dict[str, Any]) -> dict[str, Any]:
         )
         # SINCE_IMAGE stays: the image counts only once hibernate powers off (which clears
         # every key); a hibernate undone before that must leave the next increment complete.
-    written = image_file.read_header(image, key=key)
+    written = reader.read_header(image, key=key)
     return {
         "image_id": written.image_id.hex(),
         "pages": stats.pages,

@@ -8,8 +8,8 @@
    trees are serialized into RAM and their pages become PRESERVED;
 3. under the ownership lock it writes the preserved-pages table and the super block, exactly
    as ``kexec-sim exec`` would (a table left by an interrupted hibernate is dropped first);
-4. a fresh process (kexec_sim.image_writer) writes the image from that handover alone: the
-   super block, the table, the pages the table marks and their storage keys;
+4. a fresh process (kexec_sim.hibernation.writer_process) writes the image from that handover
+   alone: the super block, the table, the pages the table marks and their storage keys;
 5. it powers the machine off. If anything fails before the power off scrubs RAM, the table
    is dropped, an image at the path is invalidated, the mounts it preserved are made writable
    again (``remount,rw`` cancels a preservation) and the error is raised: nothing is lost.
@@ -17,26 +17,27 @@
 It runs as one transition (kexec_sim.transition), recorded from the preserve on; its point of
 no return is its power off's scrub.
 
-The way back is kexec_sim.resume.
+The way back is kexec_sim.hibernation.resume.
 """
 
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kexec_sim import image_file
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
-from kexec_sim.image_file import ImageKey
-from kexec_sim.jsonfile import read_json_object, write_json_atomic
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey, image_key
+from kexec_sim.hibernation.last_image import read_last_image
+from kexec_sim.hibernation.progress import Progress
+from kexec_sim.hibernation.report import Report, reason
 from kexec_sim.kexec import (
     DEFAULT_SCRUB,
     DEFAULT_STOP_TIMEOUT_S,
-    LAST_IMAGE_FILE,
     Phases,
     begin_transition,
     drop_stale_table,
@@ -50,21 +51,10 @@ from kexec_sim.ownership import PageOwnership
 from kexec_sim.super_block import read_super_block
 from kexec_sim.transition import give_up
 
-__all__ = [
-    "LAST_IMAGE_FILE",
-    "HibernateReport",
-    "HibernationRefused",
-    "hibernate",
-    "image_key",
-    "reason",
-    "write_last_image",
-]
+__all__ = ["HibernateReport", "HibernationRefused", "hibernate", "undo_hibernate"]
 
 REMOUNT_TIMEOUT_S = 120.0
-WRITER_MODULE = "kexec_sim.image_writer"
-
-Progress = Callable[[str, int, int], None]
-"""progress(phase, done, total): pages done of total in a phase ("write", "verify", ...)."""
+WRITER_MODULE = "kexec_sim.hibernation.writer_process"
 
 
 class HibernationRefused(MachineError):
@@ -72,7 +62,7 @@ class HibernationRefused(MachineError):
 
 
 @dataclass(frozen=True)
-class HibernateReport:
+class HibernateReport(Report):
     """What a hibernate did."""
 
     image: str
@@ -93,19 +83,6 @@ class HibernateReport:
     preserved_mounts: tuple[str, ...]
     warnings: tuple[str, ...]
     durations_s: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        """Stored over raw data bytes."""
-        return self.stored_bytes / self.data_bytes if self.data_bytes else 1.0
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON form (``kexec-sim hibernate --json``)."""
-        data = asdict(self)
-        data["ratio"] = round(self.ratio, 4)
-        data["preserved_mounts"] = list(self.preserved_mounts)
-        data["warnings"] = list(self.warnings)
-        return data
 
 
 # -- hibernate ------------------------------------------------------------------------------
@@ -200,13 +177,13 @@ class _Base:
 def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
     """Read and check the base of an incremental image; HibernationRefused if unusable."""
     try:
-        header = image_file.read_header(base, key=key, allow_used=True)
-        image_file.read_pfn_list(base, header, key=key)  # the writer reads it again
+        header = reader.read_header(base, key=key, allow_used=True)
+        reader.read_pfn_list(base, header, key=key)  # the writer reads it again
     except (OSError, CorruptImage) as exc:
         raise HibernationRefused(f"base image {base}: {reason(exc)}") from None
     if header.machine_id != machine.machine_id:
         raise HibernationRefused(f"base image {base} was taken on another machine")
-    last = _last_image(machine)
+    last = read_last_image(machine.path)
     if last is None or last[-1] != header.image_id.hex():
         raise HibernationRefused(
             f"base image {base} is not the image this machine's RAM was last resumed from"
@@ -214,23 +191,6 @@ def _base_image(machine: Machine, base: Path, key: ImageKey | None) -> _Base:
             + ": write a full image"
         )
     return _Base(str(base), header.image_id)
-
-
-def _last_image(machine: Machine) -> list[str] | None:
-    """The chain of image ids RAM was last resumed from, None when unknown."""
-    try:
-        data = read_json_object(machine.path / LAST_IMAGE_FILE)
-    except (FileNotFoundError, MachineError):
-        return None
-    chain = data.get("chain")
-    if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
-        return None
-    return chain
-
-
-def reason(exc: BaseException) -> str:
-    """One line for an error: an OSError's strerror, else its message."""
-    return str(exc) if not isinstance(exc, OSError) else (exc.strerror or str(exc))
 
 
 def hibernate(
@@ -327,22 +287,7 @@ def undo_hibernate(machine: Machine, facts: Mapping[str, object]) -> None:
     image = facts.get("image")
     if isinstance(image, str):
         with suppress(OSError, CorruptImage):
-            image_file.invalidate(image)
-
-
-def image_key(key_file: Path | None, passphrase: str | None) -> ImageKey | None:
-    """The image key from a key file or a passphrase (None for neither); ValueError for both,
-    MachineError for an unreadable or too short key file or an empty passphrase."""
-    if key_file is not None and passphrase is not None:
-        raise ValueError("give a key file or a passphrase, not both")
-    if key_file is not None:
-        try:
-            return ImageKey.from_key_file(key_file)
-        except OSError as exc:
-            raise MachineError(f"key file {key_file}: {reason(exc)}") from None
-    if passphrase is not None:
-        return ImageKey.from_passphrase(passphrase)
-    return None
+            writer.invalidate(image)
 
 
 def _run_writer(
@@ -424,10 +369,3 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-def write_last_image(machine: Machine, chain: Sequence[str], generation: int) -> None:
-    """Record that RAM now holds what the image chain *chain* holds."""
-    write_json_atomic(
-        machine.path / LAST_IMAGE_FILE, {"chain": list(chain), "generation": generation}
-    )

@@ -1,16 +1,16 @@
-"""The hibernation image container: round trips, and every kind of bad image refused."""
+"""The hibernation image (kexec_sim.hibernation): round trips; every kind of bad image refused."""
 
 import os
 import stat
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from kexec_sim import image_file
 from kexec_sim.errors import (
     CorruptImage,
     ForeignImage,
@@ -18,7 +18,12 @@ from kexec_sim.errors import (
     ImageTooLarge,
     MachineError,
 )
-from kexec_sim.image_file import CHUNK_HEADER, ImageHeader, ImageKey, ImageStats
+from kexec_sim.hibernation import format as image_format
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey
+from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
+from kexec_sim.hibernation.reader import CheckedImage
+from kexec_sim.hibernation.writer import ImageStats
 from kexec_sim.pages import PAGE_SIZE
 
 NR_PAGES = 4096
@@ -51,25 +56,31 @@ def page_set() -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
 def write(tmp_path: Path, ram: npt.NDArray[np.uint8], **kwargs: object) -> tuple[Path, ImageStats]:
     pfns, keys = page_set()
     path = tmp_path / "hib.img"
-    stats = image_file.write_image(
+    stats = writer.write_image(
         path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=3,
         epoch_ns=1_700_000_000_000_000_000, **kwargs,  # type: ignore[arg-type]
     )  # fmt: skip
     return path, stats
 
 
+def check(path: Path, **kwargs: object) -> CheckedImage:
+    """``check_image`` of the image at *path*, for this test's machine."""
+    return reader.check_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, **kwargs)  # type: ignore[arg-type]
+
+
 def restore(
     path: Path, threads: int, key: ImageKey | None = None
-) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_file.PfnList]:
-    """What resume would do: verify, then put every page into a fresh RAM."""
-    header = image_file.verify_image(
-        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, key=key
-    )
-    pfn_list = image_file.read_pfn_list(path, header, key=key)
+) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_format.PfnList]:
+    """What resume does: check all of it, then put every page into a fresh RAM."""
+    checked = check(path, threads=threads, key=key)
+    header, pfn_list = checked.header, checked.pfn_list
+    again = reader.read_pfn_list(path, header, key=key)
+    for name in ("pfns", "keys", "zero", "in_base"):
+        assert np.array_equal(getattr(again, name), getattr(pfn_list, name))
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
     fresh[pfn_list.zero_pfns] = 0
-    for pfns, pages in image_file.iter_chunks(path, header, pfn_list, threads=threads, key=key):
-        fresh[pfns] = pages
+    everything = np.ones(NR_PAGES, np.bool_)
+    assert checked.read_into(fresh, everything, threads=threads) == header.nr_data_pages
     return header, fresh, pfn_list
 
 
@@ -110,12 +121,12 @@ def test_zero_pages_store_no_data(tmp_path: Path) -> None:
     ram = make_ram(tmp_path)
     path = tmp_path / "zeros.img"
     pfns = np.arange(2600, 2900, dtype=np.int64)
-    stats = image_file.write_image(
+    stats = writer.write_image(
         path, ram, pfns, np.zeros(pfns.size, np.uint8), machine_id=MACHINE,
         nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, compression="none",
     )  # fmt: skip
     assert stats.zero_pages == 300 and stats.stored_bytes == 0
-    header = image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    header = verify(path)
     assert header.nr_chunks == 0 and path.stat().st_size == 2 * PAGE_SIZE
 
 
@@ -123,11 +134,11 @@ def test_incremental_and_empty_images(tmp_path: Path) -> None:
     ram = make_ram(tmp_path)
     base = os.urandom(16)
     path = tmp_path / "inc.img"
-    image_file.write_image(
+    writer.write_image(
         path, ram, np.empty(0, np.int64), np.empty(0, np.uint8), machine_id=MACHINE,
         nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, base_image_id=base,
     )  # fmt: skip
-    header = image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    header = verify(path)
     assert header.incremental and header.base_image_id == base and header.nr_pfns == 0
 
 
@@ -136,18 +147,18 @@ def test_write_rejects_bad_page_sets(tmp_path: Path) -> None:
     path = tmp_path / "bad.img"
     common = {"machine_id": MACHINE, "nr_ram_pages": NR_PAGES, "generation": 1, "epoch_ns": 0}
     with pytest.raises(MachineError, match="pfn 5 appears more than once"):
-        image_file.write_image(path, ram, [9, 5, 5], np.zeros(3, np.uint8), **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [9, 5, 5], np.zeros(3, np.uint8), **common)  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="outside the machine's RAM"):
-        image_file.write_image(path, ram, [1, NR_PAGES], np.zeros(2, np.uint8), **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1, NR_PAGES], np.zeros(2, np.uint8), **common)  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="keys must be uint8"):
-        image_file.write_image(path, ram, [1, 2], np.zeros(3, np.uint8), **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1, 2], np.zeros(3, np.uint8), **common)  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="unknown compression"):
-        image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), compression="xz", **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1], np.zeros(1, np.uint8), compression="xz", **common)  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="epoch_ns -1 does not fit"):
-        image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), **{**common, "epoch_ns": -1})  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1], np.zeros(1, np.uint8), **{**common, "epoch_ns": -1})  # type: ignore[arg-type]
     with pytest.raises(MachineError, match="base_image_id must not be all zeros"):
         z = bytes(16)
-        image_file.write_image(path, ram, [1], np.zeros(1, np.uint8), base_image_id=z, **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1], np.zeros(1, np.uint8), base_image_id=z, **common)  # type: ignore[arg-type]
     assert not path.exists()
 
 
@@ -164,7 +175,7 @@ def flip(path: Path, offset: int) -> None:
 
 
 def verify(path: Path) -> ImageHeader:
-    return image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES)
+    return check(path).header
 
 
 def test_truncated_image_refused(image: Path) -> None:
@@ -174,7 +185,7 @@ def test_truncated_image_refused(image: Path) -> None:
         verify(image)
     os.truncate(image, 100)
     with pytest.raises(CorruptImage, match="truncated header"):
-        image_file.read_header(image)
+        reader.read_header(image)
 
 
 def test_trailing_garbage_refused(image: Path) -> None:
@@ -185,27 +196,30 @@ def test_trailing_garbage_refused(image: Path) -> None:
 
 
 def test_flipped_chunk_byte_refused_naming_the_chunk(image: Path) -> None:
-    header = verify(image)
+    checked = check(image)
+    header = checked.header
     with open(image, "rb") as f:
         f.seek(header.first_chunk_offset)
         stored = CHUNK_HEADER.unpack(f.read(CHUNK_HEADER.size))[0]
     second = header.first_chunk_offset + CHUNK_HEADER.size + stored
     flip(image, second + CHUNK_HEADER.size + 100)
-    with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
-        verify(image)
-    pfn_list = image_file.read_pfn_list(image, header)
-    for threads in (1, 3):  # the good chunk 0 first, then the error
-        chunks = image_file.iter_chunks(image, header, pfn_list, threads=threads)
-        assert next(chunks)[0].size == header.chunk_pages
+    for threads in (1, 3):
         with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
-            next(chunks)
+            check(image, threads=threads)
+    ram = make_ram(image.parent)
+    first = checked.pfn_list.data_pfns[: header.chunk_pages]
+    for threads in (1, 3):  # read after the check: the good chunk 0 is written, then the error
+        fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
+        with pytest.raises(CorruptImage, match="chunk 1: changed since it was checked: checksum"):
+            checked.read_into(fresh, np.ones(NR_PAGES, np.bool_), threads=threads)
+        assert np.array_equal(fresh[first], ram[first])
 
 
 @pytest.mark.parametrize("offset", [0, 9, 20, 50, 200, 4095])
 def test_flipped_header_byte_refused(image: Path, offset: int) -> None:
     flip(image, offset)
     with pytest.raises(CorruptImage):
-        image_file.read_header(image)
+        reader.read_header(image)
 
 
 def test_flipped_pfn_list_byte_refused(image: Path) -> None:
@@ -216,46 +230,46 @@ def test_flipped_pfn_list_byte_refused(image: Path) -> None:
 
 def test_other_machine_refused(image: Path) -> None:
     with pytest.raises(ForeignImage, match="written for machine"):
-        image_file.verify_image(image, machine_id=bytes(16), nr_ram_pages=NR_PAGES)
+        reader.check_image(image, machine_id=bytes(16), nr_ram_pages=NR_PAGES)
     with pytest.raises(ForeignImage, match="written for 4096 pages"):
-        image_file.verify_image(image, machine_id=MACHINE, nr_ram_pages=NR_PAGES * 2)
+        reader.check_image(image, machine_id=MACHINE, nr_ram_pages=NR_PAGES * 2)
 
 
 def test_invalidate(image: Path) -> None:
     before = image.read_bytes()
-    image_file.invalidate(image)
+    writer.invalidate(image)
     after = image.read_bytes()
-    assert after[8:] == before[8:] and after[:8] == image_file.USED_SIGNATURE
+    assert after[8:] == before[8:] and after[:8] == image_format.USED_SIGNATURE
     with pytest.raises(CorruptImage, match="already used"):
-        image_file.read_header(image)
+        reader.read_header(image)
     with pytest.raises(CorruptImage, match="already used"):
         verify(image)
     with pytest.raises(CorruptImage, match="already used"):
-        image_file.invalidate(image)
+        writer.invalidate(image)
     # As the base of an incremental image a used image is still read, checked as written.
-    assert image_file.read_header(image, allow_used=True).image_id
+    assert reader.read_header(image, allow_used=True).image_id
     assert verify_used(image).nr_pfns
     flip(image, 60)  # and a used image is still checked whole
     with pytest.raises(CorruptImage, match="checksum"):
-        image_file.read_header(image, allow_used=True)
+        reader.read_header(image, allow_used=True)
 
 
 def verify_used(path: Path) -> ImageHeader:
-    return image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, allow_used=True)
+    return check(path, allow_used=True).header
 
 
 def test_the_super_block_pfn_round_trips_and_is_checked(tmp_path: Path) -> None:
     ram = make_ram(tmp_path)
     path, _ = write(tmp_path, ram, super_block_pfn=17)
-    assert image_file.read_header(path).super_block_pfn == 17
+    assert reader.read_header(path).super_block_pfn == 17
     with pytest.raises(MachineError, match="outside RAM"):
         write(tmp_path, ram, super_block_pfn=NR_PAGES)
 
 
 def test_overwrites_an_existing_image_and_refuses_a_directory(tmp_path: Path, image: Path) -> None:
-    old = image_file.read_header(image)
+    old = reader.read_header(image)
     path, _ = write(tmp_path, make_ram(tmp_path), compression="zstd")
-    assert path == image and image_file.read_header(image).image_id != old.image_id
+    assert path == image and reader.read_header(image).image_id != old.image_id
     sub = tmp_path / "sub"
     (sub / "hib.img").mkdir(parents=True)
     with pytest.raises(MachineError, match="not a regular file"):
@@ -269,7 +283,7 @@ def test_chunk_with_a_good_checksum_that_does_not_decompress_refused(
     ram = make_ram(tmp_path)
     path = tmp_path / "text.img"
     pfns = np.arange(1000, 1064, dtype=np.int64)  # text-like: every chunk compressed
-    image_file.write_image(
+    writer.write_image(
         path, ram, pfns, np.zeros(pfns.size, np.uint8), machine_id=MACHINE,
         nr_ram_pages=NR_PAGES, generation=1, epoch_ns=0, compression=compression,
     )  # fmt: skip
@@ -315,18 +329,21 @@ def test_round_trip_of_runs_and_scattered_pages(tmp_path: Path) -> None:
     path = tmp_path / "runs.img"
     pfns = np.concatenate((np.arange(900, 1100), [3000, 5, 3500, 77], np.arange(2490, 2510)))
     keys = np.arange(pfns.size, dtype=np.uint8)
-    image_file.write_image(
+    writer.write_image(
         path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=1,
         epoch_ns=0, compression="zstd", threads=2, chunk_pages=16,
     )  # fmt: skip
-    header = verify(path)
-    pfn_list = image_file.read_pfn_list(path, header)
+    checked = check(path)
+    header, pfn_list = checked.header, reader.read_pfn_list(path, checked.header)
     got = {int(p): k for p, k in zip(pfn_list.pfns, pfn_list.keys, strict=True)}
     assert got == {int(p): k for p, k in zip(pfns, keys, strict=True)}
-    restored = 0
-    for chunk_pfns, pages in image_file.iter_chunks(path, header, pfn_list):
-        assert np.array_equal(pages, ram[chunk_pfns])
-        restored += chunk_pfns.size
+    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
+    restored = checked.read_into(fresh, np.ones(NR_PAGES, np.bool_))
+    data = pfn_list.data_pfns
+    assert np.array_equal(fresh[data], ram[data])
+    untouched = np.ones(NR_PAGES, np.bool_)
+    untouched[data] = False
+    assert (fresh[untouched] == 0xAA).all()
     assert restored == header.nr_data_pages == pfns.size - 10  # 2500-2509 are zero
     assert np.array_equal(pfn_list.zero_pfns, np.arange(2500, 2510))
 
@@ -352,8 +369,8 @@ def test_encrypted_round_trip(tmp_path: Path, compression: str, kind: str) -> No
     assert np.array_equal(fresh[saved], ram[saved]) and np.all(fresh[1::2] == 0xAA)
     assert np.array_equal(pfn_list.keys, keys[np.argsort(pfns)])
     assert header.encrypted and stats.encrypted and header.compression == compression
-    assert header.flags & image_file.FLAG_PASSPHRASE == (
-        image_file.FLAG_PASSPHRASE if kind == "passphrase" else 0
+    assert header.flags & image_format.FLAG_PASSPHRASE == (
+        image_format.FLAG_PASSPHRASE if kind == "passphrase" else 0
     )
     assert stats.image_bytes == path.stat().st_size == header.end_offset
     assert stats.stored_bytes == header.stored_bytes
@@ -371,29 +388,35 @@ def test_encrypted_images_differ_and_need_the_right_key(tmp_path: Path) -> None:
     ram = make_ram(tmp_path)
     key = key_of("key file", tmp_path)
     path, _ = write(tmp_path, ram, key=key)
-    header = image_file.read_header(path, key=key)
+    header = reader.read_header(path, key=key)
     assert len(header.salt) == 16 and any(header.salt) and len(header.nonce_prefix) == 4
     with pytest.raises(ImageKeyError, match=r"hib.img: image is encrypted: give --key-file or a"):
-        image_file.read_header(path)
+        reader.read_header(path)
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
         verify(path)
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
-        image_file.read_pfn_list(path, header)
+        reader.read_pfn_list(path, header)
+    checked = check(path, key=key)
+    fresh = np.zeros((NR_PAGES, PAGE_SIZE), dtype=np.uint8)
+    everything = np.ones(NR_PAGES, np.bool_)
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
-        next(image_file.iter_chunks(path, header, image_file.read_pfn_list(path, header, key=key)))
+        replace(checked, key=None).read_into(fresh, everything)  # the chunks need the key
     wrong = key_of("key file", tmp_path, "another secret")
+    with pytest.raises(CorruptImage, match=r"chunk 0: .*authentication failed: wrong key"):
+        replace(checked, key=wrong).read_into(fresh, everything, threads=1)
+    assert not fresh.any()
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
-        image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=wrong)
+        check(path, key=wrong)
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
-        image_file.read_header(path, key=wrong)
+        reader.read_header(path, key=wrong)
     with pytest.raises(CorruptImage, match="pfn list authentication failed"):
-        image_file.read_pfn_list(path, header, key=wrong)  # a header from another key
+        reader.read_pfn_list(path, header, key=wrong)  # a header from another key
     with pytest.raises(ImageKeyError, match="encrypted with a key file, not a passphrase"):
-        image_file.read_header(path, key=ImageKey.from_passphrase("correct horse"))
+        reader.read_header(path, key=ImageKey.from_passphrase("correct horse"))
     (tmp_path / "sub").mkdir()
     plain, _ = write(tmp_path / "sub", ram)
     with pytest.raises(ImageKeyError, match=r"hib.img: image is not encrypted$"):
-        image_file.verify_image(plain, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+        check(plain, key=key)
 
 
 def test_bad_keys_refused(tmp_path: Path) -> None:
@@ -439,11 +462,11 @@ def test_flipped_byte_of_an_encrypted_image_refused(
     encrypted: tuple[Path, ImageKey], where: str, threads: int
 ) -> None:
     path, key = encrypted
-    header = image_file.read_header(path, key=key)
+    header = reader.read_header(path, key=key)
     chunks = chunk_offsets(path, header)
     offset = {
         "header": 50,
-        "header tag": image_file._TAG_AT + 3,
+        "header tag": image_format.HEADER_TAG_AT + 3,
         "salt": 165,
         "pfn list": PAGE_SIZE + 8 * 17 + 7,
         "pfn list tag": PAGE_SIZE + 8 * header.nr_pfns + 15,
@@ -453,18 +476,16 @@ def test_flipped_byte_of_an_encrypted_image_refused(
     }[where]
     flip(path, offset)
     with pytest.raises(CorruptImage) as info:
-        image_file.verify_image(
-            path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key, threads=threads
-        )
+        check(path, key=key, threads=threads)
     assert "\n" not in str(info.value) and str(info.value).startswith(str(path))
 
 
 def fix_crcs(path: Path) -> None:
     """Recompute every CRC of the image at *path*: as a tamperer would."""
     data = bytearray(path.read_bytes())
-    header = image_file.IMAGE_HEADER.unpack_from(data)
+    header = image_format.IMAGE_HEADER.unpack_from(data)
     nr_pfns, first_chunk, nr_chunks = header[8], header[14], header[12]
-    encrypted = header[3] & image_file.FLAG_ENCRYPTED
+    encrypted = header[3] & image_format.FLAG_ENCRYPTED
     pfn_bytes = 8 * nr_pfns + (16 if encrypted else 0)
     struct.pack_into("<I", data, 152, zlib.crc32(data[PAGE_SIZE : PAGE_SIZE + pfn_bytes]))
     at = first_chunk
@@ -485,7 +506,7 @@ def test_tampering_with_the_crcs_fixed_fails_authentication(
     encrypted: tuple[Path, ImageKey], where: str
 ) -> None:
     path, key = encrypted
-    header = image_file.read_header(path, key=key)
+    header = reader.read_header(path, key=key)
     chunks = chunk_offsets(path, header)
     data = bytearray(path.read_bytes())
     if where == "chunk index":  # swap chunks 1 and 2 whole, their record numbers fixed up
@@ -503,7 +524,7 @@ def test_tampering_with_the_crcs_fixed_fails_authentication(
     fix_crcs(path)
     error = ImageKeyError if where in ("generation", "pfn list") else CorruptImage
     with pytest.raises(error, match="authentication failed: wrong key or tampered image"):
-        image_file.verify_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, key=key)
+        check(path, key=key)
 
 
 def test_stripping_the_encryption_is_noticed_by_a_reader_with_the_key(
@@ -515,7 +536,7 @@ def test_stripping_the_encryption_is_noticed_by_a_reader_with_the_key(
     path.write_bytes(bytes(data))
     fix_crcs(path)
     with pytest.raises(CorruptImage):
-        image_file.read_header(path, key=key)
+        reader.read_header(path, key=key)
 
 
 @pytest.mark.parametrize("where", ["chunk data", "last byte"])
@@ -536,7 +557,7 @@ def test_incremental_entries_in_the_base_round_trip(tmp_path: Path, key: str | N
     in_base = (pfns % 3 == 0) | ((pfns >= 2600) & (pfns < 2700))  # zero pages in the base too
     base_id = os.urandom(16)
     path = tmp_path / "inc.img"
-    stats = image_file.write_image(
+    stats = writer.write_image(
         path, ram, pfns, keys, machine_id=MACHINE, nr_ram_pages=NR_PAGES, generation=2,
         epoch_ns=0, base_image_id=base_id, in_base=in_base, key=image_key, chunk_pages=5,
     )  # fmt: skip
@@ -565,10 +586,10 @@ def test_in_base_refused_without_a_base_or_badly_shaped(tmp_path: Path) -> None:
     common = {"machine_id": MACHINE, "nr_ram_pages": NR_PAGES, "generation": 1, "epoch_ns": 0}
     flags = np.array([True, False])
     with pytest.raises(MachineError, match="in_base needs a base_image_id"):
-        image_file.write_image(path, ram, [1, 2], np.zeros(2, np.uint8), in_base=flags, **common)  # type: ignore[arg-type]
+        writer.write_image(path, ram, [1, 2], np.zeros(2, np.uint8), in_base=flags, **common)  # type: ignore[arg-type]
     for bad in (np.array([1, 0]), np.array([True])):
         with pytest.raises(MachineError, match="in_base must be bool parallel to the pfns"):
-            image_file.write_image(
+            writer.write_image(
                 path, ram, [1, 2], np.zeros(2, np.uint8), base_image_id=b"b" * 16, in_base=bad,
                 **common,  # type: ignore[arg-type]
             )  # fmt: skip
@@ -586,26 +607,26 @@ def set_entry_bits(path: Path, entry: int, bits: int) -> None:
 
 def test_entry_bits_validated(tmp_path: Path, image: Path) -> None:
     header = verify(image)
-    zero_at = int(np.flatnonzero(image_file.read_pfn_list(image, header).zero)[0])
-    set_entry_bits(image, zero_at, 1 << image_file.BASE_BIT)
+    zero_at = int(np.flatnonzero(reader.read_pfn_list(image, header).zero)[0])
+    set_entry_bits(image, zero_at, 1 << image_format.BASE_BIT)
     with pytest.raises(CorruptImage, match="pages in a base image, image not incremental"):
         verify(image)
     ram = make_ram(tmp_path)
     pfns = np.arange(2490, 2510, dtype=np.int64)  # 2490-2499 data, 2500-2509 zero
     inc = tmp_path / "inc.img"
-    image_file.write_image(
+    writer.write_image(
         inc, ram, pfns, np.zeros(pfns.size, np.uint8), machine_id=MACHINE, nr_ram_pages=NR_PAGES,
         generation=1, epoch_ns=0, base_image_id=b"b" * 16, in_base=pfns % 2 == 0,
     )  # fmt: skip
     original = inc.read_bytes()
-    set_entry_bits(inc, 13, 1 << image_file.BASE_BIT)  # 2503: zero (not in the base), now both
+    set_entry_bits(inc, 13, 1 << image_format.BASE_BIT)  # 2503: zero (not in the base), now both
     with pytest.raises(CorruptImage, match="pfn 2503 is flagged both all-zero and in the base"):
         verify(inc)
     inc.write_bytes(original)
-    set_entry_bits(inc, 1, 1 << image_file.BASE_BIT)  # 2491: one data page fewer
+    set_entry_bits(inc, 1, 1 << image_format.BASE_BIT)  # 2491: one data page fewer
     with pytest.raises(CorruptImage, match="pfn list flags 4 data pages, header says 5"):
         verify(inc)
-    for bit in range(image_file.PFN_BITS, image_file.BASE_BIT):
+    for bit in range(image_format.PFN_BITS, image_format.BASE_BIT):
         inc.write_bytes(original)
         set_entry_bits(inc, 3, 1 << bit)
         with pytest.raises(CorruptImage, match="reserved bits"):
@@ -646,7 +667,7 @@ def test_device_header_zeroed_first_and_on_overflow(
 ) -> None:
     """A block device is written in place: simulated with the image file opened as one."""
     monkeypatch.setattr(
-        image_file, "_open_for_image", lambda path: (os.open(path, os.O_WRONLY), None)
+        writer, "open_image_target", lambda path: (os.open(path, os.O_WRONLY), None)
     )
     first_pages: list[bytes] = []
 
@@ -670,31 +691,34 @@ def test_device_header_zeroed_first_and_on_overflow(
 def test_small_windows_and_read_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str, threads: int
 ) -> None:
-    """A load through windows smaller than the image finds every chunk; read_into puts back
-    exactly the flagged pages, and refuses a chunk changed after the check."""
-    monkeypatch.setattr(image_file, "_WINDOW", 64 << 10)
-    monkeypatch.setattr(image_file, "_READ_STEP", 20_000)
+    """A check through windows smaller than the image finds every chunk; read_into puts back
+    exactly the flagged pages, and refuses a chunk changed after the check, as a new check
+    does."""
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 64 << 10)
+    monkeypatch.setattr(reader, "READ_STEP_BYTES", 20_000)
     ram = make_ram(tmp_path)
     path, _ = write(tmp_path, ram, compression=compression, chunk_pages=4)
-    checked = image_file.load_image(
-        path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, threads=threads, keep=False
-    )
+    checked = check(path, threads=threads)
     data_pfns = checked.pfn_list.data_pfns
     assert checked.offsets.size == checked.header.nr_chunks > 1
+    assert path.stat().st_size > 4 * (64 << 10)  # many windows
     take = np.zeros(NR_PAGES, np.bool_)
     take[data_pfns[::3]] = True
     fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-    written = image_file.read_into(path, checked, fresh, take, threads=threads)
+    written = checked.read_into(fresh, take, threads=threads)
     assert written == data_pfns[::3].size
     assert np.array_equal(fresh[take], ram[take])
     assert (fresh[~take] == 0xAA).all()
     take[:] = True
-    image_file.read_into(path, checked, fresh, take, threads=threads)
+    checked.read_into(fresh, take, threads=threads)
     assert np.array_equal(fresh[data_pfns], ram[data_pfns])
     with open(path, "r+b") as f:
         f.seek(int(checked.offsets[-1]) + CHUNK_HEADER.size)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(CorruptImage, match="changed since it was checked"):
-        image_file.read_into(path, checked, fresh, take, threads=threads)
+    last = checked.header.nr_chunks - 1
+    with pytest.raises(CorruptImage, match=f"chunk {last}: changed since it was checked"):
+        checked.read_into(fresh, take, threads=threads)
+    with pytest.raises(CorruptImage, match=f"chunk {last}: checksum mismatch"):
+        check(path, threads=threads)

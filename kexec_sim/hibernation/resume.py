@@ -1,10 +1,10 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
 ``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.image_file.load_image) and the chain itself before
-it writes a page (then reads them again, from the page cache: image_file.read_into), then
-writes the page data, then the storage keys (so CHANGED bits are what
-they were at hibernation, not "everything"), invalidates the images and boots the next
+every image of the chain whole (kexec_sim.hibernation.reader.check_image) and the chain
+itself before it writes a page (then reads them again, from the page cache:
+CheckedImage.read_into), then writes the page data, then the storage keys (so CHANGED bits are
+what they were at hibernation, not "everything"), invalidates the images and boots the next
 generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
 
 No page an image restores can be in use while resume writes it: the machine is powered off
@@ -18,20 +18,23 @@ not needed here.
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import image_file
 from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
-from kexec_sim.errors import CorruptImage, MachineError
-from kexec_sim.hibernate import Progress, image_key, reason, write_last_image
-from kexec_sim.image import default_kernel_range, write_synthetic_image
-from kexec_sim.image_file import ImageKey
+from kexec_sim.errors import CorruptImage, InvalidRequest, MachineError
+from kexec_sim.hibernation import reader, writer
+from kexec_sim.hibernation.crypto import ImageKey, image_key
+from kexec_sim.hibernation.format import ImageHeader, PfnList
+from kexec_sim.hibernation.last_image import write_last_image
+from kexec_sim.hibernation.progress import Progress
+from kexec_sim.hibernation.report import Report, reason
+from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
@@ -49,7 +52,7 @@ from kexec_sim.transition import (
 
 
 @dataclass(frozen=True)
-class ResumeReport:
+class ResumeReport(Report):
     """What a resume did."""
 
     images: tuple[str, ...]
@@ -63,71 +66,91 @@ class ResumeReport:
     warnings: tuple[str, ...]
     durations_s: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def ratio(self) -> float:
-        """Stored over raw data bytes."""
-        return self.stored_bytes / self.data_bytes if self.data_bytes else 1.0
-
-    def to_dict(self) -> dict[str, object]:
-        """The JSON form (``kexec-sim resume --json``)."""
-        data = asdict(self)
-        data["ratio"] = round(self.ratio, 4)
-        data["images"] = list(self.images)
-        data["warnings"] = list(self.warnings)
-        return data
-
 
 @dataclass(frozen=True)
-class _Chain:
-    """A validated chain of images: the final page set and where each page's data comes from."""
+class Chain:
+    """A chain of images checked whole, a full image then its increments, as resume restores
+    it: the last image's page set and, for each of its pages, the image holding its data."""
 
-    headers: tuple[image_file.ImageHeader, ...]
-    pfn_lists: tuple[image_file.PfnList, ...]
+    images: tuple[reader.CheckedImage, ...]
     source: npt.NDArray[np.int64]
     """Per page of the final set: the index of the image holding its data, -1 for zero."""
-    checked: tuple[image_file.CheckedImage, ...]
-    """Each image as checked (with its chunks' offsets, where the restore reads them again)."""
+
+    @classmethod
+    def of(cls, images: Sequence[reader.CheckedImage]) -> "Chain":
+        """The chain of *images*, in order; CorruptImage unless each is incremental to the one
+        before it, the first is full, and every page of the last one's set has its data."""
+        headers = [image.header for image in images]
+        paths = [image.path for image in images]
+        for k in range(1, len(headers)):
+            if not headers[k].incremental or headers[k].base_image_id != headers[k - 1].image_id:
+                raise CorruptImage(
+                    f"{paths[k]} is not incremental to {paths[k - 1]} (give the chain in order, "
+                    "full image first)"
+                )
+        if headers[0].incremental:
+            raise CorruptImage(f"{paths[0]} is incremental: give its base image(s) first")
+        final = images[-1].pfn_list
+        source = np.full(final.pfns.size, -2, dtype=np.int64)  # -2: not resolved yet
+        for k in range(len(images) - 1, -1, -1):
+            todo = np.flatnonzero(source == -2)
+            if todo.size == 0:
+                break
+            pl = images[k].pfn_list
+            at = np.searchsorted(pl.pfns, final.pfns[todo])
+            found = at < pl.pfns.size
+            found[found] = pl.pfns[at[found]] == final.pfns[todo[found]]
+            if not found.all():
+                missing = int(final.pfns[todo[~found][0]])
+                raise CorruptImage(
+                    f"pfn {missing} is in the base of {paths[k + 1]} but not in {paths[k]}"
+                )
+            zero, in_base = pl.zero[at], pl.in_base[at]
+            source[todo[zero]] = -1
+            source[todo[~zero & ~in_base]] = k
+        if (source == -2).any():
+            raise CorruptImage(f"{paths[0]}: a full image lists pages as in a base")
+        return cls(tuple(images), source)
 
     @property
-    def final(self) -> image_file.PfnList:
-        return self.pfn_lists[-1]
+    def last(self) -> ImageHeader:
+        """The last image's header."""
+        return self.images[-1].header
 
+    @property
+    def final(self) -> PfnList:
+        """The page set RAM gets: the last image's."""
+        return self.images[-1].pfn_list
 
-def _resolve_chain(
-    paths: Sequence[Path],
-    headers: Sequence[image_file.ImageHeader],
-    lists: Sequence[image_file.PfnList],
-) -> npt.NDArray[np.int64]:
-    """Where each page of the last image's set takes its data from; CorruptImage if nowhere."""
-    for k in range(1, len(headers)):
-        if not headers[k].incremental or headers[k].base_image_id != headers[k - 1].image_id:
-            raise CorruptImage(
-                f"{paths[k]} is not incremental to {paths[k - 1]} (give the chain in order, "
-                "full image first)"
-            )
-    if headers[0].incremental:
-        raise CorruptImage(f"{paths[0]} is incremental: give its base image(s) first")
-    final = lists[-1]
-    source = np.full(final.pfns.size, -2, dtype=np.int64)  # -2: not resolved yet
-    for k in range(len(lists) - 1, -1, -1):
-        todo = np.flatnonzero(source == -2)
-        if todo.size == 0:
-            break
-        pl = lists[k]
-        at = np.searchsorted(pl.pfns, final.pfns[todo])
-        found = at < pl.pfns.size
-        found[found] = pl.pfns[at[found]] == final.pfns[todo[found]]
-        if not found.all():
-            missing = int(final.pfns[todo[~found][0]])
-            raise CorruptImage(
-                f"pfn {missing} is in the base of {paths[k + 1]} but not in {paths[k]}"
-            )
-        zero, in_base = pl.zero[at], pl.in_base[at]
-        source[todo[zero]] = -1
-        source[todo[~zero & ~in_base]] = k
-    if (source == -2).any():
-        raise CorruptImage(f"{paths[0]}: a full image lists pages as in a base")
-    return source
+    def restore(
+        self, ram: Ram, *, threads: int | None = None, progress: Progress | None = None
+    ) -> None:
+        """Write the chain's pages into *ram* (data first: marked changed as stores are), then
+        the keys.
+
+        Each image is read again (from the page cache, just read by the check) and every chunk
+        checked again as it is written (CheckedImage.read_into, by *threads* workers): a
+        CorruptImage then leaves RAM partly written. Pages outside the set keep whatever power
+        off left there (poison, or zeros).
+        """
+        final = self.final
+        ram.punch_holes(final.pfns[self.source == -1])
+        wanted = np.zeros(ram.nr_pages, dtype=np.bool_)
+        total = int(np.count_nonzero(self.source >= 0))
+        done = 0
+        for k, checked in enumerate(self.images):
+            mine = final.pfns[self.source == k]
+            if mine.size == 0:
+                continue
+            wanted[:] = False
+            wanted[mine] = True
+            done += checked.read_into(ram.pages, wanted, threads=threads)
+            ram.keys.mark_changed(mine)
+            if progress is not None:
+                progress("restore", done, total)
+        fault_point("resume:data")
+        ram.keys.clear()
+        ram.keys.restore(final.pfns, final.keys)
 
 
 def _check_targets(machine: Machine, kernel: PfnRange, pfns: PfnArray, where: str) -> None:
@@ -150,7 +173,7 @@ def _verify_chain(
     key: ImageKey | None,
     threads: int | None,
     progress: Progress | None,
-) -> _Chain:
+) -> Chain:
     """Validate every image and the chain, writing nothing. CorruptImage/MachineError if bad."""
     record = machine.boot_record()
     if record.powered:
@@ -158,26 +181,23 @@ def _verify_chain(
             f"machine {machine.path} is running (generation {record.generation}): resume "
             "restores a hibernated machine, which is powered off"
         )
-    headers, lists, checks = [], [], []
+    images = []
     for k, path in enumerate(paths):
         try:
-            checked = image_file.load_image(
+            checked = reader.check_image(
                 path,
                 machine_id=machine.machine_id,
                 nr_ram_pages=machine.nr_pages,
                 threads=threads,
                 key=key,
                 allow_used=k < len(paths) - 1,
-                keep=False,  # staging the data costs more than a second read (page cache)
             )
         except OSError as exc:
             raise MachineError(f"{path}: {reason(exc)}") from None
-        headers.append(checked.header)
-        lists.append(checked.pfn_list)
-        checks.append(checked)
+        images.append(checked)
         if progress is not None:
             progress("verify", k + 1, len(paths))
-    last_header = headers[-1]
+    last_header = images[-1].header
     if last_header.generation != record.generation:
         raise CorruptImage(
             f"{paths[-1]}: taken in boot generation {last_header.generation}, but the machine "
@@ -186,68 +206,15 @@ def _verify_chain(
         )
     if not os.access(paths[-1], os.W_OK):
         raise MachineError(f"{paths[-1]}: not writable (resume must invalidate it)")
-    source = _resolve_chain(paths, headers, lists)
+    chain = Chain.of(images)
+    pfns = chain.final.pfns
     kernel = record.kernel_image or default_kernel_range(machine)
-    _check_targets(machine, kernel, lists[-1].pfns, str(paths[-1]))
+    _check_targets(machine, kernel, pfns, str(paths[-1]))
     sb_pfn = last_header.super_block_pfn
-    at = int(np.searchsorted(lists[-1].pfns, sb_pfn))
-    if at == lists[-1].pfns.size or lists[-1].pfns[at] != sb_pfn:
+    at = int(np.searchsorted(pfns, sb_pfn))
+    if at == pfns.size or pfns[at] != sb_pfn:
         raise CorruptImage(f"{paths[-1]}: its super block pfn {sb_pfn} is not among its pages")
-    return _Chain(tuple(headers), tuple(lists), source, tuple(checks))
-
-
-def _can_stage(paths: Sequence[Path], key: ImageKey | None) -> bool:
-    """Whether the chain's decoded data fits in half the host's available memory.
-
-    Unused since resume reads each image twice (the second time from the page cache): staging
-    the decoded data in fresh memory cost more than that read in this VM.
-    """
-    try:
-        data_pages = sum(
-            image_file.read_header(p, key=key, allow_used=True).nr_data_pages for p in paths
-        )
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, CorruptImage, KeyError, ValueError):
-        return False  # load_image reports a bad image; without meminfo, read twice
-    return data_pages * PAGE_SIZE <= available // 2
-
-
-def _restore_pages(
-    ram: Ram,
-    paths: Sequence[Path],
-    chain: _Chain,
-    key: ImageKey | None,
-    threads: int | None,
-    progress: Progress | None,
-) -> None:
-    """Write the chain's pages into RAM (data first: marked changed as stores are), then keys.
-
-    Each image is read again (from the page cache, just read by the check) and every chunk
-    checked again as it is written (image_file.read_into). Pages outside the set keep
-    whatever power off left there (poison, or zeros).
-    """
-    final = chain.final
-    ram.punch_holes(final.pfns[chain.source == -1])
-    wanted = np.zeros(ram.nr_pages, dtype=np.bool_)
-    total = int(np.count_nonzero(chain.source >= 0))
-    done = 0
-    for k, path in enumerate(paths):
-        mine = final.pfns[chain.source == k]
-        if mine.size == 0:
-            continue
-        wanted[:] = False
-        wanted[mine] = True
-        done += image_file.read_into(
-            path, chain.checked[k], ram.pages, wanted, threads=threads, key=key
-        )
-        ram.keys.mark_changed(mine)
-        if progress is not None:
-            progress("restore", done, total)
-    fault_point("resume:data")
-    ram.keys.clear()
-    ram.keys.restore(final.pfns, final.keys)
+    return chain
 
 
 def undo_resume(machine: Machine) -> None:
@@ -283,7 +250,7 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
         images = facts.get("images")
         for path in images if isinstance(images, list) else []:
             with suppress(CorruptImage, OSError, TypeError):  # a base used by an earlier resume
-                image_file.invalidate(path)
+                writer.invalidate(path)
     fault_point("resume:invalidated")
     with machine.ram() as ram, phases("boot"):
         rewrite_super_block(ram, facts)
@@ -298,7 +265,7 @@ def _boot_resumed(machine: Machine, transition: Transition, phases: Phases) -> E
 def _remember_chain(machine: Machine, facts: Mapping[str, object], generation: int) -> None:
     chain = facts.get("chain")
     if isinstance(chain, list) and all(isinstance(c, str) for c in chain):
-        write_last_image(machine, chain, generation)
+        write_last_image(machine.path, chain, generation)
 
 
 def resume(
@@ -317,14 +284,14 @@ def resume(
     and the images untouched.
     """
     if not images:
-        raise ValueError("resume needs at least one image")
+        raise InvalidRequest("resume needs at least one image")
     phases = Phases()
     key = image_key(key_file, passphrase)
     paths = [Path(p).absolute() for p in images]
     with phases("verify"):
         chain = _verify_chain(machine, paths, key, threads, progress)
     record = machine.boot_record()
-    header = chain.headers[-1]
+    header = chain.last
     transition = Transition.begin(machine.path, "resume", record.generation)
     try:
         if machine.boot_record() != record:
@@ -342,10 +309,10 @@ def resume(
         )
         with machine.ram() as ram:
             with phases("restore"):
-                _restore_pages(ram, paths, chain, key, threads, progress)
+                chain.restore(ram, threads=threads, progress=progress)
             transition.record(
                 "restored",
-                chain=[h.image_id.hex() for h in chain.headers],
+                chain=[image.header.image_id.hex() for image in chain.images],
                 cmdline=cmdline,
                 kernel_image=None if record.kernel_image is None else list(record.kernel_image),
                 super_block_pfn=header.super_block_pfn,
@@ -365,7 +332,7 @@ def resume(
         pages=int(final.pfns.size),
         zero_pages=int(np.count_nonzero(chain.source == -1)),
         data_bytes=data_pages * PAGE_SIZE,
-        stored_bytes=sum(h.stored_bytes for h in chain.headers),
+        stored_bytes=sum(image.header.stored_bytes for image in chain.images),
         preserved_pages=booted.preserved_pages,
         warnings=booted.warnings,
         durations_s=phases.durations_s,

@@ -10,15 +10,21 @@ import getpass
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
-from kexec_sim import hibernate, kexec, resume
+from kexec_sim import kexec
 from kexec_sim.errors import InvalidRequest, UsageError
-from kexec_sim.image_file import COMPRESSIONS
-from kexec_sim.progress import ProgressBar
+from kexec_sim.hibernation import hibernate, resume
+from kexec_sim.hibernation.format import COMPRESSIONS
+from kexec_sim.hibernation.progress import Progress, ProgressBar
+from kexec_sim.hibernation.report import Report
 from kexec_sim.recovery import open_machine
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size
+
+R = TypeVar("R", bound=Report)
 
 PASSPHRASE_ENV = "KEXEC_SIM_PASSPHRASE"
 
@@ -69,8 +75,17 @@ def _threads(args: argparse.Namespace) -> int | None:
     return threads
 
 
-def _bar(args: argparse.Namespace) -> ProgressBar | None:
-    return None if args.json or not sys.stderr.isatty() else ProgressBar(sys.stderr, ("verify",))
+class _KeyOptions(TypedDict):
+    threads: int | None
+    key_file: Path | None
+    passphrase: str | None
+
+
+def _key_options(args: argparse.Namespace) -> _KeyOptions:
+    """The options hibernate and resume share: ``--threads``, then the key (which may ask for
+    the passphrase on the terminal)."""
+    threads = _threads(args)
+    return {"threads": threads, "key_file": args.key_file, "passphrase": _passphrase(args)}
 
 
 def hibernate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,41 +123,31 @@ def run_hibernate(args: argparse.Namespace) -> int:
         except InvalidRequest as exc:
             raise UsageError(f"--max-image-size: {exc}") from None
     machine = open_machine(args.machine, notify=_note)
-    bar = _bar(args)
-    try:
-        report = hibernate.hibernate(
+    report = _run(
+        args,
+        lambda bar: hibernate.hibernate(
             machine,
             args.image,
             force=args.force,
             compression=args.compression,
-            threads=_threads(args),
-            key_file=args.key_file,
-            passphrase=_passphrase(args),
+            **_key_options(args),
             max_bytes=max_bytes,
             base=args.base,
             scrub=kexec.check_scrub_env(),
             stop_timeout_s=args.stop_timeout,
             progress=bar,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.close()
-    for warning in report.warnings:
-        print(f"kexec-sim: warning: {warning}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
+        ),
+    )
     kind = "incremental image" if report.base_image_id else "image"
-    print(
+    return _summary(
+        args,
+        report,
         f"hibernate: {report.pages} pages ({_mib(report.data_bytes)} of data, "
         f"{report.zero_pages} zero, {report.in_base_pages} in the base) -> {kind} "
         f"{report.image} {_mib(report.image_bytes)} ({report.compression}, ratio "
         f"{report.ratio:.2f}{', encrypted' if report.encrypted else ''}); machine powered "
-        f"off [{_seconds(report.durations_s)}]"
+        f"off [{_seconds(report.durations_s)}]",
     )
-    return 0
 
 
 def resume_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,30 +167,32 @@ def resume_arguments(parser: argparse.ArgumentParser) -> None:
 def run_resume(args: argparse.Namespace) -> int:
     """``kexec-sim resume``."""
     machine = open_machine(args.machine, notify=_note)
-    bar = _bar(args)
-    try:
-        report = resume.resume(
-            machine,
-            args.image,
-            key_file=args.key_file,
-            passphrase=_passphrase(args),
-            threads=_threads(args),
-            progress=bar,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        if bar is not None:
-            bar.close()
-    for warning in report.warnings:
-        print(f"kexec-sim: warning: {warning}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-        return 0
-    print(
+    report = _run(
+        args, lambda bar: resume.resume(machine, args.image, **_key_options(args), progress=bar)
+    )
+    return _summary(
+        args,
+        report,
         f"resume: {report.pages} pages ({_mib(report.data_bytes)} of data, {report.zero_pages} "
         f"zero) from {len(report.images)} image(s); generation {report.generation} booted "
         f"with pkram={report.super_block_pfn} ({report.preserved_pages} preserved pages) "
-        f"[{_seconds(report.durations_s)}]"
+        f"[{_seconds(report.durations_s)}]",
     )
+
+
+def _run(args: argparse.Namespace, command: Callable[[Progress | None], R]) -> R:
+    """Run *command* with a progress bar when stderr is a terminal (and not ``--json``)."""
+    bar = None if args.json or not sys.stderr.isatty() else ProgressBar(sys.stderr, ("verify",))
+    try:
+        return command(bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _summary(args: argparse.Namespace, report: Report, line: str) -> int:
+    """Print *report*'s warnings to stderr, then its JSON form (``--json``) or *line*."""
+    for warning in report.warnings:
+        print(f"kexec-sim: warning: {warning}", file=sys.stderr)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else line)
     return 0

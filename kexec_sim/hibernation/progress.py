@@ -1,9 +1,17 @@
-"""A progress bar for long machine operations on a terminal: pages, MB/s and ETA per phase."""
+"""Progress of hibernate and resume: the callback they report through, and a terminal bar.
+
+A ``Progress`` is called as ``progress(phase, done, total)``: pages (or, for "verify", images)
+done of total in a phase ("write", "verify", "restore"). ``ProgressBar`` draws it.
+"""
 
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from kexec_sim.pages import PAGE_SIZE
+
+Progress = Callable[[str, int, int], None]
+"""progress(phase, done, total): pages done of total in a phase ("write", "verify", ...)."""
 
 REDRAW_EVERY_S = 0.1
 BAR_CELLS = 30
