@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.owners import FREE
-from kexec_sim.pages import HUGE_PAGES, PfnArray
+from kexec_sim.pages import PfnArray
 
 MIN_WINDOW_PAGES = 16384
 """The first window scanned for a request (grown x2 per window)."""
@@ -20,31 +20,20 @@ PfnRange = tuple[int, int]
 """A range of pfns ``(start, end_exclusive)``."""
 
 
-def find_free_pages(
+def find_free(
     owner_map: npt.NDArray[np.int32],
-    n_pages: int,
+    n_units: int,
     cursor_pfn: int,
     avoid: PfnRange | None = None,
+    *,
+    unit_pages: int = 1,
 ) -> PfnArray | None:
-    """Return *n_pages* free pfns in next-fit order from *cursor_pfn*, or None if fewer exist.
-
-    No pfn of the range *avoid* is returned.
+    """Return the first pfn of each of *n_units* free, naturally aligned runs of *unit_pages*
+    pages (1: single pages; HUGE_PAGES: huge pages) in next-fit order from *cursor_pfn*, or
+    None if fewer exist. No run overlaps the range *avoid*.
     """
-    return _find_free_units(owner_map, 1, n_pages, cursor_pfn, avoid)
-
-
-def find_free_huge(
-    owner_map: npt.NDArray[np.int32],
-    n_huge: int,
-    cursor_pfn: int,
-    avoid: PfnRange | None = None,
-) -> PfnArray | None:
-    """Return base pfns of *n_huge* free aligned HUGE_PAGES runs from *cursor_pfn*, or None.
-
-    No run overlapping the range *avoid* is returned.
-    """
-    units = _find_free_units(owner_map, HUGE_PAGES, n_huge, cursor_pfn, avoid)
-    return None if units is None else units * HUGE_PAGES
+    units = _find_free_units(owner_map, unit_pages, n_units, cursor_pfn, avoid)
+    return units if units is None or unit_pages == 1 else units * unit_pages
 
 
 def _find_free_units(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.allocator import find_free_pages
+from kexec_sim.allocator import find_free
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn
 from kexec_sim.errors import CorruptHandover, InvalidRequest, OutOfMemory
 from kexec_sim.owners import FREE, HANDOVER, PRESERVED, owner_name
@@ -65,7 +65,7 @@ def early_boot(
                 f"of {table} pages, super block kept at pfn {pfn}"
             )
             return EarlyBoot(pfn, preserved, table, tuple(warnings), _logged(log, warnings))
-    found = find_free_pages(owner_map, 1, 0)
+    found = find_free(owner_map, 1, 0)
     if found is None:
         raise OutOfMemory("no free page of RAM for the PKRAM super block")
     sb_pfn = int(found[0])

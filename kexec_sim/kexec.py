@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim import scrub as scrubbing
-from kexec_sim.allocator import PfnRange, find_free_pages
+from kexec_sim.allocator import PfnRange, find_free
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn, without_param
 from kexec_sim.errors import (
@@ -367,7 +367,7 @@ def write_handover(
     pfns = np.flatnonzero((po.owner_map == PRESERVED) | (po.owner_map == HANDOVER))
 
     def allocate(n_pages: int) -> PfnArray:
-        found = find_free_pages(po.owner_map, n_pages, 0, avoid)
+        found = find_free(po.owner_map, n_pages, 0, avoid)
         if found is None:
             raise OutOfMemory(f"no {n_pages} free pages for the preserved-pages table")
         po.transfer(found, FREE, HANDOVER)

@@ -1,14 +1,13 @@
 """The host's mount table as this process sees it (``/proc/self/mounts``): the one reader."""
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PROC_MOUNTS = "/proc/self/mounts"
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
     """One line of the mount table."""
 
     source: str

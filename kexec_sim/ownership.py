@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.allocator import PfnRange, find_free_huge, find_free_pages
+from kexec_sim.allocator import PfnRange, find_free
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
@@ -376,12 +376,12 @@ class PageOwnership(Closing):
     ) -> PfnArray:
         if n_units < 0:
             raise InvalidRequest(f"cannot allocate {n_units} units")
-        find = find_free_pages if unit_pages == 1 else find_free_huge
         with self.locked():
             self._require_registered(owner_id)
-            found = find(self._owners, n_units, int(self._cursor[0]), avoid)
+            cursor = int(self._cursor[0])
+            found = find_free(self._owners, n_units, cursor, avoid, unit_pages=unit_pages)
             if found is None and self.reclaim_dead_owners():
-                found = find(self._owners, n_units, int(self._cursor[0]), avoid)
+                found = find_free(self._owners, n_units, cursor, avoid, unit_pages=unit_pages)
             if found is None:
                 what = "pages" if unit_pages == 1 else "huge pages"
                 raise OutOfMemory(

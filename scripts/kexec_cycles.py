@@ -33,11 +33,9 @@ def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
 
 
 def md5(path: Path) -> str:
-    digest = hashlib.md5()
+    """The md5 of the file at *path*, as md5sum prints it."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def record(root: Path) -> Record:
