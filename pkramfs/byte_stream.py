@@ -7,8 +7,7 @@ the stream offset of its first byte; its data follows the 32-byte header.
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
 from . import page_chain
 from .errors import CorruptNode

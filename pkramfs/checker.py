@@ -9,12 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kexec_sim.machine import Machine
-from kexec_sim.mounts import read_mounts
-from kexec_sim.ownership import PageOwnership
-from kexec_sim.ownership_check import handover_problems
-from kexec_sim.pages import PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import Machine, PageOwnership, PfnArray, Ram, handover_problems, read_mounts
 
 from . import control
 from .errors import MountError, NodeError

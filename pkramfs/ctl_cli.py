@@ -15,10 +15,14 @@ import json
 import sys
 from dataclasses import asdict
 
-from kexec_sim.errors import MachineError
-from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
-from kexec_sim.machine import Machine, resolve_machine_dir
-from kexec_sim.recovery import open_machine
+from kexec_sim import (
+    EXIT_INTERNAL,
+    Machine,
+    MachineError,
+    open_machine,
+    report_internal_error,
+    resolve_machine_dir,
+)
 
 from . import control
 from .checker import check_machine, discard_node, list_nodes

@@ -8,8 +8,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from kexec_sim.errors import MachineError
-from kexec_sim.mounts import unescape_field
+from kexec_sim import MachineError, unescape_field
 
 from .errors import PkramfsError
 from .filesystem import PkramFilesystem

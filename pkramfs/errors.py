@@ -2,7 +2,7 @@
 
 import errno as errno_module
 
-from kexec_sim.errors import Error
+from kexec_sim import Error
 
 
 class PkramfsError(Error):

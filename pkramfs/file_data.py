@@ -9,8 +9,7 @@ sets REFERENCED on the pages it touches, every store sets CHANGED (one numpy cal
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SHIFT, PAGE_SIZE, PfnArray, run_positions
-from kexec_sim.ram import Ram
+from kexec_sim import PAGE_SHIFT, PAGE_SIZE, PfnArray, Ram, run_positions
 
 from . import secret_pages
 from .errors import FsError

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES, PfnArray
+from kexec_sim import HUGE_ORDER, HUGE_PAGES, PfnArray
 
 HOLE = -1
 CHUNK_SHIFT = HUGE_ORDER

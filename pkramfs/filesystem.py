@@ -9,9 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim.machine import Machine
-from kexec_sim.ownership import OwnerInfo, PageOwnership
-from kexec_sim.pages import PfnArray
+from kexec_sim import Machine, OwnerInfo, PageOwnership, PfnArray
 
 from . import preserve
 from .errors import FsError, MountError, OptionError

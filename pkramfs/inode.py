@@ -2,7 +2,7 @@
 
 import stat
 
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim import PAGE_SIZE
 
 from .file_pages import FilePages
 

@@ -19,10 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kexec_sim.errors import MachineError
-from kexec_sim.internal_error import report_internal_error
-from kexec_sim.mounts import read_mounts
-from kexec_sim.recovery import open_machine
+from kexec_sim import MachineError, open_machine, read_mounts, report_internal_error
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError

@@ -17,13 +17,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kexec_sim.errors import CorruptHandover
-from kexec_sim.machine import Machine
-from kexec_sim.ownership import PRESERVED, PageOwnership
-from kexec_sim.pages import PageRuns, PfnArray
-from kexec_sim.ram import Ram
-from kexec_sim.super_block import read_super_block
-from kexec_sim.transition import PRESERVING, read_record, refuse_changes
+from kexec_sim import (
+    PRESERVED,
+    PRESERVING,
+    CorruptHandover,
+    Machine,
+    PageOwnership,
+    PageRuns,
+    PfnArray,
+    Ram,
+    read_record,
+    read_super_block,
+    refuse_changes,
+)
 
 from . import byte_stream, page_stream
 from .errors import CorruptNode, CorruptNodeList, NodeError

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 import msgpack
 import pyfuse3
 
-from kexec_sim.errors import MachineBusy, MachineError, OutOfMemory
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim import PAGE_SIZE, MachineBusy, MachineError, OutOfMemory
 
 from . import control, xattrs
 from .errors import FsError, MountError, NodeError, PkramfsError

@@ -14,9 +14,7 @@ take its counts as signed (Python's os.statvfs) still see right.
 import re
 from dataclasses import dataclass, field
 
-from kexec_sim.errors import InvalidRequest
-from kexec_sim.pages import PAGE_SIZE, pages_for_bytes
-from kexec_sim.sizes import parse_size
+from kexec_sim import PAGE_SIZE, InvalidRequest, pages_for_bytes, parse_size
 
 from .errors import OptionError
 

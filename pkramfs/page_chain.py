@@ -14,8 +14,7 @@ import zlib
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
 from .errors import CorruptNode
 

@@ -10,11 +10,7 @@ import errno
 
 import numpy as np
 
-from kexec_sim.allocator import PfnRange
-from kexec_sim.errors import OutOfMemory
-from kexec_sim.ownership import PageOwnership
-from kexec_sim.pages import HUGE_PAGES, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import HUGE_PAGES, OutOfMemory, PageOwnership, PfnArray, PfnRange, Ram
 
 from .errors import FsError
 

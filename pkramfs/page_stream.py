@@ -16,8 +16,7 @@ entries that is its own, so a tree of small files costs 8 bytes per file, not a 
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import HUGE_ORDER, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import HUGE_ORDER, PfnArray, Ram
 
 from . import page_chain
 from .errors import CorruptNode

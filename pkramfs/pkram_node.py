@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SIZE
-from kexec_sim.ram import Ram
-from kexec_sim.super_block import node_list_head, set_node_list_head
+from kexec_sim import PAGE_SIZE, Ram, node_list_head, set_node_list_head
 
 from .errors import CorruptNode
 from .options import PKRAM_NAME_RE

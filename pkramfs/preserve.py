@@ -10,8 +10,7 @@ they are copied to pages outside it first. The cost is a few numpy passes over t
 import time
 from dataclasses import dataclass, field
 
-from kexec_sim.kernel_image import next_kernel_range
-from kexec_sim.pages import PageRuns, PfnArray
+from kexec_sim import PageRuns, PfnArray, next_kernel_range
 
 from . import byte_stream, page_stream, tree_record
 from .errors import CorruptNode

@@ -3,7 +3,7 @@ is copied to pages outside it, a page for a page, and each file's page index fol
 
 import numpy as np
 
-from kexec_sim.pages import HUGE_ORDER, HUGE_PAGES
+from kexec_sim import HUGE_ORDER, HUGE_PAGES
 
 from . import file_data
 from .file_pages import CHUNK_SHIFT, page_entries

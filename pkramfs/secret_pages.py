@@ -11,9 +11,7 @@ keys, so the hibernation image writer, a process of its own, reads them the same
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import PfnArray, run_positions
-from kexec_sim.ram import Ram
-from kexec_sim.storage_keys import FETCH_PROTECT
+from kexec_sim import FETCH_PROTECT, PfnArray, Ram, run_positions
 
 Pages = npt.NDArray[np.uint8]
 

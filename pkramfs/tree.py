@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray
-from kexec_sim.ram import Ram
+from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
 from . import file_data, secret_pages, xattrs
 from .errors import FsError

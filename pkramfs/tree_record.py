@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PfnArray
+from kexec_sim import HUGE_ORDER, PAGE_SIZE, PfnArray
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
