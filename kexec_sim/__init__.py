@@ -19,19 +19,8 @@ from kexec_sim.errors import (
     UsageError,
 )
 from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
-from kexec_sim.kexec import (
-    ExecReport,
-    HandoverRefused,
-    LoadedImage,
-    exec_,
-    load,
-    loaded_image,
-    next_kernel_range,
-    power_on,
-    poweroff,
-    reboot,
-    unload,
-)
+from kexec_sim.kernel_image import LoadedImage, load, loaded_image, next_kernel_range, unload
+from kexec_sim.kexec import HandoverRefused, exec_
 from kexec_sim.machine import (
     DEFAULT_MACHINE_DIR,
     DEFAULT_RAM_BYTES,
@@ -58,8 +47,10 @@ from kexec_sim.pages import (
     pages_for_bytes,
     run_positions,
 )
+from kexec_sim.power import power_on, poweroff, reboot
 from kexec_sim.ram import Ram
 from kexec_sim.recovery import open_machine
+from kexec_sim.report import ExecReport
 from kexec_sim.sizes import parse_size
 from kexec_sim.storage_keys import CHANGED, FETCH_PROTECT, REFERENCED, StorageKeys
 from kexec_sim.super_block import node_list_head, read_super_block, set_node_list_head

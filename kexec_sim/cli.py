@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kexec_sim import kexec
+from kexec_sim import kernel_image, kexec, power
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
 from kexec_sim.errors import (
     CorruptImage,
@@ -67,6 +67,7 @@ from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
 from kexec_sim.recovery import discard_transition, open_machine
+from kexec_sim.report import ExecReport
 from kexec_sim.scrub import SCRUB_MODES
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.sizes import parse_size
@@ -320,7 +321,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     except InvalidRequest as exc:
         raise UsageError(f"--image-size: {exc}") from None
     try:
-        image = kexec.load(
+        image = kernel_image.load(
             machine,
             cmdline,
             addr_pfn=addr_pfn,
@@ -343,7 +344,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
 def _cmd_unload(args: argparse.Namespace) -> int:
     machine = _open(args)
     with machine.page_ownership() as po, po.locked():
-        found = kexec.unload(machine)
+        found = kernel_image.unload(machine)
     print("unloaded" if found else "nothing was loaded")
     return EXIT_OK
 
@@ -352,10 +353,10 @@ def _scrub_mode(args: argparse.Namespace) -> str:
     if args.scrub is not None:
         mode: str = args.scrub
         return mode
-    return kexec.check_scrub_env()
+    return power.check_scrub_env()
 
 
-def _print_exec(report: kexec.ExecReport, as_json: bool) -> None:
+def _print_exec(report: ExecReport, as_json: bool) -> None:
     _warn(report.warnings)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -411,24 +412,24 @@ def _cmd_reboot(args: argparse.Namespace) -> int:
             _warn([f"an interrupted {discarded.describe()} was discarded, not recovered"])
         machine = Machine.open(args.machine, create=False)
         if not machine.powered:
-            _print_exec(kexec.power_on(machine), args.json)
+            _print_exec(power.power_on(machine), args.json)
             return EXIT_OK
     else:
         machine = _open(args)
-    _print_exec(kexec.reboot(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
+    _print_exec(power.reboot(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
 
 def _cmd_poweroff(args: argparse.Namespace) -> int:
     machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
-    _print_exec(kexec.poweroff(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
+    _print_exec(power.poweroff(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
     return EXIT_OK
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
     machine = _open(args)
-    _print_exec(kexec.power_on(machine), args.json)
+    _print_exec(power.power_on(machine), args.json)
     return EXIT_OK
 
 
@@ -492,7 +493,7 @@ def _scrub_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scrub",
         choices=SCRUB_MODES,
-        help=f"punch holes or poison (default: ${kexec.SCRUB_ENV} or {kexec.DEFAULT_SCRUB})",
+        help=f"punch holes or poison (default: ${power.SCRUB_ENV} or {power.DEFAULT_SCRUB})",
     )
 
 

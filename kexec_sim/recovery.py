@@ -12,7 +12,7 @@ left alone (MachineBusy); a recovery already under way in another command is wai
 from collections.abc import Callable
 from pathlib import Path
 
-from kexec_sim import kexec
+from kexec_sim import kexec, power
 from kexec_sim.errors import MachineError
 from kexec_sim.hibernation.hibernate import undo_hibernate
 from kexec_sim.hibernation.resume import finish_resume, undo_resume
@@ -127,12 +127,12 @@ def _finish(machine: Machine, transition: Transition) -> str:
         kexec.finish_exec(machine, transition)
         return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
     if action == "reboot":
-        kexec.finish_reboot(machine, transition)
+        power.finish_reboot(machine, transition)
         return f"{what}: generation {machine.generation} booted"
     if action == "resume":
         finish_resume(machine, transition)
         return f"{what}: generation {machine.generation} booted (mount to restore the trees)"
-    kexec.finish_poweroff(machine, transition)  # poweroff, or hibernate's
+    power.finish_poweroff(machine, transition)  # poweroff, or hibernate's
     if action == "hibernate":
         image = transition.facts.get("image")
         return (

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kexec_sim.mounts import is_fuse, read_mounts
 from kexec_sim.owners import OwnerInfo
+from kexec_sim.ownership import PageOwnership
 from kexec_sim.process import is_alive
 
 DEFAULT_STOP_TIMEOUT_S = 5.0
@@ -112,4 +113,30 @@ def stop_owners(
         stopped.append(
             StoppedOwner(owner_id, info.name, info.pid, info.mountpoint, how, was_unmounted)
         )
+    return stopped
+
+
+def _losses(po: PageOwnership, owners: Mapping[int, OwnerInfo]) -> list[str]:
+    """One warning per registered owner holding pages: those pages are lost."""
+    counts = po.count_by_owner()
+    return [
+        f"{info.mountpoint or info.name} (owner {owner_id}): {counts[owner_id]} pages not "
+        "preserved, lost"
+        for owner_id, info in sorted(owners.items())
+        if counts.get(owner_id, 0)
+    ]
+
+
+def stop_everyone(
+    po: PageOwnership, stop_timeout_s: float, warnings: list[str]
+) -> list[StoppedOwner]:
+    """Stop every registered owner of the boot (daemons), after warning which lose pages.
+
+    Appends to *warnings* the mounts that lose data and the processes that survived SIGKILL.
+    """
+    with po.locked():
+        owners = po.owners()
+        warnings += _losses(po, owners)
+    stopped = stop_owners(owners, stop_timeout_s)
+    warnings += [f"{s.name} (pid {s.pid}) survived SIGKILL" for s in stopped if s.how == "alive"]
     return stopped

@@ -36,8 +36,6 @@ from kexec_sim.allocator import PfnRange
 from kexec_sim.errors import CorruptMachine, MachineBusy, MachineError
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.process import is_alive, process_start_time
-from kexec_sim.ram import Ram
-from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
 
 TRANSITION_FILE = "transition.json"
 POWER_LOCK_FILE = "power.lock"
@@ -271,37 +269,6 @@ def clear_record(machine_dir: Path) -> None:
     """Remove ``transition.json`` (the caller holds the power lock)."""
     with suppress(FileNotFoundError):
         (machine_dir / TRANSITION_FILE).unlink()
-
-
-def super_block_facts(ram: Ram, sb_pfn: int) -> dict[str, int]:
-    """The super block at *sb_pfn* as a handover leaves it, for the record: a boot that runs
-    again must read what the first attempt read (its early boot rewrites the page)."""
-    sb = read_super_block(ram, sb_pfn)
-    return {
-        "super_block_pfn": sb_pfn,
-        "generation": sb.generation,
-        "table_root_pfn": sb.table_root_pfn,
-        "node_list_pfn": sb.node_list_pfn,
-    }
-
-
-def rewrite_super_block(ram: Ram, facts: Mapping[str, object], key: str = "super_block") -> None:
-    """Write back the super block recorded in *facts* under *key* (None: nothing to write)."""
-    saved = facts.get(key)
-    if saved is None:
-        return
-    if not isinstance(saved, dict):
-        raise CorruptMachine(f"transition record: {key!r} is not an object")
-    sb = SuperBlock(
-        fact_int(saved, "generation"),
-        ram.nr_pages,
-        fact_int(saved, "table_root_pfn", below=ram.nr_pages),
-        fact_int(saved, "node_list_pfn", below=ram.nr_pages),
-    )
-    pfn = fact_int(saved, "super_block_pfn", below=ram.nr_pages)
-    if pfn == 0:
-        raise CorruptMachine("transition record: super block pfn 0")
-    write_super_block(ram, pfn, sb)
 
 
 def fact_int(facts: Mapping[str, object], key: str, below: int | None = None) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kexec_sim import CorruptMachine, Machine
-from kexec_sim.kexec import poweroff
+from kexec_sim.power import poweroff
 from kexec_sim.storage_keys import (
     ARCHITECTURAL,
     CHANGED,

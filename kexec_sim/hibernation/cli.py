@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
-from kexec_sim import kexec
+from kexec_sim import power
 from kexec_sim.errors import InvalidRequest, UsageError
 from kexec_sim.hibernation import hibernate, resume
 from kexec_sim.hibernation.format import COMPRESSIONS
@@ -133,7 +133,7 @@ def run_hibernate(args: argparse.Namespace) -> int:
             **_key_options(args),
             max_bytes=max_bytes,
             base=args.base,
-            scrub=kexec.check_scrub_env(),
+            scrub=power.check_scrub_env(),
             stop_timeout_s=args.stop_timeout,
             progress=bar,
         ),

@@ -30,24 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
+from kexec_sim.handover import drop_stale_table, write_handover
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey, image_key
 from kexec_sim.hibernation.last_image import read_last_image
 from kexec_sim.hibernation.progress import Progress
 from kexec_sim.hibernation.report import Report, reason
-from kexec_sim.kexec import (
-    DEFAULT_SCRUB,
-    DEFAULT_STOP_TIMEOUT_S,
-    Phases,
-    begin_transition,
-    drop_stale_table,
-    poweroff,
-    write_handover,
-)
 from kexec_sim.machine import Machine
 from kexec_sim.mounts import read_mounts
 from kexec_sim.owners import OwnerInfo
 from kexec_sim.ownership import PageOwnership
+from kexec_sim.power import DEFAULT_SCRUB, begin_transition, poweroff
+from kexec_sim.report import Phases
+from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.super_block import read_super_block
 from kexec_sim.transition import give_up
 

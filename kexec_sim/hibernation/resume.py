@@ -28,6 +28,7 @@ from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, InvalidRequest, MachineError
+from kexec_sim.handover import rewrite_super_block, super_block_facts
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey, image_key
 from kexec_sim.hibernation.format import ImageHeader, PfnList
@@ -35,20 +36,12 @@ from kexec_sim.hibernation.last_image import write_last_image
 from kexec_sim.hibernation.progress import Progress
 from kexec_sim.hibernation.report import Report, reason
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
-from kexec_sim.kexec import Phases
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
 from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
-from kexec_sim.transition import (
-    Transition,
-    fact_range,
-    fact_str,
-    fault_point,
-    give_up,
-    rewrite_super_block,
-    super_block_facts,
-)
+from kexec_sim.report import Phases
+from kexec_sim.transition import Transition, fact_range, fact_str, fault_point, give_up
 
 
 @dataclass(frozen=True)
