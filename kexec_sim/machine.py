@@ -57,6 +57,7 @@ from kexec_sim.owners import FREE, KERNEL, boot_owner_map
 from kexec_sim.ownership import LOCK_FILE, MAP_FILE, REGISTRY_FILE, PageOwnership
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
+from kexec_sim.transition import PowerLock, busy, read_record
 
 __all__ = [
     "DEFAULT_MACHINE_DIR",
@@ -186,7 +187,8 @@ class Machine:
     ) -> "Machine":
         """Create a fresh machine at *path* with *ram_bytes* of RAM, booted (generation 1).
 
-        An existing machine there is wiped when *force*, else MachineExists; a directory that
+        An existing machine there is wiped when *force* (MachineBusy while a power-state change
+        holds it), else MachineExists; a directory that
         is neither empty nor a machine is never wiped (MachineError). Raises InvalidRequest for a
         bad size or command line.
         """
@@ -195,6 +197,10 @@ class Machine:
         target = resolve_machine_dir(path)
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         wipe = _must_wipe(target, force)
+        power = PowerLock(target) if wipe else None  # never wipe a machine mid-transition
+        if power is not None and not power.try_acquire():
+            power.release()
+            raise busy(target, read_record(target))
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
         trash = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         try:
@@ -211,6 +217,8 @@ class Machine:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
+            if power is not None:
+                power.release()
             shutil.rmtree(trash, ignore_errors=True)
         fsync_dir(target.parent)
         return cls._load(target)

@@ -481,3 +481,15 @@ def test_a_record_that_cannot_be_trusted_has_a_way_out(
     assert forced.returncode == 0, forced.stderr
     assert "discarded, not recovered" in forced.stderr
     assert kexec_sim(machine, "check").returncode == 0
+
+
+def test_init_force_never_wipes_a_machine_mid_transition(machine: Machine) -> None:
+    lock = PowerLock(machine.path)
+    assert lock.try_acquire()  # this process stands for a running exec
+    try:
+        refused = kexec_sim(machine, "init", "--force", "--ram", "64M")
+        assert refused.returncode == 1 and "is busy" in refused.stderr, refused.stderr
+        assert machine.boot_record().generation == 1 and machine.ram_bytes != 64 << 20
+    finally:
+        lock.release()
+    assert kexec_sim(machine, "init", "--force", "--ram", "64M").returncode == 0
