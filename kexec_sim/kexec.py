@@ -32,10 +32,10 @@ from kexec_sim.kernel_image import LoadedImage, loaded_image, write_image
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FIRMWARE, HANDOVER, PRESERVED
 from kexec_sim.ownership import PageOwnership
-from kexec_sim.power import DEFAULT_SCRUB, begin_transition, check_scrub
+from kexec_sim.power import DEFAULT_SCRUB, begin_transition, check_scrub, stop_phase
 from kexec_sim.ram import Ram
 from kexec_sim.report import ExecReport, Phases
-from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, stop_everyone
+from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
 from kexec_sim.transition import Transition, fact_range, fact_str, give_up
 
 __all__ = ["ExecReport", "HandoverRefused", "exec_", "finish_exec", "undo_exec"]
@@ -80,10 +80,7 @@ def exec_(
             with po.locked():  # refuse before stopping anything
                 refuse_preserved_in(po.owner_map, image)
                 handover_plan(ram, po, sb_pfn, wanted, force)
-            warnings: list[str] = []
-            transition.record("stop")
-            with phases("stop"):
-                stopped = stop_everyone(po, stop_timeout_s, warnings)
+            stopped, warnings = stop_phase(transition, po, phases, stop_timeout_s)
             with po.locked():
                 po.reclaim_dead_owners()
                 refuse_preserved_in(po.owner_map, image)

@@ -21,7 +21,7 @@ from kexec_sim.ownership import PageOwnership
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 from kexec_sim.report import ExecReport, Phases, boot_report
-from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, stop_everyone
+from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_everyone
 from kexec_sim.transition import Transition, fact_range, fact_str, give_up
 
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
@@ -68,6 +68,18 @@ def begin_transition(machine: Machine, action: str, generation: int) -> Transiti
     return transition
 
 
+def stop_phase(
+    transition: Transition, po: PageOwnership, phases: Phases, stop_timeout_s: float
+) -> tuple[list[StoppedOwner], list[str]]:
+    """A transition's ``stop`` phase: recorded, then every process of the boot stopped;
+    (what was stopped, warnings: the mounts that lose data, the processes that survived)."""
+    warnings: list[str] = []
+    transition.record("stop")
+    with phases("stop"):
+        stopped = stop_everyone(po, stop_timeout_s, warnings)
+    return stopped, warnings
+
+
 def reboot(
     machine: Machine,
     *,
@@ -88,10 +100,7 @@ def reboot(
     transition = begin_transition(machine, "reboot", record.generation)
     try:
         with machine.page_ownership() as po, machine.ram() as ram:
-            warnings: list[str] = []
-            transition.record("stop")
-            with phases("stop"):
-                stopped = stop_everyone(po, stop_timeout_s, warnings)
+            stopped, warnings = stop_phase(transition, po, phases, stop_timeout_s)
             with po.locked():
                 po.reclaim_dead_owners()
                 preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
@@ -146,10 +155,7 @@ def poweroff(
         with machine.page_ownership() as po, machine.ram() as ram:
             with po.locked():
                 preserved = int(np.count_nonzero(po.owner_map == PRESERVED))
-            warnings: list[str] = []
-            transition.record("stop")
-            with phases("stop"):
-                stopped = stop_everyone(po, stop_timeout_s, warnings)
+            stopped, warnings = stop_phase(transition, po, phases, stop_timeout_s)
             if preserved:
                 warnings.append(f"{preserved} preserved pages are lost (power off)")
             with po.locked():
