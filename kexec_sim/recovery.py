@@ -91,7 +91,7 @@ def discard_transition(machine_dir: Path) -> TransitionRecord | None:
     try:
         if not lock.try_acquire():
             raise busy(machine_dir, read_record(machine_dir))
-        record = read_record(machine_dir) if (machine_dir / TRANSITION_FILE).exists() else None
+        record = read_record(machine_dir)
         clear_record(machine_dir)
         return record
     finally:

@@ -54,6 +54,11 @@ PRESERVING = frozenset({("hibernate", "preserve")})
 """(action, phase) during which mounts may preserve themselves: hibernate preserving them."""
 
 
+def is_committed(action: str, phase: str | None) -> bool:
+    """Whether *phase* of *action* is past its point of no return (COMMITTED_PHASES)."""
+    return phase in COMMITTED_PHASES.get(action, frozenset())
+
+
 @dataclass(frozen=True)
 class TransitionRecord:
     """What ``transition.json`` says."""
@@ -75,7 +80,7 @@ class TransitionRecord:
     @property
     def committed(self) -> bool:
         """Whether the transition is past its point of no return (it can only be finished)."""
-        return self.phase in COMMITTED_PHASES.get(self.action, frozenset())
+        return is_committed(self.action, self.phase)
 
     def describe(self) -> str:
         """One line: which transition stopped where."""
@@ -184,7 +189,7 @@ class Transition:
     @property
     def committed(self) -> bool:
         """Whether the recorded phase is past the point of no return."""
-        return self.phase in COMMITTED_PHASES.get(self.action, frozenset())
+        return is_committed(self.action, self.phase)
 
     @classmethod
     def begin(cls, machine_dir: Path, action: str, generation: int) -> "Transition":
@@ -218,7 +223,7 @@ class Transition:
 
         A committed transition never goes back to a phase that could be undone.
         """
-        if self.committed and phase not in COMMITTED_PHASES[self.action]:
+        if self.committed and not is_committed(self.action, phase):
             raise MachineError(f"{self.action}: phase {phase!r} after committed {self.phase!r}")
         self.phase = phase
         self.facts.update(facts)
