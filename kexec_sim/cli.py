@@ -267,8 +267,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     with machine.page_ownership() as ownership, ownership.locked(), machine.ram() as ram:
         reclaimed = ownership.reclaim_dead_owners()
         report = _page_report(machine, ownership)
-        problems = ownership.check({})
-        problems += handover_problems(ram, ownership.super_block_pfn, machine.generation)
+        boot = machine.boot_record()
+        problems = ownership.check({}, boot)
+        problems += handover_problems(ram, boot.super_block_pfn, boot.generation)
     if reclaimed:
         print(f"reclaimed {len(reclaimed)} dead owners: {', '.join(map(str, reclaimed))}")
     _print_report(report)

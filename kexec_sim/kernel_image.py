@@ -223,11 +223,11 @@ def load(
     if not 0 < image_size <= machine.ram_bytes:
         raise InvalidRequest(f"image size {image_size} bytes must be 1 byte to the RAM size")
     nr_pages = pages_for_bytes(image_size)
+    sb_pfn = machine.boot_record().super_block_pfn  # 0 (none) is exec's to refuse
     with machine.page_ownership() as po, po.locked():
         owner_map = po.owner_map
         start = _choose_start(machine, owner_map, nr_pages, addr_pfn, kaslr)
         preserved = int(np.count_nonzero(owner_map == PRESERVED))
-        sb_pfn = po.super_block_pfn
         warnings = []
         if pkram is None and preserved:
             warnings.append(

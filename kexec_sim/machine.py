@@ -7,12 +7,14 @@ Layout (directories 0700, files 0600)::
                     made before it existed derive theirs from created_ns and ram_bytes)
     RAM             the physical memory, a sparse file of ram_bytes
     KEYS            the storage keys, one byte per page (kexec_sim.storage_keys)
-    boot.json       {"generation", "cmdline", "booted_ns", "powered", "kernel_image"} of the
-                    current boot (1 = first); kernel_image is {"start_pfn", "nr_pages"} of
-                    the image a kexec loaded, or null (the memory map's KERNEL region)
+    boot.json       {"generation", "cmdline", "booted_ns", "powered", "kernel_image",
+                    "super_block_pfn"} of the current boot (1 = first); kernel_image is
+                    {"start_pfn", "nr_pages"} of the image a kexec loaded, or null (the
+                    memory map's KERNEL region). The one source of the boot's facts.
     cmdline         the current boot's command line, like /proc/cmdline
     sys/kernel/     values the running kernel exports (like /sys/kernel)
-      pkram         this boot's PKRAM super block pfn, decimal, newline-terminated
+      pkram         this boot's PKRAM super block pfn, decimal, newline-terminated (an
+                    export for users and scripts; kexec-sim reads boot.json)
     logs/           boot-<generation>.log: what early boot did (pkramfs daemons log here too)
     boot/           state of the current boot only, recreated by every boot:
       page-owners   the page-ownership map (kexec_sim.ownership)
@@ -36,11 +38,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from kexec_sim.allocator import PfnRange
-from kexec_sim.boot import EarlyBoot, early_boot
+from kexec_sim.boot import BootRecord, EarlyBoot, early_boot
 from kexec_sim.cmdline import MAX_CMDLINE_BYTES, check_cmdline
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, MachineExists
 from kexec_sim.filelock import FileLock
@@ -102,18 +104,6 @@ def check_ram_bytes(ram_bytes: int) -> None:
             f"RAM size {ram_bytes} bytes must be a multiple of {PAGE_SIZE} "
             f"between {MIN_RAM_BYTES >> 20} MiB and {MAX_RAM_BYTES >> 40} TiB"
         )
-
-
-@dataclass(frozen=True)
-class BootRecord:
-    """The current boot of a machine (``boot.json``)."""
-
-    generation: int
-    cmdline: str
-    booted_ns: int
-    powered: bool = True
-    kernel_image: PfnRange | None = None
-    """The pfn range of the image a kexec loaded; None: the memory map's KERNEL region."""
 
 
 class Machine:
@@ -289,12 +279,18 @@ class Machine:
             if end > self.nr_pages:
                 raise CorruptMachine(f"{where}: kernel image {start}..{end} is outside RAM")
             kernel_image = (start, end)
+        super_block_pfn = 0  # none: booted by a kexec-sim older than the field
+        if "super_block_pfn" in data:
+            super_block_pfn = get_int(data, "super_block_pfn", where)
+        if super_block_pfn >= self.nr_pages:
+            raise CorruptMachine(f"{where}: super block pfn {super_block_pfn} is outside RAM")
         return BootRecord(
             generation=get_int(data, "generation", where, minimum=1),
             cmdline=get_str(data, "cmdline", where),
             booted_ns=get_int(data, "booted_ns", where),
             powered=powered,
             kernel_image=kernel_image,
+            super_block_pfn=super_block_pfn,
         )
 
     @property
@@ -314,24 +310,19 @@ class Machine:
 
     @property
     def super_block_pfn(self) -> int:
-        """The current boot's PKRAM super block pfn, as exported in ``sys/kernel/pkram``.
+        """The current boot's PKRAM super block pfn (boot.json; exported in ``sys/kernel/pkram``).
 
-        Raises MachineError when the machine is powered off, CorruptMachine when the export
-        is missing or not a pfn of this RAM.
+        Raises MachineError when the machine is powered off, CorruptMachine when the boot
+        has none (a machine booted by an older kexec-sim).
         """
         self.require_powered()
-        path = self.sys_kernel_dir / PKRAM_EXPORT
-        try:
-            text = path.read_text(encoding="ascii", errors="replace")
-        except FileNotFoundError:
+        pfn = self.boot_record().super_block_pfn
+        if not pfn:
             raise CorruptMachine(
-                f"{path}: missing (a machine booted by an older kexec-sim has no PKRAM super "
-                f"block: 'kexec-sim --machine {self.path} reboot' gives it one)"
-            ) from None
-        value = text.removesuffix("\n")
-        if not (value.isascii() and value.isdigit()) or not 0 < int(value) < self.nr_pages:
-            raise CorruptMachine(f"{path}: {text[:40]!r} is not a pfn of this RAM")
-        return int(value)
+                f"{self.path / BOOT_FILE}: no super block (a machine booted by an older "
+                f"kexec-sim has none: 'kexec-sim --machine {self.path} reboot' gives it one)"
+            )
+        return pfn
 
     def require_powered(self) -> None:
         if not self.powered:
@@ -485,17 +476,15 @@ def _write_boot(
         image[image == FREE] = KERNEL
     with Ram(path / RAM_FILE, nr_pages) as ram:
         booted = early_boot(ram, owner_map, cmdline, generation)
-    PageOwnership.format(
-        boot_dir,
-        owner_map,
-        super_block_pfn=booted.super_block_pfn,
-        kernel_image=kernel_image or (0, 0),
-    )
+    PageOwnership.format(boot_dir, owner_map)
     write_text_atomic(path / SYS_KERNEL_DIR / PKRAM_EXPORT, f"{booted.super_block_pfn}\n")
     logs = path / LOGS_DIR
     logs.mkdir(mode=0o700, exist_ok=True)
     write_text_atomic(logs / f"boot-{generation}.log", "".join(f"{line}\n" for line in booted.log))
-    _write_boot_record(path, BootRecord(generation, cmdline, time.time_ns(), True, kernel_image))
+    _write_boot_record(
+        path,
+        BootRecord(generation, cmdline, time.time_ns(), True, kernel_image, booted.super_block_pfn),
+    )
     return booted
 
 
@@ -512,6 +501,7 @@ def _write_boot_record(path: Path, record: BootRecord) -> None:
             "kernel_image": None
             if image is None
             else {"start_pfn": image[0], "nr_pages": image[1] - image[0]},
+            "super_block_pfn": record.super_block_pfn,
         },
     )
     write_text_atomic(path / CMDLINE_FILE, record.cmdline + "\n")

@@ -16,12 +16,8 @@ Header (little-endian, padded to HEADER_BYTES so the owner array is page aligned
     16  u64 nr_pages
     24  u64 allocator next-fit cursor (pfn)
     32  u64 registry serial (bumped on every owners.json write; caches key on it)
-    40  u64 super block pfn: this boot's HANDOVER page (0 = none)
-    48  u64 first pfn of this boot's kernel image (KERNEL pages outside the memory map's
-        KERNEL regions)
-    56  u64 pages of the kernel image (0 = none)
-
-The fields from 40 on are written when the boot formats the map and never change.
+    40      zero to HEADER_BYTES (version 1 maps made before boot.json held the boot's
+            super block and kernel image kept them here; they are ignored)
 """
 
 import mmap
@@ -37,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.allocator import PfnRange, find_free
+from kexec_sim.boot import BootRecord
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
@@ -91,7 +88,7 @@ LOCK_FILE = "lock"
 MAGIC = b"KSIMOWN\0"
 VERSION = 1
 HEADER_BYTES = PAGE_SIZE
-_HEADER = struct.Struct("<8sIIQQQQQQ")
+_HEADER = struct.Struct("<8sIIQQQ")
 _CURSOR_OFFSET = 24
 _SERIAL_OFFSET = 32
 FAULT_ENV = "KEXEC_SIM_FAULT"
@@ -139,11 +136,6 @@ class PageOwnership(Closing):
         self._owners = np.frombuffer(self._mmap, dtype="<i4", count=nr_pages, offset=HEADER_BYTES)
         self._cursor = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_CURSOR_OFFSET)
         self._serial = np.frombuffer(self._mmap, dtype="<u8", count=1, offset=_SERIAL_OFFSET)
-        sb_pfn, image_pfn, image_pages = _HEADER.unpack_from(self._mmap)[6:]
-        self.super_block_pfn: int = sb_pfn
-        """This boot's super block (its HANDOVER page), 0 when it has none."""
-        self.kernel_image: PfnRange = (image_pfn, image_pfn + image_pages)
-        """The pfn range of this boot's kernel image (owned by KERNEL)."""
 
     def _map_file(self, map_path: Path) -> mmap.mmap:
         size_bytes = os.fstat(self._fd).st_size
@@ -152,9 +144,7 @@ class PageOwnership(Closing):
                 f"{map_path}: {size_bytes} bytes, expected a map of {self.nr_pages} pages"
             )
         mapped = mmap.mmap(self._fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        magic, version, header_bytes, nr_pages, cursor, _, sb_pfn, image_pfn, image_pages = (
-            _HEADER.unpack_from(mapped)
-        )
+        magic, version, header_bytes, nr_pages, cursor, _ = _HEADER.unpack_from(mapped)
         problem = None
         if magic != MAGIC:
             problem = f"bad magic {magic!r}"
@@ -162,42 +152,20 @@ class PageOwnership(Closing):
             problem = f"unsupported version {version} (header {header_bytes} bytes)"
         elif nr_pages != self.nr_pages or cursor >= nr_pages:
             problem = f"header says {nr_pages} pages (cursor {cursor}), machine has {self.nr_pages}"
-        elif sb_pfn >= nr_pages or image_pfn + image_pages > nr_pages:
-            problem = (
-                f"super block pfn {sb_pfn} or kernel image {image_pfn}+{image_pages} outside RAM"
-            )
         if problem is not None:
             mapped.close()
             raise CorruptMachine(f"{map_path}: {problem}")
         return mapped
 
     @staticmethod
-    def format(
-        boot_dir: Path,
-        owner_map: npt.NDArray[np.int32],
-        *,
-        super_block_pfn: int = 0,
-        kernel_image: PfnRange = (0, 0),
-    ) -> None:
+    def format(boot_dir: Path, owner_map: npt.NDArray[np.int32]) -> None:
         """Write a fresh boot state in *boot_dir*: the map *owner_map* (one id per pfn), no owners.
 
-        *super_block_pfn* and *kernel_image* (a pfn range) go into the header for the checker.
         Replaces the files by rename, so processes of an older boot keep a detached copy.
         The caller holds ``boot/lock`` (or is the only user of *boot_dir*).
         """
         nr_pages = owner_map.size
-        image_pages = kernel_image[1] - kernel_image[0]
-        header = _HEADER.pack(
-            MAGIC,
-            VERSION,
-            HEADER_BYTES,
-            nr_pages,
-            0,
-            0,
-            super_block_pfn,
-            kernel_image[0],
-            image_pages,
-        )
+        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, nr_pages, 0, 0)
         tmp = boot_dir / f".{MAP_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -528,8 +496,9 @@ class PageOwnership(Closing):
         with self.locked():
             return int(np.count_nonzero(self._owners == FREE))
 
-    def check(self, claims: Mapping[int, PfnArray]) -> list[str]:
-        """Return the problems of the map against *claims* (owner id -> pfns it believes it owns).
+    def check(self, claims: Mapping[int, PfnArray], boot: BootRecord) -> list[str]:
+        """Return the problems of the map against *claims* (owner id -> pfns it believes it owns)
+        and the facts of *boot* (its super block and kernel image).
 
         Empty means clean. Reports pfns claimed twice, claimed but owned by someone else,
         owned by a claiming owner that does not claim them (leaks), owned by unregistered
@@ -543,6 +512,6 @@ class PageOwnership(Closing):
                 self.memory_map,
                 registered,
                 claims,
-                super_block_pfn=self.super_block_pfn,
-                kernel_image=self.kernel_image,
+                super_block_pfn=boot.super_block_pfn,
+                kernel_image=boot.kernel_image or (0, 0),
             )

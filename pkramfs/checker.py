@@ -58,7 +58,8 @@ def check_machine(machine: Machine, claims: dict[int, PfnArray] | None = None) -
     store, ownership, ram = _store(machine)
     try:
         ownership.reclaim_dead_owners()
-        problems = ownership.check(gather_claims(machine) if claims is None else claims)
+        boot = machine.boot_record()
+        problems = ownership.check(gather_claims(machine) if claims is None else claims, boot)
         handover = handover_problems(ram, store.sb_pfn, store.generation)
         return problems + (handover or store.check())
     finally:

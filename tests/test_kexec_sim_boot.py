@@ -74,7 +74,7 @@ def test_a_handover_is_reserved_before_anything_allocates(small_machine: Machine
     log = (small_machine.path / "logs/boot-2.log").read_text()
     assert f"reserved 100 preserved pages, consumed a table of {table.size} pages" in log
     with small_machine.page_ownership() as po:
-        assert po.check({}) == []
+        assert po.check({}, small_machine.boot_record()) == []
 
 
 @pytest.mark.parametrize(
@@ -131,4 +131,4 @@ def test_power_off_state_is_refused_clearly(small_machine: Machine) -> None:
     small_machine.start_boot("")
     assert small_machine.powered and small_machine.generation == 2
     with small_machine.page_ownership() as po:
-        assert po.owners() == {} and po.check({}) == []
+        assert po.owners() == {} and po.check({}, small_machine.boot_record()) == []

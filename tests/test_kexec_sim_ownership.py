@@ -8,7 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,11 @@ def snapshot(po: PageOwnership) -> np.ndarray:
         return po.owner_map.copy()
 
 
+def check(po: PageOwnership, claims: Mapping[int, PfnArray]) -> list[str]:
+    """The checker's problems for *claims* and the facts of the boot *po* belongs to."""
+    return po.check(claims, Machine.open(po.boot_dir.parent, create=False).boot_record())
+
+
 def poke(machine: Machine, pfn: int, owner_id: int) -> None:
     """Corrupt the map behind the API's back, like a buggy process would."""
     fd = os.open(machine.boot_dir / MAP_FILE, os.O_WRONLY)
@@ -85,10 +90,11 @@ def test_fresh_map_follows_memory_map(small_machine: Machine, po: PageOwnership)
     free = po.pages_of(FREE)
     usable = np.flatnonzero(small_machine.memory_map.usable_mask(NR_PAGES))
     assert np.array_equal(free, usable[usable != SUPER_BLOCK_PFN])
-    assert po.pages_of(HANDOVER).tolist() == [SUPER_BLOCK_PFN] == [po.super_block_pfn]
-    assert po.kernel_image == (0, 0)
+    assert po.pages_of(HANDOVER).tolist() == [SUPER_BLOCK_PFN]
+    assert small_machine.super_block_pfn == SUPER_BLOCK_PFN
+    assert small_machine.boot_record().kernel_image is None
     assert po.owners() == {}
-    assert po.check({}) == []
+    assert check(po, {}) == []
 
 
 def test_bad_header_is_corrupt(small_machine: Machine) -> None:
@@ -153,7 +159,7 @@ def test_allocate_gives_distinct_free_usable_pages(
     assert small_machine.memory_map.usable_mask(NR_PAGES)[pfns].all()
     assert np.array_equal(po.pages_of(owner), np.sort(pfns))
     assert po.free_pages() == USABLE_PAGES - 1000
-    assert po.check({owner: pfns}) == []
+    assert check(po, {owner: pfns}) == []
 
 
 def test_allocate_is_next_fit_and_wraps(po: PageOwnership, owner: int) -> None:
@@ -166,7 +172,7 @@ def test_allocate_is_next_fit_and_wraps(po: PageOwnership, owner: int) -> None:
     wrapped = po.allocate(owner, 60)  # the 50 freed pages first, then on from there
     assert np.array_equal(wrapped[:50], first[:50])
     assert (np.diff(wrapped) > 0).all()
-    assert po.check({owner: np.concatenate([first[50:], second, tail, wrapped])}) == []
+    assert check(po, {owner: np.concatenate([first[50:], second, tail, wrapped])}) == []
 
 
 def test_freed_pages_are_reused_first(po: PageOwnership, owner: int) -> None:
@@ -189,7 +195,7 @@ def test_allocate_is_all_or_nothing(po: PageOwnership, owner: int) -> None:
     with pytest.raises(OutOfMemory):
         po.allocate(owner, 1)
     assert po.allocate(owner, 0).size == 0
-    assert po.check({owner: po.pages_of(owner)}) == []
+    assert check(po, {owner: po.pages_of(owner)}) == []
     assert everything.size == USABLE_PAGES - 100
 
 
@@ -209,7 +215,7 @@ def test_allocate_huge_gives_aligned_free_runs(po: PageOwnership, owner: int) ->
     assert bases.tolist() == [1 * HUGE_PAGES, 3 * HUGE_PAGES, 4 * HUGE_PAGES]
     pages = (bases[:, None] + np.arange(HUGE_PAGES)).ravel()
     assert np.array_equal(po.pages_of(owner), np.sort(np.concatenate([small, pages])))
-    assert po.check({owner: np.concatenate([small, pages])}) == []
+    assert check(po, {owner: np.concatenate([small, pages])}) == []
 
 
 def test_allocate_huge_is_all_or_nothing(po: PageOwnership, owner: int) -> None:
@@ -234,7 +240,7 @@ def test_allocate_huge_on_ram_that_is_not_whole_huge_pages(tmp_path: Path) -> No
         with pytest.raises(OutOfMemory):
             po.allocate_huge(owner, 1)
         assert po.allocate(owner, 3).size == 3  # the tail pages are still usable
-        assert po.check({owner: po.pages_of(owner)}) == []
+        assert check(po, {owner: po.pages_of(owner)}) == []
 
 
 def test_map_header_matches_the_documented_layout(
@@ -242,13 +248,12 @@ def test_map_header_matches_the_documented_layout(
 ) -> None:
     pfns = po.allocate(owner, 10)
     header = (small_machine.boot_dir / MAP_FILE).read_bytes()[:HEADER_BYTES]
-    fields = struct.unpack_from("<8sIIQQQQQQ", header)
-    magic, version, header_bytes, nr_pages, cursor, serial, sb, image, image_pages = fields
+    fields = struct.unpack_from("<8sIIQQQ", header)
+    magic, version, header_bytes, nr_pages, cursor, serial = fields
     assert (magic, version, header_bytes, nr_pages) == (b"KSIMOWN\0", 1, 4096, NR_PAGES)
     assert cursor == pfns[-1] + 1
     assert serial == 1  # one registry write: the registration
-    assert (sb, image, image_pages) == (SUPER_BLOCK_PFN, 0, 0)
-    assert header[64:] == bytes(HEADER_BYTES - 64)
+    assert header[40:] == bytes(HEADER_BYTES - 40)  # boot facts live in boot.json
 
 
 # -- free and transfer --------------------------------------------------------------------
@@ -274,7 +279,7 @@ def test_free_checks_every_pfn(po: PageOwnership, owner: int) -> None:
     assert np.array_equal(snapshot(po), before)
     po.free(owner, mine[::-1])
     assert po.pages_of(owner).size == 0
-    assert po.check({owner: mine[:0], other: theirs}) == []
+    assert check(po, {owner: mine[:0], other: theirs}) == []
 
 
 def test_transfer_moves_pages_and_checks_them(po: PageOwnership, owner: int) -> None:
@@ -293,7 +298,7 @@ def test_transfer_moves_pages_and_checks_them(po: PageOwnership, owner: int) -> 
     assert np.array_equal(snapshot(po), before)
     claimed = po.pages_of(FREE)[:3]  # FREE -> owner claims specific free pages
     po.transfer(claimed, FREE, owner)
-    assert po.check({owner: np.concatenate([pfns[5:], claimed]), other: pfns[:5]}) == []
+    assert check(po, {owner: np.concatenate([pfns[5:], claimed]), other: pfns[:5]}) == []
 
 
 # -- lock and boots -----------------------------------------------------------------------
@@ -390,7 +395,7 @@ def test_dead_owner_is_reclaimed(small_machine: Machine, po: PageOwnership, tmp_
     assert po.reclaim_dead_owners() == [owner_id]
     assert owner_id not in po.owners()
     assert po.free_pages() == USABLE_PAGES
-    assert po.check({}) == []
+    assert check(po, {}) == []
 
 
 def test_allocation_reclaims_dead_owners_before_giving_up(
@@ -407,7 +412,7 @@ def test_allocation_reclaims_dead_owners_before_giving_up(
         finish(child)
     pfns = po.allocate(owner, 10)  # succeeds only by reclaiming the killed child's pages
     assert hog not in po.owners()
-    assert po.check({owner: pfns}) == []
+    assert check(po, {owner: pfns}) == []
 
 
 def test_reused_pid_does_not_keep_an_owner_alive(
@@ -435,7 +440,7 @@ def test_concurrent_allocations_never_share_a_page(
         got = [np.load(out) for out in outs]
         assert all(g.size == 7 * 400 for g in got)
         assert np.intersect1d(got[0], got[1]).size == 0
-        assert po.check(dict(zip(ids, got, strict=True))) == []
+        assert check(po, dict(zip(ids, got, strict=True))) == []
     finally:
         codes = [finish(child) for child in children]
     assert codes == [0, 0]
@@ -482,13 +487,13 @@ def two(po: PageOwnership) -> Two:
 
 def test_checker_is_clean_for_exact_claims(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    assert po.check({a: pa, b: pb}) == []
-    assert po.check({a: pa}) == []  # owners without claims are not checked for leaks
+    assert check(po, {a: pa, b: pb}) == []
+    assert check(po, {a: pa}) == []  # owners without claims are not checked for leaks
 
 
 def test_checker_finds_a_pfn_claimed_twice_by_one_owner(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    problems = po.check({a: np.concatenate([pa, pa[:3]]), b: pb})
+    problems = check(po, {a: np.concatenate([pa, pa[:3]]), b: pb})
     assert problems == [
         f"owner {a} claims 3 pfns more than once, e.g. {', '.join(map(str, np.sort(pa[:3])))}"
     ]
@@ -496,7 +501,7 @@ def test_checker_finds_a_pfn_claimed_twice_by_one_owner(po: PageOwnership, two: 
 
 def test_checker_finds_a_pfn_claimed_by_two_owners(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    problems = po.check({a: pa, b: np.append(pb, pa[0])})
+    problems = check(po, {a: pa, b: np.append(pb, pa[0])})
     assert any(
         "claimed by more than one owner" in p and f"pfn {pa[0]} by owner {a}, owner {b}" in p
         for p in problems
@@ -507,7 +512,7 @@ def test_checker_finds_a_pfn_claimed_by_two_owners(po: PageOwnership, two: Two) 
 def test_checker_finds_a_claim_the_map_does_not_back(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
     free_pfn = int(po.pages_of(FREE)[0])
-    problems = po.check({a: np.append(pa, free_pfn), b: pb})
+    problems = check(po, {a: np.append(pa, free_pfn), b: pb})
     assert problems == [
         f"owner {a} claims 1 pfns the map gives to someone else, e.g. {free_pfn} (owned by free)"
     ]
@@ -515,7 +520,7 @@ def test_checker_finds_a_claim_the_map_does_not_back(po: PageOwnership, two: Two
 
 def test_checker_finds_a_leak(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    problems = po.check({a: pa[1:], b: pb})
+    problems = check(po, {a: pa[1:], b: pb})
     assert problems == [
         f"owner {a} owns 1 pfns in the map that it does not claim (leaked), e.g. {pa[0]}"
     ]
@@ -527,22 +532,22 @@ def test_checker_finds_pages_of_an_unregistered_owner(
     a, pa, b, pb = two
     free_pfn = int(po.pages_of(FREE)[0])
     poke(small_machine, free_pfn, 77)
-    assert po.check({a: pa, b: pb}) == [
+    assert check(po, {a: pa, b: pb}) == [
         f"1 pfns are owned by unregistered owner 77, e.g. {free_pfn}"
     ]
     poke(small_machine, free_pfn, -9)
-    assert po.check({}) == [f"1 pfns are owned by unregistered owner -9, e.g. {free_pfn}"]
+    assert check(po, {}) == [f"1 pfns are owned by unregistered owner -9, e.g. {free_pfn}"]
 
 
 def test_checker_finds_claims_of_an_unregistered_owner(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    problems = po.check({a: pa, b: pb, 99: np.array([], dtype=np.int64)})
+    problems = check(po, {a: pa, b: pb, 99: np.array([], dtype=np.int64)})
     assert problems == ["claims given for owner 99, which is not a registered owner"]
 
 
 def test_checker_finds_claims_outside_ram(po: PageOwnership, two: Two) -> None:
     a, pa, b, pb = two
-    problems = po.check({a: np.append(pa, [NR_PAGES, -5]), b: pb})
+    problems = check(po, {a: np.append(pa, [NR_PAGES, -5]), b: pb})
     assert problems == [
         f"owner {a} claims 2 pfns outside RAM (0..{NR_PAGES - 1}), e.g. {NR_PAGES}, -5"
     ]
@@ -555,7 +560,7 @@ def test_checker_finds_reserved_regions_off_the_memory_map(
     usable_pfn = int(po.pages_of(FREE)[0])
     poke(small_machine, kernel_pfn, FREE)
     poke(small_machine, usable_pfn, FIRMWARE)
-    assert po.check({}) == [
+    assert check(po, {}) == [
         f"1 pfns of the memory map's kernel regions are not owned by kernel, e.g. {kernel_pfn}",
         f"1 usable pfns are owned by a reserved owner (firmware), e.g. {usable_pfn}",
     ]
@@ -608,7 +613,7 @@ def test_a_transfer_killed_midway_is_finished_by_the_next_lock_holder(
     assert np.array_equal(po.pages_of(PRESERVED), pfns)
     assert po.pages_of(dead).size == 0 and dead not in po.owners()
     assert not (small_machine.boot_dir / JOURNAL_FILE).exists()
-    assert po.check({}) == []
+    assert check(po, {}) == []
 
 
 def test_replaying_a_journal_is_idempotent(
@@ -621,7 +626,7 @@ def test_replaying_a_journal_is_idempotent(
         assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
     write_journal(small_machine.boot_dir, pfns, owner, PRESERVED)  # replayed again: no change
     assert np.array_equal(po.pages_of(PRESERVED), np.sort(pfns))
-    assert po.check({owner: pfns[:0]}) == []
+    assert check(po, {owner: pfns[:0]}) == []
 
 
 def test_a_tampered_journal_is_a_corrupt_machine(
@@ -657,7 +662,7 @@ def test_allocate_avoids_a_range(po: PageOwnership, owner: int) -> None:
     with pytest.raises(OutOfMemory):
         po.allocate(owner, 1, avoid=avoid)  # only the avoided range is left
     assert po.allocate(owner, 1).tolist() == [300]
-    assert po.check({owner: np.concatenate([pfns, everything, [300]])}) == []
+    assert check(po, {owner: np.concatenate([pfns, everything, [300]])}) == []
 
 
 def test_allocate_huge_avoids_runs_overlapping_a_range(po: PageOwnership, owner: int) -> None:
@@ -695,13 +700,13 @@ def test_checker_wants_handover_to_own_the_super_block_only(
 ) -> None:
     free_pfn = int(po.pages_of(FREE)[0])
     poke(small_machine, free_pfn, HANDOVER)
-    assert po.check({}) == [
+    assert check(po, {}) == [
         f"1 pfns are owned by handover but are not this boot's super block (pfn "
         f"{SUPER_BLOCK_PFN}), e.g. {free_pfn}"
     ]
     poke(small_machine, free_pfn, FREE)
     poke(small_machine, SUPER_BLOCK_PFN, FREE)
-    assert po.check({}) == [
+    assert check(po, {}) == [
         f"this boot's super block, pfn {SUPER_BLOCK_PFN}, is owned by free, not handover"
     ]
 
@@ -710,11 +715,11 @@ def test_checker_accepts_the_kernel_image_outside_the_kernel_region(small_machin
     image = (600, 700)  # usable pages where a kexec put the kernel
     small_machine.start_boot("", kernel_image=image)
     with small_machine.page_ownership() as po:
-        assert po.kernel_image == image
+        assert small_machine.boot_record().kernel_image == image
         assert np.array_equal(po.pages_of(KERNEL)[:100], np.arange(*image))
-        assert po.check({}) == []
+        assert check(po, {}) == []
         poke(small_machine, 650, FREE)
-        assert po.check({}) == [
+        assert check(po, {}) == [
             "1 usable pfns of the kernel image (600..699) are not owned by kernel, e.g. 650"
         ]
 

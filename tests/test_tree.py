@@ -29,7 +29,7 @@ def tree(machine: Machine) -> Iterator[Tree]:
     pool = PagePool(ownership, ram, owner, limit_pages=4096)
     t = Tree(ram, pool, root_mode=0o1777, root_uid=0, root_gid=0, max_inodes=64, huge=False)
     yield t
-    problems = ownership.check({owner: t.owned_pfns()})
+    problems = ownership.check({owner: t.owned_pfns()}, machine.boot_record())
     assert problems == []
     ownership.unregister_owner(owner)
     assert ownership.count_by_owner().get(owner, 0) == 0
@@ -399,7 +399,7 @@ def test_huge_pages_fall_back_and_enospc_takes_nothing(machine: Machine) -> None
         assert errno_of(tree.write, fh2, 0, big) == errno.ENOSPC
         assert tree.get(ino2).blocks_512 == 0 and tree.pool.used_pages == HUGE_PAGES + 1
         assert bytes(tree.read(fh, 0, 2)) == b"a\0"
-        assert ownership.check({owner: tree.owned_pfns()}) == []
+        assert ownership.check({owner: tree.owned_pfns()}, machine.boot_record()) == []
     finally:
         ownership.unregister_owner(owner)
 
@@ -421,7 +421,7 @@ def test_huge_pages_are_aligned_runs(machine: Machine) -> None:
         assert (pfns.reshape(-1, HUGE_PAGES)[:, 0] % HUGE_PAGES == 0).all()
         assert np.all(np.diff(pfns.reshape(-1, HUGE_PAGES), axis=1) == 1)
         assert bytes(tree.read(fh, 0, len(data) + 10)) == bytes(10) + data
-        assert ownership.check({owner: tree.owned_pfns()}) == []
+        assert ownership.check({owner: tree.owned_pfns()}, machine.boot_record()) == []
     finally:
         ownership.unregister_owner(owner)
 
