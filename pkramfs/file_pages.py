@@ -1,9 +1,11 @@
 """The page index of one regular file: which pfn holds each 4 KiB page of the file.
 
-A file's pages are kept in chunks of 512 entries (one 2 MiB huge page's worth), so a sparse file
-costs nothing for its holes, whatever its size: a chunk exists only where a page was written.
-A chunk is an int64 array of pfns, ``HOLE`` (-1) where no page is allocated. A chunk may be one
-huge page (order 9): its 512 pfns are then consecutive from a 512-aligned base.
+A file's pages are kept in chunks of up to 512 entries (one 2 MiB huge page's worth), so a sparse
+file costs nothing for its holes, whatever its size: a chunk exists only where a page was written.
+A chunk is an int64 array of pfns, ``HOLE`` (-1) where no page is allocated, only as long as
+its last page needs (grown by doubling, from ``MIN_CHUNK_ENTRIES``): entries past its end are
+holes, so a one-page file costs a few words, not 4 KiB. A chunk may be one huge page (order 9):
+its 512 pfns are then consecutive from a 512-aligned base.
 """
 
 from collections.abc import Iterator
@@ -16,17 +18,18 @@ HOLE = -1
 CHUNK_SHIFT = HUGE_ORDER
 CHUNK_PAGES = HUGE_PAGES
 CHUNK_MASK = CHUNK_PAGES - 1
-_BATCH_CHUNKS = 4096  # chunks stacked at once by page_entries (16 MiB)
+MIN_CHUNK_ENTRIES = 4
+_NO_HUGE: frozenset[int] = frozenset()
 
 
 class FilePages:
-    """Map file page index -> pfn for one file, sparse, in 512-entry chunks."""
+    """Map file page index -> pfn for one file, sparse, in chunks of up to 512 entries."""
 
     __slots__ = ("_chunks", "_huge", "nr_pages")
 
     def __init__(self) -> None:
         self._chunks: dict[int, PfnArray] = {}
-        self._huge: set[int] = set()  # chunk numbers that are one whole huge page
+        self._huge: set[int] | frozenset[int] = _NO_HUGE  # chunks that are one huge page
         self.nr_pages = 0  # pages owned (excluding holes)
 
     def lookup(self, first_index: int, count: int) -> PfnArray:
@@ -35,7 +38,8 @@ class FilePages:
         for chunk_no, lo, hi, out_lo in self._spans(first_index, count):
             chunk = self._chunks.get(chunk_no)
             if chunk is not None:
-                out[out_lo : out_lo + hi - lo] = chunk[lo:hi]
+                held = chunk[lo:hi]  # shorter than asked where the chunk ends
+                out[out_lo : out_lo + len(held)] = held
         return out
 
     def lookup_list(self, first_index: int, count: int) -> list[int]:
@@ -49,14 +53,13 @@ class FilePages:
         if chunk is None:
             return [HOLE] * count
         pfns = chunk[lo : lo + count].tolist()
+        if len(pfns) < count:
+            pfns += [HOLE] * (count - len(pfns))
         return pfns
 
     def set_page(self, index: int, pfn: int) -> None:
         """Record *pfn* for the hole at page *index* (one page of `assign`)."""
-        chunk_no = index >> CHUNK_SHIFT
-        chunk = self._chunks.get(chunk_no)
-        if chunk is None:
-            chunk = self._chunks[chunk_no] = np.full(CHUNK_PAGES, HOLE, dtype=np.int64)
+        chunk = self._chunk_to(index >> CHUNK_SHIFT, (index & CHUNK_MASK) + 1)
         assert chunk[index & CHUNK_MASK] == HOLE, "page assigned twice"
         chunk[index & CHUNK_MASK] = pfn
         self.nr_pages += 1
@@ -71,9 +74,7 @@ class FilePages:
             fill = part != HOLE
             if not fill.any():
                 continue
-            chunk = self._chunks.get(chunk_no)
-            if chunk is None:
-                chunk = self._chunks[chunk_no] = np.full(CHUNK_PAGES, HOLE, dtype=np.int64)
+            chunk = self._chunk_to(chunk_no, lo + int(np.flatnonzero(fill)[-1]) + 1)
             target = chunk[lo:hi]
             assert not (target[fill] != HOLE).any(), "page assigned twice"
             target[fill] = part[fill]
@@ -83,13 +84,13 @@ class FilePages:
         """Make chunk *chunk_no*, which must be all holes, one huge page starting at *base_pfn*."""
         assert chunk_no not in self._chunks, "huge page over existing pages"
         self._chunks[chunk_no] = np.arange(base_pfn, base_pfn + CHUNK_PAGES, dtype=np.int64)
-        self._huge.add(chunk_no)
+        self._huge = self._huge | {chunk_no}
         self.nr_pages += CHUNK_PAGES
 
     def remove_huge(self, chunk_no: int) -> PfnArray:
         """Undo `assign_huge`: drop huge chunk *chunk_no* and return its 512 pfns."""
         assert chunk_no in self._huge, "not a huge chunk"
-        self._huge.discard(chunk_no)
+        self._huge = self._huge - {chunk_no}
         self.nr_pages -= CHUNK_PAGES
         return self._chunks.pop(chunk_no)
 
@@ -111,11 +112,11 @@ class FilePages:
             tail = chunk[lo:]
             present = tail[tail != HOLE]
             dropped.append(present.copy())
-            if lo == 0:
+            if lo == 0 or not (chunk[:lo] != HOLE).any():
                 del self._chunks[chunk_no]
             else:
-                tail[:] = HOLE
-            self._huge.discard(chunk_no)  # a cut huge page becomes small pages
+                self._chunks[chunk_no] = fitted(chunk[:lo])
+            self._huge = self._huge - {chunk_no}  # a cut huge page becomes small pages
         if not dropped:
             return np.empty(0, dtype=np.int64)
         pfns = np.concatenate(dropped)
@@ -124,27 +125,24 @@ class FilePages:
 
     def entries(self) -> tuple[np.ndarray, PfnArray]:
         """Return (file page indexes, pfns) of every present page, in index order."""
-        if not self._chunks:
-            empty = np.empty(0, dtype=np.int64)
-            return empty, empty
         order = sorted(self._chunks)
-        stacked = np.stack([self._chunks[c] for c in order])
-        index = (np.asarray(order, dtype=np.int64)[:, None] << CHUNK_SHIFT) + np.arange(
-            CHUNK_PAGES, dtype=np.int64
+        pfns, index, _ = _present(
+            [self._chunks[c] for c in order], np.asarray(order, dtype=np.int64) << CHUNK_SHIFT
         )
-        present = stacked != HOLE
-        return index[present], stacked[present]
+        return index, pfns
 
     def chunks(self) -> list[tuple[int, PfnArray, bool]]:
-        """Return (chunk number, its 512 pfns, whether it is one huge page), by chunk number."""
+        """Return (chunk number, its pfns, whether it is one huge page), by chunk number; a
+        chunk's pfns run to its last page (holes after it are not there)."""
         return [(c, self._chunks[c], c in self._huge) for c in sorted(self._chunks)]
 
     def adopt_chunk(self, chunk_no: int, pfns: PfnArray, huge: bool, n_pages: int) -> None:
-        """Install a whole chunk rebuilt from a preserved node (*n_pages* present in it)."""
+        """Install a chunk rebuilt from a preserved node (*n_pages* present in it; *pfns* may
+        stop after its last page)."""
         assert chunk_no not in self._chunks, "chunk adopted twice"
         self._chunks[chunk_no] = pfns
         if huge:
-            self._huge.add(chunk_no)
+            self._huge = self._huge | {chunk_no}
         self.nr_pages += n_pages
 
     def replace_pages(self, indexes: PfnArray, new_pfns: PfnArray) -> None:
@@ -167,6 +165,18 @@ class FilePages:
         """Return every pfn this file owns."""
         return self.entries()[1]
 
+    def _chunk_to(self, chunk_no: int, length: int) -> PfnArray:
+        """Chunk *chunk_no*, made or grown to hold at least *length* entries."""
+        chunk = self._chunks.get(chunk_no)
+        if chunk is not None and len(chunk) >= length:
+            return chunk
+        capacity = min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
+        grown = np.full(capacity, HOLE, dtype=np.int64)
+        if chunk is not None:
+            grown[: len(chunk)] = chunk
+        self._chunks[chunk_no] = grown
+        return grown
+
     def _spans(self, first_index: int, count: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield (chunk number, lo, hi within chunk, offset in the request) for a page range."""
         index = first_index
@@ -179,12 +189,21 @@ class FilePages:
             index += hi - lo
 
 
+def fitted(pfns: PfnArray) -> PfnArray:
+    """A copy of the chunk *pfns* cut after its last page, at a capacity `_chunk_to` uses."""
+    length = int(np.flatnonzero(pfns != HOLE)[-1]) + 1
+    capacity = min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
+    fitted = np.full(capacity, HOLE, dtype=np.int64)
+    fitted[:length] = pfns[:length]
+    return fitted
+
+
 def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
     """Return the page-stream entries of *files* in order (pfns, orders, file indexes) and
     how many belong to each file.
 
-    Chunks of small pages are stacked and masked in batches; a huge chunk is one entry (its
-    first pfn, order 9) and is never stacked.
+    Chunks of small pages are concatenated and masked at once; a huge chunk is one entry (its
+    first pfn, order 9).
     """
     arrays: list[PfnArray] = []
     chunk_nos: list[int] = []
@@ -205,7 +224,7 @@ def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, 
     first_pfn = np.array(huge_pfns, dtype=np.int64)
     huge = first_pfn >= 0
     bases = np.array(chunk_nos, dtype=np.int64) << CHUNK_SHIFT
-    small_pfns, small_index, small_counts = _small_entries(arrays, bases[~huge])
+    small_pfns, small_index, small_counts = _present(arrays, bases[~huge])
     per_chunk = np.ones(len(chunk_nos), dtype=np.int64)
     per_chunk[~huge] = small_counts
     if not huge.any():
@@ -230,28 +249,17 @@ def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, 
     return pfns, orders, indexes, counts.astype(np.int64)
 
 
-def _small_entries(arrays: list[PfnArray], bases: PfnArray) -> tuple[PfnArray, PfnArray, PfnArray]:
-    """The present pages of chunks of small pages: (pfns, file indexes, count per chunk)."""
-    parts: list[tuple[PfnArray, PfnArray]] = []
-    counts: list[PfnArray] = []
-    span = np.arange(CHUNK_PAGES, dtype=np.int64)
-    for lo in range(0, len(arrays), _BATCH_CHUNKS):
-        hi = min(lo + _BATCH_CHUNKS, len(arrays))
-        stacked = np.stack(arrays[lo:hi])
-        present = stacked != HOLE
-        if present.all():  # dense: no masking at all
-            parts.append((stacked.reshape(-1), (bases[lo:hi, None] + span).reshape(-1)))
-            counts.append(np.full(hi - lo, CHUNK_PAGES, dtype=np.int64))
-            continue
-        where = np.flatnonzero(present.reshape(-1))
-        parts.append(
-            (stacked.reshape(-1)[where], bases[lo:hi][where >> CHUNK_SHIFT] + (where & CHUNK_MASK))
-        )
-        counts.append(present.sum(axis=1))
-    if not parts:
+def _present(arrays: list[PfnArray], bases: PfnArray) -> tuple[PfnArray, PfnArray, PfnArray]:
+    """The present pages of chunks of small pages (*arrays*, each of any length up to 512,
+    starting at file index *bases*): (pfns, file indexes, count per chunk)."""
+    if not arrays:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
-    if len(parts) == 1:
-        return parts[0][0], parts[0][1], counts[0]
-    pfns, indexes = (np.concatenate(column) for column in zip(*parts, strict=True))
-    return pfns, indexes, np.concatenate(counts)
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays)
+    starts = np.cumsum(lengths) - lengths
+    present = flat != HOLE
+    index = np.repeat(bases - starts, lengths) + np.arange(len(flat), dtype=np.int64)
+    chunk_of = np.repeat(np.arange(len(arrays)), lengths)
+    counts = np.bincount(chunk_of[present], minlength=len(arrays)).astype(np.int64)
+    return flat[present], index[present], counts

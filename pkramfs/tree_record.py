@@ -392,7 +392,9 @@ def _attach_pages(
     ):
         pages = files[int(file_of[entry])]
         assert pages is not None
-        pages.adopt_chunk(chunk_no, rows[row], huge_row, n_pages)  # views of one array
+        # Copies, fitted to their last page: a view would keep every row of `rows` alive.
+        chunk = rows[row].copy() if huge_row else file_pages.fitted(rows[row])
+        pages.adopt_chunk(chunk_no, chunk, huge_row, n_pages)
 
 
 def _attach_dense(

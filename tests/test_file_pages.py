@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pkramfs.file_pages import CHUNK_PAGES, HOLE, FilePages
+from pkramfs.file_pages import CHUNK_PAGES, HOLE, MIN_CHUNK_ENTRIES, FilePages, page_entries
 
 
 def test_sparse_file_costs_nothing_for_holes() -> None:
@@ -45,3 +45,57 @@ def test_holes_in_assign_leave_pages_alone() -> None:
     pages.assign(0, np.array([HOLE, 9, HOLE], dtype=np.int64))
     assert pages.lookup(0, 3).tolist() == [5, 9, 6]
     assert pages.nr_pages == 3
+
+
+def test_a_chunk_holds_only_up_to_its_last_page() -> None:
+    pages = FilePages()
+    pages.set_page(0, 42)
+    [(_, chunk, _)] = pages.chunks()
+    assert chunk.size == MIN_CHUNK_ENTRIES  # a one-page file costs a few words, not 4 KiB
+    pages.assign(100, np.array([43, 44], dtype=np.int64))
+    [(_, chunk, _)] = pages.chunks()
+    assert chunk.size == 128
+    assert pages.lookup(99, 4).tolist() == [HOLE, 43, 44, HOLE]
+    assert pages.lookup_list(100, 200) == [43, 44] + [HOLE] * 198
+    assert pages.lookup_list(400, 3) == [HOLE] * 3  # past the chunk's end: holes
+    dropped = pages.truncate(50)
+    assert sorted(dropped.tolist()) == [43, 44]
+    [(_, chunk, _)] = pages.chunks()
+    assert chunk.size == MIN_CHUNK_ENTRIES and pages.lookup(0, 2).tolist() == [42, HOLE]
+
+
+def test_page_entries_match_every_files_own_entries() -> None:
+    rng = np.random.default_rng(7)
+    files = []
+    next_pfn = 10_000
+    for file_no in range(200):
+        pages = FilePages()
+        for chunk_no in rng.choice(6, size=int(rng.integers(0, 4)), replace=False).tolist():
+            if rng.random() < 0.2:
+                pages.assign_huge(chunk_no, CHUNK_PAGES * (100 + 8 * file_no + chunk_no))
+                continue
+            where = rng.choice(CHUNK_PAGES, size=int(rng.integers(1, 40)), replace=False)
+            for index in where.tolist():
+                pages.set_page(chunk_no * CHUNK_PAGES + index, next_pfn)
+                next_pfn += 1
+        files.append(pages)
+    pfns, orders, indexes, counts = page_entries(files)
+    at = 0
+    for pages, count in zip(files, counts.tolist(), strict=True):
+        got = zip(
+            indexes[at : at + count], pfns[at : at + count], orders[at : at + count], strict=True
+        )
+        small_index, small_pfns = pages.entries()
+        expected = []
+        for chunk_no, chunk, huge in pages.chunks():
+            if huge:
+                expected.append((chunk_no * CHUNK_PAGES, int(chunk[0]), 9))
+            else:
+                mine = small_index // CHUNK_PAGES == chunk_no
+                expected += [
+                    (int(i), int(p), 0)
+                    for i, p in zip(small_index[mine], small_pfns[mine], strict=True)
+                ]
+        assert [tuple(map(int, entry)) for entry in got] == expected
+        at += count
+    assert at == len(pfns)
