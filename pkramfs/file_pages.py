@@ -9,6 +9,8 @@ its 512 pfns are then consecutive from a 512-aligned base.
 """
 
 from collections.abc import Iterator
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -115,7 +117,7 @@ class FilePages:
             if lo == 0 or not (chunk[:lo] != HOLE).any():
                 del self._chunks[chunk_no]
             else:
-                self._chunks[chunk_no] = fitted(chunk[:lo])
+                self._chunks[chunk_no] = _fitted(chunk[:lo])
             self._huge = self._huge - {chunk_no}  # a cut huge page becomes small pages
         if not dropped:
             return np.empty(0, dtype=np.int64)
@@ -136,14 +138,26 @@ class FilePages:
         chunk's pfns run to its last page (holes after it are not there)."""
         return [(c, self._chunks[c], c in self._huge) for c in sorted(self._chunks)]
 
-    def adopt_chunk(self, chunk_no: int, pfns: PfnArray, huge: bool, n_pages: int) -> None:
-        """Install a chunk rebuilt from a preserved node (*n_pages* present in it; *pfns* may
-        stop after its last page)."""
-        assert chunk_no not in self._chunks, "chunk adopted twice"
-        self._chunks[chunk_no] = pfns
-        if huge:
-            self._huge = self._huge | {chunk_no}
-        self.nr_pages += n_pages
+    @classmethod
+    def from_entries(cls, pfns: PfnArray, orders: PfnArray, indexes: PfnArray) -> "FilePages":
+        """The index of a file from its page-stream entries (checked: ascending, apart, a huge
+        one 512-aligned)."""
+        pages = cls()
+        if not len(pfns):
+            return pages
+        chunk_nos = indexes >> CHUNK_SHIFT
+        starts = np.flatnonzero(np.diff(chunk_nos, prepend=-1))
+        ends = np.append(starts[1:], len(pfns))
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            chunk_no = int(chunk_nos[lo])
+            if orders[lo] == HUGE_ORDER:  # alone in its chunk: entries do not overlap
+                pages.assign_huge(chunk_no, int(pfns[lo]))
+                continue
+            offsets = indexes[lo:hi] & CHUNK_MASK
+            chunk = pages._chunk_to(chunk_no, int(offsets[-1]) + 1)
+            chunk[offsets] = pfns[lo:hi]
+            pages.nr_pages += hi - lo
+        return pages
 
     def replace_pages(self, indexes: PfnArray, new_pfns: PfnArray) -> None:
         """Point the (small, present) pages at *indexes* to *new_pfns* (after a copy)."""
@@ -189,7 +203,7 @@ class FilePages:
             index += hi - lo
 
 
-def fitted(pfns: PfnArray) -> PfnArray:
+def _fitted(pfns: PfnArray) -> PfnArray:
     """A copy of the chunk *pfns* cut after its last page, at a capacity `_chunk_to` uses."""
     length = int(np.flatnonzero(pfns != HOLE)[-1]) + 1
     capacity = min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
@@ -198,48 +212,54 @@ def fitted(pfns: PfnArray) -> PfnArray:
     return fitted
 
 
+_CHUNKS = attrgetter("_chunks")
+_HUGE = attrgetter("_huge")
+
+
 def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, PfnArray]:
     """Return the page-stream entries of *files* in order (pfns, orders, file indexes) and
     how many belong to each file.
 
     Chunks of small pages are concatenated and masked at once; a huge chunk is one entry (its
-    first pfn, order 9).
+    first pfn, order 9). The files' chunks are gathered by C loops (map, chain), not Python
+    code per file: a tree of many small files costs little more than one of few big ones.
     """
-    arrays: list[PfnArray] = []
-    chunk_nos: list[int] = []
-    huge_pfns: list[int] = []  # first pfn of each huge chunk, -1 for small ones
-    owners: list[int] = []
-    for file_no, pages in enumerate(files):
-        for chunk_no, chunk, is_huge in pages.chunks():
-            if is_huge:
-                huge_pfns.append(int(chunk[0]))
-            else:
-                arrays.append(chunk)
-                huge_pfns.append(-1)
-            chunk_nos.append(chunk_no)
-            owners.append(file_no)
-    if not chunk_nos:
+    chunk_maps: list[dict[int, PfnArray]] = list(map(_CHUNKS, files))
+    per_file = np.fromiter(map(len, chunk_maps), np.int64, count=len(files))
+    n_chunks = int(per_file.sum())
+    if not n_chunks:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty, np.zeros(len(files), dtype=np.int64)
-    first_pfn = np.array(huge_pfns, dtype=np.int64)
-    huge = first_pfn >= 0
-    bases = np.array(chunk_nos, dtype=np.int64) << CHUNK_SHIFT
-    small_pfns, small_index, small_counts = _present(arrays, bases[~huge])
-    per_chunk = np.ones(len(chunk_nos), dtype=np.int64)
+    chunk_nos = np.fromiter(chain.from_iterable(chunk_maps), np.int64, count=n_chunks)
+    arrays: list[PfnArray] = list(chain.from_iterable(map(dict.values, chunk_maps)))
+    owners = np.repeat(np.arange(len(files)), per_file)
+    huge = np.zeros(n_chunks, dtype=bool)
+    first_row = np.cumsum(per_file) - per_file
+    for file_no, huge_set in enumerate(map(_HUGE, files)):
+        if huge_set:  # files with huge pages are few
+            rows = range(int(first_row[file_no]), int(first_row[file_no] + per_file[file_no]))
+            huge[list(rows)] = np.isin(chunk_nos[rows.start : rows.stop], list(huge_set))
+    if (np.diff(chunk_nos)[owners[1:] == owners[:-1]] < 0).any():  # written out of order
+        order = np.lexsort((chunk_nos, owners))
+        chunk_nos, owners, huge = chunk_nos[order], owners[order], huge[order]
+        arrays = [arrays[i] for i in order.tolist()]
+    bases = chunk_nos << CHUNK_SHIFT
+    small_rows = np.flatnonzero(~huge).tolist()
+    small_arrays = arrays if len(small_rows) == n_chunks else [arrays[i] for i in small_rows]
+    small_pfns, small_index, small_counts = _present(small_arrays, bases[~huge])
+    per_chunk = np.ones(n_chunks, dtype=np.int64)
     per_chunk[~huge] = small_counts
     if not huge.any():
         pfns, indexes = small_pfns, small_index
         orders = np.zeros(len(pfns), dtype=np.int64)
     else:  # interleave: each chunk's entries go where its count says
+        huge_rows = np.flatnonzero(huge)
         begin = np.cumsum(per_chunk) - per_chunk
         pfns = np.empty(int(per_chunk.sum()), dtype=np.int64)
         indexes = np.empty_like(pfns)
         orders = np.zeros_like(pfns)
-        pfns[begin[huge]], indexes[begin[huge]], orders[begin[huge]] = (
-            first_pfn[huge],
-            bases[huge],
-            HUGE_ORDER,
-        )
+        pfns[begin[huge]] = [int(arrays[i][0]) for i in huge_rows.tolist()]
+        indexes[begin[huge]], orders[begin[huge]] = bases[huge], HUGE_ORDER
         small_at = np.repeat(begin[~huge], small_counts)
         small_at += np.arange(len(small_pfns)) - np.repeat(
             np.cumsum(small_counts) - small_counts, small_counts

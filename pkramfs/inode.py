@@ -7,6 +7,10 @@ from kexec_sim import PAGE_SIZE
 from .file_pages import FilePages
 
 BOGO_DIRENT_SIZE = 20  # tmpfs reports a directory's size as 20 bytes per entry (plus 2 for . ..)
+ROOT_INO = 1
+FIRST_FREE_INO = 3  # 2 is the hidden control file's
+NAME_MAX = 255
+MAX_FILE_BYTES = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit
 
 
 class Inode:

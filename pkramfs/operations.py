@@ -28,8 +28,7 @@ from kexec_sim import PAGE_SIZE, MachineBusy, MachineError, OutOfMemory
 from . import control, xattrs
 from .errors import FsError, MountError, NodeError, PkramfsError
 from .filesystem import PkramFilesystem
-from .inode import Inode
-from .tree import NAME_MAX
+from .inode import NAME_MAX, Inode
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,10 @@ they are copied to pages outside it first. The cost is a few numpy passes over t
 (and one msgpack record per inode), not a pass over the bytes.
 """
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kexec_sim import PageRuns, PfnArray, next_kernel_range
@@ -17,6 +20,7 @@ from .errors import CorruptNode
 from .node_store import NodeContents, NodeStore, fault_point
 from .pkram_node import NodeHeader, write_node
 from .relocation import relocate_out_of
+from .restored_inodes import RestoredInodes
 from .tree import Tree
 
 
@@ -55,6 +59,20 @@ class _Clock:
         self._last = now
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Hold Python's cyclic garbage collector off while records are built or read: that makes
+    a container per directory or file, and each collection on the way would walk every
+    object of the tree (a 100,000-file snapshot: 720 ms with it, ~250 ms without)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def preserve(
     store: NodeStore, tree: Tree, owner_id: int, name: str, mount: tree_record.MountSettings
 ) -> tuple[Preserved, PreserveStats]:
@@ -69,7 +87,8 @@ def preserve(
     start, end = next_kernel_range(machine)
     relocated = relocate_out_of(tree, start, end)
     clock.lap("relocate")
-    snap = tree_record.snapshot(tree, mount)
+    with _collector_paused():
+        snap = tree_record.snapshot(tree.record_parts(), tree.next_ino, mount)
     clock.lap("snapshot")
     n_links = page_stream.link_pages_needed(snap.indexes)
     n_meta = byte_stream.pages_needed(len(snap.meta))
@@ -142,15 +161,20 @@ def restore(store: NodeStore, tree: Tree, name: str) -> Restoring | None:
         if contents is None:
             return None
         clock.lap("read")  # found, read back and checked: now rebuild the tree
-        rebuilt = tree_record.rebuild(
-            contents.meta, contents.pfns, contents.orders, contents.indexes, f"pkram node {name!r}"
-        )
+        with _collector_paused():
+            rebuilt = tree_record.rebuild(
+                contents.meta,
+                contents.pfns,
+                contents.orders,
+                contents.indexes,
+                f"pkram node {name!r}",
+            )
     except CorruptNode as exc:
         raise CorruptNode(
             f"{exc}; the node is left preserved (pkramfs-ctl discard {name} frees it)"
         ) from None
     clock.lap("rebuild")
-    tree.install(rebuilt.inodes, rebuilt.next_ino)
+    tree.install(RestoredInodes(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
     clock.lap("install")
     fault_point("restore", "read")
     stats = PreserveStats(

@@ -17,15 +17,12 @@ import numpy as np
 
 from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
-from . import file_data, secret_pages, xattrs
+from . import file_data, secret_pages, tree_record, xattrs
 from .errors import FsError
-from .inode import Inode
+from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .page_pool import PagePool
+from .restored_inodes import InodeTable, RestoredInodes
 
-ROOT_INO = 1
-FIRST_FREE_INO = 3  # 2 is the hidden control file's
-NAME_MAX = 255
-MAX_FILE_BYTES = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -73,7 +70,7 @@ class Tree:
         self.huge = huge
         self.secret = False  # the mount's ``secret`` option: every regular file is secret
         self.read_only = False
-        self.inodes: dict[int, Inode] = {}
+        self.inodes = InodeTable()
         self.removed: set[int] = set()  # files gone (no name, no handle) the kernel still knows
         self.xattr_bytes = 0  # names and values of every inode's xattrs
         self.handles: dict[int, OpenFile] = {}
@@ -579,9 +576,19 @@ class Tree:
 
     def hide_secret_pages(self) -> None:
         """Remove every secret file's pages from the direct map (after a restore)."""
-        for inode in self.inodes.values():
+        for inode in self.inodes.in_use():
             if inode.pages is not None and inode.pages.nr_pages and self.is_secret(inode):
                 secret_pages.hide(self.ram, inode.pages.all_pfns())
+        restored = self.inodes.restored
+        if restored is not None:
+            secret = (
+                None
+                if self.secret
+                else restored.rows_with_xattr(xattrs.SECRET, xattrs.SECRET_VALUE)
+            )
+            pfns = restored.pfns(secret)
+            if pfns.size:
+                secret_pages.hide(self.ram, pfns)
 
     def _touch_atime(self, inode: Inode) -> None:
         """Update atime as relatime does: only if it is not newer than mtime/ctime or a day old."""
@@ -662,20 +669,32 @@ class Tree:
         """Inodes counted against ``nr_inodes``: not the removed ones the kernel still knows."""
         return len(self.inodes) - len(self.removed)
 
-    def install(self, inodes: dict[int, Inode], next_ino: int) -> None:
-        """Replace this fresh, empty tree by restored *inodes* (their pages already the mount's)."""
+    def install(self, restored: RestoredInodes, next_ino: int) -> None:
+        """Replace this fresh, empty tree by the *restored* inodes (made objects as used)."""
         assert len(self.inodes) == 1, "install into a fresh tree only"
-        inodes[ROOT_INO].lookups = 1
-        self.inodes = inodes
+        self.inodes = InodeTable()
+        self.inodes.restored = restored
+        self.inodes[ROOT_INO].lookups = 1
         self.next_ino = next_ino
-        self.xattr_bytes = sum(
-            len(k) + len(v) for inode in inodes.values() for k, v in inode.xattrs.items()
+        self.xattr_bytes = restored.xattr_bytes() + sum(
+            len(k) + len(v) for k, v in self.inodes[ROOT_INO].xattrs.items()
         )
-        self.pool.used_pages += sum(i.pages.nr_pages for i in inodes.values() if i.pages)
+        self.pool.used_pages += restored.data_pages() + self.inodes[ROOT_INO].blocks_512 // 8
+
+    def record_parts(self) -> list[tuple[tree_record.InodeColumns, tree_record.PageEntries]]:
+        """The linked inodes as columns (open-but-unlinked files are not preserved): those in
+        use, and the restored ones not used since."""
+        linked = [inode for inode in self.inodes.in_use() if inode.nlink]
+        parts = [tree_record.inode_columns(linked)]
+        if self.inodes.restored is not None:
+            parts.append(self.inodes.restored.part())
+        return parts
 
     def owned_pfns(self) -> PfnArray:
         """Every pfn the mount holds: its files' pages and the pool's idle ones."""
-        parts = [i.pages.all_pfns() for i in self.inodes.values() if i.pages is not None]
+        parts = [i.pages.all_pfns() for i in self.inodes.in_use() if i.pages is not None]
+        if self.inodes.restored is not None:
+            parts.append(self.inodes.restored.pfns())
         parts.append(self.pool.idle_pages)
         return np.concatenate(parts)
 

@@ -1,64 +1,73 @@
-"""A tree as a preserved node holds it: one msgpack record per inode, plus page-stream entries.
+"""A tree as a preserved node holds it (format 2): its inodes as columns, and page-stream entries.
 
 ``snapshot`` turns a Tree into the metadata bytes and the entries of its page stream; ``rebuild``
-does the reverse from what a node held, trusting nothing: every field is type- and range-checked
-and the whole structure (names, links, link counts, reachability, page slices) must be a tree
-pkramfs itself could have made, or CorruptNode says what is wrong.
+does the reverse from what a node held, trusting nothing: every column is range-checked and the
+whole structure (names, links, link counts, reachability, page slices) must be a tree pkramfs
+itself could have made, or CorruptNode says what is wrong. Both work a column at a time (numpy,
+and msgpack's C code for the names), so an inode costs a few array elements, not Python code.
 
-The metadata is a msgpack map ``{"format": 1, "mount": {...}, "next_ino": N, "inodes": [...]}``;
-each inode is an array ``[ino, mode, uid, gid, nlink, rdev, size, atime_ns, mtime_ns, ctime_ns,
-xattrs, content]`` where content is, by type: a directory ``[parent_ino, [[name, ino], ...]]``,
-a regular file ``[first_entry, nr_entries]`` (its slice of the page stream), a symlink its
-target bytes, anything else nil.
+The metadata is a msgpack map (docs/FORMAT.md): ``format`` (2), ``mount``, ``next_ino``,
+``columns`` (one little-endian array per field, an element per inode, inodes in ascending
+order), ``directories`` (``[parent_ino, {name: ino}]`` per directory, in inode order),
+``symlinks`` (each symlink's target, in inode order) and ``xattrs`` (``[ino, {name: value}]``
+for the inodes that have any). Each regular file owns the next ``entries`` page-stream entries.
 """
 
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from kexec_sim import HUGE_ORDER, PAGE_SIZE, PfnArray
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
-from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
-from .inode import Inode
+from .file_pages import FilePages
+from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .options import MAX_NR_INODES, MAX_SIZE_BYTES
-from .tree import (
-    FIRST_FREE_INO,
-    MAX_FILE_BYTES,
-    NAME_MAX,
-    ROOT_INO,
-    Tree,
-)
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
 MAX_SIZE_PAGES = MAX_SIZE_BYTES // PAGE_SIZE
+NS_PER_SEC = 10**9
 _MAX_KEY_BYTES = 64
-_FIELDS = 12
-_MAX_TIME_NS = 1 << 63
-_KINDS = (
-    stat.S_IFREG,
-    stat.S_IFDIR,
-    stat.S_IFLNK,
-    stat.S_IFIFO,
-    stat.S_IFSOCK,
-    stat.S_IFCHR,
-    stat.S_IFBLK,
+_IFMT = 0o170000  # the file type bits of a mode
+_KINDS = np.array(
+    [
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+    ]
 )
+# The columns as written: name -> little-endian dtype.
+COLUMNS = {
+    "ino": "<u8",
+    "mode": "<u4",
+    "uid": "<u4",
+    "gid": "<u4",
+    "nlink": "<u4",
+    "rdev": "<u8",
+    "size": "<u8",
+    "atime_sec": "<i8",
+    "atime_nsec": "<u4",
+    "mtime_sec": "<i8",
+    "mtime_nsec": "<u4",
+    "ctime_sec": "<i8",
+    "ctime_nsec": "<u4",
+    "entries": "<u8",
+}
+TIMES = ("atime", "mtime", "ctime")
 
-
-@dataclass
-class TreeSnapshot:
-    """What preserving a tree writes: metadata bytes and the page stream's entries."""
-
-    meta: bytes
-    pfns: PfnArray
-    orders: PfnArray
-    indexes: PfnArray
-    nr_objects: int
+Column = npt.NDArray[Any]
 
 
 @dataclass(frozen=True)
@@ -85,130 +94,252 @@ class MountSettings:
 
 
 @dataclass
-class RebuiltTree:
-    """What a node's records rebuild: the inodes, the next free inode number, mount settings."""
+class InodeColumns:
+    """Inodes as columns, one row per inode (ascending inode numbers once sorted).
 
-    inodes: dict[int, Inode]
+    ``columns`` holds the ``COLUMNS`` fields (int64, but ``rdev`` uint64); the contents that
+    are not numbers are keyed by row: directories' entries (and ``parent``, 0 for the rest),
+    symlink targets and xattrs. ``first_entry`` is each row's first page-stream entry.
+    """
+
+    columns: dict[str, Column]
+    parent: Column
+    entries: dict[int, dict[bytes, int]]
+    targets: dict[int, bytes]
+    xattrs: dict[int, dict[bytes, bytes]]
+
+    def __len__(self) -> int:
+        return len(self.columns["ino"])
+
+    @property
+    def first_entry(self) -> Column:
+        """Where each row's slice of the page stream starts."""
+        counts = self.columns["entries"]
+        return np.cumsum(counts) - counts
+
+    def select(self, rows: Column) -> "InodeColumns":
+        """The rows *rows* (positions, in the order given), renumbered from 0."""
+        inverse = np.full(len(self), -1, dtype=np.int64)
+        inverse[rows] = np.arange(len(rows))
+        new = inverse.tolist()
+
+        def moved(by_row: dict[int, Any]) -> dict[int, Any]:
+            return {new[r]: v for r, v in by_row.items() if new[r] >= 0}
+
+        return InodeColumns(
+            {name: column[rows] for name, column in self.columns.items()},
+            self.parent[rows],
+            moved(self.entries),
+            moved(self.targets),
+            moved(self.xattrs),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["InodeColumns"]) -> "InodeColumns":
+        """The rows of *parts*, one after the other."""
+        offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+        return InodeColumns(
+            {name: np.concatenate([p.columns[name] for p in parts]) for name in COLUMNS},
+            np.concatenate([p.parent for p in parts]),
+            {
+                r + at: v
+                for p, at in zip(parts, offsets, strict=False)
+                for r, v in p.entries.items()
+            },
+            {
+                r + at: v
+                for p, at in zip(parts, offsets, strict=False)
+                for r, v in p.targets.items()
+            },
+            {r + at: v for p, at in zip(parts, offsets, strict=False) for r, v in p.xattrs.items()},
+        )
+
+
+@dataclass
+class PageEntries:
+    """Page-stream entries: 2**order pages from pfn each, at file page index."""
+
+    pfns: PfnArray
+    orders: PfnArray
+    indexes: PfnArray
+
+    @staticmethod
+    def empty() -> "PageEntries":
+        none = np.empty(0, dtype=np.int64)
+        return PageEntries(none, none, none)
+
+    def gather(self, starts: Column, counts: Column) -> "PageEntries":
+        """The slices ``[start, start + count)``, one after the other."""
+        total = int(counts.sum())
+        at = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        return PageEntries(self.pfns[at], self.orders[at], self.indexes[at])
+
+
+@dataclass
+class TreeSnapshot:
+    """What preserving a tree writes: metadata bytes and the page stream's entries."""
+
+    meta: bytes
+    pfns: PfnArray
+    orders: PfnArray
+    indexes: PfnArray
+    nr_objects: int
+
+
+@dataclass
+class RebuiltTree:
+    """What a node's records rebuild: the inodes as columns, their page stream, the next free
+    inode number and the mount settings."""
+
+    inodes: InodeColumns
+    pages: PageEntries
     next_ino: int
     mount: MountSettings
 
 
-def snapshot(tree: Tree, mount: MountSettings) -> TreeSnapshot:
-    """Record every linked inode of *tree* (open-but-unlinked files are not preserved)."""
-    records: list[list[Any]] = []
-    files: list[tuple[list[int], FilePages]] = []
-    for ino in sorted(tree.inodes):
-        inode = tree.inodes[ino]
-        if inode.nlink == 0:
-            continue
-        content: Any = None
-        if inode.entries is not None:
-            content = [inode.parent_ino, [[name, child] for name, child in inode.entries.items()]]
-        elif inode.pages is not None:
-            content = [0, 0]  # its slice of the page stream, filled in below
-            if inode.pages.nr_pages:
-                files.append((content, inode.pages))
-        elif inode.target is not None:
-            content = inode.target
-        records.append(
-            [
-                ino,
-                inode.mode,
-                inode.uid,
-                inode.gid,
-                inode.nlink,
-                inode.rdev,
-                inode.size_bytes,
-                inode.atime_ns,
-                inode.mtime_ns,
-                inode.ctime_ns,
-                inode.xattrs or None,
-                content,
-            ]
-        )
-    pfns, orders, indexes, per_file = file_pages.page_entries([pages for _, pages in files])
-    first = 0
-    for (content, _), count in zip(files, per_file.tolist(), strict=True):
-        content[0], content[1] = first, count
-        first += count
+_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "size_bytes", "atime_ns", "mtime_ns", "ctime_ns")
+_NUMBERS = attrgetter(*_FIELDS)
+
+
+def inode_columns(inodes: list[Inode]) -> tuple[InodeColumns, PageEntries]:
+    """The columns of *inodes* (in the order given) and their files' page entries."""
+    n = len(inodes)
+    numbers = _numbers(inodes).reshape(n, len(_FIELDS))
+    columns: dict[str, Column] = {
+        name: numbers[:, i] for i, name in enumerate(("ino", "mode", "uid", "gid", "nlink", "size"))
+    }
+    columns["rdev"] = np.fromiter(map(attrgetter("rdev"), inodes), np.uint64, count=n)
+    for i, name in enumerate(TIMES):
+        columns[f"{name}_sec"], columns[f"{name}_nsec"] = _split_times(numbers[:, 6 + i])
+    kinds = columns["mode"] & _IFMT
+    entries: dict[int, dict[bytes, int]] = _by_row(inodes, kinds == stat.S_IFDIR, "entries")
+    targets: dict[int, bytes] = _by_row(inodes, kinds == stat.S_IFLNK, "target")
+    all_attrs = list(map(attrgetter("xattrs"), inodes))
+    attrs = {r: a for r, a in enumerate(all_attrs) if a}
+    files = np.flatnonzero(kinds == stat.S_IFREG)
+    indexes_of: list[FilePages] = list(_by_row(inodes, kinds == stat.S_IFREG, "pages").values())
+    nr_pages = np.fromiter(map(attrgetter("nr_pages"), indexes_of), np.int64, count=len(files))
+    with_pages = files[nr_pages > 0]
+    pfns, orders, indexes, per_file = file_pages.page_entries(
+        [indexes_of[i] for i in np.flatnonzero(nr_pages).tolist()]
+    )
+    counts = np.zeros(n, dtype=np.int64)
+    counts[with_pages] = per_file
+    columns["entries"] = counts
+    parent = np.zeros(n, dtype=np.int64)
+    parent[list(entries)] = [inodes[r].parent_ino for r in entries]
+    pages = PageEntries(pfns, orders, indexes)
+    return InodeColumns(columns, parent, entries, targets, attrs), pages
+
+
+def _by_row(inodes: list[Inode], rows: Column, field: str) -> dict[int, Any]:
+    """Attribute *field* of the inodes at *rows* (a mask), keyed by row."""
+    chosen = np.flatnonzero(rows).tolist()
+    return dict(zip(chosen, map(attrgetter(field), map(inodes.__getitem__, chosen)), strict=True))
+
+
+def _numbers(inodes: list[Inode]) -> Column:
+    """The ``_FIELDS`` of *inodes*, one row each, as int64 (times split by the caller).
+
+    A time past 2262 or before 1677 is no int64 of nanoseconds (tmpfs keeps 64-bit seconds):
+    then the times go as seconds and nanoseconds the slow way."""
+    flat = chain.from_iterable(map(_NUMBERS, inodes))
+    try:
+        return np.fromiter(flat, np.int64, count=len(_FIELDS) * len(inodes))
+    except OverflowError:
+        rows = [list(_NUMBERS(inode)) for inode in inodes]
+        return np.array(rows, dtype=object)
+
+
+def _split_times(times_ns: Column) -> tuple[Column, Column]:
+    """Seconds and nanoseconds (0..10^9 - 1) of each time."""
+    if times_ns.dtype != object:
+        sec, nsec = np.divmod(times_ns, NS_PER_SEC)
+        return sec, nsec
+    pairs = [divmod(t, NS_PER_SEC) for t in times_ns.tolist()]
+    return np.array([s for s, _ in pairs], dtype=np.int64), np.array([n for _, n in pairs])
+
+
+def join_times(sec: int, nsec: int) -> int:
+    """A time in nanoseconds from its seconds and nanoseconds."""
+    return sec * NS_PER_SEC + nsec
+
+
+def snapshot(
+    parts: Sequence[tuple[InodeColumns, PageEntries]], next_ino: int, mount: MountSettings
+) -> TreeSnapshot:
+    """Record the inodes of *parts* (each: columns and their page entries) in ascending
+    inode order."""
+    merged = InodeColumns.concat([columns for columns, _ in parts])
+    stream = PageEntries(
+        *(np.concatenate([getattr(e, f) for _, e in parts]) for f in ("pfns", "orders", "indexes"))
+    )
+    ino = merged.columns["ino"]
+    ordered = merged
+    if not (np.diff(ino) > 0).all():
+        order = np.argsort(ino, kind="stable")
+        ordered = merged.select(order)
+        counts = merged.columns["entries"]
+        stream = stream.gather((np.cumsum(counts) - counts)[order], counts[order])
     meta = msgpack.packb(
         {
             "format": RECORD_FORMAT,
             "mount": mount.to_record(),
-            "next_ino": tree.next_ino,
-            "inodes": records,
+            "next_ino": next_ino,
+            "columns": {
+                name: np.ascontiguousarray(ordered.columns[name], dtype=wire).tobytes()
+                for name, wire in COLUMNS.items()
+            },
+            "directories": [
+                [int(ordered.parent[r]), entries] for r, entries in sorted(ordered.entries.items())
+            ],
+            "symlinks": [target for _, target in sorted(ordered.targets.items())],
+            "xattrs": [
+                [int(ordered.columns["ino"][r]), attrs]
+                for r, attrs in sorted(ordered.xattrs.items())
+            ],
         },
         use_bin_type=True,
     )
-    return TreeSnapshot(meta, pfns, orders, indexes, len(records))
+    return TreeSnapshot(meta, stream.pfns, stream.orders, stream.indexes, len(ordered))
 
 
 def rebuild(
     meta: bytes, pfns: PfnArray, orders: PfnArray, indexes: PfnArray, what: str
 ) -> RebuiltTree:
-    """Rebuild the inodes from a node's metadata and page entries; CorruptNode if they are bad."""
-    try:
-        document = msgpack.unpackb(
-            meta,
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            max_str_len=_MAX_KEY_BYTES,  # map keys and the huge policy only
-            max_bin_len=max(xattrs.SIZE_MAX, PAGE_SIZE),  # names, xattr values, symlink targets
-            max_ext_len=0,  # none are written
-            max_array_len=len(meta),  # each element takes a byte at least
-            max_map_len=len(meta),
-        )
-    except Exception as exc:  # msgpack raises many types for bad input
-        raise CorruptNode(f"{what}: metadata is not msgpack ({exc})") from None
+    """Check a node's metadata and page entries and return them as columns; CorruptNode if
+    they are not a tree pkramfs could have made."""
     check = _Checker(what)
-    check.that(isinstance(document, dict), "metadata is not a map")
+    document = check.unpack(meta)
+    version = document.get("format")
     check.that(
-        document.get("format") == RECORD_FORMAT, f"metadata format {document.get('format')!r}"
+        version == RECORD_FORMAT,
+        f"metadata format {version!r} (this pkramfs reads format {RECORD_FORMAT}; a node "
+        "written by an older pkramfs is restored by that version)",
     )
     mount = check.mount_settings(document.get("mount"))
     next_ino = check.integer(document.get("next_ino"), "next_ino", FIRST_FREE_INO, 1 << 62)
-    records = document.get("inodes")
-    check.that(isinstance(records, list), "no inode list")
-    inodes: dict[int, Inode] = {}
-    slices: list[tuple[int, int, Inode]] = []
-    for record in records:
-        inode, content = check.inode(record, next_ino)
-        check.that(inode.ino not in inodes, f"inode {inode.ino} recorded twice")
-        inodes[inode.ino] = inode
-        if inode.is_dir:
-            check.that(
-                isinstance(content, list) and len(content) == 2, f"inode {inode.ino}: bad directory"
-            )
-            inode.parent_ino = check.integer(content[0], "parent", ROOT_INO, next_ino)
-            entries = content[1]
-            check.that(isinstance(entries, list), f"inode {inode.ino}: bad entries")
-            assert inode.entries is not None
-            for entry in entries:
-                check.that(isinstance(entry, list) and len(entry) == 2, "bad directory entry")
-                name, child = entry
-                check.name(name)
-                check.that(name not in inode.entries, f"name {name!r} twice in inode {inode.ino}")
-                if not (type(child) is int and ROOT_INO < child < next_ino):
-                    check.that(False, f"inode {inode.ino}: entry {name!r} names inode {child!r}")
-                inode.entries[name] = child
-        elif inode.is_reg:
-            check.that(
-                isinstance(content, list) and len(content) == 2, f"inode {inode.ino}: bad pages"
-            )
-            first, count = content
-            if not (type(first) is int and type(count) is int and 0 <= first <= len(pfns)):
-                check.that(False, f"inode {inode.ino}: bad page slice")
-            check.that(0 <= count <= len(pfns) - first, f"inode {inode.ino}: bad page slice")
-            slices.append((first, count, inode))
-        elif stat.S_ISLNK(inode.mode):
-            check.that(isinstance(content, bytes) and 0 < len(content) < PAGE_SIZE, "bad symlink")
-            inode.target = content
-        else:
-            check.that(content is None, f"inode {inode.ino}: unexpected content")
-    _attach_pages(check, slices, pfns, orders, indexes)
-    _check_structure(check, inodes)
-    return RebuiltTree(inodes, next_ino, mount)
+    columns = check.columns(document.get("columns"), next_ino)
+    n = len(columns["ino"])
+    kinds = columns["mode"] & _IFMT
+    dir_rows = np.flatnonzero(kinds == stat.S_IFDIR)
+    link_rows = np.flatnonzero(kinds == stat.S_IFLNK)
+    parent, entries = check.directories(document.get("directories"), dir_rows, n, next_ino)
+    targets = check.symlinks(document.get("symlinks"), link_rows)
+    attrs = check.xattrs(document.get("xattrs"), columns["ino"])
+    inodes = InodeColumns(columns, parent, entries, targets, attrs)
+    check.structure(inodes, kinds)
+    stream = PageEntries(pfns, orders, indexes)
+    check.page_slices(inodes, kinds, stream)
+    return RebuiltTree(inodes, stream, next_ino, mount)
+
+
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A msgpack map as a dict; a key twice is a corrupt record (the unpacker would keep one)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise CorruptNode("a map has a key twice")
+    return result
 
 
 class _Checker:
@@ -224,11 +355,34 @@ class _Checker:
     def integer(self, value: object, field: str, low: int, high: int) -> int:
         """Return *value* if it is an int in [low, high], else fail."""
         self.that(
-            isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+            type(value) is int and low <= value <= high,
             f"{field} {value!r} out of range",
         )
         assert isinstance(value, int)
         return value
+
+    def unpack(self, meta: bytes) -> dict[Any, Any]:
+        """The metadata map, unpacked with limits (a length never past what *meta* holds)."""
+        try:
+            document = msgpack.unpackb(
+                meta,
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                object_pairs_hook=_unique_map,
+                max_str_len=_MAX_KEY_BYTES,  # map keys and the huge policy only
+                max_bin_len=len(meta),  # names, values, targets, columns
+                max_ext_len=0,  # none are written
+                max_array_len=len(meta),  # each element takes a byte at least
+                max_map_len=len(meta),
+            )
+        except CorruptNode as exc:
+            raise CorruptNode(f"{self.what}: metadata: {exc}") from None
+        except Exception as exc:  # msgpack raises many types for bad input
+            raise CorruptNode(f"{self.what}: metadata is not msgpack ({exc})") from None
+        self.that(isinstance(document, dict), "metadata is not a map")
+        assert isinstance(document, dict)
+        return document
 
     def mount_settings(self, raw: object) -> MountSettings:
         """The ``mount`` map as MountSettings; fail naming the first bad field."""
@@ -245,27 +399,98 @@ class _Checker:
             secret=bool(secret),
         )
 
-    def name(self, name: object) -> None:
+    def columns(self, raw: object, next_ino: int) -> dict[str, Column]:
+        """The ``columns`` map as arrays of one length, every value in its range."""
+        self.that(isinstance(raw, dict) and set(raw) == set(COLUMNS), "bad inode columns")
+        assert isinstance(raw, dict)
+        for name, wire in COLUMNS.items():
+            data = raw[name]
+            self.that(
+                isinstance(data, bytes) and len(data) % np.dtype(wire).itemsize == 0,
+                f"bad inode column {name}",
+            )
+        read = {name: np.frombuffer(raw[name], dtype=wire) for name, wire in COLUMNS.items()}
+        n = len(read["ino"])
         self.that(
-            isinstance(name, bytes)
-            and 0 < len(name) <= NAME_MAX
-            and b"/" not in name
-            and b"\0" not in name
-            and name not in (b".", b".."),
-            f"bad file name {name!r}",
+            n > 0 and all(len(c) == n for c in read.values()), "inode columns differ in length"
+        )
+        ino = read["ino"]
+        self.that(bool(ino[0] == ROOT_INO), "no root directory")
+        self.that(
+            n == 1 or bool((ino[1] >= FIRST_FREE_INO) & (ino[-1] < next_ino)),
+            "an inode number out of range",
+        )
+        self.that(bool((np.diff(ino.astype(np.int64)) > 0).all()), "inode numbers not ascending")
+        kinds = read["mode"] & _IFMT
+        self.that(
+            bool((read["mode"] <= 0o177777).all() & np.isin(kinds, _KINDS).all()),
+            "an inode of unknown type",
+        )
+        self.that(bool((read["nlink"] >= 1).all()), "an inode with no link")
+        self.that(bool((read["size"] <= MAX_FILE_BYTES).all()), "a file size out of range")
+        for name in TIMES:
+            self.that(bool((read[f"{name}_nsec"] < NS_PER_SEC).all()), f"bad {name} nanoseconds")
+        columns = {name: c.astype(np.int64) for name, c in read.items() if name != "rdev"}
+        columns["rdev"] = read["rdev"].astype(np.uint64)
+        return columns
+
+    def directories(
+        self, raw: object, dir_rows: Column, n: int, next_ino: int
+    ) -> tuple[Column, dict[int, dict[bytes, int]]]:
+        """Each directory's parent and entries (names checked), keyed by row."""
+        self.that(isinstance(raw, list) and len(raw) == len(dir_rows), "bad directory list")
+        assert isinstance(raw, list)
+        parent = np.zeros(n, dtype=np.int64)
+        entries: dict[int, dict[bytes, int]] = {}
+        for row, item in zip(dir_rows.tolist(), raw, strict=True):
+            self.that(
+                isinstance(item, list) and len(item) == 2 and isinstance(item[1], dict),
+                "bad directory",
+            )
+            parent[row] = self.integer(item[0], "parent", ROOT_INO, next_ino - 1)
+            names: dict[bytes, int] = item[1]
+            if names:
+                self.names(list(names))
+                self.that(
+                    set(map(type, names.values())) == {int}, "an entry is not an inode number"
+                )
+            entries[row] = names
+        return parent, entries
+
+    def names(self, names: list[Any]) -> None:
+        """Fail unless every name is 1..255 bytes, without '/' or NUL, not '.' or '..'."""
+        self.that(set(map(type, names)) == {bytes}, "a file name is not bytes")
+        joined = b"".join(names)
+        self.that(
+            min(map(len, names)) > 0
+            and max(map(len, names)) <= NAME_MAX
+            and b"/" not in joined
+            and b"\0" not in joined
+            and b"." not in names
+            and b".." not in names,
+            f"bad file name among {names[:3]!r}",
         )
 
-    def inode(self, record: object, next_ino: int) -> tuple[Inode, Any]:
-        """Build an Inode from a record; fail naming the first bad field."""
-        if not _plausible(record, next_ino):
-            self._explain(record, next_ino)
-        assert isinstance(record, list)
-        ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime, attrs, content = record
-        inode = Inode(ino, mode, uid, gid, 0)
-        inode.nlink, inode.rdev, inode.size_bytes = nlink, rdev, size
-        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = atime, mtime, ctime
-        if attrs is not None:
-            self.that(isinstance(attrs, dict), f"inode {ino}: bad xattrs")
+    def symlinks(self, raw: object, link_rows: Column) -> dict[int, bytes]:
+        """Each symlink's target (1..4095 bytes), keyed by row."""
+        self.that(isinstance(raw, list) and len(raw) == len(link_rows), "bad symlink list")
+        assert isinstance(raw, list)
+        self.that(all(isinstance(t, bytes) and 0 < len(t) < PAGE_SIZE for t in raw), "bad symlink")
+        return dict(zip(link_rows.tolist(), raw, strict=True))
+
+    def xattrs(self, raw: object, ino: Column) -> dict[int, dict[bytes, bytes]]:
+        """The xattrs by row: namespaced names, values up to 64 KiB, inodes ascending."""
+        self.that(isinstance(raw, list), "bad xattr list")
+        assert isinstance(raw, list)
+        result: dict[int, dict[bytes, bytes]] = {}
+        last = -1
+        for item in raw:
+            self.that(isinstance(item, list) and len(item) == 2, "bad xattrs")
+            number = self.integer(item[0], "xattr inode", ROOT_INO, int(ino[-1]))
+            row = int(np.searchsorted(ino, number))
+            self.that(row > last and ino[row] == number, f"xattrs of inode {number}: no such inode")
+            attrs = item[1]
+            self.that(isinstance(attrs, dict) and len(attrs) > 0, f"inode {number}: bad xattrs")
             for key, value in attrs.items():
                 self.that(
                     isinstance(key, bytes)
@@ -273,197 +498,87 @@ class _Checker:
                     and key.startswith(xattrs.NAMESPACES)
                     and isinstance(value, bytes)
                     and len(value) <= xattrs.SIZE_MAX,
-                    f"inode {ino}: bad xattr {key!r}",
+                    f"inode {number}: bad xattr {key!r}",
                 )
-            inode.xattrs = dict(attrs)
-        return inode, content
+            result[row] = attrs
+            last = row
+        return result
 
-    def _explain(self, record: object, next_ino: int) -> None:
-        """Fail with the reason a record is not plausible (the slow path of `inode`)."""
-        self.that(isinstance(record, list) and len(record) == _FIELDS, "bad inode record")
-        assert isinstance(record, list)
-        ino = self.integer(record[0], "inode number", ROOT_INO, next_ino - 1)
-        self.that(ino == ROOT_INO or ino >= FIRST_FREE_INO, f"inode number {ino} is reserved")
-        mode = self.integer(record[1], f"inode {ino}: mode", 0, 0o177777)
-        self.that(stat.S_IFMT(mode) in _KINDS, f"inode {ino}: unknown file type")
-        for position, (field, low, high) in enumerate(_INT_FIELDS, start=2):
-            self.integer(record[position], f"inode {ino}: {field}", low, high)
-        raise CorruptNode(f"{self.what}: inode {ino}: bad record")
-
-
-_INT_FIELDS = (
-    ("uid", 0, 2**32 - 1),
-    ("gid", 0, 2**32 - 1),
-    ("nlink", 1, 2**32 - 1),
-    ("rdev", 0, 2**64 - 1),
-    ("size", 0, MAX_FILE_BYTES),
-    ("atime", -_MAX_TIME_NS, _MAX_TIME_NS),
-    ("mtime", -_MAX_TIME_NS, _MAX_TIME_NS),
-    ("ctime", -_MAX_TIME_NS, _MAX_TIME_NS),
-)
-_KIND_SET = frozenset(_KINDS)
-_INT_ONLY = {int}
-
-
-def _plausible(record: object, next_ino: int) -> bool:
-    """Whether a record has the right shape and every number in range (one fast pass)."""
-    if type(record) is not list or len(record) != _FIELDS:
-        return False
-    ino, mode, uid, gid, nlink, rdev, size, atime, mtime, ctime = record[:10]
-    if set(map(type, record[:10])) != _INT_ONLY:
-        return False
-    return (
-        (ino == ROOT_INO or FIRST_FREE_INO <= ino < next_ino)
-        and 0 <= mode <= 0o177777
-        and stat.S_IFMT(mode) in _KIND_SET
-        and 0 <= uid < 2**32
-        and 0 <= gid < 2**32
-        and 1 <= nlink < 2**32
-        and 0 <= rdev < 2**64
-        and 0 <= size <= MAX_FILE_BYTES
-        and -_MAX_TIME_NS <= atime <= _MAX_TIME_NS
-        and -_MAX_TIME_NS <= mtime <= _MAX_TIME_NS
-        and -_MAX_TIME_NS <= ctime <= _MAX_TIME_NS
-    )
-
-
-def _attach_pages(
-    check: _Checker,
-    slices: list[tuple[int, int, Inode]],
-    pfns: PfnArray,
-    orders: PfnArray,
-    indexes: PfnArray,
-) -> None:
-    """Give each regular file its slice of entries, which must tile the stream in order.
-
-    Within a file the entries must ascend without overlap and end before the end of the file
-    (rounded up to 2 MiB, where a huge page may reach); all checked at once over the arrays.
-    """
-    with_pages = [(first, count, inode) for first, count, inode in slices if count]
-    position = 0
-    for first, count, inode in with_pages:
-        check.that(first == position, f"inode {inode.ino}: page slice out of order")
-        position += count
-    check.that(position == len(pfns), "page stream entries belong to no file")
-    for _, _, inode in slices:
-        inode.pages = FilePages()
-    if not with_pages:
-        return
-    counts = np.array([count for _, count, _ in with_pages], dtype=np.int64)
-    file_of = np.repeat(np.arange(len(with_pages)), counts)
-    ends = indexes + (np.int64(1) << orders)
-    same_file = file_of[1:] == file_of[:-1]
-    overlap = same_file & (indexes[1:] < ends[:-1])
-    if overlap.any():
-        inode = with_pages[int(file_of[1:][overlap][0])][2]
-        check.that(False, f"inode {inode.ino}: pages overlap or are out of order")
-    huge_span = PAGE_SIZE << HUGE_ORDER
-    sizes = [inode.size_bytes for _, _, inode in with_pages]
-    limits = np.array([-(-max(size, 1) // huge_span) << HUGE_ORDER for size in sizes])
-    past_end = ends > limits[file_of]
-    if past_end.any():
-        inode = with_pages[int(file_of[past_end][0])][2]
-        check.that(False, f"inode {inode.ino}: a page lies past the end of file")
-    if _attach_dense(with_pages, counts, pfns, orders, indexes):
-        return
-    # One row of 512 pfns per (file, chunk): a huge entry fills its row, small ones scatter.
-    chunk_nos = indexes >> CHUNK_SHIFT
-    new_chunk = np.ones(len(pfns), dtype=bool)
-    new_chunk[1:] = ~same_file | (chunk_nos[1:] != chunk_nos[:-1])
-    row_of = np.cumsum(new_chunk) - 1
-    rows = np.full((int(row_of[-1]) + 1, CHUNK_PAGES), HOLE, dtype=np.int64)
-    small = orders == 0
-    rows[row_of[small], indexes[small] & CHUNK_MASK] = pfns[small]
-    huge_rows = row_of[~small]
-    rows[huge_rows] = pfns[~small][:, None] + np.arange(CHUNK_PAGES, dtype=np.int64)
-    is_huge = np.zeros(len(rows), dtype=bool)
-    is_huge[huge_rows] = True
-    starts = np.flatnonzero(new_chunk)
-    pages_per_row = np.bincount(row_of, weights=np.left_shift(1, orders)).astype(np.int64)
-    files = [inode.pages for _, _, inode in with_pages]
-    for row, (entry, chunk_no, huge_row, n_pages) in enumerate(
-        zip(
-            starts.tolist(),
-            chunk_nos[starts].tolist(),
-            is_huge.tolist(),
-            pages_per_row.tolist(),
-            strict=True,
+    def structure(self, inodes: InodeColumns, kinds: Column) -> None:
+        """Every inode reachable from the root once per link; link counts and parents right."""
+        ino, nlink = inodes.columns["ino"], inodes.columns["nlink"]
+        is_dir = kinds == stat.S_IFDIR
+        self.that(bool(is_dir[0]) and inodes.parent[0] == ROOT_INO, "no root directory")
+        rows = list(inodes.entries)
+        sizes = np.fromiter(map(len, inodes.entries.values()), np.int64, count=len(rows))
+        try:
+            children = np.fromiter(
+                chain.from_iterable(map(dict.values, inodes.entries.values())),
+                np.int64,
+                count=int(sizes.sum()),
+            )
+        except OverflowError:
+            children = np.full(int(sizes.sum()), -1, dtype=np.int64)
+        container = np.repeat(np.array(rows, dtype=np.int64), sizes)
+        child = np.minimum(np.searchsorted(ino, children), len(ino) - 1)
+        missing = ino[child] != children
+        if missing.any():
+            self.that(False, f"an entry names missing inode {int(children[missing][0])}")
+        refs = np.bincount(child, minlength=len(ino))
+        subdir = is_dir[child]
+        wrong_parent = inodes.parent[child[subdir]] != ino[container[subdir]]
+        if wrong_parent.any():
+            self.that(False, f"directory {int(ino[child[subdir][wrong_parent][0]])}: wrong parent")
+        subdirs = np.bincount(container[subdir], minlength=len(ino))
+        expected_refs = np.where(is_dir, 1, nlink)
+        expected_refs[0] = 0
+        bad = np.flatnonzero(refs != expected_refs)
+        if bad.size:
+            row = int(bad[0])
+            self.that(
+                False,
+                f"inode {int(ino[row])}: link count {int(nlink[row])}, {int(refs[row])} names",
+            )
+        bad = np.flatnonzero(is_dir & (nlink != 2 + subdirs))
+        self.that(
+            not bad.size, f"directory {int(ino[bad[0]]) if bad.size else 0}: wrong link count"
         )
-    ):
-        pages = files[int(file_of[entry])]
-        assert pages is not None
-        # Copies, fitted to their last page: a view would keep every row of `rows` alive.
-        chunk = rows[row].copy() if huge_row else file_pages.fitted(rows[row])
-        pages.adopt_chunk(chunk_no, chunk, huge_row, n_pages)
+        # Each directory but the root has one name, in its parent: following parents from
+        # every directory must reach the root (no cycle of directories off on its own).
+        up = np.searchsorted(ino, inodes.parent)
+        up[~is_dir] = 0
+        for _ in range(max(1, int(is_dir.sum())).bit_length() + 1):
+            up = up[up]
+        stray = np.flatnonzero(is_dir & (up != 0))
+        self.that(
+            not stray.size, f"directories unreachable from the root: {ino[stray[:3]].tolist()}"
+        )
 
-
-def _attach_dense(
-    with_pages: list[tuple[int, int, Inode]],
-    counts: PfnArray,
-    pfns: PfnArray,
-    orders: PfnArray,
-    indexes: PfnArray,
-) -> bool:
-    """The common case at array speed: every file made of whole chunks of small pages.
-
-    Entries already checked ascending and non-overlapping, so 512 of them whose first index is
-    chunk-aligned and whose last is 511 further are exactly one full chunk. Returns False
-    (nothing done) when the stream is not like that.
-    """
-    if (counts % CHUNK_PAGES).any() or orders.any():
-        return False
-    firsts, lasts = indexes[::CHUNK_PAGES], indexes[CHUNK_PAGES - 1 :: CHUNK_PAGES]
-    if (firsts & CHUNK_MASK).any() or (lasts - firsts != CHUNK_PAGES - 1).any():
-        return False
-    rows = pfns.reshape(-1, CHUNK_PAGES)
-    chunk_nos = (firsts >> CHUNK_SHIFT).tolist()
-    row = 0
-    for (_, _, inode), n_rows in zip(with_pages, (counts // CHUNK_PAGES).tolist(), strict=True):
-        pages = inode.pages
-        assert pages is not None
-        for _ in range(n_rows):
-            pages.adopt_chunk(chunk_nos[row], rows[row], False, CHUNK_PAGES)
-            row += 1
-    return True
-
-
-def _check_structure(check: _Checker, inodes: dict[int, Inode]) -> None:
-    """Every inode reachable from the root once per link; link counts and parents right."""
-    root = inodes.get(ROOT_INO)
-    check.that(
-        root is not None and root.is_dir and root.parent_ino == ROOT_INO, "no root directory"
-    )
-    references = dict.fromkeys(inodes, 0)
-    subdirs = dict.fromkeys(inodes, 0)
-    for directory in inodes.values():
-        for child_ino in (directory.entries or {}).values():
-            child = inodes.get(child_ino)
-            check.that(child is not None, f"entry names missing inode {child_ino}")
-            assert child is not None
-            references[child_ino] += 1
-            if child.is_dir:
-                check.that(
-                    child.parent_ino == directory.ino, f"directory {child_ino}: wrong parent"
-                )
-                subdirs[directory.ino] += 1
-    for ino, inode in inodes.items():
-        if inode.is_dir:
-            expected_refs = 0 if ino == ROOT_INO else 1
-            check.that(
-                references[ino] == expected_refs, f"directory {ino} linked {references[ino]} times"
+    def page_slices(self, inodes: InodeColumns, kinds: Column, stream: PageEntries) -> None:
+        """Each regular file's entries follow the previous file's, ascending without overlap
+        and ending before the end of the file (rounded up to 2 MiB, where a huge page may reach)."""
+        counts = inodes.columns["entries"]
+        self.that(
+            not (counts[kinds != stat.S_IFREG]).any(), "an inode that is not a file has pages"
+        )
+        self.that(int(counts.sum()) == len(stream.pfns), "page stream entries belong to no file")
+        if not len(stream.pfns):
+            return
+        file_of = np.repeat(np.arange(len(counts)), counts)
+        ends = stream.indexes + (np.int64(1) << stream.orders)
+        same_file = file_of[1:] == file_of[:-1]
+        overlap = same_file & (stream.indexes[1:] < ends[:-1])
+        if overlap.any():
+            row = int(file_of[1:][overlap][0])
+            self.that(
+                False, f"inode {int(inodes.columns['ino'][row])}: pages overlap or are out of order"
             )
-            check.that(inode.nlink == 2 + subdirs[ino], f"directory {ino}: wrong link count")
-        else:
-            check.that(
-                references[ino] == inode.nlink,
-                f"inode {ino}: link count {inode.nlink}, {references[ino]} names",
+        huge_pages = np.int64(1) << HUGE_ORDER
+        size_pages = -(-np.maximum(inodes.columns["size"], 1) // PAGE_SIZE)
+        limits = -(-size_pages // huge_pages) * huge_pages
+        past_end = ends > limits[file_of]
+        if past_end.any():
+            row = int(file_of[past_end][0])
+            self.that(
+                False, f"inode {int(inodes.columns['ino'][row])}: a page lies past the end of file"
             )
-    seen = {ROOT_INO}
-    stack = [ROOT_INO]
-    while stack:
-        for child_ino in (inodes[stack.pop()].entries or {}).values():
-            if inodes[child_ino].is_dir and child_ino not in seen:
-                seen.add(child_ino)
-                stack.append(child_ino)
-    unreachable = [i for i, inode in inodes.items() if inode.is_dir and i not in seen]
-    check.that(not unreachable, f"directories unreachable from the root: {unreachable[:3]}")

@@ -99,3 +99,16 @@ def test_page_entries_match_every_files_own_entries() -> None:
         assert [tuple(map(int, entry)) for entry in got] == expected
         at += count
     assert at == len(pfns)
+
+
+def test_from_entries_rebuilds_an_index() -> None:
+    assert FilePages.from_entries(*(np.empty(0, dtype=np.int64),) * 3).nr_pages == 0
+    pages = FilePages()
+    pages.assign(3, np.array([900, HOLE, 950], dtype=np.int64))
+    pages.assign_huge(2, CHUNK_PAGES * 7)
+    pages.set_page(3 * CHUNK_PAGES + 100, 77)
+    pfns, orders, indexes, _ = page_entries([pages])
+    again = FilePages.from_entries(pfns, orders, indexes)
+    assert again.nr_pages == pages.nr_pages == 2 + CHUNK_PAGES + 1
+    assert again.huge_chunks() == [2]
+    assert (again.lookup(0, 4 * CHUNK_PAGES) == pages.lookup(0, 4 * CHUNK_PAGES)).all()

@@ -13,8 +13,8 @@ from kexec_sim.ram import Ram
 from pkramfs import byte_stream, page_chain, page_stream, tree_record
 from pkramfs.errors import CorruptNode
 from pkramfs.file_pages import FilePages
-from pkramfs.inode import Inode
-from pkramfs.tree import ROOT_INO
+from pkramfs.inode import ROOT_INO, Inode
+from pkramfs.restored_inodes import InodeTable, RestoredInodes
 
 from .util import make_ram
 
@@ -138,60 +138,99 @@ def sample_inodes() -> dict[int, Inode]:
 
 
 SETTINGS = tree_record.MountSettings(size_pages=1234, max_inodes=99, huge=True, secret=True)
+FIELDS = (
+    "mode", "uid", "gid", "nlink", "size_bytes", "atime_ns", "mtime_ns", "ctime_ns",
+    "xattrs", "entries", "target", "parent_ino", "rdev",
+)  # fmt: skip
 
 
-class FakeTree:
-    """What snapshot reads of a Tree: inodes and the next inode number."""
+def record(inodes: dict[int, Inode], next_ino: int = 7) -> tree_record.TreeSnapshot:
+    """Record *inodes* as a preserve does."""
+    part = tree_record.inode_columns(list(inodes.values()))
+    return tree_record.snapshot([part], next_ino, SETTINGS)
 
-    def __init__(self, inodes: dict[int, Inode]) -> None:
-        self.inodes = inodes
-        self.next_ino = 7
+
+def rebuild(snap: tree_record.TreeSnapshot, meta: bytes | None = None) -> tree_record.RebuiltTree:
+    meta = snap.meta if meta is None else meta
+    return tree_record.rebuild(meta, snap.pfns, snap.orders, snap.indexes, "t")
 
 
 def test_tree_record_round_trip() -> None:
     inodes = sample_inodes()
-    snap = tree_record.snapshot(FakeTree(inodes), SETTINGS)  # type: ignore[arg-type]
+    inodes[5].atime_ns = 32_503_680_000 * 10**9 + 7  # year 3000: past int64 nanoseconds
+    inodes[6].mtime_ns = -(10**19) - 1  # before 1653
+    snap = record(inodes)
     assert snap.nr_objects == 5 and len(snap.pfns) == 4  # 3 small + 1 huge entry
-    rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
+    rebuilt = rebuild(snap)
     assert rebuilt.mount == SETTINGS and rebuilt.next_ino == 7
+    restored = RestoredInodes(rebuilt.inodes, rebuilt.pages)
+    assert len(restored) == 5 and restored.data_pages() == 3 + 512
     for ino, old in inodes.items():
-        new = rebuilt.inodes[ino]
-        for field in (
-            "mode",
-            "uid",
-            "gid",
-            "nlink",
-            "size_bytes",
-            "atime_ns",
-            "mtime_ns",
-            "ctime_ns",
-            "xattrs",
-            "entries",
-            "target",
-            "parent_ino",
-            "rdev",
-        ):
+        new = restored.take(ino)
+        for field in FIELDS:
             assert getattr(new, field) == getattr(old, field), (ino, field)
-    new_pages = rebuilt.inodes[4].pages
-    assert new_pages is not None and new_pages.huge_chunks() == [4]
-    assert (new_pages.lookup(0, 5 * 512) == inodes[4].pages.lookup(0, 5 * 512)).all()  # type: ignore[union-attr]
+        if old.pages is not None:
+            assert new.pages is not None and new.pages.huge_chunks() == old.pages.huge_chunks()
+            assert (new.pages.lookup(0, 5 * 512) == old.pages.lookup(0, 5 * 512)).all()
+    assert len(restored) == 0
+
+
+def test_restored_inodes_become_objects_one_at_a_time() -> None:
+    snap = record(sample_inodes())
+    rebuilt = rebuild(snap)
+    table = InodeTable()
+    table.restored = RestoredInodes(rebuilt.inodes, rebuilt.pages)
+    assert len(table) == 5 and dict.__len__(table) == 0 and 4 in table and 99 not in table
+    assert table[4].size_bytes == 5 * 512 * PAGE_SIZE
+    assert dict.__len__(table) == 1 and len(table) == 5 and list(table.in_use()) == [table[4]]
+    assert table.get(99) is None and table.get(3) is not None
+    again = tree_record.snapshot(
+        [tree_record.inode_columns(list(table.in_use())), table.restored.part()], 7, SETTINGS
+    )
+    assert again.meta == snap.meta and (again.pfns == snap.pfns).all()  # the same record
+    assert sorted(table) == [1, 3, 4, 5, 6] and dict.__len__(table) == 5  # iterating takes all
 
 
 def mutate(meta: bytes, change: str) -> bytes:
     doc = msgpack.unpackb(meta, raw=False, strict_map_key=False)
-    records = {r[0]: r for r in doc["inodes"]}
+    columns = {
+        name: np.frombuffer(doc["columns"][name], dtype=wire).copy()
+        for name, wire in tree_record.COLUMNS.items()
+    }
+    row = {int(ino): r for r, ino in enumerate(columns["ino"])}
+    root, sub = doc["directories"]  # rows 0 (inode 1) and 1 (inode 3)
     if change == "loop":  # a directory inside itself
-        records[3][11][1].append([b"self", 3])
+        sub[1][b"self"] = 3
     elif change == "nlink":
-        records[4][4] = 1
+        columns["nlink"][row[4]] = 1
     elif change == "name":
-        records[1][11][1][0][0] = b"a/b"
+        root[1][b"a/b"] = root[1].pop(b"ln")
+    elif change == "dot":
+        root[1][b".."] = root[1].pop(b"ln")
     elif change == "dangling":
-        records[1][11][1].append([b"ghost", 99])
+        root[1][b"ghost"] = 99
     elif change == "slice":
-        records[4][11] = [1, 3]
+        columns["entries"][row[4]] = 3
     elif change == "type":
-        records[6][1] = 0o170644
+        columns["mode"][row[6]] = 0o170644
+    elif change == "order":
+        for column in columns.values():
+            column[[1, 2]] = column[[2, 1]]
+    elif change == "short":
+        columns["uid"] = columns["uid"][:-1]
+    elif change == "nsec":
+        columns["ctime_nsec"][0] = 10**9
+    elif change == "island":  # the subdirectory leaves the root, named only in itself
+        del root[1][b"sub"]
+        columns["nlink"][0] -= 1
+        sub[0], sub[1][b"self"] = 3, 3
+        columns["nlink"][row[3]] += 1
+    elif change == "parent":
+        sub[0] = 4
+    elif change == "pages-on-fifo":
+        columns["entries"][row[6]], columns["entries"][row[4]] = 1, 3
+    elif change == "format1":
+        doc["format"] = 1
     elif change == "huge":
         doc["mount"]["huge"] = "sometimes"
     elif change == "size":
@@ -206,30 +245,52 @@ def mutate(meta: bytes, change: str) -> bytes:
         doc["mount"]["note"] = "x" * 65
     elif change == "ext":  # an extension type: pkramfs writes none
         doc["mount"]["ext"] = msgpack.ExtType(1, b"x")
+    doc["columns"] = {name: column.tobytes() for name, column in columns.items()}
     packed: bytes = msgpack.packb(doc, use_bin_type=True)
     return packed
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "reason"),
     [
-        "loop", "nlink", "name", "dangling", "slice", "type",
-        "huge", "size", "inodes", "secret", "settings", "long", "ext",
+        ("loop", "link count|wrong parent"), ("nlink", "link count 1, 2 names"),
+        ("name", "bad file name"), ("dot", "bad file name"), ("dangling", "missing inode 99"),
+        ("slice", "belong to no file"), ("type", "unknown type"), ("order", "not ascending"),
+        ("short", "differ in length"), ("nsec", "nanoseconds"), ("island", "unreachable"),
+        ("parent", "wrong parent"), ("pages-on-fifo", "not a file has pages"),
+        ("format1", "older pkramfs"), ("huge", "huge"), ("size", "size_pages"),
+        ("inodes", "max_inodes"), ("secret", "secret"), ("settings", "mount settings"),
+        ("long", "not msgpack"), ("ext", "not msgpack"),
     ],
 )  # fmt: skip
-def test_tree_record_refuses_an_impossible_tree(change: str) -> None:
-    snap = tree_record.snapshot(FakeTree(sample_inodes()), SETTINGS)  # type: ignore[arg-type]
-    with pytest.raises(CorruptNode):
-        tree_record.rebuild(mutate(snap.meta, change), snap.pfns, snap.orders, snap.indexes, "t")
+def test_tree_record_refuses_an_impossible_tree(change: str, reason: str) -> None:
+    snap = record(sample_inodes())
+    rebuild(snap)  # the unchanged record is fine
+    with pytest.raises(CorruptNode, match=reason):
+        rebuild(snap, mutate(snap.meta, change))
+
+
+def test_tree_record_refuses_a_name_twice() -> None:
+    snap = record(sample_inodes())
+    doc = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+    packer = msgpack.Packer(use_bin_type=True)
+    names = list(doc["directories"][1][1].items())  # the subdirectory: hard, fifo
+    doc["directories"][1][1] = {}
+    meta = bytearray(packer.pack(doc))
+    empty_map = packer.pack({})
+    twice = packer.pack_map_pairs([*names, names[0]])
+    at = meta.rindex(empty_map)
+    meta[at : at + len(empty_map)] = twice
+    with pytest.raises(CorruptNode, match="a map has a key twice"):
+        rebuild(snap, bytes(meta))
 
 
 def test_tree_record_without_secret_setting_is_not_secret() -> None:
     """Nodes written before -o secret existed have no ``secret`` setting: not secret."""
-    snap = tree_record.snapshot(FakeTree(sample_inodes()), SETTINGS)  # type: ignore[arg-type]
+    snap = record(sample_inodes())
     doc = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
     del doc["mount"]["secret"]
-    meta = msgpack.packb(doc, use_bin_type=True)
-    rebuilt = tree_record.rebuild(meta, snap.pfns, snap.orders, snap.indexes, "t")
+    rebuilt = rebuild(snap, msgpack.packb(doc, use_bin_type=True))
     assert rebuilt.mount == tree_record.MountSettings(1234, 99, huge=True, secret=False)
 
 

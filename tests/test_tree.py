@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 
 from kexec_sim.machine import Machine
 from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
+from pkramfs import tree_record
 from pkramfs.errors import FsError
+from pkramfs.inode import ROOT_INO
 from pkramfs.page_pool import PagePool
-from pkramfs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Tree
+from pkramfs.relocation import relocate_out_of
+from pkramfs.restored_inodes import RestoredInodes
+from pkramfs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, Tree
 
 R = ROOT_INO
 
@@ -472,3 +476,39 @@ def test_data_path_matches_a_bytearray(
             child = [i for i in tree.inodes.values() if i.lookups and i.nlink == 0]
             for inode in child:
                 tree.forget(inode.ino, inode.lookups)
+
+
+def test_a_restored_tree_is_used_without_making_every_inode(tree: Tree) -> None:
+    """Restore keeps inodes as columns; lookups, relocation, unlink and the next record work
+    on a tree whose inodes are partly objects, partly columns."""
+    settings = tree_record.MountSettings(0, 0, False, False)
+    d = tree.mkdir(R, b"d", 0o755, 0, 0).ino
+    written = {}
+    for i in range(20):
+        fh, ino = new_file(tree, f"f{i}".encode(), d)
+        written[ino] = bytes([i]) * (100 + 5000 * i)
+        tree.write(fh, 0, written[ino])
+        tree.release(fh)
+    tree.setxattr(d, b"user.k", b"v")
+    snap = tree_record.snapshot(tree.record_parts(), tree.next_ino, settings)
+    rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
+    owned = np.sort(tree.owned_pfns())
+    fresh = Tree(tree.ram, tree.pool, root_mode=0, root_uid=0, root_gid=0, max_inodes=0, huge=False)
+    tree.pool.used_pages = 0  # the pages change hands: they are the restored tree's now
+    fresh.install(RestoredInodes(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
+    tree.inodes, tree.next_ino, tree.xattr_bytes = fresh.inodes, fresh.next_ino, fresh.xattr_bytes
+    assert dict.__len__(tree.inodes) == 1 and tree.inodes_in_use() == 22  # the root alone
+    assert np.array_equal(np.sort(tree.owned_pfns()), owned)
+    assert tree.xattr_bytes == len(b"user.k") + 1 and tree.pool.used_pages > 0
+    victim = tree.child(d, b"f7")
+    start = int(victim.pages.all_pfns()[0])  # type: ignore[union-attr]
+    assert relocate_out_of(tree, start, start + 1) == 1  # one file made an object, one page moved
+    assert dict.__len__(tree.inodes) == 3  # root, d and f7
+    tree.unlink(d, b"f3")
+    again = tree_record.snapshot(tree.record_parts(), tree.next_ino, settings)
+    rebuilt = tree_record.rebuild(again.meta, again.pfns, again.orders, again.indexes, "t")
+    assert again.nr_objects == 21 and len(rebuilt.inodes) == 21
+    for name, ino in tree.list_dir(d):
+        fh = tree.open(ino, os.O_RDONLY)
+        assert bytes(tree.read(fh, 0, 1 << 20)) == written[ino], name
+        tree.release(fh)
