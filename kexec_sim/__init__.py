@@ -15,7 +15,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kexec_sim.allocator import PfnRange
     from kexec_sim.errors import (
         CorruptHandover,
         CorruptMachine,
@@ -27,6 +26,16 @@ if TYPE_CHECKING:
         MachineExists,
         OutOfMemory,
         UsageError,
+    )
+    from kexec_sim.geometry import (
+        HUGE_ORDER,
+        HUGE_PAGES,
+        HUGE_SIZE,
+        PAGE_SHIFT,
+        PAGE_SIZE,
+        Pfn,
+        PfnRange,
+        pages_for_bytes,
     )
     from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
     from kexec_sim.kernel_image import LoadedImage, load, loaded_image, next_kernel_range, unload
@@ -44,19 +53,7 @@ if TYPE_CHECKING:
     from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, KERNEL, NOSAVE, PRESERVED, OwnerInfo
     from kexec_sim.ownership import PageOwnership
     from kexec_sim.ownership_check import handover_problems
-    from kexec_sim.pages import (
-        HUGE_ORDER,
-        HUGE_PAGES,
-        HUGE_SIZE,
-        PAGE_SHIFT,
-        PAGE_SIZE,
-        PageRuns,
-        Pfn,
-        PfnArray,
-        as_pfn_array,
-        pages_for_bytes,
-        run_positions,
-    )
+    from kexec_sim.pages import PageRuns, PfnArray, as_pfn_array, run_positions
     from kexec_sim.power import power_on, poweroff, reboot
     from kexec_sim.ram import Ram
     from kexec_sim.recovery import open_machine
@@ -67,7 +64,6 @@ if TYPE_CHECKING:
     from kexec_sim.transition import PRESERVING, read_record, refuse_changes
 
 _PUBLIC: dict[str, tuple[str, ...]] = {
-    "allocator": ("PfnRange",),
     "errors": (
         "CorruptHandover",
         "CorruptMachine",
@@ -79,6 +75,16 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "MachineExists",
         "OutOfMemory",
         "UsageError",
+    ),
+    "geometry": (
+        "HUGE_ORDER",
+        "HUGE_PAGES",
+        "HUGE_SIZE",
+        "PAGE_SHIFT",
+        "PAGE_SIZE",
+        "Pfn",
+        "PfnRange",
+        "pages_for_bytes",
     ),
     "internal_error": ("EXIT_INTERNAL", "report_internal_error"),
     "kernel_image": ("LoadedImage", "load", "loaded_image", "next_kernel_range", "unload"),
@@ -96,19 +102,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "owners": ("FIRMWARE", "FREE", "HANDOVER", "KERNEL", "NOSAVE", "PRESERVED", "OwnerInfo"),
     "ownership": ("PageOwnership",),
     "ownership_check": ("handover_problems",),
-    "pages": (
-        "HUGE_ORDER",
-        "HUGE_PAGES",
-        "HUGE_SIZE",
-        "PAGE_SHIFT",
-        "PAGE_SIZE",
-        "PageRuns",
-        "Pfn",
-        "PfnArray",
-        "as_pfn_array",
-        "pages_for_bytes",
-        "run_positions",
-    ),
+    "pages": ("PageRuns", "PfnArray", "as_pfn_array", "run_positions"),
     "power": ("power_on", "poweroff", "reboot"),
     "ram": ("Ram",),
     "recovery": ("open_machine",),

@@ -32,8 +32,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kexec_sim.allocator import PfnRange
 from kexec_sim.errors import CorruptMachine, MachineBusy, MachineError
+from kexec_sim.geometry import PfnRange
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.process import is_alive, process_start_time
 

@@ -8,7 +8,8 @@ import sys
 
 from kexec_sim.machine import Machine
 
-from .util import run
+from .conftest import Mounts
+from .util import ctl_status, run
 
 HIBERNATION_IMAGE_CODE = (
     *(f"kexec_sim.hibernation.{name}" for name in ("hibernate", "resume", "reader", "writer")),
@@ -35,6 +36,18 @@ def imported_by(module: str, *argv: str) -> tuple[int, list[str], str]:
 def among(modules: list[str], packages: tuple[str, ...]) -> list[str]:
     """The modules of *modules* that are one of *packages* or inside one."""
     return [m for m in modules if m in packages or m.startswith(tuple(f"{p}." for p in packages))]
+
+
+def test_the_remount_helper_imports_no_numpy_and_no_hibernation(mounts: Mounts) -> None:
+    """``mount -o remount,...`` runs ``pkramfs`` as its helper: it sends the daemon a command
+    and sets the kernel's ro flag, with no use for numpy, FUSE or the hibernation code."""
+    mnt = mounts.mount("pkram=imports")
+    (mnt / "file").write_bytes(b"data")
+    for options, preserved in (("remount,preserve,ro", True), ("remount,rw", False)):
+        code, modules, err = imported_by("pkramfs.mount_cli", "none", str(mnt), "-o", options)
+        assert code == 0, err
+        assert (ctl_status(mnt)["preserved_node"] is not None) is preserved
+        assert among(modules, ("numpy", "kexec_sim.hibernation", "pyfuse3", "trio")) == []
 
 
 def test_kexec_sim_load_imports_neither_exec_nor_hibernation(small_machine: Machine) -> None:
