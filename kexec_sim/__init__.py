@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from kexec_sim.sizes import parse_size
     from kexec_sim.storage_keys import CHANGED, FETCH_PROTECT, REFERENCED, StorageKeys
     from kexec_sim.super_block import node_list_head, read_super_block, set_node_list_head
-    from kexec_sim.transition import PRESERVING, read_record, refuse_changes
+    from kexec_sim.transition import PRESERVING, boot_stopping, read_record, refuse_changes
 
 _PUBLIC: dict[str, tuple[str, ...]] = {
     "errors": (
@@ -110,7 +110,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "sizes": ("parse_size",),
     "storage_keys": ("CHANGED", "FETCH_PROTECT", "REFERENCED", "StorageKeys"),
     "super_block": ("node_list_head", "read_super_block", "set_node_list_head"),
-    "transition": ("PRESERVING", "read_record", "refuse_changes"),
+    "transition": ("PRESERVING", "boot_stopping", "read_record", "refuse_changes"),
 }
 """Module (under kexec_sim) -> the public names it defines."""
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
@@ -163,6 +163,7 @@ __all__ = [
     "StorageKeys",
     "UsageError",
     "as_pfn_array",
+    "boot_stopping",
     "exec_",
     "handover_problems",
     "load",
