@@ -9,10 +9,18 @@ imports only the modules it uses (a remount helper needs no numpy, ``kexec-sim l
 hibernation code), which is most of its start-up time. ``_PUBLIC`` says where each name lives;
 the ``TYPE_CHECKING`` imports say the same to type checkers (tests/test_layering.py keeps the
 two equal).
+
+Importing the package also caps numpy's OpenBLAS at one thread (unless the environment says
+otherwise): nothing here does linear algebra, and starting a BLAS thread per CPU as numpy is
+imported cost each command ~50 ms of its start-up on the 2-core machine this was measured on.
+Every process of pkramfs and kexec-sim imports this package before numpy.
 """
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
     from kexec_sim.errors import (

@@ -3,6 +3,7 @@ part of the blackout. Each command runs for real in a fresh interpreter, which t
 modules it imported (no timing: which modules, not how long)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,16 @@ def test_kexec_sim_exec_imports_no_hibernation_image_code(small_machine: Machine
     code, modules, err = imported_by("kexec_sim.cli", *machine, "exec")
     assert code == 0, err
     assert among(modules, HIBERNATION_IMAGE_CODE) == []
+
+
+def test_importing_numpy_through_kexec_sim_starts_no_thread() -> None:
+    """numpy's OpenBLAS would start a thread per CPU as it is imported (~50 ms of start-up)."""
+    probe = "import os, kexec_sim, numpy; print(len(os.listdir('/proc/self/task')))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout.strip() == "1"
 
 
 def test_the_package_imports_nothing_until_a_name_is_used() -> None:
