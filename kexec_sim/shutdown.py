@@ -107,7 +107,10 @@ class _Processes:
             poller.register(self.pidfds[pid], select.POLLIN)
         deadline = time.monotonic() + timeout_s
         while True:
-            left = {pid for pid in left if runs_code(pid, self.procs[pid].pid_start_time)}
+            stopped = {pid for pid in left if not runs_code(pid, self.procs[pid].pid_start_time)}
+            for pid in stopped & self.pidfds.keys():
+                poller.unregister(self.pidfds[pid])  # else its exit would wake every poll
+            left -= stopped
             remaining_s = deadline - time.monotonic()
             if not left or remaining_s <= 0:
                 return left
