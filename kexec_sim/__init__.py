@@ -3,58 +3,125 @@ boot, kexec and the PKRAM handover (super block, preserved-pages table), hiberna
 
 kexec_sim knows pages and owners, never files. The public surface is re-exported here, and
 pkramfs imports only from here: the modules behind it are free to change.
+
+The names are imported on first use (PEP 562 ``__getattr__``), each from its module: a command
+imports only the modules it uses (a remount helper needs no numpy, ``kexec-sim load`` no
+hibernation code), which is most of its start-up time. ``_PUBLIC`` says where each name lives;
+the ``TYPE_CHECKING`` imports say the same to type checkers (tests/test_layering.py keeps the
+two equal).
+
+Importing the package also caps numpy's OpenBLAS at one thread (unless the environment says
+otherwise): nothing here does linear algebra, and starting a BLAS thread per CPU as numpy is
+imported cost each command ~50 ms of its start-up on the 2-core machine this was measured on.
+Every process of pkramfs and kexec-sim imports this package before numpy.
 """
 
-from kexec_sim.allocator import PfnRange
-from kexec_sim.errors import (
-    CorruptHandover,
-    CorruptMachine,
-    Error,
-    ImageTooLarge,
-    InvalidRequest,
-    MachineBusy,
-    MachineError,
-    MachineExists,
-    OutOfMemory,
-    UsageError,
-)
-from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
-from kexec_sim.kernel_image import LoadedImage, load, loaded_image, next_kernel_range, unload
-from kexec_sim.kexec import HandoverRefused, exec_
-from kexec_sim.machine import (
-    DEFAULT_MACHINE_DIR,
-    DEFAULT_RAM_BYTES,
-    MACHINE_ENV,
-    BootRecord,
-    Machine,
-    resolve_machine_dir,
-)
-from kexec_sim.memmap import MemoryMap, MemoryRegion, RegionType
-from kexec_sim.mounts import MountEntry, read_mounts, unescape_field
-from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, KERNEL, NOSAVE, PRESERVED, OwnerInfo
-from kexec_sim.ownership import PageOwnership
-from kexec_sim.ownership_check import handover_problems
-from kexec_sim.pages import (
-    HUGE_ORDER,
-    HUGE_PAGES,
-    HUGE_SIZE,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    PageRuns,
-    Pfn,
-    PfnArray,
-    as_pfn_array,
-    pages_for_bytes,
-    run_positions,
-)
-from kexec_sim.power import power_on, poweroff, reboot
-from kexec_sim.ram import Ram
-from kexec_sim.recovery import open_machine
-from kexec_sim.report import ExecReport
-from kexec_sim.sizes import parse_size
-from kexec_sim.storage_keys import CHANGED, FETCH_PROTECT, REFERENCED, StorageKeys
-from kexec_sim.super_block import node_list_head, read_super_block, set_node_list_head
-from kexec_sim.transition import PRESERVING, read_record, refuse_changes
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+if TYPE_CHECKING:
+    from kexec_sim.errors import (
+        CorruptHandover,
+        CorruptMachine,
+        Error,
+        ImageTooLarge,
+        InvalidRequest,
+        MachineBusy,
+        MachineError,
+        MachineExists,
+        OutOfMemory,
+        UsageError,
+    )
+    from kexec_sim.geometry import (
+        HUGE_ORDER,
+        HUGE_PAGES,
+        HUGE_SIZE,
+        PAGE_SHIFT,
+        PAGE_SIZE,
+        Pfn,
+        PfnRange,
+        pages_for_bytes,
+    )
+    from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
+    from kexec_sim.kernel_image import LoadedImage, load, loaded_image, next_kernel_range, unload
+    from kexec_sim.kexec import HandoverRefused, exec_
+    from kexec_sim.machine import (
+        DEFAULT_MACHINE_DIR,
+        DEFAULT_RAM_BYTES,
+        MACHINE_ENV,
+        BootRecord,
+        Machine,
+        resolve_machine_dir,
+    )
+    from kexec_sim.memmap import MemoryMap, MemoryRegion, RegionType
+    from kexec_sim.mounts import MountEntry, read_mounts, unescape_field
+    from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, KERNEL, NOSAVE, PRESERVED, OwnerInfo
+    from kexec_sim.ownership import PageOwnership
+    from kexec_sim.ownership_check import handover_problems
+    from kexec_sim.pages import PageRuns, PfnArray, as_pfn_array, run_positions
+    from kexec_sim.power import power_on, poweroff, reboot
+    from kexec_sim.ram import Ram
+    from kexec_sim.recovery import open_machine
+    from kexec_sim.report import ExecReport
+    from kexec_sim.sizes import parse_size
+    from kexec_sim.storage_keys import CHANGED, FETCH_PROTECT, REFERENCED, StorageKeys
+    from kexec_sim.super_block import node_list_head, read_super_block, set_node_list_head
+    from kexec_sim.transition import PRESERVING, boot_stopping, read_record, refuse_changes
+
+_PUBLIC: dict[str, tuple[str, ...]] = {
+    "errors": (
+        "CorruptHandover",
+        "CorruptMachine",
+        "Error",
+        "ImageTooLarge",
+        "InvalidRequest",
+        "MachineBusy",
+        "MachineError",
+        "MachineExists",
+        "OutOfMemory",
+        "UsageError",
+    ),
+    "geometry": (
+        "HUGE_ORDER",
+        "HUGE_PAGES",
+        "HUGE_SIZE",
+        "PAGE_SHIFT",
+        "PAGE_SIZE",
+        "Pfn",
+        "PfnRange",
+        "pages_for_bytes",
+    ),
+    "internal_error": ("EXIT_INTERNAL", "report_internal_error"),
+    "kernel_image": ("LoadedImage", "load", "loaded_image", "next_kernel_range", "unload"),
+    "kexec": ("HandoverRefused", "exec_"),
+    "machine": (
+        "DEFAULT_MACHINE_DIR",
+        "DEFAULT_RAM_BYTES",
+        "MACHINE_ENV",
+        "BootRecord",
+        "Machine",
+        "resolve_machine_dir",
+    ),
+    "memmap": ("MemoryMap", "MemoryRegion", "RegionType"),
+    "mounts": ("MountEntry", "read_mounts", "unescape_field"),
+    "owners": ("FIRMWARE", "FREE", "HANDOVER", "KERNEL", "NOSAVE", "PRESERVED", "OwnerInfo"),
+    "ownership": ("PageOwnership",),
+    "ownership_check": ("handover_problems",),
+    "pages": ("PageRuns", "PfnArray", "as_pfn_array", "run_positions"),
+    "power": ("power_on", "poweroff", "reboot"),
+    "ram": ("Ram",),
+    "recovery": ("open_machine",),
+    "report": ("ExecReport",),
+    "sizes": ("parse_size",),
+    "storage_keys": ("CHANGED", "FETCH_PROTECT", "REFERENCED", "StorageKeys"),
+    "super_block": ("node_list_head", "read_super_block", "set_node_list_head"),
+    "transition": ("PRESERVING", "boot_stopping", "read_record", "refuse_changes"),
+}
+"""Module (under kexec_sim) -> the public names it defines."""
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __all__ = [
     "CHANGED",
@@ -104,6 +171,7 @@ __all__ = [
     "StorageKeys",
     "UsageError",
     "as_pfn_array",
+    "boot_stopping",
     "exec_",
     "handover_problems",
     "load",
@@ -127,3 +195,17 @@ __all__ = [
     "unescape_field",
     "unload",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import public *name* from its module on first use (then it is a plain attribute)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kexec_sim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kexec_sim.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

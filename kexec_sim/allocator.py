@@ -10,14 +10,14 @@ a few times its own size of the map, never the whole map. An optional ``avoid`` 
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.geometry import PfnRange
 from kexec_sim.owners import FREE
 from kexec_sim.pages import PfnArray
 
+__all__ = ["MIN_WINDOW_PAGES", "PfnRange", "find_free"]
+
 MIN_WINDOW_PAGES = 16384
 """The first window scanned for a request (grown x2 per window)."""
-
-PfnRange = tuple[int, int]
-"""A range of pfns ``(start, end_exclusive)``."""
 
 
 def find_free(

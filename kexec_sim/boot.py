@@ -15,28 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.allocator import PfnRange, find_free
+from kexec_sim.allocator import find_free
 from kexec_sim.cmdline import PKRAM_PARAM, pkram_pfn
 from kexec_sim.errors import CorruptHandover, InvalidRequest, OutOfMemory
 from kexec_sim.owners import FREE, HANDOVER, PRESERVED, owner_name
 from kexec_sim.preserved_pages import walk_table
 from kexec_sim.ram import Ram
 from kexec_sim.super_block import SuperBlock, read_super_block, write_super_block
-
-
-@dataclass(frozen=True)
-class BootRecord:
-    """The current boot of a machine (``boot.json``): the one source of its facts."""
-
-    generation: int
-    cmdline: str
-    booted_ns: int
-    powered: bool = True
-    kernel_image: PfnRange | None = None
-    """The pfn range of the image a kexec loaded; None: the memory map's KERNEL region."""
-    super_block_pfn: int = 0
-    """This boot's PKRAM super block (its HANDOVER page); 0: none (booted by an older
-    kexec-sim). ``sys/kernel/pkram`` exports it; nothing reads the export back."""
 
 
 @dataclass(frozen=True)

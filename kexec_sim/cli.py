@@ -37,9 +37,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from kexec_sim import kernel_image, kexec, power
+from kexec_sim import kernel_image
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
 from kexec_sim.errors import (
     CorruptImage,
@@ -49,7 +49,6 @@ from kexec_sim.errors import (
     MachineExists,
     UsageError,
 )
-from kexec_sim.hibernation import cli as hibernation_cli
 from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
 from kexec_sim.kernel_image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
@@ -62,15 +61,17 @@ from kexec_sim.owners import (
     PRESERVED,
     RESERVED_OWNERS,
 )
-from kexec_sim.ownership import PageOwnership
-from kexec_sim.ownership_check import handover_problems
 from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
-from kexec_sim.recovery import discard_transition, open_machine
-from kexec_sim.report import ExecReport
-from kexec_sim.scrub import SCRUB_MODES
-from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
+from kexec_sim.recovery import open_machine
 from kexec_sim.sizes import parse_size
+
+if TYPE_CHECKING:
+    from kexec_sim.ownership import PageOwnership
+    from kexec_sim.report import ExecReport
+
+# A command imports what only it uses (kexec, power, hibernation) in its own functions: a
+# ``kexec-sim load`` on the critical path of a handover starts without them.
 
 PROG = "kexec-sim"
 EXIT_OK = 0
@@ -141,7 +142,7 @@ def _image_report(image: LoadedImage | None) -> dict[str, Any] | None:
     }
 
 
-def _page_report(machine: Machine, ownership: PageOwnership | None) -> dict[str, Any]:
+def _page_report(machine: Machine, ownership: "PageOwnership | None") -> dict[str, Any]:
     """Return the status document: boot, power, page counts by kind and by owner, staged image.
 
     *ownership* is None for a powered-off machine (no pages, owners or image to report).
@@ -263,6 +264,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from kexec_sim.ownership_check import handover_problems
+
     machine = _open(args)
     with machine.page_ownership() as ownership, ownership.locked(), machine.ram() as ram:
         reclaimed = ownership.reclaim_dead_owners()
@@ -351,13 +354,15 @@ def _cmd_unload(args: argparse.Namespace) -> int:
 
 
 def _scrub_mode(args: argparse.Namespace) -> str:
+    from kexec_sim import power
+
     if args.scrub is not None:
         mode: str = args.scrub
         return mode
     return power.check_scrub_env()
 
 
-def _print_exec(report: ExecReport, as_json: bool) -> None:
+def _print_exec(report: "ExecReport", as_json: bool) -> None:
     _warn(report.warnings)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -398,6 +403,8 @@ def _stop_timeout(args: argparse.Namespace) -> float:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
+    from kexec_sim import kexec
+
     machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     report = kexec.exec_(machine, scrub=scrub, force=args.force, stop_timeout_s=timeout)
@@ -406,6 +413,9 @@ def _cmd_exec(args: argparse.Namespace) -> int:
 
 
 def _cmd_reboot(args: argparse.Namespace) -> int:
+    from kexec_sim import power
+    from kexec_sim.recovery import discard_transition
+
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     if args.force:  # the way out when recovering an interrupted transition keeps failing
         discarded = discard_transition(resolve_machine_dir(args.machine))
@@ -422,6 +432,8 @@ def _cmd_reboot(args: argparse.Namespace) -> int:
 
 
 def _cmd_poweroff(args: argparse.Namespace) -> int:
+    from kexec_sim import power
+
     machine = _open(args)
     scrub, timeout = _scrub_mode(args), _stop_timeout(args)
     _print_exec(power.poweroff(machine, scrub=scrub, stop_timeout_s=timeout), args.json)
@@ -429,6 +441,8 @@ def _cmd_poweroff(args: argparse.Namespace) -> int:
 
 
 def _cmd_boot(args: argparse.Namespace) -> int:
+    from kexec_sim import power
+
     machine = _open(args)
     _print_exec(power.power_on(machine), args.json)
     return EXIT_OK
@@ -481,6 +495,8 @@ def _load_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stop_argument(parser: argparse.ArgumentParser) -> None:
+    from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S
+
     parser.add_argument(
         "--stop-timeout",
         type=float,
@@ -491,6 +507,9 @@ def _stop_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _scrub_argument(parser: argparse.ArgumentParser) -> None:
+    from kexec_sim import power
+    from kexec_sim.scrub import SCRUB_MODES
+
     parser.add_argument(
         "--scrub",
         choices=SCRUB_MODES,
@@ -525,6 +544,30 @@ def _poweroff_arguments(parser: argparse.ArgumentParser) -> None:
     _status_arguments(parser)
 
 
+def _hibernate_arguments(parser: argparse.ArgumentParser) -> None:
+    from kexec_sim.hibernation.cli import hibernate_arguments
+
+    hibernate_arguments(parser)
+
+
+def _run_hibernate(args: argparse.Namespace) -> int:
+    from kexec_sim.hibernation.cli import run_hibernate
+
+    return run_hibernate(args)
+
+
+def _resume_arguments(parser: argparse.ArgumentParser) -> None:
+    from kexec_sim.hibernation.cli import resume_arguments
+
+    resume_arguments(parser)
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    from kexec_sim.hibernation.cli import run_resume
+
+    return run_resume(args)
+
+
 COMMANDS: dict[str, Command] = {
     "init": Command("create a machine", _init_arguments, _cmd_init),
     "status": Command("show the machine's boot and pages", _status_arguments, _cmd_status),
@@ -537,19 +580,18 @@ COMMANDS: dict[str, Command] = {
     "boot": Command("power on: a fresh boot", _status_arguments, _cmd_boot),
     "hibernate": Command(
         "preserve the mounts, write an image, power off",
-        hibernation_cli.hibernate_arguments,
-        hibernation_cli.run_hibernate,
+        _hibernate_arguments,
+        _run_hibernate,
     ),
     "resume": Command(
-        "resume a hibernated machine from its image(s)",
-        hibernation_cli.resume_arguments,
-        hibernation_cli.run_resume,
+        "resume a hibernated machine from its image(s)", _resume_arguments, _run_resume
     ),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of ``kexec-sim``."""
+def build_parser(declare: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Return the argument parser of ``kexec-sim``, with the arguments of the commands named
+    in *declare* (None: of every command). An undeclared command has no arguments, no -h."""
     parser = _Parser(prog=PROG, description="Manage a simulated machine (RAM, boot, kexec).")
     parser.add_argument(
         "--machine",
@@ -558,10 +600,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(sub)
+        declared = declare is None or name in declare
+        sub = subparsers.add_parser(
+            name, help=command.help, description=command.help, add_help=declared
+        )
+        if declared:
+            command.add_arguments(sub)
         sub.set_defaults(run=command.run)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a command line: first which command it names, then with that command's arguments
+    only (declaring another's could import its modules: the hibernation code, say)."""
+    command = build_parser(declare=()).parse_known_args(argv)[0].command
+    return build_parser(declare=(command,)).parse_args(argv)
 
 
 def _fail(message: str, code: int) -> int:
@@ -572,7 +625,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kexec-sim`` with *argv* (default: sys.argv[1:]); return the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except (UsageError, InvalidRequest) as exc:

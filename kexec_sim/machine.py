@@ -38,14 +38,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kexec_sim.allocator import PfnRange
-from kexec_sim.boot import BootRecord, EarlyBoot, early_boot
 from kexec_sim.cmdline import MAX_CMDLINE_BYTES, check_cmdline
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, MachineExists
 from kexec_sim.filelock import FileLock
+from kexec_sim.geometry import PAGE_SIZE, PfnRange
 from kexec_sim.jsonfile import (
     fsync_dir,
     get_int,
@@ -55,11 +55,14 @@ from kexec_sim.jsonfile import (
     write_text_atomic,
 )
 from kexec_sim.memmap import MIN_PAGES, MemoryMap
-from kexec_sim.owners import FREE, KERNEL, boot_owner_map
-from kexec_sim.ownership import LOCK_FILE, MAP_FILE, REGISTRY_FILE, PageOwnership
-from kexec_sim.pages import PAGE_SIZE
-from kexec_sim.ram import Ram
 from kexec_sim.transition import PowerLock, busy, read_record
+
+# What works on pages (boot, owners, ownership, ram: numpy) is imported where it is used:
+# opening a machine, every command's first step, stays light (a remount helper's start-up).
+if TYPE_CHECKING:
+    from kexec_sim.boot import EarlyBoot
+    from kexec_sim.ownership import PageOwnership
+    from kexec_sim.ram import Ram
 
 __all__ = [
     "DEFAULT_MACHINE_DIR",
@@ -89,6 +92,21 @@ BOOT_DIR = "boot"
 SYS_KERNEL_DIR = "sys/kernel"
 PKRAM_EXPORT = "pkram"
 LOGS_DIR = "logs"
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """The current boot of a machine (``boot.json``): the one source of its facts."""
+
+    generation: int
+    cmdline: str
+    booted_ns: int
+    powered: bool = True
+    kernel_image: PfnRange | None = None
+    """The pfn range of the image a kexec loaded; None: the memory map's KERNEL region."""
+    super_block_pfn: int = 0
+    """This boot's PKRAM super block (its HANDOVER page); 0: none (booted by an older
+    kexec-sim). ``sys/kernel/pkram`` exports it; nothing reads the export back."""
 
 
 def resolve_machine_dir(path: str | os.PathLike[str] | None) -> Path:
@@ -333,8 +351,8 @@ class Machine:
         cmdline: str,
         *,
         kernel_image: PfnRange | None = None,
-        held: PageOwnership | None = None,
-    ) -> EarlyBoot:
+        held: "PageOwnership | None" = None,
+    ) -> "EarlyBoot":
         """Boot the machine again with *cmdline*: next generation, fresh boot/ state.
 
         The new ownership map has every usable page FREE, the pages of *kernel_image* (a pfn
@@ -353,7 +371,7 @@ class Machine:
         with self._boot_locked(held):
             return _write_boot(self.path, generation, cmdline, self.memory_map, kernel_image)
 
-    def record_power_off(self, held: PageOwnership | None = None) -> None:
+    def record_power_off(self, held: "PageOwnership | None" = None) -> None:
         """Mark the machine powered off, then drop the boot state (under boot/lock: through
         *held* when the caller holds it, else taken here).
 
@@ -362,6 +380,8 @@ class Machine:
         comes first: a power off cut short leaves an off machine with stale boot files,
         which the next boot clears.
         """
+        from kexec_sim.ownership import MAP_FILE, REGISTRY_FILE
+
         with self._boot_locked(held):
             record = self.boot_record()
             _write_boot_record(self.path, replace(record, powered=False))
@@ -373,8 +393,10 @@ class Machine:
                 (self.sys_kernel_dir / PKRAM_EXPORT).unlink()
 
     @contextmanager
-    def _boot_locked(self, held: PageOwnership | None) -> Iterator[None]:
+    def _boot_locked(self, held: "PageOwnership | None") -> Iterator[None]:
         """Hold boot/lock: through *held* when the caller holds it, else taken here."""
+        from kexec_sim.ownership import LOCK_FILE
+
         if held is not None:
             with held.locked():
                 yield
@@ -388,15 +410,19 @@ class Machine:
 
     # -- the hardware ---------------------------------------------------------------------
 
-    def ram(self) -> Ram:
+    def ram(self) -> "Ram":
         """Map the RAM (close the result when done)."""
+        from kexec_sim.ram import Ram
+
         return Ram(self.path / RAM_FILE, self.nr_pages)
 
-    def page_ownership(self) -> PageOwnership:
+    def page_ownership(self) -> "PageOwnership":
         """Open the current boot's page-ownership map (close the result when done).
 
         Raises MachineError when the machine is powered off.
         """
+        from kexec_sim.ownership import PageOwnership
+
         self.require_powered()
         return PageOwnership(self.boot_dir, self.memory_map, self.nr_pages)
 
@@ -450,6 +476,8 @@ def _populate(path: Path, ram_bytes: int, cmdline: str) -> None:
 
 def _clear_boot_dir(boot_dir: Path) -> None:
     """Remove the previous boot's files from *boot_dir*, but those replaced by rename."""
+    from kexec_sim.ownership import LOCK_FILE, MAP_FILE, REGISTRY_FILE
+
     keep = {LOCK_FILE, MAP_FILE, REGISTRY_FILE}  # replaced by rename, never missing
     for entry in boot_dir.iterdir():
         if entry.name not in keep:
@@ -465,8 +493,13 @@ def _write_boot(
     cmdline: str,
     memory_map: MemoryMap,
     kernel_image: PfnRange | None,
-) -> EarlyBoot:
+) -> "EarlyBoot":
     """Make *generation* the current boot: fresh boot/ state after early boot, boot.json."""
+    from kexec_sim.boot import early_boot
+    from kexec_sim.owners import FREE, KERNEL, boot_owner_map
+    from kexec_sim.ownership import PageOwnership
+    from kexec_sim.ram import Ram
+
     boot_dir = path / BOOT_DIR
     _clear_boot_dir(boot_dir)
     nr_pages = (path / RAM_FILE).stat().st_size // PAGE_SIZE

@@ -16,12 +16,14 @@ so a 64 MiB machine gets exactly the layout above. Machines under 4 MiB are refu
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from kexec_sim.errors import CorruptMachine, InvalidRequest
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.geometry import PAGE_SIZE
+
+if TYPE_CHECKING:  # numpy is imported where used: opening a machine reads the map without it
+    import numpy as np
+    import numpy.typing as npt
 
 _MIB_PAGES = (1 << 20) // PAGE_SIZE
 FIRMWARE_END_PFN = 1 * _MIB_PAGES
@@ -132,8 +134,10 @@ class MemoryMap:
                 raise CorruptMachine(f"{where}: beyond the end of RAM ({nr_pages} pages)")
             previous_end = region.end_pfn_exclusive
 
-    def usable_mask(self, nr_pages: int) -> npt.NDArray[np.bool_]:
+    def usable_mask(self, nr_pages: int) -> "npt.NDArray[np.bool_]":
         """Return a bool per pfn of a RAM of *nr_pages* pages: True where the page is USABLE."""
+        import numpy as np
+
         mask = np.zeros(nr_pages, dtype=np.bool_)
         for region in self.regions:
             if region.type is RegionType.USABLE:

@@ -28,12 +28,12 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.allocator import PfnRange, find_free
-from kexec_sim.boot import BootRecord
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
@@ -70,6 +70,9 @@ from kexec_sim.transfer_journal import (
     write_journal_runs,
 )
 from kexec_sim.transition import refuse_changes
+
+if TYPE_CHECKING:
+    from kexec_sim.machine import BootRecord
 
 __all__ = [
     "FIRMWARE",
@@ -496,7 +499,7 @@ class PageOwnership(Closing):
         with self.locked():
             return int(np.count_nonzero(self._owners == FREE))
 
-    def check(self, claims: Mapping[int, PfnArray], boot: BootRecord) -> list[str]:
+    def check(self, claims: Mapping[int, PfnArray], boot: "BootRecord") -> list[str]:
         """Return the problems of the map against *claims* (owner id -> pfns it believes it owns)
         and the facts of *boot* (its super block and kernel image).
 

@@ -1,29 +1,43 @@
-"""Page geometry of the simulated machine: sizes, orders and the pfn types."""
+"""Pfns in numpy: the pfn array type, runs of consecutive pfns (``PageRuns``) and their
+helpers. The page geometry (sizes, orders, ``Pfn``) is kexec_sim.geometry, re-exported here."""
 
 from dataclasses import dataclass
-from typing import NewType
 
 import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.errors import MachineError
+from kexec_sim.geometry import (
+    HUGE_ORDER,
+    HUGE_PAGES,
+    HUGE_SIZE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    Pfn,
+    pages_for_bytes,
+)
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-HUGE_ORDER = 9
-HUGE_PAGES = 1 << HUGE_ORDER  # 4 KiB pages in one 2 MiB huge page
-HUGE_SIZE = PAGE_SIZE << HUGE_ORDER
-
-Pfn = NewType("Pfn", int)
-"""A page frame number: the index of a 4 KiB page in the machine's RAM."""
+__all__ = [
+    "HUGE_ORDER",
+    "HUGE_PAGES",
+    "HUGE_SIZE",
+    "MANY_RUNS",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "PageRuns",
+    "Pfn",
+    "PfnArray",
+    "as_pfn_array",
+    "expand_runs",
+    "first_repeat",
+    "mask_runs",
+    "pages_for_bytes",
+    "run_positions",
+    "runs_in_order",
+]
 
 PfnArray = npt.NDArray[np.int64]
 """An array of page frame numbers (int64, never negative for a real page)."""
-
-
-def pages_for_bytes(size_bytes: int) -> int:
-    """Return how many 4 KiB pages hold *size_bytes* (rounded up)."""
-    return (size_bytes + PAGE_SIZE - 1) >> PAGE_SHIFT
 
 
 def as_pfn_array(pfns: npt.ArrayLike, nr_pages: int) -> PfnArray:

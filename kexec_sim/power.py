@@ -22,7 +22,7 @@ from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 from kexec_sim.report import ExecReport, Phases, boot_report
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_everyone
-from kexec_sim.transition import Transition, fact_range, fact_str, give_up
+from kexec_sim.transition import STOP_PHASE, Transition, fact_range, fact_str, give_up
 
 SCRUB_ENV = "KEXEC_SIM_SCRUB"
 """The scrub mode the CLI uses when none is given (``punch`` or ``poison``)."""
@@ -74,7 +74,7 @@ def stop_phase(
     """A transition's ``stop`` phase: recorded, then every process of the boot stopped;
     (what was stopped, warnings: the mounts that lose data, the processes that survived)."""
     warnings: list[str] = []
-    transition.record("stop")
+    transition.record(STOP_PHASE)
     with phases("stop"):
         stopped = stop_everyone(po, stop_timeout_s, warnings)
     return stopped, warnings

@@ -7,15 +7,15 @@ in the state it left, minus the remains) or finishes it (from that point on), th
 one line saying what it did and what the user can do next. A transition still running is
 left alone (MachineBusy); a recovery already under way in another command is waited for.
 ``discard_transition`` is the way out when a recovery itself keeps failing.
+
+The modules that undo or finish a transition (kexec, power, hibernation) are imported only
+when there is one to recover: opening a machine is on every command's path.
 """
 
 from collections.abc import Callable
 from pathlib import Path
 
-from kexec_sim import kexec, power
 from kexec_sim.errors import MachineError
-from kexec_sim.hibernation.hibernate import undo_hibernate
-from kexec_sim.hibernation.resume import finish_resume, undo_resume
 from kexec_sim.machine import Machine, resolve_machine_dir
 from kexec_sim.transition import (
     TRANSITION_FILE,
@@ -99,6 +99,10 @@ def discard_transition(machine_dir: Path) -> TransitionRecord | None:
 
 
 def _undo(machine: Machine, record: TransitionRecord) -> str:
+    from kexec_sim import kexec
+    from kexec_sim.hibernation.hibernate import undo_hibernate
+    from kexec_sim.hibernation.resume import undo_resume
+
     what = f"an interrupted {record.describe()} was undone"
     if record.action == "exec":
         kexec.undo_exec(machine, record.facts)
@@ -121,6 +125,9 @@ def _undo(machine: Machine, record: TransitionRecord) -> str:
 
 
 def _finish(machine: Machine, transition: Transition) -> str:
+    from kexec_sim import kexec, power
+    from kexec_sim.hibernation.resume import finish_resume
+
     action = transition.action
     what = f"an interrupted {action} of generation {transition.generation} was finished"
     if action == "exec":

@@ -32,8 +32,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kexec_sim.allocator import PfnRange
 from kexec_sim.errors import CorruptMachine, MachineBusy, MachineError
+from kexec_sim.geometry import PfnRange
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.process import is_alive, process_start_time
 
@@ -52,6 +52,8 @@ COMMITTED_PHASES: Mapping[str, frozenset[str]] = {
 """Per action, the phases from its point of no return on (the others can be undone)."""
 PRESERVING = frozenset({("hibernate", "preserve")})
 """(action, phase) during which mounts may preserve themselves: hibernate preserving them."""
+STOP_PHASE = "stop"
+"""The phase in which exec, reboot and power off (hibernate's too) stop the boot's processes."""
 
 
 def is_committed(action: str, phase: str | None) -> bool:
@@ -154,6 +156,19 @@ def busy(machine_dir: Path, record: TransitionRecord | None) -> MachineBusy:
     """The error for a machine another process is changing."""
     doing = record.describe() if record is not None else "a power-state change"
     return MachineBusy(f"machine {machine_dir} is busy: {doing} is running; try again after it")
+
+
+def boot_stopping(machine_dir: Path) -> bool:
+    """Whether a running transition is stopping the boot's processes (its STOP_PHASE).
+
+    A process stopping then may leave its pages as they are: the transition scrubs or hands
+    over every page of the boot (an unreadable record counts as no).
+    """
+    try:
+        record = read_record(machine_dir)
+    except CorruptMachine:
+        return False
+    return record is not None and record.phase == STOP_PHASE and record.running
 
 
 def refuse_changes(

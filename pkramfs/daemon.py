@@ -37,7 +37,8 @@ def fuse_options(fs: PkramFilesystem) -> set[str]:
 def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
     """Mount *fs* at its mountpoint and serve it; call *ready* (None or an error) once mounted.
 
-    Returns the process exit code. Pages go back to the machine however serving ends.
+    Returns the process exit code. Pages go back to the machine however serving ends, but when
+    the machine is stopping the boot (exec, reboot, power off: `PkramFilesystem.leave`).
     """
     operations = Operations(fs)
     try:
@@ -66,7 +67,10 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
         code = 1
     finally:
         pyfuse3.close(unmount=True)
-        fs.close()
+        if fs.boot_stopping():
+            fs.leave()
+        else:
+            fs.close()
     return code
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim import Machine, OwnerInfo, PageOwnership, PfnArray
+from kexec_sim import Machine, OwnerInfo, PageOwnership, PfnArray, boot_stopping
 
 from . import preserve
 from .errors import FsError, MountError, OptionError
@@ -214,6 +214,21 @@ class PkramFilesystem:
         """Give every page back to the machine and leave the ownership registry (unmount)."""
         self.ownership.unregister_owner(self.owner_id)
         self.ram.close()
+
+    def boot_stopping(self) -> bool:
+        """Whether the machine is stopping this boot (exec, reboot, power off stop its
+        processes: kexec_sim's boot_stopping)."""
+        return boot_stopping(self.machine.path)
+
+    def leave(self) -> None:
+        """End with the boot, as the machine stops it: give nothing back, unmap nothing.
+
+        The transition stopping the boot scrubs or hands over every page (the preserved ones
+        are PRESERVED, never this mount's), and drops the boot's owners. The RAM stays mapped
+        for the process's exit to drop: an munmap here (~0.2 s per 2 GiB this daemon touched)
+        would keep the process running, and the transition waiting for it.
+        """
+        log.info("the machine is stopping the boot: exiting with the boot's pages left to it")
 
 
 def mount_using(

@@ -6,6 +6,11 @@ hard links, xattrs and odd times; ``pkram=big`` (huge=always) gets large files. 
 changes both trees (new files, rewrites, deletions, truncations), records every file's md5 and
 metadata, preserves both mounts, kexecs (poison scrub), restores them and compares everything,
 then runs the ownership checker. Exit 0 when every cycle matched, 1 otherwise.
+
+Each cycle is timed as scripts/cycle_timing.py runs it (``kexec-sim load`` first, then the
+blackout: remount,preserve of both mounts, exec, both restoring mounts, a first byte of each)
+and printed with the blackout in its phases; at the end, each phase's median and range
+(min-max) over the cycles.
 """
 
 import argparse
@@ -21,15 +26,9 @@ import time
 from pathlib import Path
 
 from bench_io import make_stdlib_tarball
+from cycle_timing import PHASES, Cycle, Mount, run_cycle, sh, summary
 
 Record = dict[str, tuple[object, ...]]
-
-
-def sh(*cmd: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(list(cmd), capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"kexec-cycles: {' '.join(cmd)} failed: {result.stderr.strip()}")
-    return result.stdout
 
 
 def md5(path: Path) -> str:
@@ -101,6 +100,17 @@ def change_huge(root: Path, cycle: int) -> None:
             f.write(os.urandom(3 << 20))
 
 
+def print_phases(cycles: list[Cycle]) -> None:
+    """Each phase of the blackout (and the commands), median (min-max) over *cycles*."""
+    phases = [c.phases() for c in cycles]
+    print(f"blackout by phase over {len(cycles)} cycles, ms, median (min-max) ({PHASES}):")
+    for key in phases[0]:
+        print(f"  {key:<20} {summary([p[key] for p in phases], 1):>24}")
+    print(f"  {'blackout':<20} {summary([c.blackout_ms for c in cycles], 1):>24}")
+    print(f"  {'(kexec-sim load)':<20} {summary([c.load_ms for c in cycles], 1):>24}")
+    print(f"remount by {cycles[0].remount_via}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="kexec-cycles", description=__doc__.split("\n")[0])
     parser.add_argument("cycles", type=int, nargs="?", default=5)
@@ -113,9 +123,10 @@ def main() -> int:
     tarball = Path(tempfile.gettempdir()) / "kexec-cycles-stdlib.tar"
     rng = random.Random(42)
     failures = 0
+    cycles: list[Cycle] = []
     try:
         shutil.rmtree(machine)
-        sh("kexec-sim", "--machine", str(machine), "init", "--ram", args.ram)
+        sh("kexec-sim", "--machine", str(machine), "init", "--ram", args.ram, env=env)
         nfiles = make_stdlib_tarball(tarball)
         print(f"machine {machine}, {args.ram} RAM; tarball of {nfiles} files")
         for name, mnt in mnts.items():
@@ -124,24 +135,21 @@ def main() -> int:
             change_tree(mnts["src"], cycle, rng, tarball if cycle == 0 else None)
             change_huge(mnts["big"], cycle)
             before = {name: record(mnt) for name, mnt in mnts.items()}
-            start = time.perf_counter()
-            for mnt in mnts.values():
-                sh("mount", "-o", "remount,preserve,ro", str(mnt))
-            sb = (machine / "sys/kernel/pkram").read_text().strip()
-            sh("kexec-sim", "load", "--append", f"pkram={sb}", env=env)
-            sh("kexec-sim", "exec", env=env)
-            for name, mnt in mnts.items():
-                sh("pkramfs", "none", str(mnt), "-o", f"pkram={name},machine={machine}", env=env)
-            blackout = time.perf_counter() - start
+            first = {"src": "bigfile", "big": "huge0"}
+            timed = run_cycle(
+                machine, [Mount(name, mnt, mnt / first[name]) for name, mnt in mnts.items()], env
+            )
+            cycles.append(timed)
             after = {name: record(mnt) for name, mnt in mnts.items()}
             problems = sh("pkramfs-ctl", "check", "--machine", str(machine), env=env).strip()
             same = after == before
             entries = sum(len(r) for r in after.values())
+            phases = ", ".join(f"{key} {ms:.0f}" for key, ms in timed.phases().items())
             print(
                 f"cycle {cycle + 1}/{args.cycles}: {entries} entries, "
-                f"{'identical' if same else 'DIFFERENT'}; blackout {blackout * 1e3:.0f} ms "
-                "(poison scrub included); "
-                f"checker: {problems.splitlines()[-1]}"
+                f"{'identical' if same else 'DIFFERENT'}; checker: {problems.splitlines()[-1]}; "
+                f"blackout {timed.blackout_ms:.0f} ms (poison scrub included): {phases}",
+                flush=True,
             )
             if not same or not problems.endswith("0 problem(s)"):
                 failures += 1
@@ -159,6 +167,8 @@ def main() -> int:
         tarball.unlink(missing_ok=True)
         time.sleep(0.5)
         shutil.rmtree(machine, ignore_errors=True)
+    if cycles:
+        print_phases(cycles)
     print(
         "OK: every cycle restored both trees identically"
         if not failures

@@ -8,16 +8,18 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kexec_sim.machine import Machine
+from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import PRESERVED
 from kexec_sim.pages import PAGE_SIZE
 from pkramfs.checker import check_machine
 
-from .conftest import Mounts
+from .conftest import Mounts, wait_exit
 from .util import (
     BIN,
     OVER_FIRST_PAGES,
@@ -278,6 +280,50 @@ def test_a_daemon_killed_during_preserve_leaves_a_consistent_state(
     assert check_machine(machine) == []
     mounts.mount("pkram=victim", mnt)
     assert contents(mnt) == (expected if restored else {})
+
+
+def test_a_daemon_the_exec_stops_leaves_its_pages_to_the_exec(
+    machine: Machine, mounts: Mounts
+) -> None:
+    """Stopped by exec (or reboot, power off), a daemon exits without giving its pages back:
+    exec scrubs or hands over every page of the boot and drops its owners. Seen while a process
+    that ignores SIGTERM holds the exec in its stop phase: the daemon has exited, still the
+    registered owner of its file's pages."""
+    mnt = mounts.mount("pkram=leaving")
+    (mnt / "f").write_bytes(os.urandom(4 << 20))
+    status = ctl_status(mnt)
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(1000)"
+    )
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout is not None
+    try:
+        assert stubborn.stdout.readline() == "ready\n"
+        with machine.page_ownership() as po:
+            po.register_owner("stubborn", stubborn.pid)
+        load_next_kernel(machine)
+        exec_ = subprocess.Popen(
+            [str(BIN / "kexec-sim"), "exec", "--stop-timeout", "60", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert wait_exit(status["pid"], timeout_s=60)
+        registry = OwnerRegistry.load(machine.path / "boot" / "owners.json")
+        with machine.page_ownership() as po:
+            left = po.count_by_owner().get(status["owner_id"], 0)
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+        stubborn.stdout.close()
+    out, err = exec_.communicate(timeout=60)
+    assert exec_.returncode == 0, err
+    assert status["owner_id"] in registry.owners
+    assert left >= (4 << 20) // PAGE_SIZE
+    assert f"{left} pages not preserved, lost" in err
+    assert {s["name"]: s["how"] for s in json.loads(out)["stopped"]}["stubborn"] == "term"
+    assert not os.path.ismount(mnt)
 
 
 def test_one_live_mount_per_name_and_discard_refused_while_it_runs(

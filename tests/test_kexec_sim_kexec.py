@@ -24,7 +24,8 @@ from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray
 from kexec_sim.scrub import POISON_BYTE
 from kexec_sim.super_block import SuperBlock, read_super_block
 
-from .util import kexec_sim
+from .conftest import Mounts
+from .util import ctl_status, kexec_sim
 
 NR_PAGES = 16384
 SB_PFN = 256
@@ -402,6 +403,41 @@ def test_exec_stops_daemons_with_sigterm_then_sigkill(
         in done.stdout
     )
     assert [child.wait(TIMEOUT_S) for child in children] == [-signal.SIGTERM, -signal.SIGKILL]
+
+
+def test_a_process_the_host_kernel_is_tearing_down_counts_as_stopped(
+    small_machine: Machine, mounts: Mounts, children: list["subprocess.Popen[str]"]
+) -> None:
+    """A process whose every thread is exiting runs nothing of its own again: exec goes on
+    (reporting it stopped by SIGTERM) without waiting for the host to finish its exit. Here
+    the exit cannot finish: the process's last close of a file on a FUSE mount waits for a
+    daemon that is stopped (SIGSTOP), and SIGKILL does nothing to an exiting process."""
+    other = mounts.mount()  # on another machine: this exec does not stop its daemon
+    code = (
+        "import sys, time; f = open(sys.argv[1], 'w'); print('ready', flush=True); time.sleep(1000)"
+    )
+    children.append(
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(other / "held")], stdout=subprocess.PIPE, text=True
+        )
+    )
+    child = children[-1]
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    with small_machine.page_ownership() as po:
+        po.register_owner("exiting", child.pid)
+    daemon = ctl_status(other)["pid"]
+    assert kexec_sim_poison(small_machine, "load").returncode == 0
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        done = kexec_sim_poison(small_machine, "exec", "--stop-timeout", "0.3", "--json")
+        exited = child.poll()  # not before the stopped daemon answers its close
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr
+    assert exited is None
+    assert [s["how"] for s in json.loads(done.stdout)["stopped"]] == ["term"]
+    assert "survived SIGKILL" not in done.stderr
+    assert child.wait(TIMEOUT_S) == -signal.SIGTERM  # its exit ends once the daemon answers
 
 
 # -- reboot, power off, boot ----------------------------------------------------------------

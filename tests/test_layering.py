@@ -2,6 +2,7 @@
 its public surface (``kexec_sim/__init__.py``), and kexec_sim never imports pkramfs."""
 
 import ast
+import importlib
 
 import kexec_sim
 
@@ -32,6 +33,28 @@ def test_pkramfs_imports_only_the_public_surface_of_kexec_sim() -> None:
         name for _, module, names in _imports("pkramfs") if module == "kexec_sim" for name in names
     }
     assert used <= set(kexec_sim.__all__), used - set(kexec_sim.__all__)
+
+
+def test_the_lazy_public_surface_names_each_name_where_it_lives() -> None:
+    """kexec_sim imports its public names on first use: the imports its TYPE_CHECKING block
+    shows type checkers are the names ``_PUBLIC`` imports at run time, and ``__all__``."""
+    tree = ast.parse((REPO / "kexec_sim" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If))
+    typed = {
+        (node.module, alias.name)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    lazy = {
+        (f"kexec_sim.{module}", name)
+        for module, names in kexec_sim._PUBLIC.items()
+        for name in names
+    }
+    assert typed == lazy
+    assert sorted(name for _, name in lazy) == sorted(kexec_sim.__all__)
+    for module, name in sorted(lazy):
+        assert getattr(kexec_sim, name) is getattr(importlib.import_module(module), name)
 
 
 def test_kexec_sim_never_imports_pkramfs() -> None:

@@ -280,6 +280,19 @@ def test_killed_daemon_pages_are_reclaimed(mounts: Mounts, machine: Machine) -> 
     assert ownership.count_by_owner().get(status["owner_id"], 0) == 0
 
 
+def test_a_daemon_stopped_by_sigterm_gives_its_pages_back(mounts: Mounts, machine: Machine) -> None:
+    """Only a machine stopping its boot lets a daemon leave its pages (test_handover.py): the
+    pages of one told to stop by anybody else go back as it exits, as at an unmount."""
+    mnt = mounts.mount()
+    (mnt / "f").write_bytes(b"q" * (2 << 20))
+    status = control.query_status(str(mnt))
+    os.kill(status["pid"], signal.SIGTERM)
+    assert wait_exit(status["pid"])
+    assert not os.path.ismount(mnt)
+    assert status["owner_id"] not in machine.page_ownership().owners()
+    assert machine.page_ownership().count_by_owner().get(status["owner_id"], 0) == 0
+
+
 def test_statfs_reflects_options(mounts: Mounts) -> None:
     mnt = mounts.mount("size=8M,nr_inodes=100")
     st = os.statvfs(mnt)
