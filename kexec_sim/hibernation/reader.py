@@ -54,6 +54,10 @@ READ_BYTES = 4 << 20
 SPARE_BUFFERS = 2
 """Buffers beyond one per worker: the reader fills these while the workers check the others."""
 
+SHORT_RUN_PAGES = 4
+"""Runs shorter than this on average: a chunk's pages are stored with one copy through RAM's
+mapping (a page fault each), not a pwrite per run (a system call each, and Python around it)."""
+
 Place = Callable[[int, Buffer], int]
 """place(chunk index, its raw pages): put them where they go (in a worker); pages placed."""
 Done = Callable[[int], None]
@@ -126,7 +130,8 @@ class Image:
         """Read every chunk once, check it, and store its pages whose pfn *take* flags (a
         bool per page of *ram*) into *ram*; return how many pages were stored.
 
-        Each chunk's pages are stored as soon as it passed its checks, after *undo* saved what
+        Each chunk's pages are stored as soon as it passed its checks (by runs through the
+        RAM file, Ram.store_run; scattered ones through the mapping), after *undo* saved what
         they overwrite: on CorruptImage (the first bad chunk in file order) or any other error,
         pages of earlier chunks are already stored and the caller puts them back with
         ``undo.put_back()``. *done* is told the pages stored so far, in file order.
@@ -140,18 +145,26 @@ class Image:
         firsts = np.flatnonzero(np.concatenate(([index.size > 0], breaks)))
         lengths = np.diff(np.concatenate((firsts, [index.size]))).tolist()
         run_at, run_pfn = (index[firsts] % chunk_pages).tolist(), pfns[firsts].tolist()
-        bounds = np.searchsorted(
-            index[firsts] // chunk_pages, np.arange(self.header.nr_chunks + 1)
-        ).tolist()
+        chunks = np.arange(self.header.nr_chunks + 1)
+        page_bounds = np.searchsorted(index // chunk_pages, chunks).tolist()
+        run_bounds = np.searchsorted(index[firsts] // chunk_pages, chunks).tolist()
 
         def place(chunk: int, raw: Buffer) -> int:
-            view, stored = memoryview(raw), 0
-            for run in range(bounds[chunk], bounds[chunk + 1]):
+            low: int = page_bounds[chunk]
+            high: int = page_bounds[chunk + 1]
+            if low == high:
+                return 0
+            undo.save(pfns[low:high])
+            first_run, end_run = run_bounds[chunk], run_bounds[chunk + 1]
+            if (end_run - first_run) * SHORT_RUN_PAGES > high - low:  # scattered pages
+                rows = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
+                ram.store_pages(pfns[low:high], rows[index[low:high] - chunk * chunk_pages])
+                return high - low
+            view = memoryview(raw)
+            for run in range(first_run, end_run):
                 at, pfn, n = run_at[run], run_pfn[run], lengths[run]
-                undo.save(pfn, n)
                 ram.store_run(pfn, view[at * PAGE_SIZE : (at + n) * PAGE_SIZE])
-                stored += n
-            return stored
+            return high - low
 
         return self._pass(place, threads, done)
 

@@ -42,7 +42,7 @@ from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
-from kexec_sim.pages import PAGE_SIZE, PfnArray, runs_in_order
+from kexec_sim.pages import PAGE_SIZE, PfnArray
 from kexec_sim.ram import Ram
 from kexec_sim.report import Phases
 from kexec_sim.transition import Transition, fact_range, fact_str, fault_point, give_up
@@ -154,9 +154,8 @@ class Chain:
             before += mine.size
         zero = final.pfns[self.source == -1]
         zero = zero[undo.backed(zero)]  # a hole reads as zeros already
-        for start, count in zip(*(a.tolist() for a in runs_in_order(zero)), strict=True):
-            undo.save(start, count)
-            ram.punch_range(start, count)
+        undo.save(zero)
+        ram.punch_holes(zero)
         fault_point("resume:data")
         ram.keys.clear()
         ram.keys.restore(final.pfns, final.keys)
