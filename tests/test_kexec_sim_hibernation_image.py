@@ -791,3 +791,27 @@ def test_an_image_replaced_after_its_front_was_checked_is_refused(image: Path) -
         with pytest.raises(CorruptImage, match="another file since its header was checked"):
             front.read_into(fresh, everything, undo=RamUndo(fresh))
         assert (fresh.pages == 0xAA).all()
+
+
+def test_ram_holding_the_image_already_is_not_copied_and_still_put_back(image: Path) -> None:
+    """RAM an interrupted resume left holding the image's data: the pages about to get the
+    same bytes need no copy kept (only those that differ do), and a refused read still
+    leaves RAM exactly as it was."""
+    front = open_front(image)
+    data = front.pfn_list.data_pfns
+    everything = np.ones(NR_PAGES, np.bool_)
+    with fresh_ram(image.parent / "fresh") as fresh:
+        front.read_into(fresh, everything, undo=RamUndo(fresh))
+        fresh.pages[data[3], 100] ^= 0xFF  # one page differs from the image (not one byte)
+        undo = RamUndo(fresh)
+        assert front.read_into(fresh, everything, undo=undo) == data.size
+        assert undo.copied_pages == 1
+        flip(image, front.header.end_offset - 1)
+        fresh.pages[data[3], 100] ^= 0xFF
+        fresh.pages[data[-1], 7] ^= 0xFF  # the last chunk's page, which will not be stored
+        before = fresh.pages.copy()
+        undo = RamUndo(fresh)
+        with pytest.raises(CorruptImage, match=r"chunk \d+: checksum mismatch"):
+            front.read_into(fresh, everything, undo=undo)
+        undo.put_back()
+        assert np.array_equal(fresh.pages, before)

@@ -154,11 +154,12 @@ class Image:
             high: int = page_bounds[chunk + 1]
             if low == high:
                 return 0
-            undo.save(pfns[low:high])
+            rows = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
+            at = index[low:high] - chunk * chunk_pages
+            undo.save(pfns[low:high], rows, at)
             first_run, end_run = run_bounds[chunk], run_bounds[chunk + 1]
             if (end_run - first_run) * SHORT_RUN_PAGES > high - low:  # scattered pages
-                rows = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
-                ram.store_pages(pfns[low:high], rows[index[low:high] - chunk * chunk_pages])
+                ram.store_pages(pfns[low:high], rows[at])
                 return high - low
             view = memoryview(raw)
             for run in range(first_run, end_run):

@@ -8,7 +8,8 @@ what RAM holds, which for a powered-off machine is what its power off's scrub le
 
 * holes (``punch``, the default): nothing but the run's place (punched again);
 * pages of one repeated byte (``poison``): that byte, per page;
-* anything else (e.g. what an interrupted resume wrote): a copy of the page.
+* anything else: a copy of the page, unless it holds what is stored into it already (what an
+  interrupted resume wrote there from the same image).
 """
 
 import threading
@@ -56,14 +57,26 @@ class RamUndo:
         held: npt.NDArray[np.bool_] = self._backed[pfns]
         return held
 
-    def save(self, pfns: PfnArray) -> None:
-        """Keep what the pages *pfns* hold; call before storing into them, once per page."""
+    def save(
+        self,
+        pfns: PfnArray,
+        rows: npt.NDArray[np.uint8] | None = None,
+        at: npt.NDArray[np.int64] | None = None,
+    ) -> None:
+        """Keep what the pages *pfns* hold; call before storing into them, once per page.
+
+        If given, ``rows[at]`` is what will be stored (a page each): a page that already holds
+        it needs nothing kept (RAM an interrupted resume left holding the image's data).
+        """
         backed = self._backed[pfns]
         if not backed.any():  # holes: the common case, nothing to copy
             saved = _Saved(pfns, _NO_PFNS, _NO_BYTES, _NO_PFNS, _NO_PAGES)
         else:
             held = pfns[backed]
             old = self._ram.pages[held]
+            if rows is not None and at is not None:
+                changing = (old != rows[at[backed]]).any(axis=1)
+                held, old = held[changing], old[changing]
             words = old.view(np.uint64).reshape(-1, _WORDS)
             first = words[:, 0]
             uniform = (words == first[:, None]).all(axis=1)
@@ -72,6 +85,13 @@ class RamUndo:
             saved = _Saved(pfns[~backed], held[uniform], fills, held[~uniform], old[~uniform])
         with self._lock:
             self._saved.append(saved)
+
+    @property
+    def copied_pages(self) -> int:
+        """How many pages are kept as copies (neither holes nor one byte repeated, nor
+        holding what was stored into them already)."""
+        with self._lock:
+            return sum(saved.copied.size for saved in self._saved)
 
     def put_back(self) -> None:
         """Restore every saved page and the storage keys as they were (OSError if the host
