@@ -50,7 +50,7 @@ from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
 READ_BYTES = 4 << 20
-"""Bytes per read of the chunk region (at least one whole chunk more): large reads, as dd's."""
+"""Bytes per read of the chunk region (a whole chunk, if one is larger): large reads, as dd's."""
 SPARE_BUFFERS = 2
 """Buffers beyond one per worker: the reader fills these while the workers check the others."""
 
@@ -61,7 +61,7 @@ mapping (a page fault each), not a pwrite per run (a system call each, and Pytho
 Place = Callable[[int, Buffer], int]
 """place(chunk index, its raw pages): put them where they go (in a worker); pages placed."""
 Done = Callable[[int], None]
-"""done(pages): called in file order as chunks are through (pages placed so far)."""
+"""done(pages): called in file order as each read's chunks are through (pages placed so far)."""
 
 
 def read_header(
