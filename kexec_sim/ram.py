@@ -111,6 +111,43 @@ class Ram(Closing):
         self._pages[checked] = rows
         self.keys.mark_changed(checked)
 
+    def store_run(self, start_pfn: int, data: bytes | bytearray | memoryview) -> None:
+        """Store *data* (whole pages) into the pages from *start_pfn* on, through the RAM file
+        (pwrite) rather than the mapping: a page of a hole written whole costs the host no
+        page fault and no zeroing first. Marks them changed; MachineError for a bad range,
+        OSError when the host refuses (e.g. out of memory)."""
+        view = memoryview(data).cast("B")
+        nr_pages, rest = divmod(view.nbytes, PAGE_SIZE)
+        if rest:
+            raise MachineError(f"a store of whole pages needs a multiple of {PAGE_SIZE} bytes")
+        self._check_range(start_pfn, nr_pages)
+        at, done = start_pfn * PAGE_SIZE, 0
+        try:
+            while done < view.nbytes:
+                done += os.pwrite(self._fd, view[done:], at + done)
+        except OSError as exc:
+            raise OSError(exc.errno, f"writing {self.path}: {exc.strerror}") from None
+        finally:
+            self.keys.mark_changed_range(start_pfn, nr_pages)
+
+    def backed_mask(self) -> npt.NDArray[np.bool_]:
+        """One bool per page: whether it holds data in the RAM file (False: a hole, which
+        reads as zeros and takes no memory). From the file's extents (SEEK_DATA/SEEK_HOLE):
+        a cost per extent, not per page; a host that cannot tell says every page is data."""
+        backed = np.zeros(self.nr_pages, dtype=np.bool_)
+        end, at = self.nr_pages * PAGE_SIZE, 0
+        while at < end:
+            try:
+                data = os.lseek(self._fd, at, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only holes from *at* on
+                    break
+                raise
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            backed[data // PAGE_SIZE : -(-hole // PAGE_SIZE)] = True
+            at = hole
+        return backed
+
     def writable_run(self, start_pfn: int, nr_pages: int) -> npt.NDArray[np.uint8]:
         """The pages ``start_pfn .. start_pfn + nr_pages - 1`` as a writable (n, PAGE_SIZE)
         view, marked changed: for a caller that builds their content in place."""

@@ -3,6 +3,7 @@
 import os
 import stat
 import struct
+import tempfile
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -22,9 +23,11 @@ from kexec_sim.hibernation import format as image_format
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey
 from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
-from kexec_sim.hibernation.reader import CheckedImage
+from kexec_sim.hibernation.reader import Image
+from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.hibernation.writer import ImageStats
 from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
 
 NR_PAGES = 4096
 MACHINE = bytes(range(16))
@@ -63,25 +66,44 @@ def write(tmp_path: Path, ram: npt.NDArray[np.uint8], **kwargs: object) -> tuple
     return path, stats
 
 
-def check(path: Path, **kwargs: object) -> CheckedImage:
+def check(path: Path, **kwargs: object) -> Image:
     """``check_image`` of the image at *path*, for this test's machine."""
     return reader.check_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, **kwargs)  # type: ignore[arg-type]
+
+
+def open_front(path: Path, **kwargs: object) -> Image:
+    """``open_image`` of the image at *path*, for this test's machine."""
+    return reader.open_image(path, machine_id=MACHINE, nr_ram_pages=NR_PAGES, **kwargs)  # type: ignore[arg-type]
+
+
+def fresh_ram(directory: Path, byte: int = 0xAA) -> Ram:
+    """A RAM (with its storage keys) of NR_PAGES pages of *byte* in a new *directory*."""
+    directory.mkdir()
+    path = directory / "RAM"
+    with open(path, "wb") as f:
+        f.truncate(NR_PAGES * PAGE_SIZE)
+    ram = Ram(path, NR_PAGES)
+    if byte:
+        ram.pages[:] = byte
+    return ram
 
 
 def restore(
     path: Path, threads: int, key: ImageKey | None = None
 ) -> tuple[ImageHeader, npt.NDArray[np.uint8], image_format.PfnList]:
-    """What resume does: check all of it, then put every page into a fresh RAM."""
-    checked = check(path, threads=threads, key=key)
-    header, pfn_list = checked.header, checked.pfn_list
+    """What resume does: check the front, then read every chunk once, checking it and putting
+    its pages into a fresh RAM (of 0xAA; the zero pages zeroed)."""
+    image = open_front(path, key=key)
+    header, pfn_list = image.header, image.pfn_list
     again = reader.read_pfn_list(path, header, key=key)
     for name in ("pfns", "keys", "zero", "in_base"):
         assert np.array_equal(getattr(again, name), getattr(pfn_list, name))
-    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-    fresh[pfn_list.zero_pfns] = 0
-    everything = np.ones(NR_PAGES, np.bool_)
-    assert checked.read_into(fresh, everything, threads=threads) == header.nr_data_pages
-    return header, fresh, pfn_list
+    with tempfile.TemporaryDirectory() as scratch, fresh_ram(Path(scratch) / "fresh") as ram:
+        ram.pages[pfn_list.zero_pfns] = 0
+        everything = np.ones(NR_PAGES, np.bool_)
+        stored = image.read_into(ram, everything, undo=RamUndo(ram), threads=threads)
+        assert stored == header.nr_data_pages
+        return header, ram.pages.copy(), pfn_list
 
 
 @pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
@@ -196,6 +218,8 @@ def test_trailing_garbage_refused(image: Path) -> None:
 
 
 def test_flipped_chunk_byte_refused_naming_the_chunk(image: Path) -> None:
+    """Found by a check, and by read_into after the good chunk 0 is stored: what it stored
+    is then put back exactly, keys too."""
     checked = check(image)
     header = checked.header
     with open(image, "rb") as f:
@@ -208,11 +232,21 @@ def test_flipped_chunk_byte_refused_naming_the_chunk(image: Path) -> None:
             check(image, threads=threads)
     ram = make_ram(image.parent)
     first = checked.pfn_list.data_pfns[: header.chunk_pages]
-    for threads in (1, 3):  # read after the check: the good chunk 0 is written, then the error
-        fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-        with pytest.raises(CorruptImage, match="chunk 1: changed since it was checked: checksum"):
-            checked.read_into(fresh, np.ones(NR_PAGES, np.bool_), threads=threads)
-        assert np.array_equal(fresh[first], ram[first])
+    with fresh_ram(image.parent / "fresh") as fresh:
+        fresh.pages[::3] = 0  # some pages of one byte repeated, some holes, some data
+        fresh.punch_range(100, 50)
+        fresh.pages[8, 9] = 1  # in chunk 0, neither a hole nor one byte repeated
+        fresh.keys.array[::5] = 0x42
+        before, keys = fresh.pages.copy(), fresh.keys.array.copy()
+        for threads in (1, 3):
+            undo = RamUndo(fresh)
+            with pytest.raises(CorruptImage, match="chunk 1: checksum mismatch"):
+                open_front(image).read_into(fresh, np.ones(NR_PAGES, np.bool_), undo=undo,
+                                            threads=threads)  # fmt: skip
+            assert np.array_equal(fresh.pages[first], ram[first])  # chunk 0 was stored
+            undo.put_back()
+            assert np.array_equal(fresh.pages, before)
+            assert np.array_equal(fresh.keys.array, keys)
 
 
 @pytest.mark.parametrize("offset", [0, 9, 20, 50, 200, 4095])
@@ -337,8 +371,9 @@ def test_round_trip_of_runs_and_scattered_pages(tmp_path: Path) -> None:
     header, pfn_list = checked.header, reader.read_pfn_list(path, checked.header)
     got = {int(p): k for p, k in zip(pfn_list.pfns, pfn_list.keys, strict=True)}
     assert got == {int(p): k for p, k in zip(pfns, keys, strict=True)}
-    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-    restored = checked.read_into(fresh, np.ones(NR_PAGES, np.bool_))
+    with fresh_ram(tmp_path / "fresh") as target:
+        restored = checked.read_into(target, np.ones(NR_PAGES, np.bool_), undo=RamUndo(target))
+        fresh = target.pages.copy()
     data = pfn_list.data_pfns
     assert np.array_equal(fresh[data], ram[data])
     untouched = np.ones(NR_PAGES, np.bool_)
@@ -397,14 +432,15 @@ def test_encrypted_images_differ_and_need_the_right_key(tmp_path: Path) -> None:
     with pytest.raises(ImageKeyError, match="image is encrypted: give"):
         reader.read_pfn_list(path, header)
     checked = check(path, key=key)
-    fresh = np.zeros((NR_PAGES, PAGE_SIZE), dtype=np.uint8)
+    fresh = fresh_ram(tmp_path / "fresh", 0)
     everything = np.ones(NR_PAGES, np.bool_)
-    with pytest.raises(ImageKeyError, match="image is encrypted: give"):
-        replace(checked, key=None).read_into(fresh, everything)  # the chunks need the key
+    with pytest.raises(ImageKeyError, match="image is encrypted: give"):  # the chunks need it
+        replace(checked, key=None).read_into(fresh, everything, undo=RamUndo(fresh))
     wrong = key_of("key file", tmp_path, "another secret")
     with pytest.raises(CorruptImage, match=r"chunk 0: .*authentication failed: wrong key"):
-        replace(checked, key=wrong).read_into(fresh, everything, threads=1)
-    assert not fresh.any()
+        replace(checked, key=wrong).read_into(fresh, everything, undo=RamUndo(fresh), threads=1)
+    assert not fresh.pages.any()
+    fresh.close()
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
         check(path, key=wrong)
     with pytest.raises(ImageKeyError, match="authentication failed: wrong key or tampered image"):
@@ -688,37 +724,94 @@ def test_device_header_zeroed_first_and_on_overflow(
 
 @pytest.mark.parametrize("compression", ["none", "lz4"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_small_windows_and_read_into(
+def test_small_reads_and_read_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str, threads: int
 ) -> None:
-    """A check through windows smaller than the image finds every chunk; read_into puts back
-    exactly the flagged pages, and refuses a chunk changed after the check, as a new check
-    does."""
-    monkeypatch.setattr(reader, "WINDOW_BYTES", 64 << 10)
-    monkeypatch.setattr(reader, "READ_STEP_BYTES", 20_000)
+    """Reads smaller than the image (a few chunks each, the chunk a read cut read again whole)
+    find every chunk; read_into stores exactly the flagged pages; a chunk changed since is
+    refused by the next pass, once the chunks before it are stored, which put_back undoes."""
+    monkeypatch.setattr(reader, "READ_BYTES", 20_000)
     ram = make_ram(tmp_path)
     path, _ = write(tmp_path, ram, compression=compression, chunk_pages=4)
     checked = check(path, threads=threads)
     data_pfns = checked.pfn_list.data_pfns
-    assert checked.offsets.size == checked.header.nr_chunks > 1
-    assert path.stat().st_size > 4 * (64 << 10)  # many windows
+    offsets = chunk_offsets(path, checked.header)
+    assert len(offsets) == checked.header.nr_chunks > 1
+    assert path.stat().st_size > 20 * 20_000  # many reads
     take = np.zeros(NR_PAGES, np.bool_)
     take[data_pfns[::3]] = True
-    fresh = np.full((NR_PAGES, PAGE_SIZE), 0xAA, dtype=np.uint8)
-    written = checked.read_into(fresh, take, threads=threads)
-    assert written == data_pfns[::3].size
-    assert np.array_equal(fresh[take], ram[take])
-    assert (fresh[~take] == 0xAA).all()
-    take[:] = True
-    checked.read_into(fresh, take, threads=threads)
-    assert np.array_equal(fresh[data_pfns], ram[data_pfns])
-    with open(path, "r+b") as f:
-        f.seek(int(checked.offsets[-1]) + CHUNK_HEADER.size)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 1]))
-    last = checked.header.nr_chunks - 1
-    with pytest.raises(CorruptImage, match=f"chunk {last}: changed since it was checked"):
-        checked.read_into(fresh, take, threads=threads)
+    with fresh_ram(tmp_path / "fresh") as fresh:
+        written = checked.read_into(fresh, take, undo=RamUndo(fresh), threads=threads)
+        assert written == data_pfns[::3].size
+        assert np.array_equal(fresh.pages[take], ram[take])
+        assert (fresh.pages[~take] == 0xAA).all()
+        take[:] = True
+        checked.read_into(fresh, take, undo=RamUndo(fresh), threads=threads)
+        assert np.array_equal(fresh.pages[data_pfns], ram[data_pfns])
+        with open(path, "r+b") as f:
+            f.seek(offsets[-1] + CHUNK_HEADER.size)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
+        last = checked.header.nr_chunks - 1
+        fresh.pages[data_pfns] = 0x55
+        undo = RamUndo(fresh)
+        with pytest.raises(CorruptImage, match=f"chunk {last}: checksum mismatch"):
+            checked.read_into(fresh, take, undo=undo, threads=threads)
+        assert np.array_equal(fresh.pages[data_pfns[:-4]], ram[data_pfns[:-4]])
+        undo.put_back()
+        assert (fresh.pages[data_pfns] == 0x55).all()
     with pytest.raises(CorruptImage, match=f"chunk {last}: checksum mismatch"):
         check(path, threads=threads)
+
+
+def test_read_into_taking_nothing_still_checks_every_chunk(image: Path) -> None:
+    """An image of a chain none of whose pages are left (later images hold them all) is read
+    and checked all the same: nothing stored, and a bad chunk refused."""
+    header = verify(image)
+    with fresh_ram(image.parent / "fresh") as fresh:
+        nothing = np.zeros(NR_PAGES, np.bool_)
+        assert open_front(image).read_into(fresh, nothing, undo=RamUndo(fresh)) == 0
+        assert (fresh.pages == 0xAA).all()
+        flip(image, header.end_offset - 1)
+        with pytest.raises(CorruptImage, match=r"chunk \d+: checksum mismatch"):
+            open_front(image).read_into(fresh, nothing, undo=RamUndo(fresh))
+        assert (fresh.pages == 0xAA).all()
+
+
+def test_an_image_replaced_after_its_front_was_checked_is_refused(image: Path) -> None:
+    """The pass reads the file whose header and pfn list were checked, or none: another one
+    renamed over the path meanwhile (here even a copy of the same pages) is refused."""
+    front = open_front(image)
+    (image.parent / "sub").mkdir()
+    other, _ = write(image.parent / "sub", make_ram(image.parent / "sub"), compression="lz4")
+    os.replace(other, image)
+    with fresh_ram(image.parent / "fresh") as fresh:
+        everything = np.ones(NR_PAGES, np.bool_)
+        with pytest.raises(CorruptImage, match="another file since its header was checked"):
+            front.read_into(fresh, everything, undo=RamUndo(fresh))
+        assert (fresh.pages == 0xAA).all()
+
+
+def test_ram_holding_the_image_already_is_not_copied_and_still_put_back(image: Path) -> None:
+    """RAM an interrupted resume left holding the image's data: the pages about to get the
+    same bytes need no copy kept (only those that differ do), and a refused read still
+    leaves RAM exactly as it was."""
+    front = open_front(image)
+    data = front.pfn_list.data_pfns
+    everything = np.ones(NR_PAGES, np.bool_)
+    with fresh_ram(image.parent / "fresh") as fresh:
+        front.read_into(fresh, everything, undo=RamUndo(fresh))
+        fresh.pages[data[3], 100] ^= 0xFF  # one page differs from the image (not one byte)
+        undo = RamUndo(fresh)
+        assert front.read_into(fresh, everything, undo=undo) == data.size
+        assert undo.copied_pages == 1
+        flip(image, front.header.end_offset - 1)
+        fresh.pages[data[3], 100] ^= 0xFF
+        fresh.pages[data[-1], 7] ^= 0xFF  # the last chunk's page, which will not be stored
+        before = fresh.pages.copy()
+        undo = RamUndo(fresh)
+        with pytest.raises(CorruptImage, match=r"chunk \d+: checksum mismatch"):
+            front.read_into(fresh, everything, undo=undo)
+        undo.put_back()
+        assert np.array_equal(fresh.pages, before)

@@ -2,10 +2,10 @@
 
 The image: ``format`` (header, pfn list; docs/FORMAT.md), ``crypto`` (keys, nonces),
 ``chunks`` (how a chunk is stored; the one decoder), ``writer`` (``write_image``) and
-``reader`` (``check_image``, then ``CheckedImage.read_into``). The commands: ``hibernate``
-(preserve, hand over, run ``writer_process``, power off), ``resume`` (check a chain whole,
-restore it, boot), ``last_image`` (what RAM was resumed from), ``cli``, ``progress`` and
-``report``.
+``reader`` (``open_image``, then one pass: ``Image.read_into``) and ``undo`` (what that
+overwrote). The commands: ``hibernate`` (preserve, hand over, run ``writer_process``, power
+off), ``resume`` (check a chain's fronts, restore it in one pass, boot), ``last_image`` (what
+RAM was resumed from), ``cli``, ``progress`` and ``report``.
 
 Kept free of imports, so that any module of kexec_sim can use one of its modules.
 """

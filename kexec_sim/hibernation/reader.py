@@ -1,13 +1,14 @@
-"""Reading a hibernation image back: check all of it, then put its pages into RAM.
+"""Reading a hibernation image back: its front checked first, then its chunks in one pass.
 
-Resume checks every image of its chain whole before it writes a page: ``check_image`` reads
-the header (that it is this machine's), the pfn list and every chunk (record, checksum,
-decryption, decompressed length) and the image's length, writing nothing and keeping only
-where each chunk lies. Then ``CheckedImage.read_into`` reads the chunks again (from the page
-cache the check just filled) into RAM, checking each one again on the way, since the file may
-have changed in between. Both take every chunk through the one decoder,
-kexec_sim.hibernation.chunks.ChunkCodec. ``read_header`` and ``read_pfn_list`` read just the
-front of an image (a base image, the image just written).
+``open_image`` checks an image's front, writing nothing: the header (that it is this
+machine's), the pfn list and the image's length. Then one pass reads the chunk region once,
+with large reads into a few reusable buffers, while workers check every chunk (record,
+checksum, decryption, decompressed length) through the one decoder,
+kexec_sim.hibernation.chunks.ChunkCodec: ``Image.read_into`` puts each good chunk's pages
+into RAM as it goes (resume), saving what they overwrite so that the caller can put it back if
+a chunk further on is refused (kexec_sim.hibernation.undo); ``Image.check`` (and
+``check_image``) only checks. ``read_header`` and ``read_pfn_list`` read just the front of an
+image (a base image, the image just written).
 
 Everything read back is untrusted: a failed check raises CorruptImage naming it.
 """
@@ -15,7 +16,9 @@ Everything read back is untrusted: a failed check raises CorruptImage naming it.
 import contextlib
 import os
 import stat
+import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +27,14 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.errors import CorruptImage, ForeignImage
-from kexec_sim.hibernation.chunks import ChunkCodec, ChunkRecord, expect_record, worker_count
+from kexec_sim.errors import CorruptImage, ForeignImage, MachineError
+from kexec_sim.hibernation.chunks import (
+    Buffer,
+    ChunkCodec,
+    ChunkRecord,
+    expect_record,
+    worker_count,
+)
 from kexec_sim.hibernation.crypto import TAG_BYTES, ImageKey
 from kexec_sim.hibernation.format import (
     CHUNK_HEADER,
@@ -35,14 +44,24 @@ from kexec_sim.hibernation.format import (
     parse_header,
     parse_pfn_list,
 )
-from kexec_sim.pages import PAGE_SIZE, PfnArray, runs_in_order
+from kexec_sim.hibernation.report import reason
+from kexec_sim.hibernation.undo import RamUndo
+from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.ram import Ram
 
-READ_STEP_BYTES = 4 << 20
-"""Bytes per read while checking the chunks: large reads, as dd's."""
-WINDOW_BYTES = 16 << 20
-"""Each of the two buffers the check reads the chunks into, in turn (at least 2 chunks)."""
-DECODE_GROUP = 8
-"""Chunks a worker checks per task: one chunk is too little work to hand to a thread."""
+READ_BYTES = 4 << 20
+"""Bytes per read of the chunk region (a whole chunk, if one is larger): large reads, as dd's."""
+SPARE_BUFFERS = 2
+"""Buffers beyond one per worker: the reader fills these while the workers check the others."""
+
+SHORT_RUN_PAGES = 4
+"""Runs shorter than this on average: a chunk's pages are stored with one copy through RAM's
+mapping (a page fault each), not a pwrite per run (a system call each, and Python around it)."""
+
+Place = Callable[[int, Buffer], int]
+"""place(chunk index, its raw pages): put them where they go (in a worker); pages placed."""
+Done = Callable[[int], None]
+"""done(pages): called in file order as each read's chunks are through (pages placed so far)."""
 
 
 def read_header(
@@ -82,128 +101,103 @@ def _pfn_list_bytes(f: BinaryIO, header: ImageHeader, where: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class CheckedImage:
-    """An image ``check_image`` found good: its header, its pfn list and where each chunk lies."""
+class Image:
+    """An image whose front ``open_image`` found good: header, pfn list and length. Its
+    chunks are checked as a pass reads them (``check``, ``read_into``)."""
 
     path: Path
     header: ImageHeader
     pfn_list: PfnList
-    offsets: npt.NDArray[np.int64]
-    """The file offset of each chunk's record, in chunk order."""
     key: ImageKey | None = field(default=None, repr=False)
-    """The key it was checked with (an encrypted image's chunks are read with it)."""
+    """The key its front was checked with (an encrypted image's chunks are read with it)."""
+    file_id: tuple[int, int] = (0, 0)
+    """The (device, inode) its front was read from: a pass reads that file or none."""
+
+    def check(self, *, threads: int | None = None) -> None:
+        """Read and check every chunk, writing nothing (by *threads* workers, default the
+        core count); CorruptImage naming the first bad chunk in file order."""
+        self._pass(None, threads, None)
 
     def read_into(
         self,
-        pages: npt.NDArray[np.uint8],
+        ram: Ram,
         take: npt.NDArray[np.bool_],
         *,
+        undo: RamUndo,
         threads: int | None = None,
+        done: Done | None = None,
     ) -> int:
-        """Put the data pages of this image whose pfn *take* flags into *pages*.
+        """Read every chunk once, check it, and store its pages whose pfn *take* flags (a
+        bool per page of *ram*) into *ram*; return how many pages were stored.
 
-        *pages* is RAM shaped (nr_pages, 4096); *take* a bool per page of it. The chunks are
-        read again at the offsets the check found, by *threads* workers (default: the core
-        count), and each is checked again: a chunk stored raw and not encrypted, whose pages
-        are all taken, is read straight into *pages* (a ``preadv`` over its runs of pfns) and
-        its checksum computed there; the others are read and decoded, then copied. Returns the
-        number of pages written. Raises CorruptImage naming the chunk ("changed since it was
-        checked") if the file changed meanwhile, some pages already written.
+        Each chunk's pages are stored as soon as it passed its checks (by runs through the
+        RAM file, Ram.store_run; scattered ones through the mapping), after *undo* saved what
+        they overwrite: on CorruptImage (the first bad chunk in file order) or any other error,
+        pages of earlier chunks are already stored and the caller puts them back with
+        ``undo.put_back()``. *done* is told the pages stored so far, in file order.
         """
+        data_pfns = self.pfn_list.data_pfns
+        index = np.flatnonzero(take[data_pfns])  # data pages to store, by their place here
+        pfns = data_pfns[index]
+        chunk_pages = self.header.chunk_pages
+        # Runs of pages consecutive both here and in RAM, never across a chunk's end.
+        breaks = (np.diff(pfns) != 1) | (np.diff(index) != 1) | (index[1:] % chunk_pages == 0)
+        firsts = np.flatnonzero(np.concatenate(([index.size > 0], breaks)))
+        lengths = np.diff(np.concatenate((firsts, [index.size]))).tolist()
+        run_at, run_pfn = (index[firsts] % chunk_pages).tolist(), pfns[firsts].tolist()
+        chunks = np.arange(self.header.nr_chunks + 1)
+        page_bounds = np.searchsorted(index // chunk_pages, chunks).tolist()
+        run_bounds = np.searchsorted(index[firsts] // chunk_pages, chunks).tolist()
+
+        def place(chunk: int, raw: Buffer) -> int:
+            low: int = page_bounds[chunk]
+            high: int = page_bounds[chunk + 1]
+            if low == high:
+                return 0
+            rows = np.frombuffer(raw, np.uint8).reshape(-1, PAGE_SIZE)
+            at = index[low:high] - chunk * chunk_pages
+            undo.save(pfns[low:high], rows, at)
+            first_run, end_run = run_bounds[chunk], run_bounds[chunk + 1]
+            if (end_run - first_run) * SHORT_RUN_PAGES > high - low:  # scattered pages
+                ram.store_pages(pfns[low:high], rows[at])
+                return high - low
+            view = memoryview(raw)
+            for run in range(first_run, end_run):
+                at, pfn, n = run_at[run], run_pfn[run], lengths[run]
+                ram.store_run(pfn, view[at * PAGE_SIZE : (at + n) * PAGE_SIZE])
+            return high - low
+
+        return self._pass(place, threads, done)
+
+    def _pass(self, place: Place | None, threads: int | None, done: Done | None) -> int:
         where = str(self.path)
         codec = ChunkCodec.of(self.header, image_aead(self.header, self.key, where))
-        data_pfns = self.pfn_list.data_pfns
-        starts = range(0, self.header.nr_chunks, DECODE_GROUP)
-        workers = worker_count(threads)
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-
-            def group(first: int) -> int:
-                last = min(first + DECODE_GROUP, self.header.nr_chunks)
-                return sum(
-                    self._read_chunk(fd, codec, data_pfns, index, pages, take)
-                    for index in range(first, last)
-                )
-
-            if workers == 1:
-                return sum(group(first) for first in starts)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                return sum(pool.map(group, starts))
+            if _file_id(fd) != self.file_id:
+                raise CorruptImage(f"{where}: another file since its header was checked")
+            return _ChunkPass(fd, self, codec, worker_count(threads), place, done).run()
         finally:
             os.close(fd)
 
-    def _read_chunk(
-        self,
-        fd: int,
-        codec: ChunkCodec,
-        data_pfns: PfnArray,
-        index: int,
-        pages: npt.NDArray[np.uint8],
-        take: npt.NDArray[np.bool_],
-    ) -> int:
-        """Read chunk *index* again, check it and put the pages *take* flags into *pages*
-        (*data_pfns*: the pfn list's pages with data, in chunk order)."""
-        where = f"{self.path} chunk {index}: changed since it was checked"
-        at = int(self.offsets[index])
-        head = os.pread(fd, CHUNK_HEADER.size, at)
-        if len(head) != CHUNK_HEADER.size:
-            raise CorruptImage(f"{where}: truncated")
-        record = ChunkRecord.unpack(head)
-        expect_record(record, index, self.header, where)
-        first = record.first_page
-        pfns = data_pfns[first : first + record.raw_bytes // PAGE_SIZE]
-        mine = take[pfns]
-        data_at = at + CHUNK_HEADER.size
-        if codec.stores_raw(record) and mine.all():  # straight into RAM
-            views = [pages[low : low + n].reshape(-1).data for low, n in _runs(pfns)]
-            if os.preadv(fd, views, data_at) != record.raw_bytes:
-                raise CorruptImage(f"{where}: truncated")
-            codec.check_crc(record, views, where)
-            return int(pfns.size)
-        stored = os.pread(fd, record.stored_bytes, data_at)
-        if len(stored) != record.stored_bytes:
-            raise CorruptImage(f"{where}: truncated")
-        raw = np.frombuffer(codec.decode(record, stored, where), np.uint8).reshape(-1, PAGE_SIZE)
-        if mine.all():
-            start = 0
-            for low, n in _runs(pfns):
-                pages[low : low + n] = raw[start : start + n]
-                start += n
-        elif mine.any():
-            pages[pfns[mine]] = raw[mine]
-        return int(np.count_nonzero(mine))
 
-
-def _runs(pfns: PfnArray) -> list[tuple[int, int]]:
-    """(first pfn, count) of each run of consecutive pfns of *pfns*, in order."""
-    starts, lengths = runs_in_order(pfns)
-    return list(zip(starts.tolist(), lengths.tolist(), strict=True))
-
-
-def check_image(
+def open_image(
     path: Path | str,
     *,
     machine_id: bytes,
     nr_ram_pages: int,
-    threads: int | None = None,
     key: ImageKey | None = None,
     allow_used: bool = False,
-) -> CheckedImage:
-    """Check all of the image at *path*, writing nothing, reading each byte once.
-
-    Checks the header, that it was written for this machine (ForeignImage otherwise), the
-    pfn list, every chunk's record, checksum and decompressed length (by *threads* workers,
-    default the core count), and the image's length; an encrypted image's header, pfn list and
-    chunks are all authenticated with *key*. Raises CorruptImage naming the first problem in
-    file order (ImageKeyError for a missing or wrong key). A used image (``KSIMUSED``) is
+) -> Image:
+    """Check the front of the image at *path*, writing nothing: its header, that it was written
+    for this machine (ForeignImage otherwise), its pfn list and its length; an encrypted
+    image's header and pfn list are authenticated with *key*. Raises CorruptImage naming the
+    first problem (ImageKeyError for a missing or wrong key). A used image (``KSIMUSED``) is
     refused unless *allow_used*: then it is checked as written.
 
-    This is resume's first step for each image of its chain; the second, once all are good,
-    is ``read_into`` of what this returns (the decoded data is not kept: reading the image
-    again from the page cache costs less than staging it in fresh memory).
+    Its chunks are checked as they are read: ``Image.check``, ``Image.read_into``.
     """
     where = str(path)
-    workers = worker_count(threads)
     with open(path, "rb") as f:
         header = parse_header(f.read(PAGE_SIZE), where, key, allow_used)
         if header.machine_id != machine_id:
@@ -214,149 +208,184 @@ def check_image(
                                f"this machine has {nr_ram_pages}")  # fmt: skip
         aead = image_aead(header, key, where)
         pfn_list = parse_pfn_list(_pfn_list_bytes(f, header, where), header, where, aead)
-        offsets = _ChunkScan(f.fileno(), header, where, ChunkCodec.of(header, aead), workers).run()
-    return CheckedImage(Path(path), header, pfn_list, offsets, key)
+        _check_length(f.fileno(), header, where)
+        file_id = _file_id(f.fileno())
+    return Image(Path(path), header, pfn_list, key, file_id)
 
 
-_Group = list[tuple[ChunkRecord, memoryview, str]]
-"""Chunks for one worker to check: (record, stored bytes, what to call it) each."""
+def check_image(
+    path: Path | str,
+    *,
+    machine_id: bytes,
+    nr_ram_pages: int,
+    threads: int | None = None,
+    key: ImageKey | None = None,
+    allow_used: bool = False,
+) -> Image:
+    """Check all of the image at *path*, writing nothing, reading each byte once:
+    ``open_image``, then ``Image.check`` (by *threads* workers, default the core count)."""
+    image = open_image(path, machine_id=machine_id, nr_ram_pages=nr_ram_pages, key=key,
+                       allow_used=allow_used)  # fmt: skip
+    image.check(threads=threads)
+    return image
 
 
-class _ChunkScan:
-    """One pass over the chunks of the image open at *fd*, checking each, in file order.
+_Batch = list[tuple[ChunkRecord, int, int]]
+"""The whole chunks one buffer holds: (record, where its stored bytes start, chunk index)."""
 
-    This thread reads the chunk region with large reads into two buffers used in turn and
-    checks each record's fields as it comes; the workers check the chunks already read
-    (``ChunkCodec.decode``), by groups of ``DECODE_GROUP``. Before a buffer is filled again,
-    every group reading it is waited for. The first bad chunk in file order raises.
+
+class _ChunkPass:
+    """One pass over the chunks of the image open at *fd*, each read once, in file order.
+
+    This thread reads the chunk region with large reads, each into a free buffer of a few
+    (from the first chunk not yet read, so a chunk the last read cut is read again whole),
+    checks each record's fields as it comes and hands the buffer's whole chunks to a worker,
+    which decodes each (ChunkCodec.decode) and places its pages (*place*, if given). A buffer
+    is free again once its worker is through. The first bad chunk in file order raises, once
+    no worker runs any more.
+
+    The reads are buffered, and the page cache they fill is dropped right behind them: the
+    image is read once, and its pages, freed at once, are the warm memory the next pages of
+    RAM are allocated from (on this kind of VM, memory the host has not touched lately costs
+    the first touch of each page more than everything else resume does; O_DIRECT reads,
+    leaving the RAM pages all fresh, made a resume half as fast).
     """
 
     def __init__(
-        self, fd: int, header: ImageHeader, where: str, codec: ChunkCodec, workers: int
+        self,
+        fd: int,
+        image: Image,
+        codec: ChunkCodec,
+        workers: int,
+        place: Place | None,
+        done: Done | None,
     ) -> None:
         self.fd = fd
-        self.header = header
-        self.where = where
+        self.header = image.header
+        self.where = str(image.path)
         self.codec = codec
+        self.place = place
+        self.done = done
         self.pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
-        region = header.end_offset - header.first_chunk_offset
-        largest = CHUNK_HEADER.size + header.chunk_pages * PAGE_SIZE + TAG_BYTES
-        size = min(region, max(WINDOW_BYTES, 2 * largest))
-        self.buffers = [np.empty(size, np.uint8).data for _ in range(2)]
-        self.in_flight: deque[tuple[int, Future[CorruptImage | None] | CorruptImage | None]]
-        self.in_flight = deque()  # (buffer, a group's first error) in file order
-        self.which = 0  # the buffer being filled
-        self.buf_at = header.first_chunk_offset  # the file offset of its first byte
-        self.filled = 0  # bytes of it read
-        self.off = 0  # where the next record starts in it
-        self.file_at = header.first_chunk_offset  # the next byte to read
-        self.index = 0  # the next chunk
-        self.stored_total = 0
-        self.offsets = np.zeros(header.nr_chunks, np.int64)
+        largest = CHUNK_HEADER.size + self.header.chunk_pages * PAGE_SIZE + TAG_BYTES
+        region = self.header.end_offset - self.header.first_chunk_offset
+        size = min(region, max(READ_BYTES, largest))
+        self.free = [np.empty(size, np.uint8).data for _ in range(workers + SPARE_BUFFERS)]
+        self.in_flight: deque[tuple[memoryview, Future[int] | int]] = deque()
+        self.stop = threading.Event()
+        self.placed = 0
 
-    def run(self) -> npt.NDArray[np.int64]:
-        """Check every chunk; return the file offset of each chunk's record."""
+    def run(self) -> int:
+        """Check (and place) every chunk; return the pages placed."""
         header = self.header
-        _check_length(self.fd, header, self.where)
+        at, end = header.first_chunk_offset, header.end_offset
         with contextlib.suppress(OSError):  # a larger readahead
-            os.posix_fadvise(self.fd, header.first_chunk_offset,
-                             header.end_offset - header.first_chunk_offset,
-                             os.POSIX_FADV_SEQUENTIAL)  # fmt: skip
+            os.posix_fadvise(self.fd, at, end - at, os.POSIX_FADV_SEQUENTIAL)
+        index = stored_total = 0
         try:
-            while self.index < header.nr_chunks:
-                buf = self.buffers[self.which]
-                if self.filled == len(buf) or self.file_at == header.end_offset:
-                    self._next_buffer()
-                if not self._read():
-                    break
-                self._submit(self._records())
-            self._settle(None)
+            while index < header.nr_chunks:
+                buf = self.free.pop() if self.free else self._settle_oldest()
+                got = self._read(buf, at, end)
+                batch: _Batch = []
+                off = 0
+                while index < header.nr_chunks and off + CHUNK_HEADER.size <= got:
+                    record = ChunkRecord.unpack(buf[off : off + CHUNK_HEADER.size])
+                    chunk_end = off + CHUNK_HEADER.size + record.stored_bytes
+                    try:
+                        self._expect(record, index, stored_total)
+                    except CorruptImage:
+                        self._submit(buf, batch)
+                        self._settle_all()  # a chunk before this one may be bad: it comes first
+                        raise
+                    if chunk_end > got:
+                        break
+                    batch.append((record, off + CHUNK_HEADER.size, index))
+                    stored_total += record.stored_bytes
+                    index += 1
+                    off = chunk_end
+                if not batch:  # not even one whole chunk left: the image ends too soon
+                    self._settle_all()
+                    raise self._truncated(index, at + got)
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self.fd, at, off, os.POSIX_FADV_DONTNEED)
+                at += off
+                self._submit(buf, batch)
+            self._settle_all()
+        except BaseException:
+            self.stop.set()  # workers skip the chunks they have not begun
+            raise
         finally:
             if self.pool is not None:
-                for _, pending in self.in_flight:
-                    if isinstance(pending, Future):
-                        pending.cancel()
-                self.pool.shutdown(wait=True)
-        if self.index < header.nr_chunks:
-            got = self.file_at - header.first_chunk_offset
-            region = header.end_offset - header.first_chunk_offset
-            raise CorruptImage(f"{self.where} chunk {self.index}: image truncated ({got} of "
-                               f"{region} chunk bytes)")  # fmt: skip
-        if self.stored_total != header.stored_bytes:
-            raise CorruptImage(f"{self.where}: chunks hold {self.stored_total} bytes, header "
-                               f"says {header.stored_bytes}")  # fmt: skip
-        return self.offsets
+                self.pool.shutdown(wait=True, cancel_futures=True)
+        if stored_total != header.stored_bytes:
+            raise CorruptImage(f"{self.where}: chunks hold {stored_total} bytes, header says "
+                               f"{header.stored_bytes}")  # fmt: skip
+        return self.placed
 
-    def _next_buffer(self) -> None:
-        """Go on in the other buffer (once nothing reads it), the unfinished record moved there."""
-        rest = self.buffers[self.which][self.off : self.filled]
-        self.which = 1 - self.which
-        self._settle(self.which)
-        self.buffers[self.which][: len(rest)] = rest
-        self.buf_at += self.off
-        self.filled, self.off = len(rest), 0
+    def _truncated(self, index: int, read_to: int) -> CorruptImage:
+        """The error for an image that ends at *read_to*, before its chunk *index* is whole."""
+        first, end = self.header.first_chunk_offset, self.header.end_offset
+        return CorruptImage(f"{self.where} chunk {index}: image truncated ({read_to - first} of "
+                            f"{end - first} chunk bytes)")  # fmt: skip
 
-    def _read(self) -> bool:
-        """Read on into the buffer; False at the end of the image (or of the device)."""
-        buf = self.buffers[self.which]
-        step = min(READ_STEP_BYTES, len(buf) - self.filled, self.header.end_offset - self.file_at)
-        got = os.preadv(self.fd, [buf[self.filled : self.filled + step]], self.file_at)
-        self.filled += got
-        self.file_at += got
-        return got > 0
+    def _expect(self, record: ChunkRecord, index: int, stored_total: int) -> None:
+        where = f"{self.where} chunk {index}"
+        expect_record(record, index, self.header, where)
+        if stored_total + record.stored_bytes > self.header.stored_bytes:
+            raise CorruptImage(f"{where}: more stored bytes than the header says")
 
-    def _records(self) -> _Group:
-        """The whole chunks the buffer now holds, their records checked, in order."""
-        header, buf = self.header, self.buffers[self.which]
-        chunks: _Group = []
-        while self.index < header.nr_chunks and self.off + CHUNK_HEADER.size <= self.filled:
-            where = f"{self.where} chunk {self.index}"
-            record = ChunkRecord.unpack(buf[self.off : self.off + CHUNK_HEADER.size])
+    def _read(self, buf: memoryview, at: int, end: int) -> int:
+        """Fill *buf* from file offset *at* (up to *end*); the bytes read (fewer: the file or
+        device ended). MachineError naming the image if a read fails."""
+        want = min(buf.nbytes, end - at)
+        got = 0
+        while got < want:
             try:
-                expect_record(record, self.index, header, where)
-                if self.stored_total + record.stored_bytes > header.stored_bytes:
-                    raise CorruptImage(f"{where}: more stored bytes than the header says")
-            except CorruptImage:
-                self._submit(chunks)
-                self._settle(None)  # a chunk before this one may be bad: it comes first
-                raise
-            end = self.off + CHUNK_HEADER.size + record.stored_bytes
-            if end > self.filled:
+                n = os.preadv(self.fd, [buf[got:want]], at + got)
+            except OSError as exc:
+                raise MachineError(f"{self.where}: {reason(exc)}") from None
+            if n == 0:
                 break
-            chunks.append((record, buf[self.off + CHUNK_HEADER.size : end], where))
-            self.offsets[self.index] = self.buf_at + self.off
-            self.stored_total += record.stored_bytes
-            self.index += 1
-            self.off = end
-        return chunks
+            got += n
+        return got
 
-    def _submit(self, chunks: _Group) -> None:
-        """Hand *chunks* (all in the current buffer) to the workers, by groups."""
-        for start in range(0, len(chunks), DECODE_GROUP):
-            group = chunks[start : start + DECODE_GROUP]
-            pending = (
-                self.pool.submit(self._check, group) if self.pool is not None
-                else self._check(group)
-            )  # fmt: skip
-            self.in_flight.append((self.which, pending))
+    def _submit(self, buf: memoryview, batch: _Batch) -> None:
+        """Hand *batch* (chunks in *buf*) to a worker, or decode it here without workers;
+        *buf* is free again once it is through."""
+        if self.pool is None:
+            self.in_flight.append((buf, self._decode(buf, batch)))
+        else:
+            self.in_flight.append((buf, self.pool.submit(self._decode, buf, batch)))
 
-    def _check(self, group: _Group) -> CorruptImage | None:
-        """Check the chunks of *group* in order (in a worker); the first one's error."""
-        try:
-            for record, stored, where in group:
-                self.codec.decode(record, stored, where)
-        except CorruptImage as e:
-            return e
-        return None
+    def _decode(self, buf: memoryview, batch: _Batch) -> int:
+        """Check each chunk of *batch* in order and place its pages; the pages placed."""
+        placed = 0
+        for record, at, index in batch:
+            if self.stop.is_set():
+                break
+            stored = buf[at : at + record.stored_bytes]
+            raw = self.codec.decode(record, stored, f"{self.where} chunk {index}")
+            if self.place is not None:
+                placed += self.place(index, raw)
+        return placed
 
-    def _settle(self, only: int | None) -> None:
-        """Wait for the groups handed out (only those reading buffer *only*, if given), in
-        order; raise the first error."""
-        while self.in_flight and (only is None or self.in_flight[0][0] == only):
-            _, pending = self.in_flight.popleft()
-            error = pending.result() if isinstance(pending, Future) else pending
-            if error is not None:
-                raise error
+    def _settle_oldest(self) -> memoryview:
+        """Wait for the oldest batch handed out; raise its error, else return its buffer."""
+        buf, pending = self.in_flight.popleft()
+        self.placed += pending.result() if isinstance(pending, Future) else pending
+        if self.done is not None:
+            self.done(self.placed)
+        return buf
+
+    def _settle_all(self) -> None:
+        """Wait for every batch handed out, in order; raise the first error."""
+        while self.in_flight:
+            self.free.append(self._settle_oldest())
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _check_length(fd: int, header: ImageHeader, where: str) -> None:

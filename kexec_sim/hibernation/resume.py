@@ -1,11 +1,14 @@
 """Resume from hibernation: a chain of images back into RAM, then boot as after a kexec.
 
-``resume`` is the way back, on the powered-off machine the image was taken on: it validates
-every image of the chain whole (kexec_sim.hibernation.reader.check_image) and the chain
-itself before it writes a page (then reads them again, from the page cache:
-CheckedImage.read_into), then writes the page data, then the storage keys (so CHANGED bits are
-what they were at hibernation, not "everything"), invalidates the images and boots the next
-generation with ``pkram=`` naming the image's super block, so mounting restores the trees.
+``resume`` is the way back, on the powered-off machine the image was taken on: it checks the
+front of every image of the chain (kexec_sim.hibernation.reader.open_image: header, pfn list,
+length) and the chain itself before it writes anything; then reads each image once, storing
+each chunk's pages into RAM as soon as the chunk passed its checks (Image.read_into), and
+puts back what it overwrote if any chunk is refused (kexec_sim.hibernation.undo), so a bad
+image leaves RAM and its keys exactly as they were; then writes the storage keys (so CHANGED
+bits are what they were at hibernation, not "everything"), invalidates the images and boots
+the next generation with ``pkram=`` naming the image's super block, so mounting restores the
+trees.
 
 No page an image restores can be in use while resume writes it: the machine is powered off
 (no boot state, no owners, no process of it running); resume itself runs outside the
@@ -35,6 +38,7 @@ from kexec_sim.hibernation.format import ImageHeader, PfnList
 from kexec_sim.hibernation.last_image import write_last_image
 from kexec_sim.hibernation.progress import Progress
 from kexec_sim.hibernation.report import Report, reason
+from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
@@ -62,15 +66,16 @@ class ResumeReport(Report):
 
 @dataclass(frozen=True)
 class Chain:
-    """A chain of images checked whole, a full image then its increments, as resume restores
-    it: the last image's page set and, for each of its pages, the image holding its data."""
+    """A chain of images whose fronts are checked, a full image then its increments, as resume
+    restores it: the last image's page set and, for each of its pages, the image holding its
+    data."""
 
-    images: tuple[reader.CheckedImage, ...]
+    images: tuple[reader.Image, ...]
     source: npt.NDArray[np.int64]
     """Per page of the final set: the index of the image holding its data, -1 for zero."""
 
     @classmethod
-    def of(cls, images: Sequence[reader.CheckedImage]) -> "Chain":
+    def of(cls, images: Sequence[reader.Image]) -> "Chain":
         """The chain of *images*, in order; CorruptImage unless each is incremental to the one
         before it, the first is full, and every page of the last one's set has its data."""
         headers = [image.header for image in images]
@@ -116,31 +121,41 @@ class Chain:
         return self.images[-1].pfn_list
 
     def restore(
-        self, ram: Ram, *, threads: int | None = None, progress: Progress | None = None
+        self,
+        ram: Ram,
+        undo: RamUndo,
+        *,
+        threads: int | None = None,
+        progress: Progress | None = None,
     ) -> None:
-        """Write the chain's pages into *ram* (data first: marked changed as stores are), then
-        the keys.
+        """Write the chain's pages into *ram* (data first, zero pages punched), then the keys,
+        *undo* saving everything they overwrite first.
 
-        Each image is read again (from the page cache, just read by the check) and every chunk
-        checked again as it is written (CheckedImage.read_into, by *threads* workers): a
-        CorruptImage then leaves RAM partly written. Pages outside the set keep whatever power
-        off left there (poison, or zeros).
+        Every image is read once, whole, by *threads* workers, each chunk checked and its pages
+        for the final set stored as soon as it passed (Image.read_into), also in an image none
+        of whose pages are left. On any error (CorruptImage for a bad chunk, an OSError) RAM is
+        partly written: ``undo.put_back()`` puts it back as it was. Pages outside the set keep
+        whatever power off left there (poison, or zeros).
         """
         final = self.final
-        ram.punch_holes(final.pfns[self.source == -1])
         wanted = np.zeros(ram.nr_pages, dtype=np.bool_)
         total = int(np.count_nonzero(self.source >= 0))
-        done = 0
-        for k, checked in enumerate(self.images):
+        before = 0
+        for k, image in enumerate(self.images):
             mine = final.pfns[self.source == k]
-            if mine.size == 0:
-                continue
             wanted[:] = False
             wanted[mine] = True
-            done += checked.read_into(ram.pages, wanted, threads=threads)
-            ram.keys.mark_changed(mine)
-            if progress is not None:
-                progress("restore", done, total)
+
+            def done(pages: int, before: int = before) -> None:
+                if progress is not None:
+                    progress("restore", before + pages, total)
+
+            image.read_into(ram, wanted, undo=undo, threads=threads, done=done)
+            before += mine.size
+        zero = final.pfns[self.source == -1]
+        zero = zero[undo.backed(zero)]  # a hole reads as zeros already
+        undo.save(zero)
+        ram.punch_holes(zero)
         fault_point("resume:data")
         ram.keys.clear()
         ram.keys.restore(final.pfns, final.keys)
@@ -160,14 +175,11 @@ def _check_targets(machine: Machine, kernel: PfnRange, pfns: PfnArray, where: st
         )
 
 
-def _verify_chain(
-    machine: Machine,
-    paths: Sequence[Path],
-    key: ImageKey | None,
-    threads: int | None,
-    progress: Progress | None,
+def _open_chain(
+    machine: Machine, paths: Sequence[Path], key: ImageKey | None, progress: Progress | None
 ) -> Chain:
-    """Validate every image and the chain, writing nothing. CorruptImage/MachineError if bad."""
+    """Check the front of every image (reader.open_image) and the chain, writing nothing:
+    CorruptImage/MachineError if bad. The chunks are checked as the restore reads them."""
     record = machine.boot_record()
     if record.powered:
         raise MachineError(
@@ -177,11 +189,10 @@ def _verify_chain(
     images = []
     for k, path in enumerate(paths):
         try:
-            checked = reader.check_image(
+            checked = reader.open_image(
                 path,
                 machine_id=machine.machine_id,
                 nr_ram_pages=machine.nr_pages,
-                threads=threads,
                 key=key,
                 allow_used=k < len(paths) - 1,
             )
@@ -272,9 +283,10 @@ def resume(
 ) -> ResumeReport:
     """Resume the powered-off *machine* from *images* (a full image, then its increments).
 
-    Validates everything first: on any problem raises CorruptImage (ImageKeyError for a
-    missing or wrong key, ForeignImage for another machine's image) or MachineError with RAM
-    and the images untouched.
+    On any problem raises CorruptImage (ImageKeyError for a missing or wrong key,
+    ForeignImage for another machine's image) or MachineError with RAM, its keys and the
+    images as they were: the images' fronts and the chain are checked before anything is
+    written, and what the restore stored before a chunk was refused is put back.
     """
     if not images:
         raise InvalidRequest("resume needs at least one image")
@@ -282,7 +294,7 @@ def resume(
     key = image_key(key_file, passphrase)
     paths = [Path(p).absolute() for p in images]
     with phases("verify"):
-        chain = _verify_chain(machine, paths, key, threads, progress)
+        chain = _open_chain(machine, paths, key, progress)
     record = machine.boot_record()
     header = chain.last
     transition = Transition.begin(machine.path, "resume", record.generation)
@@ -301,16 +313,22 @@ def resume(
             )
         )
         with machine.ram() as ram:
-            with phases("restore"):
-                chain.restore(ram, threads=threads, progress=progress)
-            transition.record(
-                "restored",
-                chain=[image.header.image_id.hex() for image in chain.images],
-                cmdline=cmdline,
-                kernel_image=None if record.kernel_image is None else list(record.kernel_image),
-                super_block_pfn=header.super_block_pfn,
-                super_block=super_block_facts(ram, header.super_block_pfn),
-            )
+            undo = RamUndo(ram)
+            try:
+                with phases("restore"):
+                    chain.restore(ram, undo, threads=threads, progress=progress)
+                transition.record(
+                    "restored",
+                    chain=[image.header.image_id.hex() for image in chain.images],
+                    cmdline=cmdline,
+                    kernel_image=None if record.kernel_image is None else list(record.kernel_image),
+                    super_block_pfn=header.super_block_pfn,
+                    super_block=super_block_facts(ram, header.super_block_pfn),
+                )
+            except BaseException:
+                if not transition.committed:
+                    undo.put_back()  # a refused image leaves RAM and its keys as they were
+                raise
         booted = _boot_resumed(machine, transition, phases)
     except BaseException:
         give_up(transition, lambda: undo_resume(machine))
