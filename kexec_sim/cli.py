@@ -49,6 +49,7 @@ from kexec_sim.errors import (
     MachineExists,
     UsageError,
 )
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
 from kexec_sim.kernel_image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
@@ -61,7 +62,6 @@ from kexec_sim.owners import (
     PRESERVED,
     RESERVED_OWNERS,
 )
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.process import is_alive
 from kexec_sim.recovery import open_machine
 from kexec_sim.sizes import parse_size

@@ -24,11 +24,11 @@ import numpy.typing as npt
 from kexec_sim.allocator import PfnRange
 from kexec_sim.cmdline import PKRAM_PARAM, check_cmdline, pkram_pfn
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError
+from kexec_sim.geometry import HUGE_PAGES, PAGE_SIZE, pages_for_bytes
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
 from kexec_sim.machine import Machine
 from kexec_sim.memmap import MemoryMap, RegionType
 from kexec_sim.owners import FIRMWARE, HANDOVER, PRESERVED, owner_name
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, pages_for_bytes
 from kexec_sim.ram import Ram
 
 DEFAULT_IMAGE_BYTES = 16 << 20

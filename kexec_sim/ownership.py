@@ -37,6 +37,7 @@ from kexec_sim.allocator import PfnRange, find_free
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError, OutOfMemory
 from kexec_sim.filelock import FileLock
+from kexec_sim.geometry import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.memmap import MemoryMap
 from kexec_sim.owners import (
     FIRMWARE,
@@ -55,14 +56,7 @@ from kexec_sim.owners import (
     owner_name,
 )
 from kexec_sim.ownership_check import find_problems
-from kexec_sim.pages import (
-    HUGE_PAGES,
-    MANY_RUNS,
-    PAGE_SIZE,
-    PageRuns,
-    PfnArray,
-    as_pfn_array,
-)
+from kexec_sim.pages import MANY_RUNS, PageRuns, PfnArray, as_pfn_array
 from kexec_sim.process import is_alive, process_start_time
 from kexec_sim.transfer_journal import (
     read_journal,

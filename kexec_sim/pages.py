@@ -1,5 +1,5 @@
 """Pfns in numpy: the pfn array type, runs of consecutive pfns (``PageRuns``) and their
-helpers. The page geometry (sizes, orders, ``Pfn``) is kexec_sim.geometry, re-exported here."""
+helpers. The page geometry (sizes, orders, ``Pfn``) is kexec_sim.geometry."""
 
 from dataclasses import dataclass
 
@@ -7,31 +7,15 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.errors import MachineError
-from kexec_sim.geometry import (
-    HUGE_ORDER,
-    HUGE_PAGES,
-    HUGE_SIZE,
-    PAGE_SHIFT,
-    PAGE_SIZE,
-    Pfn,
-    pages_for_bytes,
-)
 
 __all__ = [
-    "HUGE_ORDER",
-    "HUGE_PAGES",
-    "HUGE_SIZE",
     "MANY_RUNS",
-    "PAGE_SHIFT",
-    "PAGE_SIZE",
     "PageRuns",
-    "Pfn",
     "PfnArray",
     "as_pfn_array",
     "expand_runs",
     "first_repeat",
     "mask_runs",
-    "pages_for_bytes",
     "run_positions",
     "runs_in_order",
 ]

@@ -13,12 +13,12 @@ from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import InvalidRequest, MachineError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation.last_image import forget_last_image
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FIRMWARE, PRESERVED, boot_owner_map
 from kexec_sim.ownership import PageOwnership
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 from kexec_sim.report import ExecReport, Phases, boot_report
 from kexec_sim.shutdown import DEFAULT_STOP_TIMEOUT_S, StoppedOwner, stop_everyone

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import CorruptHandover, MachineError
-from .pages import PAGE_SIZE, PfnArray
+from .geometry import PAGE_SIZE
+from .pages import PfnArray
 from .ram import Ram
 
 MAGIC = b"PKRMPPT1"

@@ -13,7 +13,8 @@ import numpy.typing as npt
 
 from kexec_sim.closing import Closing
 from kexec_sim.errors import CorruptMachine, InvalidRequest, MachineError
-from kexec_sim.pages import PAGE_SIZE, Pfn, as_pfn_array, run_positions, runs_in_order
+from kexec_sim.geometry import PAGE_SIZE, Pfn
+from kexec_sim.pages import as_pfn_array, run_positions, runs_in_order
 from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 
 FALLOC_FL_KEEP_SIZE = 0x01

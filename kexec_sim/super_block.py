@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass
 
 from .errors import CorruptHandover, MachineError
-from .pages import PAGE_SIZE
+from .geometry import PAGE_SIZE
 from .ram import Ram
 
 MAGIC = b"PKRAMSB1"

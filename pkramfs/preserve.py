@@ -88,7 +88,7 @@ def preserve(
     relocated = relocate_out_of(tree, start, end)
     clock.lap("relocate")
     with _collector_paused():
-        snap = tree_record.snapshot(tree.record_parts(), tree.next_ino, mount)
+        snap = tree_record.snapshot(record_parts(tree), tree.next_ino, mount)
     clock.lap("snapshot")
     n_links = page_stream.link_pages_needed(snap.indexes)
     n_meta = byte_stream.pages_needed(len(snap.meta))
@@ -130,6 +130,16 @@ def preserve(
         data.nr_pages, len(snap.pfns), snap.nr_objects, relocated, seconds, clock.phases
     )
     return Preserved(node_pfn, pages, metadata, seconds), stats
+
+
+def record_parts(tree: Tree) -> list[tuple[tree_record.InodeColumns, tree_record.PageEntries]]:
+    """The linked inodes of *tree* as columns (open-but-unlinked files are not preserved):
+    those in use, and the restored ones not used since."""
+    linked = [inode for inode in tree.inodes.in_use() if inode.nlink]
+    parts = [tree_record.inode_columns(linked)]
+    if tree.inodes.restored is not None:
+        parts.append(tree.inodes.restored.part())
+    return parts
 
 
 def cancel(store: NodeStore, owner_id: int, preserved: Preserved) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from kexec_sim import PfnArray
 
+from . import xattrs
 from .file_pages import FilePages
 from .inode import Inode
 from .tree_record import InodeColumns, PageEntries, join_times
@@ -102,12 +103,15 @@ class RestoredInodes:
         starts = np.repeat(entries.pfns - (np.cumsum(sizes) - sizes), sizes)
         return starts + np.arange(int(sizes.sum()), dtype=np.int64)
 
-    def rows_with_xattr(self, name: bytes, value: bytes) -> Column:
-        """A mask of the rows whose xattr *name* is *value*."""
+    def secret_pfns(self, every_file: bool) -> PfnArray:
+        """The pfns of the secret files still here: every file's if *every_file* (a secret
+        mount), else those of files with the secret xattr."""
+        if every_file:
+            return self.pfns()
         mask = np.zeros(len(self._ino), dtype=bool)
         for row, attrs in self._inodes.xattrs.items():
-            mask[row] = attrs.get(name) == value
-        return mask
+            mask[row] = attrs.get(xattrs.SECRET) == xattrs.SECRET_VALUE
+        return self.pfns(mask)
 
     def inos_with_pages_in(self, start: int, end: int) -> list[int]:
         """The inodes still here with a page in pfns ``start .. end - 1``."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
-from . import file_data, secret_pages, tree_record, xattrs
+from . import file_data, secret_pages, xattrs
 from .errors import FsError
 from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .page_pool import PagePool
@@ -579,14 +579,8 @@ class Tree:
         for inode in self.inodes.in_use():
             if inode.pages is not None and inode.pages.nr_pages and self.is_secret(inode):
                 secret_pages.hide(self.ram, inode.pages.all_pfns())
-        restored = self.inodes.restored
-        if restored is not None:
-            secret = (
-                None
-                if self.secret
-                else restored.rows_with_xattr(xattrs.SECRET, xattrs.SECRET_VALUE)
-            )
-            pfns = restored.pfns(secret)
+        if self.inodes.restored is not None:
+            pfns = self.inodes.restored.secret_pfns(every_file=self.secret)
             if pfns.size:
                 secret_pages.hide(self.ram, pfns)
 
@@ -679,16 +673,7 @@ class Tree:
         self.xattr_bytes = restored.xattr_bytes() + sum(
             len(k) + len(v) for k, v in self.inodes[ROOT_INO].xattrs.items()
         )
-        self.pool.used_pages += restored.data_pages() + self.inodes[ROOT_INO].blocks_512 // 8
-
-    def record_parts(self) -> list[tuple[tree_record.InodeColumns, tree_record.PageEntries]]:
-        """The linked inodes as columns (open-but-unlinked files are not preserved): those in
-        use, and the restored ones not used since."""
-        linked = [inode for inode in self.inodes.in_use() if inode.nlink]
-        parts = [tree_record.inode_columns(linked)]
-        if self.inodes.restored is not None:
-            parts.append(self.inodes.restored.part())
-        return parts
+        self.pool.used_pages += restored.data_pages()  # the root, an object now, has none
 
     def owned_pfns(self) -> PfnArray:
         """Every pfn the mount holds: its files' pages and the pool's idle ones."""

@@ -46,13 +46,13 @@ from types import FrameType
 import numpy as np
 import numpy.typing as npt
 
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation import writer
 from kexec_sim.hibernation.format import COMPRESSIONS
 from kexec_sim.hibernation.reader import open_image
 from kexec_sim.hibernation.resume import Chain
 from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.hibernation.writer import write_image
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
 MIB = 1 << 20

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import PRESERVED
-from kexec_sim.pages import PAGE_SIZE
 from pkramfs.checker import check_machine
 
 from .conftest import Mounts, wait_exit

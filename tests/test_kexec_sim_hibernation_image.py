@@ -19,6 +19,7 @@ from kexec_sim.errors import (
     ImageTooLarge,
     MachineError,
 )
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation import format as image_format
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey
@@ -26,7 +27,6 @@ from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
 from kexec_sim.hibernation.reader import Image
 from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.hibernation.writer import ImageStats
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
 NR_PAGES = 4096

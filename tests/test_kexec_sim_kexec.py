@@ -19,8 +19,9 @@ import pytest
 
 from kexec_sim import FIRMWARE, FREE, HANDOVER, KERNEL, PRESERVED, Machine, MachineError
 from kexec_sim.cli import main
+from kexec_sim.geometry import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.kernel_image import IMAGE_MAGIC
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE, PfnArray
+from kexec_sim.pages import PfnArray
 from kexec_sim.scrub import POISON_BYTE
 from kexec_sim.super_block import SuperBlock, read_super_block
 

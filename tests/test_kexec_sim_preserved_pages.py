@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kexec_sim.errors import CorruptHandover
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.geometry import PAGE_SIZE
+from kexec_sim.pages import PfnArray
 from kexec_sim.preserved_pages import (
     ENTRIES_PER_ROOT,
     PFNS_PER_LEAF,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kexec_sim.errors import CorruptHandover, MachineError
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.ram import Ram
 from kexec_sim.super_block import (
     NODE_LIST_AT,

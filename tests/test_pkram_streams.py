@@ -8,7 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from kexec_sim.pages import HUGE_ORDER, PAGE_SIZE, PageRuns
+from kexec_sim.geometry import HUGE_ORDER, PAGE_SIZE
+from kexec_sim.pages import PageRuns
 from kexec_sim.ram import Ram
 from pkramfs import byte_stream, page_chain, page_stream, tree_record
 from pkramfs.errors import CorruptNode

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kexec_sim.geometry import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.machine import Machine
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.storage_keys import CHANGED, SINCE_IMAGE
 
 from .conftest import Mounts

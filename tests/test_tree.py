@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kexec_sim.geometry import HUGE_PAGES, PAGE_SIZE
 from kexec_sim.machine import Machine
-from kexec_sim.pages import HUGE_PAGES, PAGE_SIZE
-from pkramfs import tree_record
+from pkramfs import preserve, tree_record
 from pkramfs.errors import FsError
 from pkramfs.inode import ROOT_INO
 from pkramfs.page_pool import PagePool
@@ -490,7 +490,7 @@ def test_a_restored_tree_is_used_without_making_every_inode(tree: Tree) -> None:
         tree.write(fh, 0, written[ino])
         tree.release(fh)
     tree.setxattr(d, b"user.k", b"v")
-    snap = tree_record.snapshot(tree.record_parts(), tree.next_ino, settings)
+    snap = tree_record.snapshot(preserve.record_parts(tree), tree.next_ino, settings)
     rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
     owned = np.sort(tree.owned_pfns())
     fresh = Tree(tree.ram, tree.pool, root_mode=0, root_uid=0, root_gid=0, max_inodes=0, huge=False)
@@ -505,7 +505,7 @@ def test_a_restored_tree_is_used_without_making_every_inode(tree: Tree) -> None:
     assert relocate_out_of(tree, start, start + 1) == 1  # one file made an object, one page moved
     assert dict.__len__(tree.inodes) == 3  # root, d and f7
     tree.unlink(d, b"f3")
-    again = tree_record.snapshot(tree.record_parts(), tree.next_ino, settings)
+    again = tree_record.snapshot(preserve.record_parts(tree), tree.next_ino, settings)
     rebuilt = tree_record.rebuild(again.meta, again.pfns, again.orders, again.indexes, "t")
     assert again.nr_objects == 21 and len(rebuilt.inodes) == 21
     for name, ino in tree.list_dir(d):

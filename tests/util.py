@@ -17,8 +17,8 @@ from typing import Any, cast
 
 import pyfuse3
 
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.machine import Machine
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
 REPO = Path(__file__).resolve().parent.parent

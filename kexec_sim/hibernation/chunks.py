@@ -24,9 +24,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kexec_sim.errors import CorruptImage, MachineError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation.crypto import AUTH_FAILED, TAG_BYTES, nonce
 from kexec_sim.hibernation.format import CHUNK_HEADER, ImageHeader
-from kexec_sim.pages import PAGE_SIZE
 
 ZSTD_LEVEL = 1
 

@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kexec_sim.errors import CorruptImage, ImageKeyError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation.crypto import (
     AUTH_FAILED,
     HEADER_NONCE,
@@ -35,7 +36,7 @@ from kexec_sim.hibernation.crypto import (
     ImageKey,
     nonce,
 )
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.pages import PfnArray
 
 SIGNATURE = b"KSIMHIB1"
 USED_SIGNATURE = b"KSIMUSED"

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from kexec_sim.pages import PAGE_SIZE
+from kexec_sim.geometry import PAGE_SIZE
 
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): pages done of total in a phase ("write", "verify", ...)."""

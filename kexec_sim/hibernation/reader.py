@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.errors import CorruptImage, ForeignImage, MachineError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation.chunks import (
     Buffer,
     ChunkCodec,
@@ -46,7 +47,6 @@ from kexec_sim.hibernation.format import (
 )
 from kexec_sim.hibernation.report import reason
 from kexec_sim.hibernation.undo import RamUndo
-from kexec_sim.pages import PAGE_SIZE
 from kexec_sim.ram import Ram
 
 READ_BYTES = 4 << 20

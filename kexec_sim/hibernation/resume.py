@@ -31,6 +31,7 @@ from kexec_sim.allocator import PfnRange
 from kexec_sim.boot import EarlyBoot
 from kexec_sim.cmdline import PKRAM_PARAM, without_param
 from kexec_sim.errors import CorruptImage, InvalidRequest, MachineError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.handover import rewrite_super_block, super_block_facts
 from kexec_sim.hibernation import reader, writer
 from kexec_sim.hibernation.crypto import ImageKey, image_key
@@ -42,7 +43,7 @@ from kexec_sim.hibernation.undo import RamUndo
 from kexec_sim.kernel_image import default_kernel_range, write_synthetic_image
 from kexec_sim.machine import Machine
 from kexec_sim.owners import FREE, boot_owner_map
-from kexec_sim.pages import PAGE_SIZE, PfnArray
+from kexec_sim.pages import PfnArray
 from kexec_sim.ram import Ram
 from kexec_sim.report import Phases
 from kexec_sim.transition import Transition, fact_range, fact_str, fault_point, give_up

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim.pages import PAGE_SIZE, PfnArray, runs_in_order
+from kexec_sim.geometry import PAGE_SIZE
+from kexec_sim.pages import PfnArray, runs_in_order
 from kexec_sim.ram import Ram
 
 _WORDS = PAGE_SIZE // 8

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kexec_sim.errors import CorruptImage, ImageTooLarge, MachineError
+from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.hibernation.chunks import ChunkCodec, worker_count
 from kexec_sim.hibernation.crypto import TAG_BYTES, ImageKey, new_cipher
 from kexec_sim.hibernation.format import (
@@ -43,7 +44,7 @@ from kexec_sim.hibernation.format import (
     pfn_list_end,
 )
 from kexec_sim.jsonfile import fsync_dir
-from kexec_sim.pages import PAGE_SIZE, PfnArray, as_pfn_array
+from kexec_sim.pages import PfnArray, as_pfn_array
 
 _SCAN_PAGES = 8192  # pages gathered at a time to find the all-zero ones (32 MiB)
 _WRITE_BATCH = 16  # finished chunks the writer may send in one writev
