@@ -138,20 +138,17 @@ class InodeColumns:
     def concat(parts: Sequence["InodeColumns"]) -> "InodeColumns":
         """The rows of *parts*, one after the other."""
         offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+
+        def joined(field: str) -> dict[int, Any]:
+            pairs = zip(parts, offsets, strict=False)
+            return {r + at: v for p, at in pairs for r, v in getattr(p, field).items()}
+
         return InodeColumns(
             {name: np.concatenate([p.columns[name] for p in parts]) for name in COLUMNS},
             np.concatenate([p.parent for p in parts]),
-            {
-                r + at: v
-                for p, at in zip(parts, offsets, strict=False)
-                for r, v in p.entries.items()
-            },
-            {
-                r + at: v
-                for p, at in zip(parts, offsets, strict=False)
-                for r, v in p.targets.items()
-            },
-            {r + at: v for p, at in zip(parts, offsets, strict=False) for r, v in p.xattrs.items()},
+            joined("entries"),
+            joined("targets"),
+            joined("xattrs"),
         )
 
 
@@ -162,11 +159,6 @@ class PageEntries:
     pfns: PfnArray
     orders: PfnArray
     indexes: PfnArray
-
-    @staticmethod
-    def empty() -> "PageEntries":
-        none = np.empty(0, dtype=np.int64)
-        return PageEntries(none, none, none)
 
     def gather(self, starts: Column, counts: Column) -> "PageEntries":
         """The slices ``[start, start + count)``, one after the other."""
