@@ -184,8 +184,7 @@ class FilePages:
         chunk = self._chunks.get(chunk_no)
         if chunk is not None and len(chunk) >= length:
             return chunk
-        capacity = min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
-        grown = np.full(capacity, HOLE, dtype=np.int64)
+        grown = np.full(_capacity(length), HOLE, dtype=np.int64)
         if chunk is not None:
             grown[: len(chunk)] = chunk
         self._chunks[chunk_no] = grown
@@ -203,11 +202,15 @@ class FilePages:
             index += hi - lo
 
 
+def _capacity(length: int) -> int:
+    """The entries a chunk holding *length* is made with: a power of two, 4 to 512."""
+    return min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
+
+
 def _fitted(pfns: PfnArray) -> PfnArray:
     """A copy of the chunk *pfns* cut after its last page, at a capacity `_chunk_to` uses."""
     length = int(np.flatnonzero(pfns != HOLE)[-1]) + 1
-    capacity = min(CHUNK_PAGES, max(MIN_CHUNK_ENTRIES, 1 << (length - 1).bit_length()))
-    fitted = np.full(capacity, HOLE, dtype=np.int64)
+    fitted = np.full(_capacity(length), HOLE, dtype=np.int64)
     fitted[:length] = pfns[:length]
     return fitted
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kexec_sim import PfnArray
+from kexec_sim import PageRuns, PfnArray
 
 from . import xattrs
 from .file_pages import FilePages
@@ -101,9 +101,7 @@ class RestoredInodes:
     def pfns(self, rows: Column | None = None) -> PfnArray:
         """Every pfn of the files still here (of those among *rows*, a boolean mask, if given)."""
         entries = self._live_entries(self._live if rows is None else rows)
-        sizes = np.int64(1) << entries.orders
-        starts = np.repeat(entries.pfns - (np.cumsum(sizes) - sizes), sizes)
-        return starts + np.arange(int(sizes.sum()), dtype=np.int64)
+        return PageRuns.of_entries(entries.pfns, entries.orders).expand()
 
     def secret_pfns(self, every_file: bool) -> PfnArray:
         """The pfns of the secret files still here: every file's if *every_file* (a secret

@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import HUGE_ORDER, PAGE_SIZE, PfnArray
+from kexec_sim import HUGE_ORDER, PAGE_SIZE, PageRuns, PfnArray
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
@@ -162,8 +162,7 @@ class PageEntries:
 
     def gather(self, starts: Column, counts: Column) -> "PageEntries":
         """The slices ``[start, start + count)``, one after the other."""
-        total = int(counts.sum())
-        at = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+        at = PageRuns(starts, counts).expand()  # runs of entry positions
         return PageEntries(self.pfns[at], self.orders[at], self.indexes[at])
 
 
