@@ -120,7 +120,8 @@ class RestoredInodes:
         if not inside.size:
             return []
         rows = np.searchsorted(self._first_entry, inside, side="right") - 1
-        rows = np.unique(rows[self._live[rows]])
+        rows = rows[self._live[rows]]  # ascending, as *inside* is
+        rows = rows[np.concatenate((rows[:1] >= 0, rows[1:] != rows[:-1]))]
         return [int(i) for i in self._ino[rows]]
 
     def _live_entries(self, rows: Column) -> PageEntries:
