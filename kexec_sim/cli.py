@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from kexec_sim import kernel_image
+from kexec_sim import exec_agent, kernel_image
 from kexec_sim.cmdline import PKRAM_PARAM, join_cmdline, without_param
 from kexec_sim.errors import (
     CorruptImage,
@@ -336,6 +336,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"{args.kernel}: {exc.strerror or exc}") from None
     _warn(image.warnings)
+    exec_agent.start(str(machine.path), machine.generation)
     how = " (kaslr)" if image.kaslr else ""
     print(
         f"loaded {image.nr_pages} pages ({_format_bytes(image.image_bytes)}) at "

@@ -54,6 +54,7 @@ from kexec_sim.jsonfile import (
     write_json_atomic,
     write_text_atomic,
 )
+from kexec_sim.machine_dir import DEFAULT_MACHINE_PATH, MACHINE_ENV, machine_path
 from kexec_sim.memmap import MIN_PAGES, MemoryMap
 from kexec_sim.transition import PowerLock, busy, read_record
 
@@ -61,6 +62,7 @@ from kexec_sim.transition import PowerLock, busy, read_record
 # opening a machine, every command's first step, stays light (a remount helper's start-up).
 if TYPE_CHECKING:
     from kexec_sim.boot import EarlyBoot
+    from kexec_sim.owners import OwnerInfo
     from kexec_sim.ownership import PageOwnership
     from kexec_sim.ram import Ram
 
@@ -76,8 +78,7 @@ __all__ = [
     "resolve_machine_dir",
 ]
 
-MACHINE_ENV = "KEXEC_SIM_MACHINE"
-DEFAULT_MACHINE_DIR = Path("/dev/shm/kexec-sim/default")
+DEFAULT_MACHINE_DIR = Path(DEFAULT_MACHINE_PATH)
 DEFAULT_RAM_BYTES = 8 << 30
 MIN_RAM_BYTES = MIN_PAGES * PAGE_SIZE
 MAX_RAM_BYTES = 1 << 40
@@ -111,8 +112,7 @@ class BootRecord:
 
 def resolve_machine_dir(path: str | os.PathLike[str] | None) -> Path:
     """Return the machine directory: *path*, else $KEXEC_SIM_MACHINE, else the default."""
-    chosen = os.fspath(path) if path is not None else os.environ.get(MACHINE_ENV, "")
-    return Path(chosen).expanduser().absolute() if chosen else DEFAULT_MACHINE_DIR
+    return Path(machine_path(path))
 
 
 def check_ram_bytes(ram_bytes: int) -> None:
@@ -407,6 +407,20 @@ class Machine:
                 yield
         finally:
             lock.close()
+
+    def live_owners(self) -> list["OwnerInfo"]:
+        """The registered owners whose process still runs: a look at ``boot/owners.json``
+        without the ownership lock (a snapshot that may be stale at once); none when the
+        machine is off or the registry unreadable."""
+        from kexec_sim.owners import OwnerRegistry
+        from kexec_sim.ownership import REGISTRY_FILE
+        from kexec_sim.process import is_alive
+
+        try:
+            registry = OwnerRegistry.load(self.boot_dir / REGISTRY_FILE)
+        except (MachineError, OSError):
+            return []
+        return [o for o in registry.owners.values() if is_alive(o.pid, o.pid_start_time)]
 
     # -- the hardware ---------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from kexec_sim.errors import MachineError
 from kexec_sim.machine import Machine, resolve_machine_dir
+from kexec_sim.machine_dir import TRANSITION_FILE
 from kexec_sim.transition import (
-    TRANSITION_FILE,
     PowerLock,
     Transition,
     TransitionRecord,

@@ -35,9 +35,9 @@ from pathlib import Path
 from kexec_sim.errors import CorruptMachine, MachineBusy, MachineError
 from kexec_sim.geometry import PfnRange
 from kexec_sim.jsonfile import get_int, get_str, read_json_object, write_json_atomic
+from kexec_sim.machine_dir import TRANSITION_FILE
 from kexec_sim.process import is_alive, process_start_time
 
-TRANSITION_FILE = "transition.json"
 POWER_LOCK_FILE = "power.lock"
 FORMAT = 1
 FAULT_ENV = "KEXEC_SIM_FAULT"

@@ -118,6 +118,7 @@ class PkramFilesystem:
             "pid": os.getpid(),
             "mountpoint": self.mountpoint,
             "machine": str(self.machine.path),
+            "ram_bytes": self.machine.ram_bytes,
             "generation": self.machine.generation,
             "owner_id": self.owner_id,
             "pkram": self.options.pkram,

@@ -12,18 +12,20 @@ message says why).
 """
 
 import argparse
-import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kexec_sim import MachineError, open_machine, read_mounts, report_internal_error
+from kexec_sim import MachineError, transition_recorded
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError
 from .options import FSTYPE, MountOptions, parse_options, split_option_list
+
+# What only a new mount or an error needs (the machine's code, logging, the daemon's) is
+# imported where it is used: a remount helper runs in every blackout.
 
 EXIT_USAGE = 1
 EXIT_INTERNAL = 4
@@ -66,12 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(items, ram_bytes=0)
         if helper and args.flag_f:
             return 0  # mount -f: fake it
+        from kexec_sim import open_machine
+
+        from . import standby
+
         machine = open_machine(options.machine, create=True, notify=_note)
         options = parse_options(items, ram_bytes=machine.ram_bytes)
         options.fsname = options.fsname or (None if args.source == "none" else args.source)
         mountpoint = _check_mountpoint(args.mountpoint)
         foreground = args.flag_f and not helper
-        return _mount(options, mountpoint, machine.path, foreground=foreground, debug=args.debug)
+        code = _mount(options, mountpoint, machine.path, foreground=foreground, debug=args.debug)
+        if code == 0 and options.pkram and not foreground:
+            standby.start(machine.path, machine.generation)  # for the next boot's mount
+        return code
     except OptionError as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # a bug: one line and the log, never a traceback
+        from kexec_sim import report_internal_error
+
         print(report_internal_error("pkramfs", exc, None), file=sys.stderr)
         return EXIT_INTERNAL
 
@@ -106,8 +117,7 @@ def _remount(mountpoint: str, items: list[str]) -> int:
     """
     mountpoint = _check_mountpoint(mountpoint)
     status = control.query_status(mountpoint)
-    machine = open_machine(status["machine"], notify=_note, while_running=True)
-    options = parse_options(items, ram_bytes=machine.ram_bytes)
+    options = parse_options(items, ram_bytes=_ram_bytes(status))
     forwarded = [item for item in items if item != "remount"]
     kernel_read_only = bool(os.statvfs(mountpoint).f_flag & os.ST_RDONLY)
     if (
@@ -135,6 +145,17 @@ def _remount(mountpoint: str, items: list[str]) -> int:
                 control.send_command(mountpoint, "remount", options=["rw"])
             raise
     return 0
+
+
+def _ram_bytes(status: dict[str, object]) -> int:
+    """The RAM of the mount's machine, from the daemon's status unless a transition is
+    recorded (then the machine is opened, which recovers an interrupted one)."""
+    ram_bytes, machine_dir = status.get("ram_bytes"), status["machine"]
+    if type(ram_bytes) is int and not transition_recorded(str(machine_dir)):
+        return ram_bytes
+    from kexec_sim import open_machine
+
+    return open_machine(str(machine_dir), notify=_note, while_running=True).ram_bytes
 
 
 def _kernel_remount(mountpoint: str, flag: str) -> None:
@@ -188,6 +209,8 @@ def _mount(
 
 def _pkramfs_mount_count(mountpoint: str) -> int:
     """How many pkramfs mounts are stacked on *mountpoint* (from /proc/mounts)."""
+    from kexec_sim import read_mounts
+
     return sum(1 for e in read_mounts() if e.fstype == FSTYPE and e.mountpoint == mountpoint)
 
 
@@ -224,6 +247,8 @@ def _detach_stdio(machine_dir: Path, options: MountOptions, debug: bool) -> None
 
 
 def _setup_logging(debug: bool) -> None:
+    import logging
+
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",

@@ -174,14 +174,16 @@ def summary(values: Sequence[float], digits: int = 0) -> str:
 
 
 def startup_ms(env: dict[str, str], runs: int) -> dict[str, list[float]]:
-    """Wall time (ms) of each program of the cycle started alone, *runs* times: the remount
-    helper and ``pkramfs`` (``pkramfs --help``), ``kexec-sim`` (``--help``), and the daemon's
-    imports (what a restoring mount's child loads before any work)."""
+    """Wall time (ms) of each program of the cycle started alone and cold, *runs* times: the
+    interpreter, ``pkramfs`` (``--help``: the remount helper, a mount without a standby),
+    ``kexec-sim`` (``--help``: load, an exec without an agent), and the daemon's imports (what
+    the standby loads ahead of a restoring mount)."""
     python = shutil.which("python", path=env.get("PATH")) or sys.executable
     programs = {
-        "pkramfs --help (remount helper, mount command)": ["pkramfs", "--help"],
-        "kexec-sim --help (load, exec)": ["kexec-sim", "--help"],
-        "the daemon's imports (restoring mount)": [python, "-c", "import pkramfs.daemon"],
+        "python -c pass (the interpreter)": [python, "-c", "pass"],
+        "pkramfs --help (remount helper; mount, cold)": ["pkramfs", "--help"],
+        "kexec-sim --help (load; exec, cold)": ["kexec-sim", "--help"],
+        "the daemon's imports (the standby's, ahead)": [python, "-c", "import pkramfs.daemon"],
     }
     times: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(runs):

@@ -4,10 +4,13 @@ modules it imported (no timing: which modules, not how long)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 from kexec_sim.machine import Machine
+from kexec_sim.warm_start import socket_name
 
 from .conftest import Mounts
 from .util import ctl_status, run
@@ -41,7 +44,9 @@ def among(modules: list[str], packages: tuple[str, ...]) -> list[str]:
 
 def test_the_remount_helper_imports_no_numpy_and_no_hibernation(mounts: Mounts) -> None:
     """``mount -o remount,...`` runs ``pkramfs`` as its helper: it sends the daemon a command
-    and sets the kernel's ro flag, with no use for numpy, FUSE or the hibernation code."""
+    and sets the kernel's ro flag, with no use for numpy, FUSE or the hibernation code, nor
+    for opening the machine (the daemon's status has its RAM size) when no transition is
+    recorded."""
     mnt = mounts.mount("pkram=imports")
     (mnt / "file").write_bytes(b"data")
     for options, preserved in (("remount,preserve,ro", True), ("remount,rw", False)):
@@ -49,6 +54,7 @@ def test_the_remount_helper_imports_no_numpy_and_no_hibernation(mounts: Mounts) 
         assert code == 0, err
         assert (ctl_status(mnt)["preserved_node"] is not None) is preserved
         assert among(modules, ("numpy", "kexec_sim.hibernation", "pyfuse3", "trio")) == []
+        assert among(modules, ("kexec_sim.machine", "kexec_sim.recovery", "logging")) == []
 
 
 def test_kexec_sim_load_imports_neither_exec_nor_hibernation(small_machine: Machine) -> None:
@@ -81,3 +87,30 @@ def test_the_package_imports_nothing_until_a_name_is_used() -> None:
     probe = "import sys, kexec_sim; print(sorted(m for m in sys.modules if 'kexec_sim' in m))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "['kexec_sim']"
+
+
+def wait_for_warm_process(kind: str, machine: Machine) -> None:
+    """Wait until the warm process of *kind* for the machine's boot listens (it binds its
+    socket first thing; the connection made here it drops as no request)."""
+    name = socket_name(kind, str(machine.path), machine.generation)
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(name)
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"no {kind} warm process"
+        time.sleep(0.02)
+
+
+def test_a_warm_exec_imports_neither_numpy_nor_the_machine(small_machine: Machine) -> None:
+    """``kexec-sim exec`` with the agent waiting hands itself over with the standard library's
+    lightest modules: the exec's code is the agent's."""
+    machine = ["--machine", str(small_machine.path)]
+    assert imported_by("kexec_sim.cli", *machine, "load")[0] == 0
+    wait_for_warm_process("exec", small_machine)
+    code, modules, err = imported_by("kexec_sim.entry", *machine, "exec")
+    assert code == 0, err
+    assert small_machine.generation == 2
+    assert among(modules, ("numpy", "msgpack", "kexec_sim.machine", "dataclasses")) == []

@@ -21,7 +21,8 @@ import pytest
 
 from kexec_sim.errors import MachineError
 from kexec_sim.machine import Machine
-from kexec_sim.transition import TRANSITION_FILE, PowerLock, Transition
+from kexec_sim.machine_dir import TRANSITION_FILE
+from kexec_sim.transition import PowerLock, Transition
 
 from .conftest import Mounts
 from .util import (

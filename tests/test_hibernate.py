@@ -22,9 +22,9 @@ from kexec_sim.errors import CorruptImage
 from kexec_sim.hibernation import crypto, reader
 from kexec_sim.hibernation import resume as resume_module
 from kexec_sim.machine import Machine
+from kexec_sim.machine_dir import TRANSITION_FILE
 from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED
-from kexec_sim.transition import TRANSITION_FILE
 
 from .conftest import Mounts, daemon_owners
 from .util import contents, kexec_sim, make_tree, md5, run, snapshot

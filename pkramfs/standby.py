@@ -1,0 +1,104 @@
+"""The standby: the next boot's first ``pkramfs`` mount run warm (kexec_sim.warm_start).
+
+A mount with ``pkram=`` starts one (``start``) for the machine's next boot, detached. It
+imports the daemon (trio, pyfuse3, numpy, the tree: ~0.25 s, most of a restoring mount's time
+otherwise) and waits; in the next boot, the first ``pkramfs`` mount of that machine runs in
+it, as the command would have. Like the next kernel's image staged by ``kexec -l``, it is code
+loaded ahead: it touches the machine only when it runs that mount.
+
+While its boot has not come, it waits as long as a pkramfs daemon of the machine runs or a
+transition (an exec) is recorded; it ends once it has run its mount, once its boot has run
+IDLE_S without one, or when the machine is off, gone, or past its boot. One standby per
+machine and boot: a second one ends at once.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from kexec_sim import (
+    Machine,
+    MachineError,
+    WarmListener,
+    read_record,
+    running_generation,
+    spawn_detached,
+)
+
+__all__ = ["KIND", "start"]
+
+KIND = "pkramfs-mount"
+POLL_S = 0.25
+"""How often a waiting standby looks at its machine."""
+IDLE_S = 30.0
+"""How long a standby waits in its boot for the mount before it ends."""
+LOG_FILE = "standby.log"
+
+
+def start(machine_dir: Path, generation: int) -> None:
+    """Start the standby for the boot after *generation*, detached; never raises (without one
+    the next boot's mount runs cold)."""
+    spawn_detached(
+        [sys.executable, "-m", "pkramfs.standby", str(machine_dir), str(generation + 1)],
+        str(machine_dir / "logs" / LOG_FILE),
+    )
+
+
+class _Watch:
+    """Whether the standby for boot *target* of the machine in *machine_dir* should go on."""
+
+    def __init__(self, machine_dir: str, target: int) -> None:
+        self.machine_dir = machine_dir
+        self.target = target
+        self.booted_seen: float | None = None
+
+    def ready(self) -> bool:
+        """Its boot runs: a mount now runs here."""
+        return running_generation(self.machine_dir) == self.target
+
+    def keep_waiting(self) -> bool:
+        generation = running_generation(self.machine_dir)
+        if generation == self.target:
+            now = time.monotonic()
+            self.booted_seen = self.booted_seen or now
+            return now - self.booted_seen < IDLE_S
+        if generation != self.target - 1:
+            return False  # off, gone or past its boot
+        # Looked at in this order, an exec cannot slip between: it records its transition
+        # before it stops the daemons and moves the generation before it drops the record.
+        if self._daemon_runs() or self._transition_recorded():
+            return True
+        return running_generation(self.machine_dir) == self.target
+
+    def _daemon_runs(self) -> bool:
+        try:
+            machine = Machine.open(self.machine_dir, create=False)
+        except MachineError:
+            return False
+        return any(owner.name.startswith("pkramfs:") for owner in machine.live_owners())
+
+    def _transition_recorded(self) -> bool:
+        try:
+            return read_record(Path(self.machine_dir)) is not None
+        except MachineError:
+            return True  # unreadable: whoever recovers it decides; look again later
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pkramfs.standby MACHINE_DIR GENERATION``."""
+    machine_dir, target = argv[0], int(argv[1])
+    try:
+        listener = WarmListener(KIND, machine_dir, target)
+    except OSError:
+        return 0  # another standby waits for that boot
+    from . import daemon, mount_cli  # noqa: F401  (the point: imported before the mount)
+
+    watch = _Watch(machine_dir, target)
+    listener.serve_one(
+        mount_cli.main, ready=watch.ready, keep_waiting=watch.keep_waiting, poll_s=POLL_S
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
