@@ -1,8 +1,9 @@
 """The exec agent: ``kexec-sim exec`` run warm (kexec_sim.warm_start).
 
-``kexec-sim load`` starts it (``start``), detached, once per boot: it imports what an exec
-runs (numpy, the scrub, the handover, early boot: ~0.2 s of the blackout otherwise) and waits
-for the ``kexec-sim exec`` of that boot, which then runs in it. It ends after that exec, or as
+``kexec-sim load`` starts it (``start``), detached, once per boot, and returns once it has
+imported what an exec runs (numpy, the scrub, the handover, early boot: ~0.2 s that were the
+exec's, in the blackout); it waits for the ``kexec-sim exec`` of that boot, which then runs
+in it. It ends after that exec, or as
 soon as there is nothing left to exec: the staged image is unloaded, the boot it serves is
 over (exec, reboot, power off) or the machine is gone. An agent already waiting for the same
 boot makes a second one end at once. It touches the machine only when it runs the exec.
@@ -12,24 +13,27 @@ import os
 import sys
 
 from kexec_sim.machine_dir import machine_path
-from kexec_sim.warm_start import WarmListener, running_generation, spawn_detached
+from kexec_sim.warm_start import WarmListener, running_generation, spawn_detached, wait_ready
 
 __all__ = ["KIND", "start"]
 
 KIND = "exec"
 POLL_S = 0.25
 """How often an idle agent looks whether its boot and staged image are still there."""
+READY_TIMEOUT_S = 10.0
 LOG_FILE = "logs/exec-agent.log"
 LOAD_FILE = "boot/kexec-load.json"
 
 
 def start(machine_dir: str, generation: int) -> None:
-    """Start the agent for boot *generation* of the machine, detached; never raises (without
-    one, an exec runs cold)."""
+    """Start the agent for boot *generation* of the machine, detached, and wait until it has
+    imported the exec (what a load stages, the exec need not do); never raises (without an
+    agent, an exec runs cold)."""
     spawn_detached(
         [sys.executable, "-m", "kexec_sim.exec_agent", machine_dir, str(generation)],
         os.path.join(machine_dir, LOG_FILE),
     )
+    wait_ready(KIND, machine_dir, generation, READY_TIMEOUT_S)
 
 
 def _still_wanted(machine_dir: str, generation: int) -> bool:

@@ -27,16 +27,26 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-__all__ = ["WarmListener", "run_warm", "running_generation", "socket_name", "spawn_detached"]
+__all__ = [
+    "WarmListener",
+    "run_warm",
+    "running_generation",
+    "socket_name",
+    "spawn_detached",
+    "wait_ready",
+]
 
 ANSWER_TIMEOUT_S = 10.0
 """How long a command waits for a warm process to answer (it may still be importing)."""
 REQUEST_TIMEOUT_S = 5.0
 """How long a warm process waits for a request's bytes or the ``go``."""
 MAX_REQUEST_BYTES = 1 << 20
+PING = {"ping": True}
+"""A request that asks only whether the warm process is ready (``wait_ready``)."""
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _STREAMS = (0, 1, 2)
 
@@ -64,32 +74,25 @@ def running_generation(machine_dir: str) -> int | None:
 
 def spawn_detached(argv: list[str], log_path: str) -> None:
     """Start *argv* (a warm process) in a session of its own, its output appended to
-    *log_path*, as a child of init: nobody waits for it. Never raises (without a warm
-    process, commands run cold)."""
+    *log_path*, as a child of init: nobody waits for it. ``setsid -f`` is the short-lived
+    middle process (forking this one, numpy and all, costs ~8 ms). Never raises (without a
+    warm process, commands run cold)."""
     try:
         log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
         return
     try:
-        pid = os.fork()
-        if pid == 0:  # the middle process: spawn, then leave the warm process to init
-            code = 1
-            try:
-                os.posix_spawn(
-                    argv[0],
-                    argv,
-                    os.environ,
-                    file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_DUP2, log, 1),
-                        (os.POSIX_SPAWN_DUP2, log, 2),
-                    ],
-                    setsid=True,
-                )
-                code = 0
-            finally:
-                os._exit(code)
-        os.waitpid(pid, 0)
+        middle = os.posix_spawnp(
+            "setsid",
+            ["setsid", "--fork", *argv],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log, 1),
+                (os.POSIX_SPAWN_DUP2, log, 2),
+            ],
+        )
+        os.waitpid(middle, 0)
     except OSError:
         pass
     finally:
@@ -148,6 +151,26 @@ def _wait_for_exit(sock: socket.socket, pid: int, prog: str) -> int:
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
     return 137  # not reached
+
+
+def wait_ready(kind: str, machine_dir: str, generation: int, timeout_s: float) -> bool:
+    """Wait until the warm process of *kind* for boot *generation* has imported its command
+    and listens; whether it does within *timeout_s*."""
+    deadline = time.monotonic() + timeout_s
+    request = json.dumps(PING).encode()
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.settimeout(max(0.0, deadline - time.monotonic()))
+                sock.connect(socket_name(kind, machine_dir, generation))
+                sock.sendall(struct.pack("!I", len(request)) + request)
+                return _read_line(sock) == b"ready\n"
+            except ConnectionRefusedError:
+                pass  # not bound yet: it binds first thing
+            except OSError:
+                return False
+        time.sleep(0.005)
+    return False
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -233,7 +256,7 @@ def _take_request(
         conn.settimeout(REQUEST_TIMEOUT_S)
         _, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         data, fds, _, _ = socket.recv_fds(conn, 65536, len(_STREAMS))
-        if uid != os.getuid() or len(fds) != len(_STREAMS) or len(data) < 4:
+        if uid != os.getuid() or len(data) < 4:
             raise ValueError("not a request to run")
         (size,) = struct.unpack("!I", data[:4])
         if size > MAX_REQUEST_BYTES:
@@ -245,6 +268,11 @@ def _take_request(
                 raise ValueError("request cut short")
             data += chunk
         request = json.loads(data)
+        if request == PING:
+            conn.sendall(b"ready\n")  # imported and listening
+            raise ValueError("a ping")
+        if len(fds) != len(_STREAMS):
+            raise ValueError("no streams")
         argv, env, cwd = request["argv"], request["env"], request["cwd"]
         if not (
             isinstance(argv, list)
@@ -275,9 +303,11 @@ def _run_as_command(
     cwd: str,
     fds: list[int],
 ) -> int:
-    """Become the command: its streams, environment, directory and argv; run *main*."""
+    """Become the command: its streams, environment, directory and argv; run *main*; give
+    the streams back at once (whoever reads the command's output sees it end with it)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    own = [os.dup(target) for target in _STREAMS]
     for target, fd in zip(_STREAMS, fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
@@ -296,4 +326,7 @@ def _run_as_command(
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        for target, fd in zip(_STREAMS, own, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
     return code

@@ -102,7 +102,7 @@ def test_the_agent_runs_exec_as_the_command_would(machine: Machine, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "pages (poison)" in done.stdout
     assert machine.generation == 2
-    assert not warm_processes("kexec_sim.exec_agent", machine)
+    assert eventually(lambda: not warm_processes("kexec_sim.exec_agent", machine))
 
 
 def test_ctrl_c_reaches_the_exec_the_agent_runs(machine: Machine) -> None:
