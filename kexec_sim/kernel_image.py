@@ -280,7 +280,8 @@ def _choose_start(
 
 
 def write_image(ram: Ram, machine: Machine, image: LoadedImage, generation: int) -> None:
-    """Write *image* over its range as it boots *generation* (the kexec segment).
+    """Write *image* over its range as it boots *generation* (the kexec segment): every byte
+    of its pages, so the range needs no scrubbing before.
 
     The kernel file's copy if one was loaded, else a synthetic image. Raises CorruptMachine
     when the copy is missing or has the wrong size.
@@ -295,7 +296,9 @@ def write_image(ram: Ram, machine: Machine, image: LoadedImage, generation: int)
         raise CorruptMachine(f"{path}: missing (load the kernel again)") from None
     if data.size != image.image_bytes:
         raise CorruptMachine(f"{path}: {data.size} bytes, the load record says {image.image_bytes}")
-    _segment(ram, image.start_pfn, data.size)[:] = data
+    segment = _segment(ram, image.start_pfn, image.nr_pages * PAGE_SIZE)
+    segment[: data.size] = data
+    segment[data.size :] = 0  # the last page's tail: nothing of the old boot is left there
 
 
 def write_synthetic_image(

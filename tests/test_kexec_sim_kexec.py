@@ -227,7 +227,8 @@ def test_punch_scrub_gives_memory_back(small_machine: Machine, cli: Cli) -> None
     with small_machine.ram() as ram:
         ram.fill(np.arange(300, 2000), 0x11)
     cli.ok("load")
-    assert "scrubbed:    16128 pages (punch)" in cli.ok("exec", "--scrub", "punch")
+    scrubbed = 16128 - DEFAULT_IMAGE_PAGES  # all but firmware; the image's range is overwritten
+    assert f"scrubbed:    {scrubbed} pages (punch)" in cli.ok("exec", "--scrub", "punch")
     # What the host still holds: the image (16 MiB) and the new super block, nothing else.
     assert (small_machine.path / "RAM").stat().st_blocks * 512 == (
         DEFAULT_IMAGE_PAGES + 1
@@ -376,6 +377,24 @@ def test_load_a_kernel_file(small_machine: Machine, cli: Cli, tmp_path: Path) ->
         assert ram.buffer[KERNEL_PFN * PAGE_SIZE : KERNEL_PFN * PAGE_SIZE + 10_000] == data
     assert small_machine.cmdline == "root=/dev/x quiet"
     assert small_machine.boot_record().kernel_image == (KERNEL_PFN, KERNEL_PFN + 3)
+
+
+def test_a_kernel_file_leaves_nothing_of_the_old_boot_in_its_last_page(
+    small_machine: Machine, cli: Cli, tmp_path: Path
+) -> None:
+    """exec does not scrub the image's range before writing the image over it: the bytes
+    after a kernel file's end, in its last page, are zeroed, not what the old boot had."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"K" * (PAGE_SIZE + 100))
+    cli.ok("load", str(kernel))
+    with small_machine.ram() as ram:
+        ram.fill(np.arange(KERNEL_PFN, KERNEL_PFN + 3), 0x11)
+    cli.ok("exec", "--scrub", "poison")
+    with small_machine.ram() as ram:
+        last = bytes(ram.pages[KERNEL_PFN + 1])
+        after = bytes(ram.pages[KERNEL_PFN + 2])
+    assert last == b"K" * 100 + bytes(PAGE_SIZE - 100)
+    assert after == bytes([POISON_BYTE]) * PAGE_SIZE
 
 
 def test_unload(cli: Cli) -> None:
