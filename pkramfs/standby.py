@@ -12,6 +12,7 @@ IDLE_S without one, or when the machine is off, gone, or past its boot. One stan
 machine and boot: a second one ends at once.
 """
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -91,8 +92,12 @@ def main(argv: list[str]) -> int:
         listener = WarmListener(KIND, machine_dir, target)
     except OSError:
         return 0  # another standby waits for that boot
-    from . import daemon, mount_cli  # noqa: F401  (the point: imported before the mount)
+    # The point: all a mount runs, imported before it comes.
+    from kexec_sim import open_machine, read_mounts  # noqa: F401
 
+    from . import daemon, mount_cli, standby  # noqa: F401
+
+    gc.freeze()  # what is imported stays shared with the daemon the mount forks: no copies
     watch = _Watch(machine_dir, target)
     listener.serve_one(
         mount_cli.main, ready=watch.ready, keep_waiting=watch.keep_waiting, poll_s=POLL_S
