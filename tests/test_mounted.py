@@ -133,6 +133,38 @@ def test_remount_ro_and_rw(mounts: Mounts) -> None:
     assert (mnt / "g").read_text() == "after"
 
 
+def super_and_mount_flags(mnt: Path) -> tuple[str, str]:
+    """(the superblock's, the mount's) ro/rw of the mount on top at *mnt* (mountinfo)."""
+    flags = ("", "")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mnt):
+            flags = (fields[fields.index("-") + 3].split(",")[0], fields[5].split(",")[0])
+    return flags
+
+
+def test_remount_ro_sets_the_mounts_flag_not_the_superblocks(mounts: Mounts) -> None:
+    """A superblock remount has the kernel drop every cached dentry of the filesystem first
+    (~0.5 s after 100,000 files, inside a kexec's blackout); the mount's own flag refuses
+    writes all the same. A mount made ro (its superblock ro) still becomes writable."""
+    mnt = mounts.mount()
+    assert run("mount", "-o", "remount,ro", str(mnt), env=path_env()).returncode == 0
+    assert super_and_mount_flags(mnt) == ("rw", "ro")
+    assert os.statvfs(mnt).f_flag & os.ST_RDONLY
+    assert run("mount", "-o", "remount,rw", str(mnt), env=path_env()).returncode == 0
+    assert super_and_mount_flags(mnt) == ("rw", "rw")
+    made_ro = mounts.mount("ro")
+    assert super_and_mount_flags(made_ro) == ("ro", "ro")
+    with pytest.raises(OSError) as info:
+        (made_ro / "g").write_text("x")
+    assert info.value.errno == errno.EROFS
+    result = run("mount", "-o", "remount,rw", str(made_ro), env=path_env())
+    assert result.returncode == 0, result.stderr
+    assert super_and_mount_flags(made_ro) == ("rw", "rw")
+    (made_ro / "g").write_text("now")
+    assert (made_ro / "g").read_text() == "now"
+
+
 def test_enospc_keeps_existing_data(mounts: Mounts) -> None:
     mnt = mounts.mount("size=1M")
     keep = os.urandom(512 * 1024)
