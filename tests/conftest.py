@@ -205,23 +205,34 @@ def _unmount_everything_under(root: Path) -> None:
 def _kill_daemons_under(root: Path) -> None:
     """SIGKILL the live registered owners (but us) of every machine in *root*."""
     for machine_dir in _machine_dirs(root):
-        for info in _registered_owners(machine_dir):
-            if process_start_time(info.pid) == info.pid_start_time:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(info.pid, signal.SIGKILL)
+        _kill_owners_of(machine_dir)
+
+
+def _kill_owners_of(machine_dir: Path) -> None:
+    """SIGKILL the live registered owners (but us) of the machine in *machine_dir*."""
+    for info in _registered_owners(machine_dir):
+        if process_start_time(info.pid) == info.pid_start_time:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(info.pid, signal.SIGKILL)
 
 
 @pytest.fixture
 def machine(work_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Machine]:
     """A fresh private machine (256 MiB RAM), also selected by KEXEC_SIM_MACHINE; RAM that
     kexec, reboot or power off lose is poisoned (KEXEC_SIM_SCRUB=poison), so reading a page
-    nobody preserved or restored shows 0xAA, not plausible zeros."""
+    nobody preserved or restored shows 0xAA, not plausible zeros. Removed afterwards (its
+    owners killed first, if any outlived the test): a poisoned RAM holds host memory, ~16 GiB
+    over the suite if every machine were kept to the end."""
     path = work_root / f"machine-{uuid.uuid4().hex[:8]}"
     result = run(str(BIN / "kexec-sim"), "--machine", str(path), "init", "--ram", TEST_RAM)
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv("KEXEC_SIM_MACHINE", str(path))
     monkeypatch.setenv("KEXEC_SIM_SCRUB", "poison")
-    yield Machine.open(str(path), create=False)
+    try:
+        yield Machine.open(str(path), create=False)
+    finally:
+        _kill_owners_of(path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
