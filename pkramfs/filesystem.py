@@ -169,22 +169,29 @@ class PkramFilesystem:
         if new.preserve:
             self._preserve()
         elif "ro" in new.kernel_flags or "rw" in new.kernel_flags:
-            if new.read_only and not self.tree.read_only and self.tree.writers():
-                raise FsError(errno.EBUSY, "a file is open for writing")
+            if new.read_only and not self.tree.read_only:
+                self._refuse_busy()
             if not new.read_only and self.preserved is not None:
                 preserve.cancel(self.store, self.owner_id, self.preserved)
                 self.preserved = None
                 log.info("preservation cancelled: the node is discarded, the mount is writable")
             self.tree.read_only = new.read_only
 
+    def _refuse_busy(self) -> None:
+        """EBUSY, as the kernel answers a tmpfs remount,ro: while a file is open for writing,
+        or a removed file or directory is still in use."""
+        if self.tree.writers():
+            raise FsError(errno.EBUSY, "a file is open for writing")
+        if self.tree.removed_in_use():
+            raise FsError(errno.EBUSY, "a removed file or directory is still in use")
+
     def _preserve(self) -> None:
         """``remount,preserve``: record the tree in a node of RAM; the mount becomes read-only."""
         if self.options.pkram is None:
             raise FsError(errno.EINVAL, "remount,preserve needs a mount made with -o pkram=NAME")
-        if self.tree.writers():
-            raise FsError(errno.EBUSY, "a file is open for writing")
         if self.preserved is not None:
             return  # already preserved, and read-only since
+        self._refuse_busy()
         self.pool.give_back_idle()
         self.preserved, self.last_preserve = preserve.preserve(
             self.store, self.tree, self.owner_id, self.options.pkram, self._mount_settings()

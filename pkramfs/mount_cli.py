@@ -109,7 +109,8 @@ def _remount(mountpoint: str, items: list[str]) -> int:
     """Forward ``-o remount,...`` to the daemon, then apply ro/rw to the kernel's mount.
 
     Going read-only (``ro``, or ``preserve`` which implies it), the daemon changes first (it
-    answers EBUSY while a file is open for writing) and is put back if the kernel then refuses;
+    answers EBUSY while a file is open for writing or a removed one is still in use) and is put
+    back if the kernel then refuses;
     going read-write, the kernel first. The control file takes commands only on a writable
     mount: a read-only one is made writable in the kernel around the command (the daemon
     still refuses every write). ``preserve`` of a mount already preserved (so read-only and

@@ -537,6 +537,14 @@ class Tree:
         """How many handles are open for writing."""
         return sum(1 for h in self.handles.values() if h.writable)
 
+    def removed_in_use(self) -> int:
+        """How many files and directories have lost their last name but are still in use:
+        open, or held by the kernel (a process's working directory, say). The kernel refuses
+        a tmpfs remount,ro then (EBUSY: its s_remove_count); pkramfs refuses for it, as its
+        read-only flag is the mount's own, not the superblock's."""
+        unlinked_open = {h.ino for h in self.handles.values() if self.inodes[h.ino].nlink == 0}
+        return len(self.removed | unlinked_open)
+
     def read(self, fh: int, off: int, length: int) -> bytes | bytearray | memoryview:
         """Read from an open regular file."""
         inode = self.get(self.handle(fh).ino)

@@ -133,6 +133,23 @@ def test_remount_ro_and_rw(mounts: Mounts) -> None:
     assert (mnt / "g").read_text() == "after"
 
 
+def test_remount_ro_is_refused_while_a_removed_file_is_open(
+    mounts: Mounts, kernel_tmpfs: Path
+) -> None:
+    """As kernel tmpfs: EBUSY (exit 32) while a file without a name is still open, read-only
+    or not; the mount stays writable. Once it is closed, remount,ro goes through."""
+    for mnt in (mounts.mount(), kernel_tmpfs):
+        (mnt / "gone").write_bytes(b"x" * 5000)
+        with open(mnt / "gone", "rb"):
+            os.unlink(mnt / "gone")
+            result = run("mount", "-o", "remount,ro", str(mnt), env=path_env())
+            assert result.returncode == 32, (mnt, result.stderr)
+            (mnt / "still").write_text("writable")
+        result = run("mount", "-o", "remount,ro", str(mnt), env=path_env())
+        assert result.returncode == 0, (mnt, result.stderr)
+        assert run("mount", "-o", "remount,rw", str(mnt), env=path_env()).returncode == 0
+
+
 def super_and_mount_flags(mnt: Path) -> tuple[str, str]:
     """(the superblock's, the mount's) ro/rw of the mount on top at *mnt* (mountinfo)."""
     flags = ("", "")
