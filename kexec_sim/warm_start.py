@@ -223,23 +223,54 @@ class WarmListener:
         """Wait for a command and run it with *main* (given argv without argv[0]); return True
         once one ran, False when *keep_waiting* (asked every *poll_s* while idle) says stop.
         A request comes in only when *ready* says so (else the command runs cold)."""
+        request = self._next_request(ready, keep_waiting, poll_s)
+        if request is None:
+            return False
+        self.close()  # nobody else may connect, nor a child keep the name bound
+        _run_and_answer(main, *request)
+        return True
+
+    def serve_forking(
+        self,
+        main: Callable[[list[str]], int],
+        *,
+        ready: Callable[[], bool],
+        keep_waiting: Callable[[], bool],
+        poll_s: float,
+    ) -> None:
+        """Run each command in a child forked for it (its code imported already) and go on
+        waiting, until *keep_waiting* says stop. Children are reaped by the kernel."""
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        while (request := self._next_request(ready, keep_waiting, poll_s)) is not None:
+            conn, _, _, _, fds = request
+            if os.fork() == 0:  # the command
+                code = 1
+                try:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    self.close()
+                    _run_and_answer(main, *request)
+                    code = 0
+                finally:
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+    def _next_request(
+        self, ready: Callable[[], bool], keep_waiting: Callable[[], bool], poll_s: float
+    ) -> tuple[socket.socket, list[str], dict[str, str], str, list[int]] | None:
+        """The next request agreed to (its connection and contents), or None: stop."""
         while True:
             if not select.select([self.sock], [], [], poll_s)[0]:
                 if not keep_waiting():
-                    return False
+                    return None
                 continue
             conn, _ = self.sock.accept()
-            with conn:
-                request = _take_request(conn, ready)
-                if request is None:
-                    continue
-                self.close()  # nobody else may connect, nor a child keep the name bound
-                _inherited.append(conn)
-                argv, env, cwd, fds = request
-                code = _run_as_command(main, argv, env, cwd, fds)
-                with contextlib.suppress(OSError):  # the command is gone: its work is done
-                    conn.sendall(f"exit {code}\n".encode())
-                return True
+            request = _take_request(conn, ready)
+            if request is None:
+                conn.close()
+                continue
+            return (conn, *request)
 
     def close(self) -> None:
         """Stop listening."""
@@ -294,6 +325,22 @@ def _take_request(
             os.close(fd)
         return None
     return argv, env, cwd, fds
+
+
+def _run_and_answer(
+    main: Callable[[list[str]], int],
+    conn: socket.socket,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    fds: list[int],
+) -> None:
+    """Run the command and answer its exit code on *conn*, which its children do not keep."""
+    with conn:
+        _inherited.append(conn)
+        code = _run_as_command(main, argv, env, cwd, fds)
+        with contextlib.suppress(OSError):  # the command is gone: its work is done
+            conn.sendall(f"exit {code}\n".encode())
 
 
 def _run_as_command(

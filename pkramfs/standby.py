@@ -2,14 +2,14 @@
 
 A mount with ``pkram=`` starts one (``start``) for the machine's next boot, detached. It
 imports the daemon (trio, pyfuse3, numpy, the tree: ~0.25 s, most of a restoring mount's time
-otherwise) and waits; in the next boot, the first ``pkramfs`` mount of that machine runs in
-it, as the command would have. Like the next kernel's image staged by ``kexec -l``, it is code
-loaded ahead: it touches the machine only when it runs that mount.
+otherwise) and waits; in the next boot, each ``pkramfs`` mount of that machine runs in a child
+it forks, as the command would have run. Like the next kernel's image staged by ``kexec -l``,
+it is code loaded ahead: it touches the machine only when it runs a mount.
 
 While its boot has not come, it waits as long as a pkramfs daemon of the machine runs or a
-transition (an exec) is recorded; it ends once it has run its mount, once its boot has run
-IDLE_S without one, or when the machine is off, gone, or past its boot. One standby per
-machine and boot: a second one ends at once.
+transition (an exec) is recorded; it ends once its boot has gone IDLE_S without a mount (from
+its start or the last mount), or when the machine is off, gone, or past its boot. One standby
+per machine and boot: a second one ends at once.
 """
 
 import gc
@@ -51,18 +51,22 @@ class _Watch:
     def __init__(self, machine_dir: str, target: int) -> None:
         self.machine_dir = machine_dir
         self.target = target
-        self.booted_seen: float | None = None
+        self.last_seen: float | None = None
+        """When its boot was first seen running, or its last mount came."""
 
     def ready(self) -> bool:
         """Its boot runs: a mount now runs here."""
-        return running_generation(self.machine_dir) == self.target
+        if running_generation(self.machine_dir) != self.target:
+            return False
+        self.last_seen = time.monotonic()
+        return True
 
     def keep_waiting(self) -> bool:
         generation = running_generation(self.machine_dir)
         if generation == self.target:
             now = time.monotonic()
-            self.booted_seen = self.booted_seen or now
-            return now - self.booted_seen < IDLE_S
+            self.last_seen = self.last_seen or now
+            return now - self.last_seen < IDLE_S
         if generation != self.target - 1:
             return False  # off, gone or past its boot
         # Looked at in this order, an exec cannot slip between: it records its transition
@@ -99,7 +103,7 @@ def main(argv: list[str]) -> int:
 
     gc.freeze()  # what is imported stays shared with the daemon the mount forks: no copies
     watch = _Watch(machine_dir, target)
-    listener.serve_one(
+    listener.serve_forking(
         mount_cli.main, ready=watch.ready, keep_waiting=watch.keep_waiting, poll_s=POLL_S
     )
     return 0
