@@ -8,10 +8,12 @@ abstract Unix socket named after a kind, its machine and the boot generation it 
 
 The command, run as usual, first offers itself (``run_warm``): its argv, environment, working
 directory and standard streams (the descriptors themselves) go over; the warm process answers
-``started PID``, the command says ``go``, and the warm process runs the command's main in
-itself, exactly as the command would have, then answers ``exit CODE`` and ends. Signals the
-command gets meanwhile (Ctrl-C) are passed on to it; if the warm process dies, the command
-says so and kills itself with SIGKILL, as if it had been killed itself. When nothing listens,
+``started PID``, the command says ``go``, and the command's main runs, exactly as the command
+would have run it, in the warm process itself (``serve_one``: the exec agent, which then ends)
+or in a child it forks for it (``serve_forking``: the standby, which goes on waiting); the
+answer is ``exit CODE``. Signals the command gets meanwhile (Ctrl-C) are passed on to the
+process running it; if that process dies, the command says so and kills itself with SIGKILL,
+as if it had been killed itself. When nothing listens,
 the warm process declines (another user, a machine that has moved on), or it does not answer
 in time, the command runs cold, as before: a warm process runs a command only after the
 ``go``, so a command never runs twice. It holds no state of the machine before a request: the
@@ -66,10 +68,10 @@ def running_generation(machine_dir: str) -> int | None:
             record = json.loads(file.read(1 << 16))
     except (OSError, ValueError):
         return None
-    generation = record.get("generation") if isinstance(record, dict) else None
-    if record.get("powered", True) is not True or type(generation) is not int:
+    if not isinstance(record, dict) or record.get("powered", True) is not True:
         return None
-    return generation
+    generation = record.get("generation")
+    return generation if type(generation) is int else None
 
 
 def spawn_detached(argv: list[str], log_path: str) -> None:
@@ -280,8 +282,8 @@ class WarmListener:
 def _take_request(
     conn: socket.socket, ready: Callable[[], bool]
 ) -> tuple[list[str], dict[str, str], str, list[int]] | None:
-    """Read a request and agree to run it (``started``, then the command's ``go``); None when
-    it is not one to run: another user's, malformed, not *ready*, or the command gave up."""
+    """Read a request to run; None when it is not one: another user's, malformed, a ping
+    (answered), or not *ready* (answered ``cold``)."""
     fds: list[int] = []
     try:
         conn.settimeout(REQUEST_TIMEOUT_S)
@@ -317,9 +319,6 @@ def _take_request(
         if not ready():
             conn.sendall(b"cold\n")
             raise ValueError("not ready")
-        conn.sendall(f"started {os.getpid()}\n".encode())
-        if _read_line(conn) != b"go\n":
-            raise ValueError("the command gave up")
     except (OSError, ValueError, KeyError, TypeError):
         for fd in fds:
             os.close(fd)
@@ -335,8 +334,18 @@ def _run_and_answer(
     cwd: str,
     fds: list[int],
 ) -> None:
-    """Run the command and answer its exit code on *conn*, which its children do not keep."""
+    """Agree to run the command in this process (``started`` with its pid, for the signals;
+    the command's ``go``), run it, answer its exit code on *conn*, which its children do not
+    keep. Nothing runs if the command gave up."""
     with conn:
+        try:
+            conn.sendall(f"started {os.getpid()}\n".encode())
+            if _read_line(conn) != b"go\n":
+                raise ValueError("the command gave up")
+        except (OSError, ValueError):
+            for fd in fds:
+                os.close(fd)
+            return
         _inherited.append(conn)
         code = _run_as_command(main, argv, env, cwd, fds)
         with contextlib.suppress(OSError):  # the command is gone: its work is done
