@@ -5,7 +5,7 @@ library's lightest modules are imported first."""
 
 import sys
 
-from kexec_sim import machine_path, run_warm
+from kexec_sim import machine_path
 
 _STANDBY_KIND = "pkramfs-mount"  # pkramfs.standby.KIND (not imported: it imports the daemon)
 _COLD_FLAGS = {"-f", "-d", "-h", "--help"}
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     machine = _mount_machine(args)
     if machine is not None:
+        from kexec_sim import run_warm  # sockets and json: not for a remount helper
+
         code = run_warm(_STANDBY_KIND, machine, [sys.argv[0], *args], "pkramfs")
         if code is not None:
             return code

@@ -16,13 +16,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kexec_sim import MachineError, transition_recorded
 
 from . import control
 from .errors import MountError, OptionError, PkramfsError
 from .options import FSTYPE, MountOptions, parse_options, split_option_list
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # What only a new mount or an error needs (the machine's code, logging, the daemon's) is
 # imported where it is used: a remount helper runs in every blackout.
@@ -55,7 +58,7 @@ def _parse_args(argv: list[str], helper: bool) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``pkramfs`` and ``mount.pkramfs``; returns the exit code."""
-    helper = Path(sys.argv[0]).name.startswith("mount.")
+    helper = os.path.basename(sys.argv[0]).startswith("mount.")
     try:
         args = _parse_args(sys.argv[1:] if argv is None else argv, helper)
         items = [item for text in args.options for item in split_option_list(text)]
@@ -195,7 +198,7 @@ def _superblock_read_only(mountpoint: str) -> bool:
 
 
 def _mount(
-    options: MountOptions, mountpoint: str, machine_dir: Path, *, foreground: bool, debug: bool
+    options: MountOptions, mountpoint: str, machine_dir: "Path", *, foreground: bool, debug: bool
 ) -> int:
     """Start the daemon; return once the mount is live (or failed), or serve (foreground)."""
     if foreground:
@@ -255,7 +258,7 @@ def _print_error(error: str | None) -> None:
         print(f"pkramfs: {error}", file=sys.stderr)
 
 
-def _detach_stdio(machine_dir: Path, options: MountOptions, debug: bool) -> None:
+def _detach_stdio(machine_dir: "Path", options: MountOptions, debug: bool) -> None:
     """Point stdin at /dev/null and stdout/stderr at the mount's log file."""
     log_dir = machine_dir / "logs"
     log_dir.mkdir(mode=0o700, exist_ok=True)

@@ -55,6 +55,7 @@ def test_the_remount_helper_imports_no_numpy_and_no_hibernation(mounts: Mounts) 
         assert (ctl_status(mnt)["preserved_node"] is not None) is preserved
         assert among(modules, ("numpy", "kexec_sim.hibernation", "pyfuse3", "trio")) == []
         assert among(modules, ("kexec_sim.machine", "kexec_sim.recovery", "logging")) == []
+        assert among(modules, ("kexec_sim.warm_start", "pathlib")) == []
 
 
 def test_kexec_sim_load_imports_neither_exec_nor_hibernation(small_machine: Machine) -> None:
