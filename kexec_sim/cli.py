@@ -32,6 +32,7 @@ lines ``kexec-sim: warning: ...`` on stderr.
 """
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.internal_error import EXIT_INTERNAL, report_internal_error
 from kexec_sim.kernel_image import LoadedImage, default_image_pages, loaded_image
 from kexec_sim.machine import DEFAULT_RAM_BYTES, Machine, check_ram_bytes, resolve_machine_dir
+from kexec_sim.machine_dir import DEFAULT_MACHINE_PATH, MACHINE_ENV
 from kexec_sim.owners import (
     FIRMWARE,
     FREE,
@@ -590,14 +592,16 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser(declare: Sequence[str] | None = None) -> argparse.ArgumentParser:
+@functools.cache
+def build_parser(declare: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """Return the argument parser of ``kexec-sim``, with the arguments of the commands named
-    in *declare* (None: of every command). An undeclared command has no arguments, no -h."""
+    in *declare* (None: of every command). An undeclared command has no arguments, no -h.
+    Built once per *declare* (the exec agent builds the exec's ahead)."""
     parser = _Parser(prog=PROG, description="Manage a simulated machine (RAM, boot, kexec).")
     parser.add_argument(
         "--machine",
         metavar="DIR",
-        help=f"machine directory (default: $KEXEC_SIM_MACHINE or {resolve_machine_dir(None)})",
+        help=f"machine directory (default: ${MACHINE_ENV}, else {DEFAULT_MACHINE_PATH})",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -607,7 +611,6 @@ def build_parser(declare: Sequence[str] | None = None) -> argparse.ArgumentParse
         )
         if declared:
             command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
     return parser
 
 
@@ -627,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``kexec-sim`` with *argv* (default: sys.argv[1:]); return the exit code."""
     try:
         args = parse_args(argv)
-        run: Callable[[argparse.Namespace], int] = args.run
+        run: Callable[[argparse.Namespace], int] = COMMANDS[args.command].run
         return run(args)
     except (UsageError, InvalidRequest) as exc:
         return _fail(str(exc), EXIT_USAGE)

@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
         return 0  # another agent serves this boot
     from kexec_sim import cli, kexec  # noqa: F401  (the point: imported before the exec)
 
+    cli.parse_args(["exec"])  # its parsers, built before the exec
+
     def wanted() -> bool:
         return _still_wanted(machine_dir, generation)
 
