@@ -1,5 +1,6 @@
 """The mount daemon: mounts with FUSE, serves requests until unmounted or told to stop."""
 
+import functools
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import trio
 
 from kexec_sim import MachineError, unescape_field
 
+from . import standby
 from .errors import PkramfsError
 from .filesystem import PkramFilesystem
 from .node_store import fault_point
@@ -61,7 +63,7 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
         return 32
     code = 0
     try:
-        trio.run(_serve_until_stopped, fs.mountpoint)
+        trio.run(_serve_until_stopped, fs)
     except BaseException:
         log.exception("the FUSE main loop failed: unmounting")
         code = 1
@@ -99,10 +101,13 @@ def _tune_readahead(mountpoint: str) -> None:
         log.exception("raising the read-ahead of %s failed", mountpoint)
 
 
-async def _serve_until_stopped(mountpoint: str) -> None:
+async def _serve_until_stopped(fs: PkramFilesystem) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
+        nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, fs.mountpoint)
+        if fs.options.pkram is not None:  # for the next boot's mounts, off the mount's path
+            start = functools.partial(standby.start, fs.machine.path, fs.machine.generation)
+            nursery.start_soon(trio.to_thread.run_sync, start)
         await _serve_requests()
         nursery.cancel_scope.cancel()
 

@@ -73,17 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # mount -f: fake it
         from kexec_sim import open_machine
 
-        from . import standby
-
         machine = open_machine(options.machine, create=True, notify=_note)
         options = parse_options(items, ram_bytes=machine.ram_bytes)
         options.fsname = options.fsname or (None if args.source == "none" else args.source)
         mountpoint = _check_mountpoint(args.mountpoint)
         foreground = args.flag_f and not helper
-        code = _mount(options, mountpoint, machine.path, foreground=foreground, debug=args.debug)
-        if code == 0 and options.pkram and not foreground:
-            standby.start(machine.path, machine.generation)  # for the next boot's mount
-        return code
+        return _mount(options, mountpoint, machine.path, foreground=foreground, debug=args.debug)
     except OptionError as exc:
         print(f"pkramfs: {exc}", file=sys.stderr)
         return EXIT_USAGE

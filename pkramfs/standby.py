@@ -1,6 +1,7 @@
-"""The standby: the next boot's first ``pkramfs`` mount run warm (kexec_sim.warm_start).
+"""The standby: the next boot's ``pkramfs`` mounts run warm (kexec_sim.warm_start).
 
-A mount with ``pkram=`` starts one (``start``) for the machine's next boot, detached. It
+The daemon of a mount with ``pkram=`` starts one (``start``) for the machine's next boot,
+detached, once it serves. It
 imports the daemon (trio, pyfuse3, numpy, the tree: ~0.25 s, most of a restoring mount's time
 otherwise) and waits; in the next boot, each ``pkramfs`` mount of that machine runs in a child
 it forks, as the command would have run. Like the next kernel's image staged by ``kexec -l``,
