@@ -37,6 +37,9 @@ IMAGE_COPY_FILE = "kexec-image"
 IMAGE_MAGIC = b"KEXEC-SIM KERNEL IMAGE\n"
 LOAD_ALIGN_PAGES = HUGE_PAGES
 """Load ranges chosen by the machine (fallback, kaslr) start on a 2 MiB boundary."""
+WRITE_CHUNK_PAGES = 256
+"""An image is written 1 MiB at a time, through the RAM file (Ram.store_run): no page of it
+is faulted into this process, and the buffer is reused."""
 
 
 @dataclass(frozen=True)
@@ -291,14 +294,20 @@ def write_image(ram: Ram, machine: Machine, image: LoadedImage, generation: int)
         return
     path = machine.boot_dir / IMAGE_COPY_FILE
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        size = path.stat().st_size
     except FileNotFoundError:
         raise CorruptMachine(f"{path}: missing (load the kernel again)") from None
-    if data.size != image.image_bytes:
-        raise CorruptMachine(f"{path}: {data.size} bytes, the load record says {image.image_bytes}")
-    segment = _segment(ram, image.start_pfn, image.nr_pages * PAGE_SIZE)
-    segment[: data.size] = data
-    segment[data.size :] = 0  # the last page's tail: nothing of the old boot is left there
+    if size != image.image_bytes:
+        raise CorruptMachine(f"{path}: {size} bytes, the load record says {image.image_bytes}")
+    _check_segment(ram, image.start_pfn, image.nr_pages)
+    buffer = np.zeros(WRITE_CHUNK_PAGES * PAGE_SIZE, dtype=np.uint8)
+    with open(path, "rb") as copy:
+        for first in range(0, image.nr_pages, WRITE_CHUNK_PAGES):
+            count = min(WRITE_CHUNK_PAGES, image.nr_pages - first)
+            chunk = buffer[: count * PAGE_SIZE]
+            got = copy.readinto(chunk.data)
+            chunk[got:] = 0  # the last page's tail: nothing of the old boot is left there
+            ram.store_run(image.start_pfn + first, chunk.data)
 
 
 def write_synthetic_image(
@@ -310,22 +319,20 @@ def write_synthetic_image(
     word of image page *i* after it holds *i* (the last page is filled whole).
     """
     nr_pages = pages_for_bytes(size_bytes)
-    _segment(ram, start_pfn, size_bytes)
-    words = ram.pages[start_pfn : start_pfn + nr_pages].view("<u8")
-    words[:] = np.arange(nr_pages, dtype="<u8")[:, None]
+    _check_segment(ram, start_pfn, nr_pages)
     header = IMAGE_MAGIC + f"generation {generation}\ncmdline {cmdline}\n".encode() + b"\0"
-    head = min(len(header), size_bytes)
-    _segment(ram, start_pfn, head)[:] = np.frombuffer(header[:head], dtype=np.uint8)
+    header = header[:size_bytes]
+    words = np.empty((WRITE_CHUNK_PAGES, PAGE_SIZE // 8), dtype="<u8")
+    for first in range(0, nr_pages, WRITE_CHUNK_PAGES):
+        count = min(WRITE_CHUNK_PAGES, nr_pages - first)
+        words[:count] = np.arange(first, first + count, dtype="<u8")[:, None]
+        chunk = words[:count].reshape(-1).view(np.uint8)
+        if first == 0:
+            chunk[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+        ram.store_run(start_pfn + first, chunk.data)
 
 
-def _segment(ram: Ram, start_pfn: int, size_bytes: int) -> npt.NDArray[np.uint8]:
-    """The *size_bytes* of RAM from *start_pfn*, populated and marked changed (the caller
-    writes them); MachineError if they leave RAM."""
-    nr_pages = pages_for_bytes(size_bytes)
+def _check_segment(ram: Ram, start_pfn: int, nr_pages: int) -> None:
+    """MachineError if an image of *nr_pages* at *start_pfn* leaves RAM."""
     if start_pfn < 0 or start_pfn + nr_pages > ram.nr_pages:
-        raise MachineError(f"an image of {size_bytes} bytes at pfn {start_pfn} leaves RAM")
-    ram.populate(np.arange(start_pfn, start_pfn + nr_pages, dtype=np.int64))
-    ram.keys.mark_changed_range(start_pfn, nr_pages)
-    offset = start_pfn * PAGE_SIZE
-    segment: npt.NDArray[np.uint8] = ram.pages.reshape(-1)[offset : offset + size_bytes]
-    return segment
+        raise MachineError(f"an image of {nr_pages} pages at pfn {start_pfn} leaves RAM")
