@@ -304,3 +304,66 @@ def test_tree_record_refuses_garbage() -> None:
             np.empty(0, np.int64),
             "t",
         )
+
+
+def two_files() -> tree_record.TreeSnapshot:
+    """The sample tree and a second file whose one page (index 0) lies below the first file's
+    last entry: a file's entries start afresh after the previous file's."""
+    inodes = sample_inodes()
+    small = Inode(7, stat.S_IFREG | 0o600, 0, 0, 6)
+    small.nlink, small.size_bytes = 1, 100
+    small.pages = FilePages()
+    small.pages.assign(0, np.array([77], dtype=np.int64))
+    root_entries = inodes[ROOT_INO].entries
+    assert root_entries is not None
+    root_entries[b"small"] = 7
+    inodes[7] = small
+    return record(inodes, next_ino=8)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("repeat", "inode 4: pages overlap or are out of order"),
+        ("descending", "inode 4: pages overlap or are out of order"),
+        ("in-huge", "inode 4: pages overlap or are out of order"),
+        ("past-end", "inode 4: a page lies past the end of file"),
+        ("past-end-small", "inode 7: a page lies past the end of file"),
+        ("second-file", "inode 7: pages overlap or are out of order"),
+    ],
+)
+def test_tree_record_refuses_page_entries_out_of_place(change: str, reason: str) -> None:
+    """Entries of the first file: pages 3, 4, 5 and a huge page at 2048 (the file ends at
+    2560); of the second: page 0 (the file ends at 512, its huge-page bound)."""
+    snap = two_files()
+    assert snap.indexes.tolist() == [3, 4, 5, 2048, 0] and snap.orders[3] == HUGE_ORDER
+    rebuild(snap)  # as written: fine
+    pfns, orders, indexes = snap.pfns.copy(), snap.orders.copy(), snap.indexes.copy()
+    if change == "repeat":
+        indexes[1] = 3
+    elif change == "descending":
+        indexes[[0, 1]] = [4, 3]
+    elif change == "in-huge":  # a small page inside the huge page before it
+        pfns, orders, indexes = (
+            pfns[[0, 1, 3, 2, 4]],
+            orders[[0, 1, 3, 2, 4]],
+            indexes[[0, 1, 3, 2, 4]],
+        )
+        indexes[3] = 2048 + 100
+    elif change == "past-end":
+        indexes[3] = 2560
+    elif change == "past-end-small":
+        indexes[4] = 512
+    elif change == "second-file":  # one more entry for the second file, before its first
+        pfns, orders, indexes = (
+            np.append(a, v) for a, v in ((pfns, 78), (orders, 0), (indexes, 0))
+        )
+        doc = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+        counts = np.frombuffer(doc["columns"]["entries"], dtype="<u8").copy()
+        counts[-1] = 2
+        doc["columns"]["entries"] = counts.tobytes()
+        snap = tree_record.TreeSnapshot(
+            msgpack.packb(doc, use_bin_type=True), pfns, orders, indexes, 6
+        )
+    with pytest.raises(CorruptNode, match=reason):
+        tree_record.rebuild(snap.meta, pfns, orders, indexes, "t")
