@@ -142,8 +142,14 @@ class FilePages:
     @classmethod
     def from_entries(cls, pfns: PfnArray, orders: PfnArray, indexes: PfnArray) -> "FilePages":
         """The index of a file from its page-stream entries (checked: ascending, apart, a huge
-        one 512-aligned)."""
+        one 512-aligned).
+
+        Leading entries that are whole chunks of small pages (a big file written in order)
+        become rows of *pfns* itself, not copies: the restored stream they come from is no
+        longer read for this file, and a full chunk is only ever replaced, never filled."""
         pages = cls()
+        taken = pages._take_full_chunks(pfns, orders, indexes)
+        pfns, orders, indexes = pfns[taken:], orders[taken:], indexes[taken:]
         if not len(pfns):
             return pages
         chunk_nos = indexes >> CHUNK_SHIFT
@@ -159,6 +165,22 @@ class FilePages:
             chunk[offsets] = pfns[lo:hi]
             pages.nr_pages += hi - lo
         return pages
+
+    def _take_full_chunks(self, pfns: PfnArray, orders: PfnArray, indexes: PfnArray) -> int:
+        """Take each leading block of 512 entries that is one whole chunk of small pages as a
+        row of *pfns*; return how many entries that was (all whole blocks, or none)."""
+        blocks = len(pfns) // CHUNK_PAGES
+        whole = blocks * CHUNK_PAGES
+        if not blocks or orders[:whole].any():
+            return 0
+        firsts = indexes[:whole:CHUNK_PAGES]
+        lasts = indexes[CHUNK_PAGES - 1 : whole : CHUNK_PAGES]
+        if (firsts & CHUNK_MASK).any() or (lasts - firsts != CHUNK_MASK).any():
+            return 0  # ascending and apart: 512 entries spanning 512 indexes are all of them
+        rows = pfns[:whole].reshape(blocks, CHUNK_PAGES)
+        self._chunks.update(zip((firsts >> CHUNK_SHIFT).tolist(), rows, strict=True))
+        self.nr_pages += whole
+        return whole
 
     def replace_pages(self, indexes: PfnArray, new_pfns: PfnArray) -> None:
         """Point the (small, present) pages at *indexes* to *new_pfns* (after a copy)."""
