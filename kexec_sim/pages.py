@@ -54,10 +54,18 @@ def run_positions(pfns: PfnArray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np
     if pfns.size == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    at = np.concatenate(([0], breaks)).astype(np.int64)
+    breaks = [np.zeros(1, dtype=np.int64)]
+    for lo in range(0, pfns.size - 1, _RUN_BLOCK):  # a block at a time: temporaries stay warm
+        step = np.diff(pfns[lo : lo + _RUN_BLOCK + 1])
+        breaks.append(np.flatnonzero(step != 1) + (lo + 1))
+    at = np.concatenate(breaks)
     lengths = np.diff(np.concatenate((at, [pfns.size]))).astype(np.int64)
     return at, lengths
+
+
+_RUN_BLOCK = 1 << 15
+"""Pfns `run_positions` compares at a time: its temporaries (256 KiB) are reused, not fresh
+memory the size of the array (a page fault per 4 KiB: ~2 ms per 4 MiB where measured)."""
 
 
 def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
