@@ -84,16 +84,17 @@ def read_chain(
         empty = np.empty(0, dtype=np.int64)
         return empty, np.empty((0, HEADER_WORDS), np.uint64), np.empty((0, BODY_WORDS), np.uint64)
     all_words = ram.pages.view(np.uint64)
-    pfns = np.empty(n_pages, dtype=np.int64)
+    consecutive = _consecutive_chain(ram, first_pfn, n_pages)
+    pfns = np.empty(n_pages, dtype=np.int64) if consecutive is None else consecutive
     pfn = first_pfn
-    for position in range(n_pages):
+    for position in range(0 if consecutive is None else n_pages, n_pages):
         if not 0 < pfn < ram.nr_pages:
             raise CorruptNode(f"{what}: page {position} at pfn {pfn} is outside RAM")
         pfns[position] = pfn
         pfn = int(all_words[pfn, 2])
-    if pfn != 0 and (pfns == pfn).any():
+    if consecutive is None and pfn != 0 and (pfns == pfn).any():
         raise CorruptNode(f"{what}: the chain links back to pfn {pfn} (a cycle)")
-    if pfn != 0:
+    if consecutive is None and pfn != 0:
         raise CorruptNode(f"{what}: the chain goes on past its {n_pages} pages (pfn {pfn})")
     ordered = np.sort(pfns)
     if (ordered[1:] == ordered[:-1]).any():
@@ -116,6 +117,25 @@ def read_chain(
         if zlib.crc32(body_bytes[position], zlib.crc32(header)) != stored[position]:
             raise CorruptNode(f"{what}: checksum mismatch in pfn {int(pfns[position])}")
     return pfns, headers, bodies
+
+
+def _consecutive_chain(ram: Ram, first_pfn: int, n_pages: int) -> PfnArray | None:
+    """The chain's pfns if it lies on the *n_pages* pages from *first_pfn* in order, each
+    linking to the next and the last to none (how chains are written when the allocator can):
+    the pages mapped in one call and their links checked at once, not a page at a time.
+    None when it does not, or when the range leaves RAM or this process's direct map (then
+    not read: the walk page by page says what is wrong)."""
+    end = first_pfn + n_pages
+    if not 0 < first_pfn < end <= ram.nr_pages:
+        return None
+    pfns = np.arange(first_pfn, end, dtype=np.int64)
+    if ram.unmapped_pages and ram.unmapped_mask(pfns).any():
+        return None
+    ram.populate_for_reading(first_pfn, n_pages)
+    links = ram.pages.view(np.uint64)[first_pfn:end, 2]
+    if links[-1] != 0 or (links[:-1] != pfns[1:].view(np.uint64)).any():
+        return None
+    return pfns
 
 
 def counts_of(headers: Words) -> npt.NDArray[np.int64]:

@@ -41,9 +41,15 @@ def entries(n_small: int, n_huge: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return pfns, orders, np.concatenate([small_idx, huge_idx])
 
 
-def write_links(ram: Ram, pfns: np.ndarray, orders: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def write_links(
+    ram: Ram, pfns: np.ndarray, orders: np.ndarray, idx: np.ndarray, layout: str = "descending"
+) -> np.ndarray:
+    """Write a stream on a descending chain of link pages, or on consecutive ones (ascending:
+    the usual layout, which reading checks at once)."""
     n = page_stream.link_pages_needed(idx)
-    links = np.arange(60_000, 60_000 + n, dtype=np.int64)[::-1].copy()  # a descending chain
+    links = np.arange(60_000, 60_000 + n, dtype=np.int64)
+    if layout == "descending":
+        links = links[::-1].copy()
     page_stream.write_stream(ram, links, pfns, orders, idx)
     return links
 
@@ -62,6 +68,7 @@ def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
     assert (expanded[3000:3512] == np.arange(32768, 32768 + 512)).all()
 
 
+@pytest.mark.parametrize("layout", ["descending", "ascending"])
 @pytest.mark.parametrize(
     "damage, reason",
     [
@@ -70,13 +77,15 @@ def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
         ("magic", "is not a PKRMLNK1 page"),
         ("outside", "outside RAM"),
         ("count", "entries"),
+        ("longer", "goes on past its 3 pages"),
+        ("last-links-on", "goes on past its 4 pages"),
     ],
 )
-def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str) -> None:
+def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str, layout: str) -> None:
     pfns, orders, idx = entries(2000, 0)
-    links = write_links(ram, pfns, orders, idx)
+    links = write_links(ram, pfns, orders, idx, layout)
     words = ram.pages.view(np.uint64)
-    n_entries = len(pfns)
+    n_entries, n_pages = len(pfns), len(links)
     if damage == "flip":
         ram.pages[int(links[2]), 1000] ^= 0x10
     elif damage == "cycle":
@@ -85,10 +94,28 @@ def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str) -> None:
         ram.pages[int(links[1]), 0] ^= 1
     elif damage == "outside":
         words[int(links[2]), 2] = NR_PAGES + 5
+    elif damage == "longer":  # the node claims a page fewer than the chain has
+        n_pages -= 1
+    elif damage == "last-links-on":
+        words[int(links[-1]), 2] = 7
     else:
         n_entries += 1
     with pytest.raises(CorruptNode, match=reason):
-        page_stream.read_stream(ram, int(links[0]), len(links), n_entries, "test")
+        page_stream.read_stream(ram, int(links[0]), n_pages, n_entries, "test")
+
+
+def test_a_chain_is_read_beside_pages_out_of_the_direct_map(ram: Ram) -> None:
+    """A chain not on consecutive pages from its first (descending) reads back even when the
+    pages after its first are out of this process's direct map (a secret file's): they are
+    not read to look for a consecutive chain."""
+    pfns, orders, idx = entries(2000, 0)
+    links = write_links(ram, pfns, orders, idx)
+    ram.remove_from_direct_map(int(links[0]) + 1, len(links))
+    try:
+        got = page_stream.read_stream(ram, int(links[0]), len(links), len(pfns), "test")
+    finally:
+        ram.restore_direct_map(int(links[0]) + 1, len(links))
+    assert (got[1] == pfns).all()
 
 
 def test_page_stream_refuses_entries_outside_ram_and_misaligned_huge(ram: Ram) -> None:
