@@ -10,7 +10,7 @@ its 512 pfns are then consecutive from a 512-aligned base.
 
 from collections.abc import Iterator
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -150,6 +150,14 @@ class FilePages:
         pages = cls()
         taken = pages._take_full_chunks(pfns, orders, indexes)
         pfns, orders, indexes = pfns[taken:], orders[taken:], indexes[taken:]
+        huge = orders == HUGE_ORDER
+        if huge.any():  # each alone in its chunk (entries do not overlap): made at once
+            huge_nos = (indexes[huge] >> CHUNK_SHIFT).tolist()
+            rows = np.add.outer(pfns[huge], _CHUNK_OFFSETS)
+            pages._chunks.update(zip(huge_nos, rows, strict=True))
+            pages._huge = set(huge_nos)
+            pages.nr_pages += CHUNK_PAGES * len(huge_nos)
+            pfns, indexes = pfns[~huge], indexes[~huge]
         if not len(pfns):
             return pages
         chunk_nos = indexes >> CHUNK_SHIFT
@@ -157,9 +165,6 @@ class FilePages:
         ends = np.append(starts[1:], len(pfns))
         for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
             chunk_no = int(chunk_nos[lo])
-            if orders[lo] == HUGE_ORDER:  # alone in its chunk: entries do not overlap
-                pages.assign_huge(chunk_no, int(pfns[lo]))
-                continue
             offsets = indexes[lo:hi] & CHUNK_MASK
             chunk = pages._chunk_to(chunk_no, int(offsets[-1]) + 1)
             chunk[offsets] = pfns[lo:hi]
@@ -239,6 +244,7 @@ def _fitted(pfns: PfnArray) -> PfnArray:
 
 
 _CHUNKS = attrgetter("_chunks")
+_FIRST = itemgetter(0)
 _HUGE = attrgetter("_huge")
 
 
@@ -284,7 +290,8 @@ def page_entries(files: list[FilePages]) -> tuple[PfnArray, PfnArray, PfnArray, 
         pfns = np.empty(int(per_chunk.sum()), dtype=np.int64)
         indexes = np.empty_like(pfns)
         orders = np.zeros_like(pfns)
-        pfns[begin[huge]] = [int(arrays[i][0]) for i in huge_rows.tolist()]
+        firsts = map(_FIRST, map(arrays.__getitem__, huge_rows.tolist()))
+        pfns[begin[huge]] = np.fromiter(firsts, np.int64, count=len(huge_rows))
         indexes[begin[huge]], orders[begin[huge]] = bases[huge], HUGE_ORDER
         small_at = np.repeat(begin[~huge], small_counts)
         small_at += np.arange(len(small_pfns)) - np.repeat(
