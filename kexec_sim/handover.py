@@ -87,7 +87,8 @@ def write_handover(
     keep |= po.owner_map == HANDOVER
 
     def allocate(n_pages: int) -> PfnArray:
-        found = find_free(po.owner_map, n_pages, 0, avoid)
+        found = find_free(po.owner_map, n_pages, po.cursor_pfn, avoid)  # not from pfn 0:
+        # past the preserved files' pages, not a scan over them
         if found is None:
             raise OutOfMemory(f"no {n_pages} free pages for the preserved-pages table")
         po.transfer(found, FREE, HANDOVER)

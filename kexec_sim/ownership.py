@@ -236,6 +236,11 @@ class PageOwnership(Closing):
         view.flags.writeable = False
         return view
 
+    @property
+    def cursor_pfn(self) -> int:
+        """Where the next-fit search for free pages starts (read it under ``locked()``)."""
+        return int(self._cursor[0])
+
     # -- owners ---------------------------------------------------------------------------
 
     def _load_registry(self) -> OwnerRegistry:
