@@ -58,7 +58,6 @@ from kexec_sim.owners import (
 from kexec_sim.ownership_check import find_problems
 from kexec_sim.pages import MANY_RUNS, PageRuns, PfnArray, as_pfn_array
 from kexec_sim.process import is_alive, process_start_time
-from kexec_sim.ram import MADV_POPULATE_WRITE
 from kexec_sim.transfer_journal import (
     read_journal,
     remove_journal,
@@ -446,25 +445,12 @@ class PageOwnership(Closing):
             wrong = np.flatnonzero(self._owners[pfns] != owner_id)
             return int(pfns[wrong[0]]) if wrong.size else None
         for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
-            self._map_in(start, length)
             for lo in range(start, start + length, _CHECK_BLOCK):  # temporaries stay warm
                 hi = min(lo + _CHECK_BLOCK, start + length)
                 wrong = np.flatnonzero(self._owners[lo:hi] != owner_id)
                 if wrong.size:
                     return lo + int(wrong[0])
         return None
-
-    def _map_in(self, start_pfn: int, nr_pages: int) -> None:
-        """Map the entries of a long run of pages into this process, writable, in one call
-        (best effort): a process that has just opened the map (a restoring daemon) would
-        otherwise fault them in a page of the map (1024 pfns) at a time, twice (read, then
-        write) when it checks them and then transfers them."""
-        if nr_pages < _CHECK_BLOCK:
-            return
-        first = (HEADER_BYTES + 4 * start_pfn) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = HEADER_BYTES + 4 * (start_pfn + nr_pages)
-        with suppress(OSError):  # an older host kernel: they fault in as used
-            self._mmap.madvise(MADV_POPULATE_WRITE, first, end - first)
 
     def _set_owner(self, runs: PageRuns, owner_id: int) -> None:
         """Set the owner of every page of *runs*: a slice per run when there are few."""

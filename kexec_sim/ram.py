@@ -20,7 +20,6 @@ from kexec_sim.storage_keys import KEYS_FILE, StorageKeys
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 PROT_NONE = 0  # not in the mmap module
-MADV_POPULATE_READ = 22  # Linux 5.14: fault pages in readable, in one call
 MADV_POPULATE_WRITE = 23  # Linux 5.14: fault pages in writable, in one call
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -220,15 +219,6 @@ class Ram(Closing):
                 self._mmap.madvise(MADV_POPULATE_WRITE, start * PAGE_SIZE, count * PAGE_SIZE)
             except OSError:
                 return  # an older host kernel: pages fault in on first write instead
-
-    def populate_for_reading(self, start_pfn: int, nr_pages: int) -> None:
-        """Map pages ``start_pfn ..+nr_pages`` (in RAM, in the direct map) into this process
-        for reading, in one call (best effort): reading a page of the RAM file the first time
-        otherwise costs the host a page fault per 4 KiB, taken one at a time."""
-        try:
-            self._mmap.madvise(MADV_POPULATE_READ, start_pfn * PAGE_SIZE, nr_pages * PAGE_SIZE)
-        except OSError:
-            return  # an older host kernel: pages fault in on first read instead
 
     def fill(self, pfns: npt.ArrayLike, pattern_byte: int) -> None:
         """Fill every page of *pfns* with *pattern_byte* (0..255); MachineError for a bad pfn."""

@@ -122,16 +122,15 @@ def read_chain(
 def _consecutive_chain(ram: Ram, first_pfn: int, n_pages: int) -> PfnArray | None:
     """The chain's pfns if it lies on the *n_pages* pages from *first_pfn* in order, each
     linking to the next and the last to none (how chains are written when the allocator can):
-    the pages mapped in one call and their links checked at once, not a page at a time.
-    None when it does not, or when the range leaves RAM or this process's direct map (then
-    not read: the walk page by page says what is wrong)."""
+    their links checked at once, not a page at a time in Python. None when it does not, or
+    when the range leaves RAM or this process's direct map (then not read: the walk page by
+    page says what is wrong)."""
     end = first_pfn + n_pages
     if not 0 < first_pfn < end <= ram.nr_pages:
         return None
     pfns = np.arange(first_pfn, end, dtype=np.int64)
     if ram.unmapped_pages and ram.unmapped_mask(pfns).any():
         return None
-    ram.populate_for_reading(first_pfn, n_pages)
     links = ram.pages.view(np.uint64)[first_pfn:end, 2]
     if links[-1] != 0 or (links[:-1] != pfns[1:].view(np.uint64)).any():
         return None
