@@ -302,7 +302,7 @@ def snapshot(
 
 
 def rebuild(
-    meta: bytes, pfns: PfnArray, orders: PfnArray, indexes: PfnArray, what: str
+    meta: bytes | memoryview, pfns: PfnArray, orders: PfnArray, indexes: PfnArray, what: str
 ) -> RebuiltTree:
     """Check a node's metadata and page entries and return them as columns; CorruptNode if
     they are not a tree pkramfs could have made."""
@@ -358,7 +358,7 @@ class _Checker:
         assert isinstance(value, int)
         return value
 
-    def unpack(self, meta: bytes) -> dict[Any, Any]:
+    def unpack(self, meta: bytes | memoryview) -> dict[Any, Any]:
         """The metadata map, unpacked with limits (a length never past what *meta* holds)."""
         try:
             document = msgpack.unpackb(
