@@ -55,17 +55,20 @@ def run_positions(pfns: PfnArray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
     breaks = [np.zeros(1, dtype=np.int64)]
-    for lo in range(0, pfns.size - 1, _RUN_BLOCK):  # a block at a time: temporaries stay warm
-        step = np.diff(pfns[lo : lo + _RUN_BLOCK + 1])
-        breaks.append(np.flatnonzero(step != 1) + (lo + 1))
+    step = np.empty(min(_RUN_BLOCK, pfns.size - 1), dtype=np.int64)  # reused by every block
+    for lo in range(0, pfns.size - 1, _RUN_BLOCK):
+        hi = min(lo + _RUN_BLOCK, pfns.size - 1)
+        np.subtract(pfns[lo + 1 : hi + 1], pfns[lo:hi], out=step[: hi - lo])
+        breaks.append(np.flatnonzero(step[: hi - lo] != 1) + (lo + 1))
     at = np.concatenate(breaks)
     lengths = np.diff(np.concatenate((at, [pfns.size]))).astype(np.int64)
     return at, lengths
 
 
 _RUN_BLOCK = 1 << 15
-"""Pfns `run_positions` compares at a time: its temporaries (256 KiB) are reused, not fresh
-memory the size of the array (a page fault per 4 KiB: ~2 ms per 4 MiB where measured)."""
+"""Pfns `run_positions` compares at a time, in one buffer (256 KiB) reused by every block:
+not fresh memory the size of the array (a page fault per 4 KiB: 1-8 ms per 4 MiB where
+measured)."""
 
 
 def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:
