@@ -129,7 +129,7 @@ def _consecutive_chain(ram: Ram, first_pfn: int, n_pages: int) -> PfnArray | Non
     if not 0 < first_pfn < end <= ram.nr_pages:
         return None
     pfns = np.arange(first_pfn, end, dtype=np.int64)
-    if ram.unmapped_pages and ram.unmapped_mask(pfns).any():
+    if ram.unmapped_mask(pfns).any():  # only the range: not a pass over all of RAM
         return None
     links = ram.pages.view(np.uint64)[first_pfn:end, 2]
     if links[-1] != 0 or (links[:-1] != pfns[1:].view(np.uint64)).any():
