@@ -89,20 +89,18 @@ def _reserve(
     sb = read_super_block(ram, sb_pfn)
     if sb.table_root_pfn == 0:
         raise CorruptHandover("the super block names no preserved-pages table (not handed over)")
-    marked, table = walk_table(ram, sb.table_root_pfn)
-    at = int(np.searchsorted(marked, sb_pfn))
-    if at == marked.size or marked[at] != sb_pfn:
+    marked, table = walk_table(ram, sb.table_root_pfn)  # a bool per pfn
+    if not marked[sb_pfn]:
         raise CorruptHandover(f"the super block page {sb_pfn} is not in its own table")
-    owners = owner_map[marked]
-    taken = np.flatnonzero(owners != FREE)
+    taken = np.flatnonzero(marked & (owner_map != FREE))
     if taken.size:
         first = int(taken[0])
         raise CorruptHandover(
             f"{taken.size} listed pfns are not free usable RAM at boot, e.g. pfn "
-            f"{int(marked[first])} ({owner_name(int(owners[first]))})"
+            f"{first} ({owner_name(int(owner_map[first]))})"
         )
-    owner_map[marked] = PRESERVED
+    np.copyto(owner_map, np.int32(PRESERVED), where=marked)
     owner_map[table] = FREE
     owner_map[sb_pfn] = HANDOVER
     write_super_block(ram, sb_pfn, SuperBlock(generation, ram.nr_pages, 0, sb.node_list_pfn))
-    return marked.size - table.size - 1, table.size
+    return int(np.count_nonzero(marked)) - table.size - 1, table.size

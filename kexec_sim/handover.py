@@ -76,17 +76,19 @@ def write_handover(
     sb: SuperBlock,
     avoid: PfnRange | None,
     generation: int,
-) -> tuple[PfnArray, PfnArray]:
+) -> PfnArray:
     """Write the table of the PRESERVED and HANDOVER pages and the super block naming it.
 
     The caller holds the lock. The table's pages come from free pages outside *avoid* (they
-    become HANDOVER); the super block gets *generation*, the one handing over. Returns
-    (the pages handed over but the table, the table's pages). Raises OutOfMemory.
+    become HANDOVER); the super block gets *generation*, the one handing over. Returns the
+    table's pages. Raises OutOfMemory.
     """
-    pfns = np.flatnonzero((po.owner_map == PRESERVED) | (po.owner_map == HANDOVER))
+    keep = po.owner_map == PRESERVED
+    keep |= po.owner_map == HANDOVER
 
     def allocate(n_pages: int) -> PfnArray:
-        found = find_free(po.owner_map, n_pages, 0, avoid)
+        found = find_free(po.owner_map, n_pages, po.cursor_pfn, avoid)  # not from pfn 0:
+        # past the preserved files' pages, not a scan over them
         if found is None:
             raise OutOfMemory(f"no {n_pages} free pages for the preserved-pages table")
         po.transfer(found, FREE, HANDOVER)
@@ -96,9 +98,9 @@ def write_handover(
         if unused.size:
             po.free(HANDOVER, unused)
 
-    root, table = write_table(ram, pfns.astype(np.int64), allocate, release)
+    root, table = write_table(ram, keep, allocate, release)
     write_super_block(ram, sb_pfn, SuperBlock(generation, ram.nr_pages, root, sb.node_list_pfn))
-    return pfns.astype(np.int64), table
+    return table
 
 
 def super_block_facts(ram: Ram, sb_pfn: int) -> dict[str, int]:

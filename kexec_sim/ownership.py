@@ -91,6 +91,7 @@ _SERIAL_OFFSET = 32
 FAULT_ENV = "KEXEC_SIM_FAULT"
 """Fault injection for tests: ``transfer-midway`` kills a transfer half applied."""
 _FORMAT_CHUNK_PAGES = 1 << 18  # a fresh map is written in chunks of 1 MiB, all-FREE ones skipped
+_CHECK_BLOCK = 1 << 16  # entries compared at once when checking a run's owner (64 KiB of bools)
 
 
 def _describe(pfns: PfnArray, owners: npt.NDArray[np.int32]) -> str:
@@ -233,6 +234,11 @@ class PageOwnership(Closing):
         view = self._owners.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def cursor_pfn(self) -> int:
+        """Where the next-fit search for free pages starts (read it under ``locked()``)."""
+        return int(self._cursor[0])
 
     # -- owners ---------------------------------------------------------------------------
 
@@ -439,9 +445,11 @@ class PageOwnership(Closing):
             wrong = np.flatnonzero(self._owners[pfns] != owner_id)
             return int(pfns[wrong[0]]) if wrong.size else None
         for start, length in zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True):
-            wrong = np.flatnonzero(self._owners[start : start + length] != owner_id)
-            if wrong.size:
-                return int(start) + int(wrong[0])
+            for lo in range(start, start + length, _CHECK_BLOCK):  # temporaries stay warm
+                hi = min(lo + _CHECK_BLOCK, start + length)
+                wrong = np.flatnonzero(self._owners[lo:hi] != owner_id)
+                if wrong.size:
+                    return lo + int(wrong[0])
         return None
 
     def _set_owner(self, runs: PageRuns, owner_id: int) -> None:

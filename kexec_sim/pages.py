@@ -54,10 +54,21 @@ def run_positions(pfns: PfnArray) -> tuple[npt.NDArray[np.int64], npt.NDArray[np
     if pfns.size == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    at = np.concatenate(([0], breaks)).astype(np.int64)
+    breaks = [np.zeros(1, dtype=np.int64)]
+    step = np.empty(min(_RUN_BLOCK, pfns.size - 1), dtype=np.int64)  # reused by every block
+    for lo in range(0, pfns.size - 1, _RUN_BLOCK):
+        hi = min(lo + _RUN_BLOCK, pfns.size - 1)
+        np.subtract(pfns[lo + 1 : hi + 1], pfns[lo:hi], out=step[: hi - lo])
+        breaks.append(np.flatnonzero(step[: hi - lo] != 1) + (lo + 1))
+    at = np.concatenate(breaks)
     lengths = np.diff(np.concatenate((at, [pfns.size]))).astype(np.int64)
     return at, lengths
+
+
+_RUN_BLOCK = 1 << 15
+"""Pfns `run_positions` compares at a time, in one buffer (256 KiB) reused by every block:
+not fresh memory the size of the array (a page fault per 4 KiB: 1-8 ms per 4 MiB where
+measured)."""
 
 
 def runs_in_order(pfns: PfnArray) -> tuple[PfnArray, PfnArray]:

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import CorruptHandover, MachineError
 from .geometry import PAGE_SIZE
@@ -47,22 +48,22 @@ def _nr_roots(nr_ram_pages: int) -> int:
 
 
 def write_table(
-    ram: Ram, pfns: PfnArray, allocate: Allocate, release: Release
+    ram: Ram, keep: npt.NDArray[np.bool_], allocate: Allocate, release: Release
 ) -> tuple[int, PfnArray]:
-    """Write the table marking *pfns* (and its own pages); return (first root pfn, table pfns).
+    """Write the table marking the pages *keep* selects (a bool per page of RAM) and its own
+    pages; return (first root pfn, table pfns).
 
     *allocate(n)* returns n pages for the table (never pfn 0) and *release* takes back the
-    ones that turned out not to be needed. Raises MachineError for a pfn outside RAM.
-    Cost: linear in RAM pages and in *pfns*, no sort (a bitmap of all RAM is built).
+    ones that turned out not to be needed. Raises MachineError when *keep* is not a bool per
+    page of RAM. Cost: linear in RAM pages (the bitmap is *keep*, packed), no list of pfns.
     """
     nr_ram_pages = ram.nr_pages
-    pfns = np.asarray(pfns, dtype=np.int64)
-    if len(pfns) and (int(pfns.min()) < 0 or int(pfns.max()) >= nr_ram_pages):
-        raise MachineError("a pfn to preserve is outside the machine's RAM")
+    if keep.dtype != np.bool_ or keep.shape != (nr_ram_pages,):
+        raise MachineError(f"the pages to preserve must be a bool per page of RAM ({nr_ram_pages})")
     nr_leaves = _nr_leaves(nr_ram_pages)
     nr_roots = _nr_roots(nr_ram_pages)
     marked = np.zeros(nr_leaves * PFNS_PER_LEAF, dtype=bool)
-    marked[pfns] = True
+    marked[:nr_ram_pages] = keep
     used = np.asarray(marked.reshape(nr_leaves, PFNS_PER_LEAF).any(axis=1), dtype=bool)
     table = allocate(nr_roots + int(used.sum()))
     while True:  # the table's own pages may fall in leaves nothing else uses: grow until stable
@@ -133,19 +134,21 @@ def read_table(ram: Ram, root_pfn: int) -> PfnArray:
 
     Raises CorruptHandover, naming what is wrong, when anything fails validation.
     """
-    return walk_table(ram, root_pfn)[0]
+    return np.flatnonzero(walk_table(ram, root_pfn)[0])
 
 
-def walk_table(ram: Ram, root_pfn: int) -> tuple[PfnArray, PfnArray]:
-    """Walk the table from *root_pfn*; return (every marked pfn sorted, the table's own pages).
+def walk_table(ram: Ram, root_pfn: int) -> tuple[npt.NDArray[np.bool_], PfnArray]:
+    """Walk the table from *root_pfn*; return (whether each page of RAM is marked, a bool per
+    pfn, the table's own pages).
 
     The table's pages are among the marked ones. Raises CorruptHandover, naming what is
-    wrong, when anything fails validation.
+    wrong, when anything fails validation. Cost: the leaves are unpacked once into the bitmap
+    of RAM (no list of the marked pfns is made).
     """
     nr_ram_pages = ram.nr_pages
     nr_leaves = _nr_leaves(nr_ram_pages)
     table: list[int] = []
-    found: list[PfnArray] = []
+    leaves = np.zeros((nr_leaves, PAGE_SIZE), dtype=np.uint8)  # every leaf's bitmap, packed
     claimed_total = -1
     pfn = root_pfn
     for r in range(_nr_roots(nr_ram_pages)):
@@ -174,26 +177,32 @@ def walk_table(ram: Ram, root_pfn: int) -> tuple[PfnArray, PfnArray]:
         if r > 0 and total != claimed_total:
             raise CorruptHandover(f"root page {r}: page count {total} disagrees with root 0")
         claimed_total = total
-        found.extend(_read_leaves(ram, page, r, first, count, table))
+        _read_leaves(ram, page, r, leaves[first : first + count], table)
         last = r == _nr_roots(nr_ram_pages) - 1
         if last != (next_root == 0):
             raise CorruptHandover(f"root page {r}: the chain of root pages has the wrong length")
         pfn = next_root
     if len(set(table)) != len(table):
         raise CorruptHandover("a page of the table is used twice")
-    marked = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    if len(marked) != claimed_total:
-        raise CorruptHandover(f"{len(marked)} pages marked, the table says {claimed_total}")
+    bits = np.unpackbits(leaves.reshape(-1), bitorder="little").view(np.bool_)
+    if bits[nr_ram_pages:].any():
+        raise CorruptHandover("a marked pfn is outside RAM")
+    marked = bits[:nr_ram_pages]
+    nr_marked = int(np.count_nonzero(marked))
+    if nr_marked != claimed_total:
+        raise CorruptHandover(f"{nr_marked} pages marked, the table says {claimed_total}")
     own = np.asarray(table, dtype=np.int64)
-    at = np.minimum(np.searchsorted(marked, own), max(0, len(marked) - 1))
-    if len(marked) == 0 or (marked[at] != own).any():
+    if not marked[own].all():
         raise CorruptHandover("a page of the table is not marked preserved itself")
     return marked, own
 
 
 def _read_leaves(
-    ram: Ram, root: bytes, r: int, first: int, count: int, table: list[int]
-) -> list[PfnArray]:
+    ram: Ram, root: bytes, r: int, leaves: npt.NDArray[np.uint8], table: list[int]
+) -> None:
+    """Copy the leaves root *r* names (checked) into *leaves*, its rows of the bitmap."""
+    first = r * ENTRIES_PER_ROOT
+    count = len(leaves)
     entries_at = ROOT_HEADER.size
     pfns = np.frombuffer(root, dtype="<u8", count=ENTRIES_PER_ROOT, offset=entries_at)
     crcs = np.frombuffer(
@@ -205,14 +214,9 @@ def _read_leaves(
     leaf_pfns = pfns[present].astype(np.int64)
     if len(leaf_pfns) and int(leaf_pfns.max()) >= ram.nr_pages:
         raise CorruptHandover(f"root page {r}: a leaf pfn is outside RAM")
-    bitmaps = ram.pages[leaf_pfns]
-    for i, (page, crc) in enumerate(zip(bitmaps, crcs[present], strict=True)):
-        if zlib.crc32(page.tobytes()) != int(crc):
+    bitmaps = ram.pages[leaf_pfns]  # a copy: what is checked is what is used
+    for i, (page, crc) in enumerate(zip(bitmaps, crcs[present].tolist(), strict=True)):
+        if zlib.crc32(page) != crc:
             raise CorruptHandover(f"leaf {first + int(present[i])}: checksum mismatch")
     table.extend(leaf_pfns.tolist())
-    bits = np.unpackbits(bitmaps, axis=1, bitorder="little")
-    rows, cols = np.nonzero(bits)
-    marked = (first + present[rows]).astype(np.int64) * PFNS_PER_LEAF + cols
-    if len(marked) and int(marked.max()) >= ram.nr_pages:
-        raise CorruptHandover(f"root page {r}: a marked pfn is outside RAM")
-    return [marked]
+    leaves[present] = bitmaps

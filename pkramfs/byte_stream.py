@@ -41,21 +41,21 @@ def write_stream(ram: Ram, pfns: PfnArray, data: bytes) -> None:
 
 def read_stream(
     ram: Ram, first_pfn: int, n_pages: int, n_bytes: int, what: str
-) -> tuple[PfnArray, bytes]:
-    """Read and validate a byte stream; return its pages and its bytes.
+) -> tuple[PfnArray, memoryview]:
+    """Read and validate a byte stream; return its pages and its bytes (a view of the checked
+    copy: not copied again, a node's metadata being megabytes for a big tree).
 
     Raises CorruptNode for a bad chain or when the pages do not hold exactly *n_bytes*.
     """
     if n_pages != pages_needed(n_bytes):
         raise CorruptNode(f"{what}: {n_pages} pages cannot hold {n_bytes} bytes")
-    pfns, words = page_chain.read_chain(ram, first_pfn, n_pages, BYTE_MAGIC, what)
+    pfns, headers, bodies = page_chain.read_chain(ram, first_pfn, n_pages, BYTE_MAGIC, what)
     if n_pages == 0:
-        return pfns, b""
-    counts = page_chain.counts_of(words)
+        return pfns, memoryview(b"")
+    counts = page_chain.counts_of(headers)
     expected = np.full(n_pages, BYTES_PER_PAGE, dtype=np.int64)
     expected[-1] = n_bytes - (n_pages - 1) * BYTES_PER_PAGE
     offsets = np.arange(n_pages, dtype=np.uint64) * np.uint64(BYTES_PER_PAGE)
-    if (counts != expected).any() or (words[:, 3] != offsets).any():
+    if (counts != expected).any() or (headers[:, 3] != offsets).any():
         raise CorruptNode(f"{what}: byte pages out of order or with wrong lengths")
-    data = words.view(np.uint8)[:, HEADER_BYTES:].reshape(-1)[:n_bytes]
-    return pfns, data.tobytes()
+    return pfns, bodies.view(np.uint8).reshape(-1)[:n_bytes].data

@@ -54,7 +54,7 @@ class NodeContents:
 
     pfn: int
     header: NodeHeader
-    meta: bytes
+    meta: memoryview
     meta_pfns: PfnArray
     link_pfns: PfnArray
     pfns: PfnArray

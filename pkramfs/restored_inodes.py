@@ -85,9 +85,9 @@ class RestoredInodes:
 
     def data_pages(self) -> int:
         """Pages of the files still here."""
-        everything = self._count == len(self._ino)  # as at install: no gather needed
-        orders = self._pages.orders if everything else self._live_entries(self._live).orders
-        return int((np.int64(1) << orders).sum())
+        every_file = self._live[self._inodes.columns["entries"] > 0].all()  # as at install
+        orders = self._pages.orders if every_file else self._live_entries(self._live).orders
+        return len(orders) if not orders.any() else int((np.int64(1) << orders).sum())
 
     def xattr_bytes(self) -> int:
         """Bytes of the xattr names and values of the inodes still here."""

@@ -160,6 +160,14 @@ class PageEntries:
     orders: PfnArray
     indexes: PfnArray
 
+    @staticmethod
+    def concat(parts: Sequence["PageEntries"]) -> "PageEntries":
+        """The entries of *parts*, one after the other (one part: itself, not a copy)."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("pfns", "orders", "indexes")
+        return PageEntries(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+
     def gather(self, starts: Column, counts: Column) -> "PageEntries":
         """The slices ``[start, start + count)``, one after the other."""
         at = PageRuns(starts, counts).expand()  # runs of entry positions
@@ -262,9 +270,7 @@ def snapshot(
     """Record the inodes of *parts* (each: columns and their page entries) in ascending
     inode order."""
     merged = InodeColumns.concat([columns for columns, _ in parts])
-    stream = PageEntries(
-        *(np.concatenate([getattr(e, f) for _, e in parts]) for f in ("pfns", "orders", "indexes"))
-    )
+    stream = PageEntries.concat([entries for _, entries in parts])
     ino = merged.columns["ino"]
     ordered = merged
     if not (np.diff(ino) > 0).all():
@@ -296,7 +302,7 @@ def snapshot(
 
 
 def rebuild(
-    meta: bytes, pfns: PfnArray, orders: PfnArray, indexes: PfnArray, what: str
+    meta: bytes | memoryview, pfns: PfnArray, orders: PfnArray, indexes: PfnArray, what: str
 ) -> RebuiltTree:
     """Check a node's metadata and page entries and return them as columns; CorruptNode if
     they are not a tree pkramfs could have made."""
@@ -352,7 +358,7 @@ class _Checker:
         assert isinstance(value, int)
         return value
 
-    def unpack(self, meta: bytes) -> dict[Any, Any]:
+    def unpack(self, meta: bytes | memoryview) -> dict[Any, Any]:
         """The metadata map, unpacked with limits (a length never past what *meta* holds)."""
         try:
             document = msgpack.unpackb(
@@ -547,7 +553,10 @@ class _Checker:
 
     def page_slices(self, inodes: InodeColumns, kinds: Column, stream: PageEntries) -> None:
         """Each regular file's entries follow the previous file's, ascending without overlap
-        and ending before the end of the file (rounded up to 2 MiB, where a huge page may reach)."""
+        and ending before the end of the file (rounded up to 2 MiB, where a huge page may reach).
+
+        One pass over the entries (a bool each); the rest is per file: ascending without
+        overlap, a file's last entry is the one that reaches furthest."""
         counts = inodes.columns["entries"]
         self.that(
             not (counts[kinds != stat.S_IFREG]).any(), "an inode that is not a file has pages"
@@ -555,21 +564,28 @@ class _Checker:
         self.that(int(counts.sum()) == len(stream.pfns), "page stream entries belong to no file")
         if not len(stream.pfns):
             return
-        file_of = np.repeat(np.arange(len(counts)), counts)
-        ends = stream.indexes + (np.int64(1) << stream.orders)
-        same_file = file_of[1:] == file_of[:-1]
-        overlap = same_file & (stream.indexes[1:] < ends[:-1])
-        if overlap.any():
-            row = int(file_of[1:][overlap][0])
+        rows = np.flatnonzero(counts)  # the files with entries, in stream order
+        last = np.cumsum(counts[rows]) - 1  # each one's last entry
+        indexes, orders = stream.indexes, stream.orders
+        has_huge = bool(orders.any())
+        if has_huge:
+            ends = indexes + (np.int64(1) << orders)
+            behind = indexes[1:] < ends[:-1]
+        else:
+            behind = indexes[1:] <= indexes[:-1]
+        behind[last[:-1]] = False  # a file's first entry follows another file's last
+        if behind.any():
+            row = rows[np.searchsorted(last, int(np.argmax(behind)) + 1)]
             self.that(
                 False, f"inode {int(inodes.columns['ino'][row])}: pages overlap or are out of order"
             )
         huge_pages = np.int64(1) << HUGE_ORDER
-        size_pages = -(-np.maximum(inodes.columns["size"], 1) // PAGE_SIZE)
+        size_pages = -(-np.maximum(inodes.columns["size"][rows], 1) // PAGE_SIZE)
         limits = -(-size_pages // huge_pages) * huge_pages
-        past_end = ends > limits[file_of]
-        if past_end.any():
-            row = int(file_of[past_end][0])
+        reach = indexes[last] + ((np.int64(1) << orders[last]) if has_huge else 1)
+        past_end = np.flatnonzero(reach > limits)
+        if past_end.size:
+            row = rows[past_end[0]]
             self.that(
                 False, f"inode {int(inodes.columns['ino'][row])}: a page lies past the end of file"
             )

@@ -112,3 +112,37 @@ def test_from_entries_rebuilds_an_index() -> None:
     assert again.nr_pages == pages.nr_pages == 2 + CHUNK_PAGES + 1
     assert again.huge_chunks() == [2]
     assert (again.lookup(0, 4 * CHUNK_PAGES) == pages.lookup(0, 4 * CHUNK_PAGES)).all()
+
+
+def test_from_entries_takes_whole_chunks_as_rows_of_the_stream() -> None:
+    """Two whole chunks then a partial one: the whole ones are rows of the entries' pfns (no
+    copy); the index reads, truncates and relocates as one built page by page."""
+    pages = FilePages()
+    pages.assign(0, np.arange(5000, 5000 + 2 * CHUNK_PAGES + 3, dtype=np.int64))
+    pfns, orders, indexes, _ = page_entries([pages])
+    again = FilePages.from_entries(pfns, orders, indexes)
+    assert again.nr_pages == pages.nr_pages == 2 * CHUNK_PAGES + 3
+    chunks = again.chunks()
+    assert [c for c, _, _ in chunks] == [0, 1, 2]
+    assert np.shares_memory(chunks[0][1], pfns) and np.shares_memory(chunks[1][1], pfns)
+    assert (again.lookup(0, 3 * CHUNK_PAGES) == pages.lookup(0, 3 * CHUNK_PAGES)).all()
+    again.replace_pages(np.array([1, CHUNK_PAGES + 2]), np.array([7, 8]))
+    assert again.lookup_list(0, 3) == [5000, 7, 5002]
+    assert again.lookup_list(CHUNK_PAGES + 1, 2) == [5000 + CHUNK_PAGES + 1, 8]
+    assert sorted(again.truncate(CHUNK_PAGES + 10).tolist()) == list(
+        range(5000 + CHUNK_PAGES + 10, 5000 + 2 * CHUNK_PAGES + 3)
+    )
+    assert again.nr_pages == CHUNK_PAGES + 10
+
+
+def test_from_entries_of_sparse_blocks_builds_chunks() -> None:
+    """512 entries that do not fill one chunk (a hole in each of two chunks) are not taken
+    as a row: each chunk is built with its hole."""
+    pages = FilePages()
+    pages.assign(0, np.arange(100, 100 + CHUNK_PAGES - 1, dtype=np.int64))  # page 511: a hole
+    pages.assign(CHUNK_PAGES, np.arange(900, 902, dtype=np.int64))
+    pfns, orders, indexes, _ = page_entries([pages])
+    assert len(pfns) == CHUNK_PAGES + 1
+    again = FilePages.from_entries(pfns, orders, indexes)
+    assert (again.lookup(0, 2 * CHUNK_PAGES) == pages.lookup(0, 2 * CHUNK_PAGES)).all()
+    assert again.lookup_list(CHUNK_PAGES - 1, 1) == [HOLE] and again.nr_pages == CHUNK_PAGES + 1

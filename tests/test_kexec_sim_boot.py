@@ -43,6 +43,13 @@ def test_pkram_param() -> None:
     assert join_cmdline(" quiet ", "", "pkram=5") == "quiet pkram=5"
 
 
+def keep(pfns: np.ndarray) -> np.ndarray:
+    """The bitmap write_table takes: a bool per page of RAM, True at *pfns*."""
+    mask = np.zeros(NR_PAGES, dtype=bool)
+    mask[pfns] = True
+    return mask
+
+
 def owner_map_of(machine: Machine) -> np.ndarray:
     with machine.page_ownership() as po, po.locked():
         return po.owner_map.copy()
@@ -56,7 +63,7 @@ def test_a_handover_is_reserved_before_anything_allocates(small_machine: Machine
         spare = iter(range(13000, 13100))  # usable pages (49..64 MiB) for the table
         root, table = write_table(
             ram,
-            np.append(data, 256),
+            keep(np.append(data, 256)),
             lambda n: np.array([next(spare) for _ in range(n)], dtype=np.int64),
             lambda unused: None,
         )
@@ -105,7 +112,7 @@ def test_a_table_listing_reserved_memory_is_refused(small_machine: Machine) -> N
         spare = iter(range(13000, 13100))  # usable pages (49..64 MiB) for the table
         root, _ = write_table(
             ram,
-            np.array([256, 300, kernel_pfn], dtype=np.int64),
+            keep(np.array([256, 300, kernel_pfn], dtype=np.int64)),
             lambda n: np.array([next(spare) for _ in range(n)], dtype=np.int64),
             lambda unused: None,
         )

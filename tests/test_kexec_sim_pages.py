@@ -32,3 +32,23 @@ def test_first_repeat_with_many_runs_uses_the_bitmap() -> None:
     assert first_repeat(pfns, 200_000) is None
     with_repeat = np.concatenate([pfns, pfns[1234:1235]])
     assert first_repeat(with_repeat, 200_000) == int(pfns[1234])
+
+
+def test_runs_across_the_blocks_they_are_found_in() -> None:
+    """run_positions compares a block of pfns at a time: breaks on either side of a block's
+    edge, a run across several blocks and random pfns give what one pass over all gives."""
+    block = 1 << 15
+    cases = [
+        np.arange(10, 10 + 3 * block + 5),  # one run over four blocks
+        np.concatenate([np.arange(block), [0], np.arange(7, 7 + block)]),  # a break at the edge
+        np.concatenate([np.arange(block - 1), [5], np.arange(9, 9 + block)]),  # one before it
+        np.random.default_rng(3).integers(0, 1 << 20, 2 * block + 3),
+        np.array([4]),
+    ]
+    for pfns in cases:
+        pfns = pfns.astype(np.int64)
+        starts, lengths = runs_in_order(pfns)
+        at = np.concatenate(([0], np.flatnonzero(np.diff(pfns) != 1) + 1))
+        assert starts.tolist() == pfns[at].tolist()
+        assert lengths.tolist() == np.diff(np.append(at, pfns.size)).tolist()
+        assert (expand_runs(starts, lengths) == pfns).all()

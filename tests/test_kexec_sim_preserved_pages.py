@@ -48,7 +48,14 @@ class Allocator:
 
 def write(ram: Ram, pfns: PfnArray) -> tuple[int, PfnArray]:
     alloc = Allocator(ram)
-    return write_table(ram, pfns, alloc.allocate, alloc.release)
+    return write_table(ram, keep(ram, pfns), alloc.allocate, alloc.release)
+
+
+def keep(ram: Ram, pfns: PfnArray) -> np.ndarray:
+    """The bitmap write_table takes: a bool per page of RAM, True at *pfns*."""
+    mask = np.zeros(ram.nr_pages, dtype=bool)
+    mask[pfns] = True
+    return mask
 
 
 def test_round_trip_includes_the_table_itself(ram: Ram) -> None:

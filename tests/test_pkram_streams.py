@@ -41,9 +41,15 @@ def entries(n_small: int, n_huge: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return pfns, orders, np.concatenate([small_idx, huge_idx])
 
 
-def write_links(ram: Ram, pfns: np.ndarray, orders: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def write_links(
+    ram: Ram, pfns: np.ndarray, orders: np.ndarray, idx: np.ndarray, layout: str = "descending"
+) -> np.ndarray:
+    """Write a stream on a descending chain of link pages, or on consecutive ones (ascending:
+    the usual layout, which reading checks at once)."""
     n = page_stream.link_pages_needed(idx)
-    links = np.arange(60_000, 60_000 + n, dtype=np.int64)[::-1].copy()  # a descending chain
+    links = np.arange(60_000, 60_000 + n, dtype=np.int64)
+    if layout == "descending":
+        links = links[::-1].copy()
     page_stream.write_stream(ram, links, pfns, orders, idx)
     return links
 
@@ -62,6 +68,7 @@ def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
     assert (expanded[3000:3512] == np.arange(32768, 32768 + 512)).all()
 
 
+@pytest.mark.parametrize("layout", ["descending", "ascending"])
 @pytest.mark.parametrize(
     "damage, reason",
     [
@@ -70,13 +77,15 @@ def test_page_stream_round_trip_small_huge_and_far_indexes(ram: Ram) -> None:
         ("magic", "is not a PKRMLNK1 page"),
         ("outside", "outside RAM"),
         ("count", "entries"),
+        ("longer", "goes on past its 3 pages"),
+        ("last-links-on", "goes on past its 4 pages"),
     ],
 )
-def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str) -> None:
+def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str, layout: str) -> None:
     pfns, orders, idx = entries(2000, 0)
-    links = write_links(ram, pfns, orders, idx)
+    links = write_links(ram, pfns, orders, idx, layout)
     words = ram.pages.view(np.uint64)
-    n_entries = len(pfns)
+    n_entries, n_pages = len(pfns), len(links)
     if damage == "flip":
         ram.pages[int(links[2]), 1000] ^= 0x10
     elif damage == "cycle":
@@ -85,10 +94,28 @@ def test_page_stream_refuses_damage(ram: Ram, damage: str, reason: str) -> None:
         ram.pages[int(links[1]), 0] ^= 1
     elif damage == "outside":
         words[int(links[2]), 2] = NR_PAGES + 5
+    elif damage == "longer":  # the node claims a page fewer than the chain has
+        n_pages -= 1
+    elif damage == "last-links-on":
+        words[int(links[-1]), 2] = 7
     else:
         n_entries += 1
     with pytest.raises(CorruptNode, match=reason):
-        page_stream.read_stream(ram, int(links[0]), len(links), n_entries, "test")
+        page_stream.read_stream(ram, int(links[0]), n_pages, n_entries, "test")
+
+
+def test_a_chain_is_read_beside_pages_out_of_the_direct_map(ram: Ram) -> None:
+    """A chain not on consecutive pages from its first (descending) reads back even when the
+    pages after its first are out of this process's direct map (a secret file's): they are
+    not read to look for a consecutive chain."""
+    pfns, orders, idx = entries(2000, 0)
+    links = write_links(ram, pfns, orders, idx)
+    ram.remove_from_direct_map(int(links[0]) + 1, len(links))
+    try:
+        got = page_stream.read_stream(ram, int(links[0]), len(links), len(pfns), "test")
+    finally:
+        ram.restore_direct_map(int(links[0]) + 1, len(links))
+    assert (got[1] == pfns).all()
 
 
 def test_page_stream_refuses_entries_outside_ram_and_misaligned_huge(ram: Ram) -> None:
@@ -304,3 +331,66 @@ def test_tree_record_refuses_garbage() -> None:
             np.empty(0, np.int64),
             "t",
         )
+
+
+def two_files() -> tree_record.TreeSnapshot:
+    """The sample tree and a second file whose one page (index 0) lies below the first file's
+    last entry: a file's entries start afresh after the previous file's."""
+    inodes = sample_inodes()
+    small = Inode(7, stat.S_IFREG | 0o600, 0, 0, 6)
+    small.nlink, small.size_bytes = 1, 100
+    small.pages = FilePages()
+    small.pages.assign(0, np.array([77], dtype=np.int64))
+    root_entries = inodes[ROOT_INO].entries
+    assert root_entries is not None
+    root_entries[b"small"] = 7
+    inodes[7] = small
+    return record(inodes, next_ino=8)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("repeat", "inode 4: pages overlap or are out of order"),
+        ("descending", "inode 4: pages overlap or are out of order"),
+        ("in-huge", "inode 4: pages overlap or are out of order"),
+        ("past-end", "inode 4: a page lies past the end of file"),
+        ("past-end-small", "inode 7: a page lies past the end of file"),
+        ("second-file", "inode 7: pages overlap or are out of order"),
+    ],
+)
+def test_tree_record_refuses_page_entries_out_of_place(change: str, reason: str) -> None:
+    """Entries of the first file: pages 3, 4, 5 and a huge page at 2048 (the file ends at
+    2560); of the second: page 0 (the file ends at 512, its huge-page bound)."""
+    snap = two_files()
+    assert snap.indexes.tolist() == [3, 4, 5, 2048, 0] and snap.orders[3] == HUGE_ORDER
+    rebuild(snap)  # as written: fine
+    pfns, orders, indexes = snap.pfns.copy(), snap.orders.copy(), snap.indexes.copy()
+    if change == "repeat":
+        indexes[1] = 3
+    elif change == "descending":
+        indexes[[0, 1]] = [4, 3]
+    elif change == "in-huge":  # a small page inside the huge page before it
+        pfns, orders, indexes = (
+            pfns[[0, 1, 3, 2, 4]],
+            orders[[0, 1, 3, 2, 4]],
+            indexes[[0, 1, 3, 2, 4]],
+        )
+        indexes[3] = 2048 + 100
+    elif change == "past-end":
+        indexes[3] = 2560
+    elif change == "past-end-small":
+        indexes[4] = 512
+    elif change == "second-file":  # one more entry for the second file, before its first
+        pfns, orders, indexes = (
+            np.append(a, v) for a, v in ((pfns, 78), (orders, 0), (indexes, 0))
+        )
+        doc = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+        counts = np.frombuffer(doc["columns"]["entries"], dtype="<u8").copy()
+        counts[-1] = 2
+        doc["columns"]["entries"] = counts.tobytes()
+        snap = tree_record.TreeSnapshot(
+            msgpack.packb(doc, use_bin_type=True), pfns, orders, indexes, 6
+        )
+    with pytest.raises(CorruptNode, match=reason):
+        tree_record.rebuild(snap.meta, pfns, orders, indexes, "t")

@@ -50,7 +50,7 @@ def handover_page_set(ram: Ram, sb_pfn: int) -> PfnArray:
     if sb.table_root_pfn == 0:
         raise CorruptHandover(f"super block {sb_pfn} names no preserved-pages table")
     marked, _table = walk_table(ram, sb.table_root_pfn)
-    return marked
+    return np.flatnonzero(marked)
 
 
 def _saveable(machine: Machine, pfns: PfnArray) -> PfnArray:
