@@ -165,6 +165,13 @@ class PageEntries:
         at = PageRuns(starts, counts).expand()  # runs of entry positions
         return PageEntries(self.pfns[at], self.orders[at], self.indexes[at])
 
+    @staticmethod
+    def concat(parts: Sequence["PageEntries"]) -> "PageEntries":
+        """The entries of *parts*, one after the other."""
+        return PageEntries(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("pfns", "orders", "indexes"))
+        )
+
 
 @dataclass
 class TreeSnapshot:
@@ -197,7 +204,8 @@ def inode_columns(inodes: list[Inode]) -> tuple[InodeColumns, PageEntries]:
     n = len(inodes)
     numbers = _numbers(inodes).reshape(n, len(_FIELDS))
     columns: dict[str, Column] = {
-        name: numbers[:, i] for i, name in enumerate(("ino", "mode", "uid", "gid", "nlink", "size"))
+        name: numbers[:, i].astype(np.int64, copy=False)  # object dtype if a time overflowed
+        for i, name in enumerate(("ino", "mode", "uid", "gid", "nlink", "size"))
     }
     columns["rdev"] = np.fromiter(map(attrgetter("rdev"), inodes), np.uint64, count=n)
     for i, name in enumerate(TIMES):
@@ -256,22 +264,28 @@ def join_times(sec: int, nsec: int) -> int:
     return sec * NS_PER_SEC + nsec
 
 
+def merge(
+    parts: Sequence[tuple[InodeColumns, PageEntries]],
+) -> tuple[InodeColumns, PageEntries, Column | None]:
+    """The rows of *parts* (each: columns and their page entries) in ascending inode order,
+    their page entries in the same order, and the order applied to the rows as they came
+    (None if they came in order)."""
+    merged = InodeColumns.concat([columns for columns, _ in parts])
+    stream = PageEntries.concat([entries for _, entries in parts])
+    if (np.diff(merged.columns["ino"]) > 0).all():
+        return merged, stream, None
+    order = np.argsort(merged.columns["ino"], kind="stable")
+    counts = merged.columns["entries"]
+    stream = stream.gather(merged.first_entry[order], counts[order])
+    return merged.select(order), stream, order
+
+
 def snapshot(
     parts: Sequence[tuple[InodeColumns, PageEntries]], next_ino: int, mount: MountSettings
 ) -> TreeSnapshot:
     """Record the inodes of *parts* (each: columns and their page entries) in ascending
     inode order."""
-    merged = InodeColumns.concat([columns for columns, _ in parts])
-    stream = PageEntries(
-        *(np.concatenate([getattr(e, f) for _, e in parts]) for f in ("pfns", "orders", "indexes"))
-    )
-    ino = merged.columns["ino"]
-    ordered = merged
-    if not (np.diff(ino) > 0).all():
-        order = np.argsort(ino, kind="stable")
-        ordered = merged.select(order)
-        counts = merged.columns["entries"]
-        stream = stream.gather((np.cumsum(counts) - counts)[order], counts[order])
+    ordered, stream, _ = merge(parts)
     meta = msgpack.packb(
         {
             "format": RECORD_FORMAT,
