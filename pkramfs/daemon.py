@@ -15,6 +15,7 @@ from .filesystem import PkramFilesystem
 from .node_store import fault_point
 from .operations import Operations
 from .options import SUBTYPE
+from .prepare import keep_prepared
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
         return 32
     code = 0
     try:
-        trio.run(_serve_until_stopped, fs.mountpoint)
+        trio.run(_serve_until_stopped, fs)
     except BaseException:
         log.exception("the FUSE main loop failed: unmounting")
         code = 1
@@ -99,10 +100,12 @@ def _tune_readahead(mountpoint: str) -> None:
         log.exception("raising the read-ahead of %s failed", mountpoint)
 
 
-async def _serve_until_stopped(mountpoint: str) -> None:
+async def _serve_until_stopped(fs: PkramFilesystem) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
-        nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, mountpoint)
+        nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, fs.mountpoint)
+        if fs.options.pkram is not None:  # a mount that can be preserved: keep it prepared
+            nursery.start_soon(keep_prepared, fs.tree)
         await _serve_requests()
         nursery.cancel_scope.cancel()
 
