@@ -20,7 +20,7 @@ from kexec_sim import PageRuns, PfnArray
 from . import tree_record, xattrs
 from .file_pages import FilePages
 from .inode import Inode
-from .tree_record import Column, InodeColumns, PageEntries, join_times
+from .tree_record import Column, InodeColumns, PackedEntries, PageEntries, join_times
 
 MERGE_MAX_ROWS = 1 << 15  # a merge copies up to this many rows (a few ms); larger ones stay apart
 
@@ -65,6 +65,8 @@ class _Segment:
         inode.lookups = int(self.lookups[row])
         entries = self.inodes.entries.get(row)
         if entries is not None:
+            if isinstance(entries, PackedEntries):
+                entries = entries.unpacked()
             inode.entries = entries
             inode.parent_ino = int(self.inodes.parent[row])
         if inode.pages is not None:
@@ -155,6 +157,7 @@ class QuietInodes:
         if not inodes:
             return
         columns, pages = tree_record.inode_columns(inodes)
+        columns.entries = {row: PackedEntries.of(e) for row, e in columns.entries.items()}
         lookups = np.fromiter(map(attrgetter("lookups"), inodes), np.int64, count=len(inodes))
         self._segments.append(_segment([(columns, pages, lookups)]))
 

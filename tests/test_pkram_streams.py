@@ -177,6 +177,25 @@ def test_tree_record_round_trip() -> None:
     assert len(restored) == 0
 
 
+def test_the_record_is_packed_as_msgpack_packs_it() -> None:
+    """The metadata, packed a piece at a time (columns of each msgpack bin size, entries
+    packed beforehand by a quiet directory), is the bytes msgpack.packb makes of its map."""
+    for n_files in (3, 40, 9000):  # columns of bin 8, bin 16 and bin 32
+        inodes = sample_inodes()
+        root = inodes[ROOT_INO]
+        assert root.entries is not None
+        for ino in range(7, 7 + n_files):
+            inodes[ino] = Inode(ino, stat.S_IFREG | 0o600, 0, 0, ino)
+            inodes[ino].nlink = 1
+            root.entries[f"f{ino}".encode()] = ino
+        columns, pages = tree_record.inode_columns(list(inodes.values()))
+        columns.entries[0] = tree_record.PackedEntries.of(columns.entries[0])
+        snap = tree_record.snapshot([(columns, pages)], 7 + n_files, SETTINGS)
+        document = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+        assert msgpack.packb(document, use_bin_type=True) == snap.meta
+        assert document["directories"][0] == [ROOT_INO, root.entries]
+
+
 def test_restored_inodes_become_objects_one_at_a_time() -> None:
     snap = record(sample_inodes())
     rebuilt = rebuild(snap)
