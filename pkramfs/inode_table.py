@@ -15,6 +15,8 @@ from typing import Any
 from .inode import ROOT_INO, Inode
 from .quiet_inodes import QuietInodes
 
+_SLACK = 4096  # numbers of inodes gone the recent list may keep before it drops them
+
 
 class InodeTable(dict[int, Inode]):
     """The tree's inodes by number: a dict of the Inode objects in use that finds a missing
@@ -33,6 +35,8 @@ class InodeTable(dict[int, Inode]):
     def __setitem__(self, ino: int, inode: Inode) -> None:
         dict.__setitem__(self, ino, inode)
         self._recent.append(ino)
+        if len(self._recent) > 2 * dict.__len__(self) + _SLACK:  # nobody ages this table
+            self._recent = [i for i in dict.fromkeys(self._recent) if dict.__contains__(self, i)]
 
     def __missing__(self, ino: int) -> Inode:
         inode = self[ino] = self.quiet.take(ino)

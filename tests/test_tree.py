@@ -636,3 +636,14 @@ def test_freezing_one_at_a_time_keeps_few_segments(tree: Tree) -> None:
     record = record_of(tree)
     tree.inodes.take_all()
     assert record_of(tree) == record
+
+
+def test_a_table_nobody_ages_keeps_a_bounded_list(tree: Tree) -> None:
+    """Without a prepare phase (a mount without pkram=), the list of recent objects drops
+    the numbers of inodes gone instead of growing with every file ever made."""
+    for _ in range(6000):
+        tree.release(new_file(tree, b"churn")[0])
+        tree.unlink(R, b"churn")
+        tree.forget(tree.next_ino - 1, 1)
+    assert dict.__len__(tree.inodes) == 1
+    assert len(tree.inodes._recent) <= 2 + 4096
