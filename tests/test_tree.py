@@ -1,5 +1,6 @@
 """Operations-level tests: the Tree model over a real machine's RAM, no FUSE in between."""
 
+import contextlib
 import errno
 import os
 import stat
@@ -647,3 +648,93 @@ def test_a_table_nobody_ages_keeps_a_bounded_list(tree: Tree) -> None:
         tree.forget(tree.next_ino - 1, 1)
     assert dict.__len__(tree.inodes) == 1
     assert len(tree.inodes._recent) <= 2 + 4096
+
+
+NAMES = [b"a", b"b"]
+FREEZE_OPS = [
+    "create", "write", "truncate", "mkdir", "rmdir", "unlink", "rename", "link", "symlink",
+    "setxattr", "lookup", "forget", "open", "close",
+]  # fmt: skip
+
+
+def apply_op(tree: Tree, op: str, x: int, y: int, held: list[int]) -> None:
+    """One operation on names in the root and in directory ``d`` (x and y, 0-3, pick one)."""
+    d = tree.child(R, b"d").ino
+    here, there = (R, d)[x // 2], (R, d)[y // 2]
+    name, other = NAMES[x % 2], NAMES[y % 2]
+    if op == "create":
+        tree.release(tree.create(here, name, 0o644, os.O_RDWR, 0, 0)[0])
+    elif op == "write":
+        fh = tree.open(tree.child(here, name).ino, os.O_WRONLY)
+        tree.write(fh, y * 3000, bytes([x + 1]) * 5000)
+        tree.release(fh)
+    elif op == "truncate":
+        tree.setattr(tree.child(here, name).ino, size=y * 2000)
+    elif op == "mkdir":
+        tree.mkdir(here, name, 0o755, 0, 0)
+    elif op == "rmdir":
+        tree.rmdir(here, name)
+    elif op == "unlink":
+        tree.unlink(here, name)
+    elif op == "rename":
+        tree.rename(here, name, there, other)
+    elif op == "link":
+        tree.link(tree.child(here, name).ino, there, other)
+    elif op == "symlink":
+        tree.symlink(here, name, other * 3, 0, 0)
+    elif op == "setxattr":
+        tree.setxattr(tree.child(here, name).ino, b"user." + other, name * y)
+    elif op == "lookup":
+        tree.lookup(here, name)
+    elif op == "forget":
+        tree.forget(tree.child(here, name).ino, 1)
+    elif op == "open":
+        held.append(tree.open(tree.child(here, name).ino, os.O_RDONLY))
+    elif held:
+        tree.release(held.pop(0))
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(FREEZE_OPS), st.integers(0, 3), st.integers(0, 3), st.booleans()),
+        min_size=5,
+        max_size=40,
+    )
+)
+def test_freezing_between_any_operations_changes_nothing(
+    small_machine: Machine, steps: list[tuple[str, int, int, bool]]
+) -> None:
+    """Operations with a freeze (age, freeze every settled inode) after any of them: each
+    freeze leaves the record and every inode's state (the kernel's lookups, open handles)
+    as they were, and the final record passes restore's checks. Each example has its own
+    owner on the machine, which gives every page back at the end."""
+    ownership = small_machine.page_ownership()
+    owner = ownership.register_owner("freeze-test", os.getpid())
+    ram = small_machine.ram()
+    pool = PagePool(ownership, ram, owner, limit_pages=2048)
+    tree = Tree(ram, pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=False)
+    tree.mkdir(R, b"d", 0o755, 0, 0)
+    held: list[int] = []
+    for x in range(4):
+        apply_op(tree, "create", x, 0, held)
+        apply_op(tree, "write", x, x, held)
+    try:
+        for op, x, y, freeze in steps:
+            with contextlib.suppress(FsError):
+                apply_op(tree, op, x, y, held)
+            if freeze:
+                objects = {inode.ino: state_of(inode) for inode in tree.inodes.in_use()}
+                record = record_of(tree)
+                freeze_settled(tree)
+                assert record_of(tree) == record
+                assert {ino: state_of(tree.inodes[ino]) for ino in objects} == objects
+        snap = tree_record.snapshot(preserve.record_parts(tree), tree.next_ino, SETTINGS)
+        tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
+        problems = ownership.check({owner: tree.owned_pfns()}, small_machine.boot_record())
+        assert problems == []
+    finally:
+        ownership.unregister_owner(owner)
+        ram.close()
