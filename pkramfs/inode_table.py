@@ -8,6 +8,7 @@ it forgets it): the prepare phase (prepare.py) calls both while the mount is idl
 preserve finds most of a tree in columns already.
 """
 
+import time
 from collections import deque
 from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from typing import Any
@@ -91,17 +92,20 @@ class InodeTable(dict[int, Inode]):
         self._settled.extend(self._recent)
         self._recent = []
 
-    def freeze(self, limit: int) -> int:
+    def freeze(self, limit: int, changed_since_ns: int | None = None) -> int:
         """Look at up to *limit* objects made before the last `age`: make those linked and
-        not open quiet (the root stays an object); the others wait for the next `age`.
-        Return how many were made quiet."""
+        not open quiet (the root stays an object); the open ones, and with *changed_since_ns*
+        those changed since then (their ctime, up to now: a hot directory, a file being
+        written), wait for the next `age`. Return how many were made quiet."""
         chosen: dict[int, Inode] = {}
+        now_ns = time.time_ns()
+        since_ns = now_ns if changed_since_ns is None else changed_since_ns
         for _ in range(min(limit, len(self._settled))):
             ino = self._settled.popleft()
             inode = dict.get(self, ino)
             if inode is None or ino == ROOT_INO or inode.nlink == 0:
                 continue  # quiet already, gone, or unlinked for good
-            if inode.open_handles:
+            if inode.open_handles or since_ns < inode.ctime_ns <= now_ns:
                 self._recent.append(ino)
                 continue
             chosen[ino] = inode

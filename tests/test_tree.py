@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -738,3 +739,21 @@ def test_freezing_between_any_operations_changes_nothing(
     finally:
         ownership.unregister_owner(owner)
         ram.close()
+
+
+def test_an_inode_changed_since_the_pass_began_waits(tree: Tree) -> None:
+    """With a time given, inodes whose ctime is after it (up to now) stay objects for the
+    next pass: a directory being filled is not frozen and taken back at every pass."""
+    d = tree.mkdir(R, b"d", 0o755, 0, 0)
+    fh, ino = new_file(tree, b"f", d.ino)
+    tree.release(fh)
+    f = tree.get(ino)
+    f.ctime_ns = d.ctime_ns - 10
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=f.ctime_ns - 1) == 0  # both changed since
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=f.ctime_ns) == 1  # d changed after f
+    assert list(dict.keys(tree.inodes)) == [R, d.ino]
+    d.ctime_ns = time.time_ns() + 10**12  # ahead of the clock: that does not hold d back
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=0) == 1
