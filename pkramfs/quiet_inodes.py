@@ -3,11 +3,12 @@ the next preserve cost a few array operations per column, not Python code per in
 
 Two kinds of inodes are quiet: those restored from a node and not used since, and those the
 prepare phase (prepare.py) froze back into columns while the mount served. The rows live in
-segments, each sorted by inode number: the restored tree is one, each freeze adds one, and a
-freeze merges the newest segments while they are of like size (leaving out the rows taken
-since), so a lookup searches a few segments, not one per freeze. An inode is in one place at a
-time: a row here, or an Inode object in the table (inode_table.py); taking it makes the object
-and the row dead. Rows keep the kernel's lookup count, which the record does not hold.
+segments, each sorted by inode number: the restored tree is one, each freeze adds one (its
+directories' entries packed as the record holds them), and then merges the newest segments
+while they are of like size and drops the dead rows of one other small segment, so a lookup
+searches a few segments, not one per freeze. An inode is in one place at a time: a row here,
+or an Inode object in the table (inode_table.py); taking it makes the object and the row
+dead. Rows keep the kernel's lookup count, which the record does not hold.
 """
 
 from collections.abc import Callable, Iterator
