@@ -21,7 +21,7 @@ from .tree import Tree
 
 log = logging.getLogger(__name__)
 
-PASS_S = 0.25
+PASS_S = 0.1
 PASS_NS = int(PASS_S * 1e9)
 BATCH_INODES = 1000
 PAUSE_PER_BATCH = 3  # times the batch's own time
