@@ -17,6 +17,7 @@ from .filesystem import PkramFilesystem
 from .node_store import fault_point
 from .operations import Operations
 from .options import SUBTYPE
+from .prepare import keep_prepared
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ async def _serve_until_stopped(fs: PkramFilesystem) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal)
         nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, fs.mountpoint)
-        if fs.options.pkram is not None:  # for the next boot's mounts, off the mount's path
+        if fs.options.pkram is not None:  # a mount that can be preserved
+            nursery.start_soon(keep_prepared, fs.tree)  # its record kept ready
             start = functools.partial(standby.start, fs.machine.path, fs.machine.generation)
-            nursery.start_soon(trio.to_thread.run_sync, start)
+            nursery.start_soon(trio.to_thread.run_sync, start)  # the next boot's mounts
         await _serve_requests()
         nursery.cancel_scope.cancel()
 

@@ -128,6 +128,7 @@ class PkramFilesystem:
             "used_pages": self.pool.used_pages,
             "idle_pages": len(self.pool.idle_pages),
             "inodes": self.tree.inodes_in_use(),
+            "quiet_inodes": len(self.tree.inodes.quiet),
             "max_inodes": self.tree.max_inodes,
             "open_writers": self.tree.writers(),
             "secret": self.tree.secret,

@@ -19,8 +19,8 @@ from . import byte_stream, page_stream, tree_record
 from .errors import CorruptNode
 from .node_store import NodeContents, NodeStore, fault_point
 from .pkram_node import NodeHeader, write_node
+from .quiet_inodes import QuietInodes
 from .relocation import relocate_out_of
-from .restored_inodes import RestoredInodes
 from .tree import Tree
 
 
@@ -134,12 +134,9 @@ def preserve(
 
 def record_parts(tree: Tree) -> list[tuple[tree_record.InodeColumns, tree_record.PageEntries]]:
     """The linked inodes of *tree* as columns (open-but-unlinked files are not preserved):
-    those in use, and the restored ones not used since."""
+    those in use, and the quiet ones (in columns already)."""
     linked = [inode for inode in tree.inodes.in_use() if inode.nlink]
-    parts = [tree_record.inode_columns(linked)]
-    if tree.inodes.restored is not None:
-        parts.append(tree.inodes.restored.part())
-    return parts
+    return [tree_record.inode_columns(linked), *tree.inodes.quiet.parts()]
 
 
 def cancel(store: NodeStore, owner_id: int, preserved: Preserved) -> None:
@@ -184,7 +181,7 @@ def restore(store: NodeStore, tree: Tree, name: str) -> Restoring | None:
             f"{exc}; the node is left preserved (pkramfs-ctl discard {name} frees it)"
         ) from None
     clock.lap("rebuild")
-    tree.install(RestoredInodes(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
+    tree.install(QuietInodes.restored(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
     clock.lap("install")
     fault_point("restore", "read")
     stats = PreserveStats(

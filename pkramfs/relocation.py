@@ -17,9 +17,8 @@ def relocate_out_of(tree: Tree, start: int, end: int) -> int:
         return 0
     avoid = (start, end)
     moved = 0
-    if tree.inodes.restored is not None:  # those with pages inside become objects
-        for ino in tree.inodes.restored.inos_with_pages_in(start, end):
-            tree.inodes.get(ino)
+    for ino in tree.inodes.quiet.inos_with_pages_in(start, end):
+        tree.inodes.get(ino)  # quiet inodes with pages inside become objects
     for inode in list(tree.inodes.in_use()):
         if inode.pages is None or inode.pages.nr_pages == 0:
             continue

@@ -20,8 +20,9 @@ from kexec_sim import PAGE_SIZE, PfnArray, Ram
 from . import file_data, secret_pages, xattrs
 from .errors import FsError
 from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
+from .inode_table import InodeTable
 from .page_pool import PagePool
-from .restored_inodes import InodeTable, RestoredInodes
+from .quiet_inodes import QuietInodes
 
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
@@ -120,6 +121,8 @@ class Tree:
 
     def forget(self, ino: int, count: int) -> None:
         """Drop *count* kernel references; a removed file's number goes with the last one."""
+        if self.inodes.quiet.forget(ino, count):
+            return  # a quiet inode is linked: it stays, and stays quiet
         inode = self.inodes.get(ino)
         if inode is None:
             return
@@ -587,10 +590,9 @@ class Tree:
         for inode in self.inodes.in_use():
             if inode.pages is not None and inode.pages.nr_pages and self.is_secret(inode):
                 secret_pages.hide(self.ram, inode.pages.all_pfns())
-        if self.inodes.restored is not None:
-            pfns = self.inodes.restored.secret_pfns(every_file=self.secret)
-            if pfns.size:
-                secret_pages.hide(self.ram, pfns)
+        pfns = self.inodes.quiet.secret_pfns(every_file=self.secret)
+        if pfns.size:
+            secret_pages.hide(self.ram, pfns)
 
     def _touch_atime(self, inode: Inode) -> None:
         """Update atime as relatime does: only if it is not newer than mtime/ctime or a day old."""
@@ -671,11 +673,10 @@ class Tree:
         """Inodes counted against ``nr_inodes``: not the removed ones the kernel still knows."""
         return len(self.inodes) - len(self.removed)
 
-    def install(self, restored: RestoredInodes, next_ino: int) -> None:
+    def install(self, restored: QuietInodes, next_ino: int) -> None:
         """Replace this fresh, empty tree by the *restored* inodes (made objects as used)."""
         assert len(self.inodes) == 1, "install into a fresh tree only"
-        self.inodes = InodeTable()
-        self.inodes.restored = restored
+        self.inodes = InodeTable(restored)
         self.inodes[ROOT_INO].lookups = 1
         self.next_ino = next_ino
         self.xattr_bytes = restored.xattr_bytes() + sum(
@@ -686,8 +687,7 @@ class Tree:
     def owned_pfns(self) -> PfnArray:
         """Every pfn the mount holds: its files' pages and the pool's idle ones."""
         parts = [i.pages.all_pfns() for i in self.inodes.in_use() if i.pages is not None]
-        if self.inodes.restored is not None:
-            parts.append(self.inodes.restored.pfns())
+        parts.append(self.inodes.quiet.pfns())
         parts.append(self.pool.idle_pages)
         return np.concatenate(parts)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -70,6 +70,27 @@ TIMES = ("atime", "mtime", "ctime")
 Column = npt.NDArray[Any]
 
 
+class PackedEntries(bytes):
+    """A directory's entries as the record holds them, a msgpack map of name to inode number:
+    quiet directories keep theirs packed (quiet_inodes.py), ready for the next record."""
+
+    @classmethod
+    def of(cls, entries: "Entries") -> "PackedEntries":
+        """*entries* packed (as they are if they are)."""
+        if isinstance(entries, PackedEntries):
+            return entries
+        return cls(msgpack.packb(entries, use_bin_type=True))
+
+    def unpacked(self) -> dict[bytes, int]:
+        """The entries as a dict (these bytes were packed here: trusted)."""
+        entries: dict[bytes, int] = msgpack.unpackb(self, raw=False, strict_map_key=False)
+        return entries
+
+
+Entries = dict[bytes, int] | PackedEntries
+_PAIR = b"\x92"  # a msgpack array of two
+
+
 @dataclass(frozen=True)
 class MountSettings:
     """The settings a preserved mount records (the ``mount`` map): a restoring mount takes
@@ -98,13 +119,14 @@ class InodeColumns:
     """Inodes as columns, one row per inode (ascending inode numbers once sorted).
 
     ``columns`` holds the ``COLUMNS`` fields (int64, but ``rdev`` uint64); the contents that
-    are not numbers are keyed by row: directories' entries (and ``parent``, 0 for the rest),
-    symlink targets and xattrs. ``first_entry`` is each row's first page-stream entry.
+    are not numbers are keyed by row: directories' entries (a dict, or PackedEntries) and
+    ``parent`` (0 for the rest), symlink targets and xattrs. ``first_entry`` is each row's
+    first page-stream entry.
     """
 
     columns: dict[str, Column]
     parent: Column
-    entries: dict[int, dict[bytes, int]]
+    entries: dict[int, Entries]
     targets: dict[int, bytes]
     xattrs: dict[int, dict[bytes, bytes]]
 
@@ -205,13 +227,14 @@ def inode_columns(inodes: list[Inode]) -> tuple[InodeColumns, PageEntries]:
     n = len(inodes)
     numbers = _numbers(inodes).reshape(n, len(_FIELDS))
     columns: dict[str, Column] = {
-        name: numbers[:, i] for i, name in enumerate(("ino", "mode", "uid", "gid", "nlink", "size"))
+        name: numbers[:, i].astype(np.int64, copy=False)  # object dtype if a time overflowed
+        for i, name in enumerate(("ino", "mode", "uid", "gid", "nlink", "size"))
     }
     columns["rdev"] = np.fromiter(map(attrgetter("rdev"), inodes), np.uint64, count=n)
     for i, name in enumerate(TIMES):
         columns[f"{name}_sec"], columns[f"{name}_nsec"] = _split_times(numbers[:, 6 + i])
     kinds = columns["mode"] & _IFMT
-    entries: dict[int, dict[bytes, int]] = _by_row(inodes, kinds == stat.S_IFDIR, "entries")
+    entries: dict[int, Entries] = _by_row(inodes, kinds == stat.S_IFDIR, "entries")
     targets: dict[int, bytes] = _by_row(inodes, kinds == stat.S_IFLNK, "target")
     all_attrs = list(map(attrgetter("xattrs"), inodes))
     attrs = {r: a for r, a in enumerate(all_attrs) if a}
@@ -264,41 +287,65 @@ def join_times(sec: int, nsec: int) -> int:
     return sec * NS_PER_SEC + nsec
 
 
+def merge(
+    parts: Sequence[tuple[InodeColumns, PageEntries]],
+) -> tuple[InodeColumns, PageEntries, Column | None]:
+    """The rows of *parts* (each: columns and their page entries) in ascending inode order,
+    their page entries in the same order, and the order applied to the rows as they came
+    (None if they came in order)."""
+    merged = InodeColumns.concat([columns for columns, _ in parts])
+    stream = PageEntries.concat([entries for _, entries in parts])
+    if (np.diff(merged.columns["ino"]) > 0).all():
+        return merged, stream, None
+    order = np.argsort(merged.columns["ino"], kind="stable")
+    counts = merged.columns["entries"]
+    stream = stream.gather(merged.first_entry[order], counts[order])
+    return merged.select(order), stream, order
+
+
 def snapshot(
     parts: Sequence[tuple[InodeColumns, PageEntries]], next_ino: int, mount: MountSettings
 ) -> TreeSnapshot:
     """Record the inodes of *parts* (each: columns and their page entries) in ascending
-    inode order."""
-    merged = InodeColumns.concat([columns for columns, _ in parts])
-    stream = PageEntries.concat([entries for _, entries in parts])
-    ino = merged.columns["ino"]
-    ordered = merged
-    if not (np.diff(ino) > 0).all():
-        order = np.argsort(ino, kind="stable")
-        ordered = merged.select(order)
-        counts = merged.columns["entries"]
-        stream = stream.gather((np.cumsum(counts) - counts)[order], counts[order])
-    meta = msgpack.packb(
-        {
-            "format": RECORD_FORMAT,
-            "mount": mount.to_record(),
-            "next_ino": next_ino,
-            "columns": {
-                name: np.ascontiguousarray(ordered.columns[name], dtype=wire).tobytes()
-                for name, wire in COLUMNS.items()
-            },
-            "directories": [
-                [int(ordered.parent[r]), entries] for r, entries in sorted(ordered.entries.items())
-            ],
-            "symlinks": [target for _, target in sorted(ordered.targets.items())],
-            "xattrs": [
-                [int(ordered.columns["ino"][r]), attrs]
-                for r, attrs in sorted(ordered.xattrs.items())
-            ],
-        },
-        use_bin_type=True,
-    )
+    inode order.
+
+    The metadata is packed a piece at a time, as one msgpack map: the columns' bytes and the
+    entries packed already (PackedEntries) go in as they are, copied once."""
+    ordered, stream, _ = merge(parts)
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    head = {"format": RECORD_FORMAT, "mount": mount.to_record(), "next_ino": next_ino}
+    pieces: list[bytes | memoryview] = [packer.pack_map_header(len(head) + 4)]
+    for key, value in head.items():
+        pieces += [pack(key), pack(value)]
+    pieces += [pack("columns"), packer.pack_map_header(len(COLUMNS))]
+    for name, wire in COLUMNS.items():
+        column = np.ascontiguousarray(ordered.columns[name], dtype=wire)
+        pieces += [pack(name), _bin_header(column.nbytes), column.data.cast("B")]
+    directories = sorted(ordered.entries.items())
+    pieces += [pack("directories"), packer.pack_array_header(len(directories))]
+    for row, entries in directories:
+        packed = entries if isinstance(entries, PackedEntries) else pack(entries)
+        pieces += [_PAIR, pack(int(ordered.parent[row])), packed]
+    pieces += [
+        pack("symlinks"),
+        pack([target for _, target in sorted(ordered.targets.items())]),
+        pack("xattrs"),
+        pack(
+            [[int(ordered.columns["ino"][r]), attrs] for r, attrs in sorted(ordered.xattrs.items())]
+        ),
+    ]
+    meta = b"".join(pieces)
     return TreeSnapshot(meta, stream.pfns, stream.orders, stream.indexes, len(ordered))
+
+
+def _bin_header(nbytes: int) -> bytes:
+    """The msgpack header of a bin of *nbytes* (the shortest, as msgpack packs it)."""
+    if nbytes < 1 << 8:
+        return b"\xc4" + nbytes.to_bytes(1, "big")
+    if nbytes < 1 << 16:
+        return b"\xc5" + nbytes.to_bytes(2, "big")
+    return b"\xc6" + nbytes.to_bytes(4, "big")
 
 
 def rebuild(
@@ -324,8 +371,8 @@ def rebuild(
     parent, entries = check.directories(document.get("directories"), dir_rows, n, next_ino)
     targets = check.symlinks(document.get("symlinks"), link_rows)
     attrs = check.xattrs(document.get("xattrs"), columns["ino"])
-    inodes = InodeColumns(columns, parent, entries, targets, attrs)
-    check.structure(inodes, kinds)
+    inodes = InodeColumns(columns, parent, cast(dict[int, Entries], entries), targets, attrs)
+    check.structure(inodes, entries, kinds)
     stream = PageEntries(pfns, orders, indexes)
     check.page_slices(inodes, kinds, stream)
     return RebuiltTree(inodes, stream, next_ino, mount)
@@ -501,16 +548,18 @@ class _Checker:
             last = row
         return result
 
-    def structure(self, inodes: InodeColumns, kinds: Column) -> None:
+    def structure(
+        self, inodes: InodeColumns, entries: dict[int, dict[bytes, int]], kinds: Column
+    ) -> None:
         """Every inode reachable from the root once per link; link counts and parents right."""
         ino, nlink = inodes.columns["ino"], inodes.columns["nlink"]
         is_dir = kinds == stat.S_IFDIR
         self.that(bool(is_dir[0]) and inodes.parent[0] == ROOT_INO, "no root directory")
-        rows = list(inodes.entries)
-        sizes = np.fromiter(map(len, inodes.entries.values()), np.int64, count=len(rows))
+        rows = list(entries)
+        sizes = np.fromiter(map(len, entries.values()), np.int64, count=len(rows))
         try:
             children = np.fromiter(
-                chain.from_iterable(map(dict.values, inodes.entries.values())),
+                chain.from_iterable(map(dict.values, entries.values())),
                 np.int64,
                 count=int(sizes.sum()),
             )

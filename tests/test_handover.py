@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from kexec_sim.geometry import PAGE_SIZE
 from kexec_sim.machine import Machine
 from kexec_sim.owners import OwnerRegistry
 from kexec_sim.ownership import PRESERVED
+from pkramfs import control
 from pkramfs.checker import check_machine
 
 from .conftest import Mounts, wait_exit
@@ -114,6 +116,55 @@ def test_removed_files_the_kernel_still_knows_hold_nothing_and_are_not_preserved
     mounts.mount("pkram=removed", mnt)
     assert snapshot(mnt) == before and list(before) == ["keep"]
     assert (mnt / "keep").read_bytes() == b"k" * 100_000
+
+
+def wait_quiet(mnt: Path, inodes: int) -> None:
+    """Wait until the prepare phase has made *inodes* inodes of *mnt* quiet (polling its
+    status, which takes no inode out of the columns)."""
+    for _ in range(2000):
+        if control.query_status(str(mnt))["quiet_inodes"] >= inodes:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{mnt}: not {inodes} quiet inodes after 20 s")
+
+
+def test_inodes_frozen_while_the_mount_serves_keep_their_state(
+    machine: Machine, mounts: Mounts
+) -> None:
+    """The prepare phase freezes settled inodes into columns while the mount serves; the
+    kernel still knows them. They answer, change and go as objects would: a removed
+    directory that is a process's cwd still answers (nlink 0, not ENOENT: its lookup count
+    came back with it), and preserve records the same tree as without the columns."""
+    mnt = mounts.mount("pkram=quiet")
+    make_tree(mnt)
+    for i in range(300):
+        (mnt / "dir" / f"small-{i}").write_bytes(bytes([i % 256]) * (i * 37))
+    (mnt / "cwd").mkdir()
+    holder = subprocess.Popen(["sleep", "300"], cwd=mnt / "cwd")
+    try:
+        linked = ctl_status(mnt)["inodes"] - 1  # all but the root
+        wait_quiet(mnt, linked)
+        os.rmdir(mnt / "cwd")
+        assert os.stat(f"/proc/{holder.pid}/cwd").st_nlink == 0
+        assert ctl_status(mnt)["inodes"] == linked  # the removed directory counts no more
+        os.rename(mnt / "dir/small-7", mnt / "moved")
+        os.unlink(mnt / "dir/hardlink-to-big")
+        with open(mnt / "dir/small-9", "ab") as f:
+            f.write(b"appended")
+        changed = (contents(mnt), snapshot(mnt))
+        wait_quiet(mnt, linked - 1)
+        assert (contents(mnt), snapshot(mnt)) == changed
+    finally:
+        holder.kill()
+        holder.wait()
+    before = snapshot(mnt)
+    wait_quiet(mnt, linked - 1)
+    preserve(mnt)
+    kexec(machine)
+    mounts.mount("pkram=quiet", mnt)
+    assert snapshot(mnt) == before
+    assert (mnt / "moved").read_bytes() == bytes([7]) * 7 * 37
+    assert (mnt / "dir/small-9").read_bytes() == bytes([9]) * 9 * 37 + b"appended"
 
 
 def test_two_mounts_restore_independently_and_an_unpreserved_one_is_lost(

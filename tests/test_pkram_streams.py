@@ -15,7 +15,8 @@ from pkramfs import byte_stream, page_chain, page_stream, tree_record
 from pkramfs.errors import CorruptNode
 from pkramfs.file_pages import FilePages
 from pkramfs.inode import ROOT_INO, Inode
-from pkramfs.restored_inodes import InodeTable, RestoredInodes
+from pkramfs.inode_table import InodeTable
+from pkramfs.quiet_inodes import QuietInodes
 
 from .util import make_ram
 
@@ -191,7 +192,7 @@ def test_tree_record_round_trip() -> None:
     assert snap.nr_objects == 5 and len(snap.pfns) == 4  # 3 small + 1 huge entry
     rebuilt = rebuild(snap)
     assert rebuilt.mount == SETTINGS and rebuilt.next_ino == 7
-    restored = RestoredInodes(rebuilt.inodes, rebuilt.pages)
+    restored = QuietInodes.restored(rebuilt.inodes, rebuilt.pages)
     assert len(restored) == 5 and restored.data_pages() == 3 + 512
     for ino, old in inodes.items():
         new = restored.take(ino)
@@ -203,17 +204,35 @@ def test_tree_record_round_trip() -> None:
     assert len(restored) == 0
 
 
+def test_the_record_is_packed_as_msgpack_packs_it() -> None:
+    """The metadata, packed a piece at a time (columns of each msgpack bin size, entries
+    packed beforehand by a quiet directory), is the bytes msgpack.packb makes of its map."""
+    for n_files in (3, 40, 9000):  # columns of bin 8, bin 16 and bin 32
+        inodes = sample_inodes()
+        root = inodes[ROOT_INO]
+        assert root.entries is not None
+        for ino in range(7, 7 + n_files):
+            inodes[ino] = Inode(ino, stat.S_IFREG | 0o600, 0, 0, ino)
+            inodes[ino].nlink = 1
+            root.entries[f"f{ino}".encode()] = ino
+        columns, pages = tree_record.inode_columns(list(inodes.values()))
+        columns.entries[0] = tree_record.PackedEntries.of(columns.entries[0])
+        snap = tree_record.snapshot([(columns, pages)], 7 + n_files, SETTINGS)
+        document = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+        assert msgpack.packb(document, use_bin_type=True) == snap.meta
+        assert document["directories"][0] == [ROOT_INO, root.entries]
+
+
 def test_restored_inodes_become_objects_one_at_a_time() -> None:
     snap = record(sample_inodes())
     rebuilt = rebuild(snap)
-    table = InodeTable()
-    table.restored = RestoredInodes(rebuilt.inodes, rebuilt.pages)
+    table = InodeTable(QuietInodes.restored(rebuilt.inodes, rebuilt.pages))
     assert len(table) == 5 and dict.__len__(table) == 0 and 4 in table and 99 not in table
     assert table[4].size_bytes == 5 * 512 * PAGE_SIZE
     assert dict.__len__(table) == 1 and len(table) == 5 and list(table.in_use()) == [table[4]]
     assert table.get(99) is None and table.get(3) is not None
     again = tree_record.snapshot(
-        [tree_record.inode_columns(list(table.in_use())), table.restored.part()], 7, SETTINGS
+        [tree_record.inode_columns(list(table.in_use())), *table.quiet.parts()], 7, SETTINGS
     )
     assert again.meta == snap.meta and (again.pfns == snap.pfns).all()  # the same record
     assert sorted(table) == [1, 3, 4, 5, 6] and dict.__len__(table) == 5  # iterating takes all

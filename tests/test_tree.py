@@ -1,8 +1,10 @@
 """Operations-level tests: the Tree model over a real machine's RAM, no FUSE in between."""
 
+import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +19,8 @@ from pkramfs import preserve, tree_record
 from pkramfs.errors import FsError
 from pkramfs.inode import ROOT_INO
 from pkramfs.page_pool import PagePool
+from pkramfs.quiet_inodes import QuietInodes
 from pkramfs.relocation import relocate_out_of
-from pkramfs.restored_inodes import RestoredInodes
 from pkramfs.tree import RENAME_EXCHANGE, RENAME_NOREPLACE, Tree
 
 R = ROOT_INO
@@ -495,7 +497,7 @@ def test_a_restored_tree_is_used_without_making_every_inode(tree: Tree) -> None:
     owned = np.sort(tree.owned_pfns())
     fresh = Tree(tree.ram, tree.pool, root_mode=0, root_uid=0, root_gid=0, max_inodes=0, huge=False)
     tree.pool.used_pages = 0  # the pages change hands: they are the restored tree's now
-    fresh.install(RestoredInodes(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
+    fresh.install(QuietInodes.restored(rebuilt.inodes, rebuilt.pages), rebuilt.next_ino)
     tree.inodes, tree.next_ino, tree.xattr_bytes = fresh.inodes, fresh.next_ino, fresh.xattr_bytes
     assert dict.__len__(tree.inodes) == 1 and tree.inodes_in_use() == 22  # the root alone
     assert np.array_equal(np.sort(tree.owned_pfns()), owned)
@@ -512,3 +514,246 @@ def test_a_restored_tree_is_used_without_making_every_inode(tree: Tree) -> None:
         fh = tree.open(ino, os.O_RDONLY)
         assert bytes(tree.read(fh, 0, 1 << 20)) == written[ino], name
         tree.release(fh)
+
+
+SETTINGS = tree_record.MountSettings(0, 0, False, False)
+
+
+def freeze_settled(tree: Tree) -> int:
+    """What the prepare phase does in one pass once the tree is idle: age, then freeze every
+    settled inode. Return how many went quiet."""
+    tree.inodes.age()
+    return tree.inodes.freeze(1 << 20)
+
+
+def record_of(tree: Tree) -> tuple[bytes, list[int], list[int], list[int]]:
+    snap = tree_record.snapshot(preserve.record_parts(tree), tree.next_ino, SETTINGS)
+    return snap.meta, snap.pfns.tolist(), snap.orders.tolist(), snap.indexes.tolist()
+
+
+def state_of(inode: Any) -> tuple[Any, ...]:
+    """Everything an inode holds, the kernel's lookups included."""
+    pages = None if inode.pages is None else [a.tolist() for a in inode.pages.entries()]
+    fields = ("ino", "mode", "uid", "gid", "nlink", "rdev", "size_bytes", "lookups", "target")
+    times = (inode.atime_ns, inode.mtime_ns, inode.ctime_ns, inode.parent_ino)
+    return (
+        *(getattr(inode, f) for f in fields),
+        *times,
+        dict(inode.entries or {}),
+        dict(inode.xattrs),
+        pages,
+        inode.open_handles,
+    )
+
+
+def test_quiet_inodes_keep_every_state_and_the_record(tree: Tree) -> None:
+    """Freezing turns the settled objects into columns and back on use, losing nothing: the
+    record is the same bytes, every inode comes back as it was (the kernel's lookups too),
+    and an open file, a removed file the kernel still knows and the root stay objects."""
+    d = tree.mkdir(R, b"d", 0o2755, 7, 8).ino
+    fh, data = new_file(tree, b"data", d)
+    tree.write(fh, 5 * PAGE_SIZE + 3, b"past a hole")
+    tree.write(fh, 0, b"head")
+    tree.release(fh)
+    tree.link(data, R, b"second-name")
+    tree.setxattr(data, b"user.color", b"blue")
+    fh, secret = new_file(tree, b"secret")
+    tree.setxattr(secret, b"user.pkramfs.secret", b"1")
+    tree.write(fh, 0, b"s" * 3 * PAGE_SIZE)
+    tree.release(fh)
+    tree.symlink(d, b"link", b"../data", 0, 0)
+    tree.mknod(R, b"dev", stat.S_IFCHR | 0o600, os.makedev(1, 3), 0, 0)
+    tree.setattr(data, atime_ns=-(10**19), mtime_ns=32_503_680_000 * 10**9 + 7)  # not int64 ns
+    still_open, kept_open = new_file(tree, b"open")
+    tree.release(new_file(tree, b"gone")[0])
+    gone = tree.lookup(R, b"gone").ino
+    tree.unlink(R, b"gone")  # the kernel still holds 2 lookups
+    before = {inode.ino: state_of(inode) for inode in tree.inodes.in_use()}
+    record = record_of(tree)
+    owned = np.sort(tree.owned_pfns())
+    assert freeze_settled(tree) == 5
+    assert sorted(dict.keys(tree.inodes)) == sorted([R, kept_open, gone])
+    assert len(tree.inodes.quiet) == 5 and tree.inodes_in_use() == 7
+    assert record_of(tree) == record
+    assert np.array_equal(np.sort(tree.owned_pfns()), owned)
+    assert tree.ram.unmapped_pages == 3  # the secret file's pages stay out of the map
+    for ino, state in before.items():
+        assert state_of(tree.get(ino)) == state, ino
+    fh = tree.open(data, os.O_RDONLY)
+    assert bytes(tree.read(fh, 0, 8)) == b"head" + bytes(4)
+    tree.release(fh)
+    fh = tree.open(secret, os.O_RDONLY)
+    assert bytes(tree.read(fh, PAGE_SIZE, 2)) == b"ss"
+    tree.release(fh)
+    tree.release(still_open)
+
+
+def test_a_quiet_inode_keeps_the_kernels_lookups(tree: Tree) -> None:
+    """FORGET of a quiet inode counts down its column; unlinked later, the inode stays
+    known (removed) until the kernel forgets its last lookup."""
+    fh, ino = new_file(tree, b"f")
+    tree.write(fh, 0, b"x" * 5000)
+    tree.release(fh)
+    tree.lookup(R, b"f")
+    tree.lookup(R, b"f")
+    assert freeze_settled(tree) == 1
+    tree.forget(ino, 1)
+    assert not dict.__contains__(tree.inodes, ino) and ino in tree.inodes.quiet  # still quiet
+    tree.unlink(R, b"f")
+    assert tree.get(ino).nlink == 0 and tree.get(ino).lookups == 2
+    assert ino in tree.removed and tree.pool.used_pages == 0
+    tree.forget(ino, 1)
+    assert ino in tree.inodes
+    tree.forget(ino, 1)
+    assert ino not in tree.inodes and not tree.removed
+
+
+def test_only_settled_closed_linked_inodes_go_quiet(tree: Tree) -> None:
+    """An inode goes quiet once it has been an object since before the last `age`, and is
+    neither open nor unlinked; an open one waits for the next pass after its close."""
+    fh, ino = new_file(tree, b"open")
+    tree.inodes.age()
+    late = tree.mkdir(R, b"late", 0o755, 0, 0).ino  # made after the age
+    assert tree.inodes.freeze(100) == 0  # open is open, late too young, the root stays
+    tree.release(fh)
+    assert tree.inodes.freeze(100) == 0 and tree.inodes.settled == 0
+    assert freeze_settled(tree) == 2
+    assert sorted(tree.inodes.quiet.inos()) == sorted([ino, late])
+    assert list(dict.keys(tree.inodes)) == [R]
+
+
+def test_freezing_one_at_a_time_keeps_few_segments(tree: Tree) -> None:
+    """Each freeze adds a segment and merges the newest ones of like size: 50 freezes of one
+    inode leave a handful of segments, rows taken meanwhile are dropped as they merge, and
+    the record stays the tree's."""
+    for i in range(50):
+        fh, _ = new_file(tree, f"f{i}".encode())
+        tree.write(fh, 0, bytes([i]) * (i * 300))
+        tree.release(fh)
+        if i % 7 == 3:
+            tree.rename(R, f"f{i - 2}".encode(), R, f"moved{i}".encode())  # takes it back
+        assert freeze_settled(tree) == 1 + (i % 7 == 3)
+        assert tree.inodes.quiet.segments <= (i + 1).bit_length() + 1
+    assert len(tree.inodes.quiet) == 50 and dict.__len__(tree.inodes) == 1
+    record = record_of(tree)
+    tree.inodes.take_all()
+    assert record_of(tree) == record
+
+
+def test_a_table_nobody_ages_keeps_a_bounded_list(tree: Tree) -> None:
+    """Without a prepare phase (a mount without pkram=), the list of recent objects drops
+    the numbers of inodes gone instead of growing with every file ever made."""
+    for _ in range(6000):
+        tree.release(new_file(tree, b"churn")[0])
+        tree.unlink(R, b"churn")
+        tree.forget(tree.next_ino - 1, 1)
+    assert dict.__len__(tree.inodes) == 1
+    assert len(tree.inodes._recent) <= 2 + 4096
+
+
+NAMES = [b"a", b"b"]
+FREEZE_OPS = [
+    "create", "write", "truncate", "mkdir", "rmdir", "unlink", "rename", "link", "symlink",
+    "setxattr", "lookup", "forget", "open", "close",
+]  # fmt: skip
+
+
+def apply_op(tree: Tree, op: str, x: int, y: int, held: list[int]) -> None:
+    """One operation on names in the root and in directory ``d`` (x and y, 0-3, pick one)."""
+    d = tree.child(R, b"d").ino
+    here, there = (R, d)[x // 2], (R, d)[y // 2]
+    name, other = NAMES[x % 2], NAMES[y % 2]
+    if op == "create":
+        tree.release(tree.create(here, name, 0o644, os.O_RDWR, 0, 0)[0])
+    elif op == "write":
+        fh = tree.open(tree.child(here, name).ino, os.O_WRONLY)
+        tree.write(fh, y * 3000, bytes([x + 1]) * 5000)
+        tree.release(fh)
+    elif op == "truncate":
+        tree.setattr(tree.child(here, name).ino, size=y * 2000)
+    elif op == "mkdir":
+        tree.mkdir(here, name, 0o755, 0, 0)
+    elif op == "rmdir":
+        tree.rmdir(here, name)
+    elif op == "unlink":
+        tree.unlink(here, name)
+    elif op == "rename":
+        tree.rename(here, name, there, other)
+    elif op == "link":
+        tree.link(tree.child(here, name).ino, there, other)
+    elif op == "symlink":
+        tree.symlink(here, name, other * 3, 0, 0)
+    elif op == "setxattr":
+        tree.setxattr(tree.child(here, name).ino, b"user." + other, name * y)
+    elif op == "lookup":
+        tree.lookup(here, name)
+    elif op == "forget":
+        tree.forget(tree.child(here, name).ino, 1)
+    elif op == "open":
+        held.append(tree.open(tree.child(here, name).ino, os.O_RDONLY))
+    elif held:
+        tree.release(held.pop(0))
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(FREEZE_OPS), st.integers(0, 3), st.integers(0, 3), st.booleans()),
+        min_size=5,
+        max_size=40,
+    )
+)
+def test_freezing_between_any_operations_changes_nothing(
+    small_machine: Machine, steps: list[tuple[str, int, int, bool]]
+) -> None:
+    """Operations with a freeze (age, freeze every settled inode) after any of them: each
+    freeze leaves the record and every inode's state (the kernel's lookups, open handles)
+    as they were, and the final record passes restore's checks. Each example has its own
+    owner on the machine, which gives every page back at the end."""
+    ownership = small_machine.page_ownership()
+    owner = ownership.register_owner("freeze-test", os.getpid())
+    ram = small_machine.ram()
+    pool = PagePool(ownership, ram, owner, limit_pages=2048)
+    tree = Tree(ram, pool, root_mode=0o755, root_uid=0, root_gid=0, max_inodes=0, huge=False)
+    tree.mkdir(R, b"d", 0o755, 0, 0)
+    held: list[int] = []
+    for x in range(4):
+        apply_op(tree, "create", x, 0, held)
+        apply_op(tree, "write", x, x, held)
+    try:
+        for op, x, y, freeze in steps:
+            with contextlib.suppress(FsError):
+                apply_op(tree, op, x, y, held)
+            if freeze:
+                objects = {inode.ino: state_of(inode) for inode in tree.inodes.in_use()}
+                record = record_of(tree)
+                freeze_settled(tree)
+                assert record_of(tree) == record
+                assert {ino: state_of(tree.inodes[ino]) for ino in objects} == objects
+        snap = tree_record.snapshot(preserve.record_parts(tree), tree.next_ino, SETTINGS)
+        tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "t")
+        problems = ownership.check({owner: tree.owned_pfns()}, small_machine.boot_record())
+        assert problems == []
+    finally:
+        ownership.unregister_owner(owner)
+        ram.close()
+
+
+def test_an_inode_changed_since_the_pass_began_waits(tree: Tree) -> None:
+    """With a time given, inodes whose ctime is after it (up to now) stay objects for the
+    next pass: a directory being filled is not frozen and taken back at every pass."""
+    d = tree.mkdir(R, b"d", 0o755, 0, 0)
+    fh, ino = new_file(tree, b"f", d.ino)
+    tree.release(fh)
+    f = tree.get(ino)
+    f.ctime_ns = d.ctime_ns - 10
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=f.ctime_ns - 1) == 0  # both changed since
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=f.ctime_ns) == 1  # d changed after f
+    assert list(dict.keys(tree.inodes)) == [R, d.ino]
+    d.ctime_ns = time.time_ns() + 10**12  # ahead of the clock: that does not hold d back
+    tree.inodes.age()
+    assert tree.inodes.freeze(100, changed_since_ns=0) == 1
