@@ -372,13 +372,14 @@ def _run_as_command(
     sys.argv = argv
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, as in a fresh command
     try:
-        os.chdir(cwd)
+        try:
+            os.chdir(cwd)
+        except OSError as exc:  # the directory went away: what the command would have said
+            print(f"{os.path.basename(argv[0])}: {cwd}: {exc.strerror}", file=sys.stderr)
+            return 1
         code = main(argv[1:])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except OSError as exc:  # the directory went away: what the command would have said
-        print(f"{os.path.basename(argv[0])}: {cwd}: {exc.strerror}", file=sys.stderr)
-        code = 1
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
