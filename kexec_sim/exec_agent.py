@@ -3,10 +3,10 @@
 ``kexec-sim load`` starts it (``start``), detached, once per boot, and returns once it has
 imported what an exec runs (numpy, the scrub, the handover, early boot: ~0.2 s that were the
 exec's, in the blackout); it waits for the ``kexec-sim exec`` of that boot, which then runs
-in it. It ends after that exec, or as
-soon as there is nothing left to exec: the staged image is unloaded, the boot it serves is
-over (exec, reboot, power off) or the machine is gone. An agent already waiting for the same
-boot makes a second one end at once. It touches the machine only when it runs the exec.
+in it. It ends after that exec, or as soon as there is nothing left to exec: the staged image
+is unloaded, the boot it serves is over (exec, reboot, power off) or the machine is gone. An
+agent already waiting for the same boot makes a second one end at once. It touches the
+machine only when it runs the exec.
 """
 
 import os

@@ -1,11 +1,11 @@
 """The standby: the next boot's ``pkramfs`` mounts run warm (kexec_sim.warm_start).
 
 The daemon of a mount with ``pkram=`` starts one (``start``) for the machine's next boot,
-detached, once it serves. It
-imports the daemon (trio, pyfuse3, numpy, the tree: ~0.25 s, most of a restoring mount's time
-otherwise) and waits; in the next boot, each ``pkramfs`` mount of that machine runs in a child
-it forks, as the command would have run. Like the next kernel's image staged by ``kexec -l``,
-it is code loaded ahead: it touches the machine only when it runs a mount.
+detached, once it serves. It imports the daemon (trio, pyfuse3, numpy, the tree: ~0.25 s, most
+of a restoring mount's time otherwise) and waits; in the next boot, each ``pkramfs`` mount of
+that machine runs in a child it forks, as the command would have run. Like the next kernel's
+image staged by ``kexec -l``, it is code loaded ahead: it touches the machine only when it
+runs a mount.
 
 While its boot has not come, it waits as long as a pkramfs daemon of the machine runs or a
 transition (an exec) is recorded; it ends once its boot has gone IDLE_S without a mount (from
@@ -33,7 +33,8 @@ KIND = "pkramfs-mount"
 POLL_S = 0.25
 """How often a waiting standby looks at its machine."""
 IDLE_S = 30.0
-"""How long a standby waits in its boot for the mount before it ends."""
+"""How long a standby waits in its boot for a mount (from the boot's start or the last
+mount) before it ends."""
 LOG_FILE = "standby.log"
 
 
