@@ -8,8 +8,9 @@ image staged by ``kexec -l``, it is code loaded ahead: it touches the machine on
 runs a mount.
 
 While its boot has not come, it waits as long as a pkramfs daemon of the machine runs or a
-transition (an exec) is recorded; it ends once its boot has gone IDLE_S without a mount (from
-its start or the last mount), or when the machine is off, gone, or past its boot. One standby
+transition (an exec) is recorded; in its boot, it ends once IDLE_S passed without a mount (from
+the boot's start or the last mount), or once it ran a mount and no pkramfs daemon of the
+machine is left; and when the machine is off, gone, or past its boot. One standby
 per machine and boot: a second one ends at once.
 """
 
@@ -55,18 +56,23 @@ class _Watch:
         self.target = target
         self.last_seen: float | None = None
         """When its boot was first seen running, or its last mount came."""
+        self.served = False
+        """Whether a mount of its boot came."""
 
     def ready(self) -> bool:
         """Its boot runs: a mount now runs here."""
         if running_generation(self.machine_dir) != self.target:
             return False
         self.last_seen = time.monotonic()
+        self.served = True
         return True
 
     def keep_waiting(self) -> bool:
         generation = running_generation(self.machine_dir)
         if generation == self.target:
             now = time.monotonic()
+            if self.served and not self._daemon_runs():
+                return False  # its mounts are done and gone: nothing of its boot is left to do
             self.last_seen = self.last_seen or now
             return now - self.last_seen < IDLE_S
         if generation != self.target - 1:

@@ -223,3 +223,18 @@ def test_the_standby_ends_with_the_machines_last_daemon(mounts: Mounts) -> None:
     assert eventually(lambda: bool(warm_processes("pkramfs.standby", machine)))
     assert mounts.unmount(mnt)
     assert eventually(lambda: not warm_processes("pkramfs.standby", machine))
+
+
+def test_the_standby_of_a_boot_ends_once_its_mounts_are_gone(mounts: Mounts) -> None:
+    """A standby that ran the restoring mount of its boot ends when that daemon ends (as after
+    the demo's last umount), not IDLE_S later."""
+    machine = mounts.machine
+    mnt = mounts.mount("pkram=warm")
+    assert eventually(lambda: bool(warm_processes("pkramfs.standby", machine)))
+    preserve(mnt)
+    load_next_kernel(machine)
+    assert kexec_sim("exec").returncode == 0
+    mounts.mount("pkram=warm", mnt)
+    assert forked_by_standby(mnt)
+    assert mounts.unmount(mnt)
+    assert eventually(lambda: not warm_processes("pkramfs.standby", machine))
