@@ -126,6 +126,28 @@ class FilePages:
         self.nr_pages -= len(pfns)
         return pfns
 
+    def next_data(self, index: int) -> int | None:
+        """The first page index from *index* on that holds a page, or None (holes to the end)."""
+        first = index >> CHUNK_SHIFT
+        for chunk_no in sorted(c for c in self._chunks if c >= first):
+            lo = index - (chunk_no << CHUNK_SHIFT) if chunk_no == first else 0
+            present = np.flatnonzero(self._chunks[chunk_no][lo:] != HOLE)
+            if present.size:
+                return (chunk_no << CHUNK_SHIFT) + lo + int(present[0])
+        return None
+
+    def next_hole(self, index: int) -> int:
+        """The first page index from *index* on that holds no page (past the last, one does)."""
+        chunk_no = index >> CHUNK_SHIFT
+        lo = index & CHUNK_MASK
+        while (chunk := self._chunks.get(chunk_no)) is not None:
+            holes = np.flatnonzero(chunk[lo:] == HOLE)
+            if holes.size or len(chunk) < CHUNK_PAGES:  # entries past a chunk's end are holes
+                at = lo + int(holes[0]) if holes.size else max(lo, len(chunk))
+                return (chunk_no << CHUNK_SHIFT) + at
+            chunk_no, lo = chunk_no + 1, 0
+        return (chunk_no << CHUNK_SHIFT) + lo
+
     def entries(self) -> tuple[np.ndarray, PfnArray]:
         """Return (file page indexes, pfns) of every present page, in index order."""
         order = sorted(self._chunks)

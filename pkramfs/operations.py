@@ -297,6 +297,12 @@ class Operations(pyfuse3.Operations):
         self.requests["read"] += 1
         return self.tree.read(fh, off, size)  # type: ignore[return-value]
 
+    async def lseek(
+        self, inode: int, fh: int, off: int, whence: int, ctx: pyfuse3.RequestContext
+    ) -> int:
+        # Only SEEK_DATA and SEEK_HOLE come here: the kernel answers the others itself.
+        return self.tree.seek_data_or_hole(fh, off, whence)
+
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
         return self.tree.write(fh, off, buf)

@@ -558,6 +558,24 @@ class Tree:
             return file_data.read_secret(self.ram, inode.pages, inode.size_bytes, off, length)
         return file_data.read(self.ram, inode.pages, inode.size_bytes, off, length)
 
+    def seek_data_or_hole(self, fh: int, offset: int, whence: int) -> int:
+        """``lseek(SEEK_DATA / SEEK_HOLE)`` on an open regular file, as tmpfs answers it: a
+        page held is data (written or not), the end of the file is a hole; ENXIO from the end
+        on, or for SEEK_DATA with only holes left; EINVAL for another *whence*."""
+        inode = self.get(self.handle(fh).ino)
+        if inode.pages is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FsError(errno.EINVAL)
+        size = inode.size_bytes
+        if not 0 <= offset < size:
+            raise FsError(errno.ENXIO)
+        page = offset // PAGE_SIZE
+        if whence == os.SEEK_HOLE:
+            return min(max(offset, inode.pages.next_hole(page) * PAGE_SIZE), size)
+        found = inode.pages.next_data(page)
+        if found is None or found * PAGE_SIZE >= size:
+            raise FsError(errno.ENXIO)
+        return max(offset, found * PAGE_SIZE)
+
     def write(self, fh: int, off: int, data: bytes) -> int:
         """Write to an open regular file; return the bytes written (all of them)."""
         self._check_writable()

@@ -146,3 +146,19 @@ def test_from_entries_of_sparse_blocks_builds_chunks() -> None:
     again = FilePages.from_entries(pfns, orders, indexes)
     assert (again.lookup(0, 2 * CHUNK_PAGES) == pages.lookup(0, 2 * CHUNK_PAGES)).all()
     assert again.lookup_list(CHUNK_PAGES - 1, 1) == [HOLE] and again.nr_pages == CHUNK_PAGES + 1
+
+
+def test_next_data_and_next_hole_walk_chunks_and_their_ends() -> None:
+    """The page-index side of SEEK_DATA / SEEK_HOLE: a chunk's entries past its end are holes,
+    a missing chunk is all hole, a full chunk runs on into the next."""
+    pages = FilePages()
+    assert pages.next_data(0) is None and pages.next_hole(7) == 7
+    pages.set_page(3, 100)  # chunk 0, 4 entries long
+    pages.assign(CHUNK_PAGES, np.arange(200, 200 + CHUNK_PAGES, dtype=np.int64))  # chunk 1 full
+    pages.set_page(3 * CHUNK_PAGES + 5, 900)  # chunk 3
+    assert [pages.next_data(i) for i in (0, 3, 4)] == [3, 3, CHUNK_PAGES]
+    assert pages.next_data(2 * CHUNK_PAGES) == 3 * CHUNK_PAGES + 5
+    assert pages.next_data(3 * CHUNK_PAGES + 6) is None
+    assert [pages.next_hole(i) for i in (0, 3, 4)] == [0, 4, 4]
+    assert pages.next_hole(CHUNK_PAGES) == 2 * CHUNK_PAGES  # chunk 1 full, chunk 2 missing
+    assert pages.next_hole(3 * CHUNK_PAGES + 5) == 3 * CHUNK_PAGES + 6

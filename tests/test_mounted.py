@@ -20,7 +20,7 @@ from pkramfs import control
 from pkramfs.checker import check_machine
 
 from .conftest import Mounts, wait_exit
-from .util import BIN, path_env, run
+from .util import BIN, kernel_tmpfs_in, path_env, run
 
 
 def test_write_read_md5_and_unmount_frees_pages(mounts: Mounts, machine: Machine) -> None:
@@ -467,3 +467,48 @@ def test_direct_writes_keep_cached_readers_coherent(mounts: Mounts) -> None:
         reader.seek(0)
         assert reader.read() == b"a" * 4096 + b"b" * 4096
         assert m[4096:4100] == b"bbbb"
+
+
+SPARSE_FILES: dict[str, tuple[list[tuple[int, bytes]], int | None]] = {
+    "hole_then_byte": ([(1 << 20, b"x")], None),
+    "data_then_hole": ([(0, b"y" * 5000)], 3 << 20),
+    "scattered": ([(8192, b"a" * 10), (3 << 20, b"b" * 4096), ((5 << 20) | 100, b"c")], None),
+    "only_holes": ([], 1 << 20),
+    "partial_tail": ([(0, b"d" * (3 * 4096 + 7))], None),
+}
+
+
+def seek_results(root: Path) -> dict[tuple[str, int, int], int | str]:
+    """lseek(SEEK_DATA) and lseek(SEEK_HOLE) of each SPARSE_FILES file at offsets around its
+    pages, holes and end: the offset, or the errno's name."""
+    results: dict[tuple[str, int, int], int | str] = {}
+    for name, (writes, size) in SPARSE_FILES.items():
+        fd = os.open(root / name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+        try:
+            for off, data in writes:
+                os.pwrite(fd, data, off)
+            if size is not None:
+                os.ftruncate(fd, size)
+            end = os.fstat(fd).st_size
+            marks = {0, 1, 4095, 4096, 8191, 8192, 8200, 12288, 1 << 20, (1 << 20) + 1}
+            marks |= {(3 << 20) - 1, 3 << 20, (3 << 20) + 4096, 5 << 20, (5 << 20) + 101}
+            for off in sorted(marks | {end - 1, end, end + 1}):
+                for whence in (os.SEEK_DATA, os.SEEK_HOLE):
+                    try:
+                        results[(name, off, whence)] = os.lseek(fd, off, whence)
+                    except OSError as exc:
+                        results[(name, off, whence)] = errno.errorcode[exc.errno or 0]
+        finally:
+            os.close(fd)
+    return results
+
+
+@pytest.mark.parametrize("huge", ["never", "always"])
+def test_seek_data_and_hole_as_on_tmpfs(mounts: Mounts, work_root: Path, huge: str) -> None:
+    """SEEK_DATA and SEEK_HOLE answer from the page index exactly as kernel tmpfs does: holes
+    are holes, a page held is data (a huge page: all 2 MiB of it), the end is a hole, ENXIO
+    from the end on (issue #12)."""
+    with kernel_tmpfs_in(work_root, f"size=256M,huge={huge}") as tmpfs:
+        theirs = seek_results(tmpfs)
+    ours = seek_results(mounts.mount(f"huge={huge}"))
+    assert {k: (theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]} == {}
