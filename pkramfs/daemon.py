@@ -37,6 +37,15 @@ def fuse_options(fs: PkramFilesystem) -> set[str]:
     return result
 
 
+PATCHED_OPERATIONS = ("fallocate", "lseek", "copy_file_range")
+"""What the pyfuse3 patch (patches/, built by scripts/setup) adds; stock pyfuse3 lacks them."""
+
+
+def missing_operations(binding: type) -> list[str]:
+    """The operations of the pyfuse3 patch *binding* (pyfuse3.Operations) has not."""
+    return [name for name in PATCHED_OPERATIONS if not hasattr(binding, name)]
+
+
 def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
     """Mount *fs* at its mountpoint and serve it; call *ready* (None or an error) once mounted.
 
@@ -44,6 +53,13 @@ def serve(fs: PkramFilesystem, ready: Callable[[str | None], None]) -> int:
     the machine is stopping the boot (exec, reboot, power off: `PkramFilesystem.leave`).
     """
     operations = Operations(fs)
+    if missing := missing_operations(pyfuse3.Operations):
+        log.warning(
+            "pyfuse3 %s lacks %s (the patch scripts/setup builds): the kernel answers those "
+            "with its own fallbacks (SEEK_DATA: all data, fallocate: EOPNOTSUPP)",
+            pyfuse3.__version__,
+            ", ".join(missing),
+        )
     try:
         pyfuse3.init(operations, fs.mountpoint, fuse_options(fs))
     except RuntimeError as exc:

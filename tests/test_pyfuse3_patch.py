@@ -13,6 +13,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
+from pkramfs.daemon import missing_operations
+
 from .conftest import wait_exit
 from .pyfuse3_probe import DATA_START, FILE_NAME
 from .util import run
@@ -98,3 +100,14 @@ def test_fallocate_lseek_and_copy_file_range_reach_the_handlers(
         "flags": 0,
     }
     assert len(calls) == 4
+
+
+def test_the_daemon_names_the_operations_a_stock_pyfuse3_lacks() -> None:
+    """A venv made without scripts/setup has stock pyfuse3: the daemon logs which patched
+    operations are missing (their requests get the kernel's fallbacks) instead of nothing."""
+
+    class Stock:
+        def lseek(self) -> None: ...
+
+    assert missing_operations(Stock) == ["fallocate", "copy_file_range"]
+    assert missing_operations(pyfuse3.Operations) == []  # this checkout's, patched
