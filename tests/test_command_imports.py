@@ -4,13 +4,11 @@ modules it imported (no timing: which modules, not how long)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 from kexec_sim.machine import Machine
-from kexec_sim.warm_start import socket_name
+from kexec_sim.warm_start import wait_ready
 
 from .conftest import Mounts
 from .util import ctl_status, run
@@ -90,27 +88,12 @@ def test_the_package_imports_nothing_until_a_name_is_used() -> None:
     assert done.stdout.strip() == "['kexec_sim']"
 
 
-def wait_for_warm_process(kind: str, machine: Machine) -> None:
-    """Wait until the warm process of *kind* for the machine's boot listens (it binds its
-    socket first thing; the connection made here it drops as no request)."""
-    name = socket_name(kind, str(machine.path), machine.generation)
-    deadline = time.monotonic() + 20
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(name)
-                return
-            except OSError:
-                assert time.monotonic() < deadline, f"no {kind} warm process"
-        time.sleep(0.02)
-
-
 def test_a_warm_exec_imports_neither_numpy_nor_the_machine(small_machine: Machine) -> None:
     """``kexec-sim exec`` with the agent waiting hands itself over with the standard library's
     lightest modules: the exec's code is the agent's."""
     machine = ["--machine", str(small_machine.path)]
     assert imported_by("kexec_sim.cli", *machine, "load")[0] == 0
-    wait_for_warm_process("exec", small_machine)
+    assert wait_ready("exec", str(small_machine.path), small_machine.generation, 20)
     code, modules, err = imported_by("kexec_sim.entry", *machine, "exec")
     assert code == 0, err
     assert small_machine.generation == 2
