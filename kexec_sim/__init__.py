@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     )
     from kexec_sim.machine_dir import machine_path, transition_recorded
     from kexec_sim.memmap import MemoryMap, MemoryRegion, RegionType
-    from kexec_sim.mounts import MountEntry, read_mounts, unescape_field
+    from kexec_sim.mounts import MountEntry, MountInfo, read_mountinfo, read_mounts, unescape_field
     from kexec_sim.owners import FIRMWARE, FREE, HANDOVER, KERNEL, NOSAVE, PRESERVED, OwnerInfo
     from kexec_sim.ownership import PageOwnership
     from kexec_sim.ownership_check import handover_problems
@@ -110,7 +110,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "machine_dir": ("machine_path", "transition_recorded"),
     "memmap": ("MemoryMap", "MemoryRegion", "RegionType"),
-    "mounts": ("MountEntry", "read_mounts", "unescape_field"),
+    "mounts": ("MountEntry", "MountInfo", "read_mounts", "read_mountinfo", "unescape_field"),
     "owners": ("FIRMWARE", "FREE", "HANDOVER", "KERNEL", "NOSAVE", "PRESERVED", "OwnerInfo"),
     "ownership": ("PageOwnership",),
     "ownership_check": ("handover_problems",),
@@ -164,6 +164,7 @@ __all__ = [
     "MemoryMap",
     "MemoryRegion",
     "MountEntry",
+    "MountInfo",
     "OutOfMemory",
     "OwnerInfo",
     "PageOwnership",
@@ -190,6 +191,7 @@ __all__ = [
     "parse_size",
     "power_on",
     "poweroff",
+    "read_mountinfo",
     "read_mounts",
     "read_record",
     "read_super_block",

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from kexec_sim import MachineError, unescape_field
+from kexec_sim import MachineError, read_mountinfo
 
 from . import standby
 from .errors import PkramfsError
@@ -102,14 +102,10 @@ def _tune_readahead(mountpoint: str) -> None:
     """
     try:
         os.stat(mountpoint)
-        device = None
-        with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-            for line in mountinfo:
-                fields = line.split()
-                if len(fields) > 4 and unescape_field(fields[4]) == mountpoint:
-                    device = fields[2]  # major:minor, the FUSE connection's bdi name
-        if device is None:
+        ours = [m.device for m in read_mountinfo() if m.mountpoint == mountpoint]
+        if not ours:
             return
+        device = ours[-1]  # the one on top; major:minor, the FUSE connection's bdi name
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as knob:
             knob.write(str(READAHEAD_KB))
     except OSError as exc:

@@ -178,18 +178,11 @@ def _kernel_remount(mountpoint: str, flag: str) -> None:
 
 
 def _superblock_read_only(mountpoint: str) -> bool:
-    """Whether the superblock of the mount on top at *mountpoint* is read-only (mountinfo's
-    super options, after the ``-`` field)."""
-    from kexec_sim import unescape_field
+    """Whether the superblock of the mount on top at *mountpoint* is read-only."""
+    from kexec_sim import read_mountinfo
 
-    read_only = False
-    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if len(fields) > 4 and unescape_field(fields[4]) == mountpoint and "-" in fields:
-                super_options = fields[fields.index("-") + 3].split(",")
-                read_only = "ro" in super_options  # the last one listed is on top
-    return read_only
+    ours = [m.super_options for m in read_mountinfo() if m.mountpoint == mountpoint]
+    return bool(ours) and "ro" in ours[-1]
 
 
 def _mount(

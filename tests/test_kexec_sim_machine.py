@@ -19,6 +19,7 @@ from kexec_sim import (
     MemoryMap,
     resolve_machine_dir,
 )
+from kexec_sim.mounts import MountInfo, read_mountinfo
 
 from .util import SMALL_RAM_BYTES
 
@@ -189,3 +190,18 @@ def test_start_boot_moves_to_the_next_generation(small_machine: Machine) -> None
     with pytest.raises(InvalidRequest, match="one line"):
         small_machine.start_boot("a\nb")
     assert small_machine.generation == 2
+
+
+def test_mountinfo_lines_give_the_device_and_both_sets_of_flags(tmp_path: Path) -> None:
+    """A bind remount sets the mount's flag, not the superblock's: mountinfo tells them apart
+    (optional fields or none before the ``-``; escapes undone in the mountpoint)."""
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "36 25 0:45 / /mnt/a\\040b ro,relatime shared:7 - fuse.pkramfs pkram:x rw,user_id=0\n"
+        "37 25 0:46 / /mnt/c rw,nosuid - tmpfs tmpfs ro,size=1k\n"
+        "garbage line\n"
+    )
+    assert read_mountinfo(str(table)) == [
+        MountInfo("0:45", "/mnt/a b", ("ro", "relatime"), ("rw", "user_id=0")),
+        MountInfo("0:46", "/mnt/c", ("rw", "nosuid"), ("ro", "size=1k")),
+    ]

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 
 from kexec_sim.machine import Machine
+from kexec_sim.mounts import read_mountinfo
 from pkramfs import control
 from pkramfs.checker import check_machine
 
@@ -152,12 +153,8 @@ def test_remount_ro_is_refused_while_a_removed_file_is_open(
 
 def super_and_mount_flags(mnt: Path) -> tuple[str, str]:
     """(the superblock's, the mount's) ro/rw of the mount on top at *mnt* (mountinfo)."""
-    flags = ("", "")
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4] == str(mnt):
-            flags = (fields[fields.index("-") + 3].split(",")[0], fields[5].split(",")[0])
-    return flags
+    ours = [m for m in read_mountinfo() if m.mountpoint == str(mnt)]
+    return (ours[-1].super_options[0], ours[-1].mount_options[0]) if ours else ("", "")
 
 
 def test_remount_ro_sets_the_mounts_flag_not_the_superblocks(mounts: Mounts) -> None:
