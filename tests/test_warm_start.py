@@ -56,15 +56,7 @@ def kexec_sim(
     *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The real ``kexec-sim`` (on the machine the environment names, unless told)."""
-    return subprocess.run(
-        [str(BIN / "kexec-sim"), *argv],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT_S,
-        env=env,
-        cwd=cwd,
-    )
+    return run(str(BIN / "kexec-sim"), *argv, env=env, cwd=cwd)
 
 
 # -- the exec agent -------------------------------------------------------------------------

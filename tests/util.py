@@ -30,11 +30,14 @@ Snapshot = dict[str, tuple[object, ...]]
 
 
 def run(
-    *cmd: str, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT_S
+    *cmd: str,
+    env: dict[str, str] | None = None,
+    timeout: float = COMMAND_TIMEOUT_S,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run *cmd*, capturing its output as text; never raises for an exit code."""
+    """Run *cmd* (in *cwd*), capturing its output as text; never raises for an exit code."""
     return subprocess.run(
-        list(cmd), capture_output=True, text=True, check=False, timeout=timeout, env=env
+        list(cmd), capture_output=True, text=True, check=False, timeout=timeout, env=env, cwd=cwd
     )
 
 
