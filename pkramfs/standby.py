@@ -58,6 +58,7 @@ class _Watch:
         """When its boot was first seen running, or its last mount came."""
         self.served = False
         """Whether a mount of its boot came."""
+        self.machine: Machine | None = None
 
     def ready(self) -> bool:
         """Its boot runs: a mount now runs here."""
@@ -84,11 +85,12 @@ class _Watch:
         return running_generation(self.machine_dir) == self.target
 
     def _daemon_runs(self) -> bool:
-        try:
-            machine = Machine.open(self.machine_dir, create=False)
-        except MachineError:
-            return False
-        return any(owner.name.startswith("pkramfs:") for owner in machine.live_owners())
+        if self.machine is None:  # opened once: machine.json and the memory map do not change
+            try:
+                self.machine = Machine.open(self.machine_dir, create=False)
+            except MachineError:
+                return False
+        return any(o.name.startswith("pkramfs:") for o in self.machine.live_owners())
 
     def _transition_recorded(self) -> bool:
         try:
