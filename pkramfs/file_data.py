@@ -5,6 +5,7 @@ many scattered pages the middle pages move with one numpy fancy-index copy. Hole
 Invariant kept by every function here: bytes of a file's last page beyond EOF are zero, so
 extending a file (truncate up, write past EOF) never exposes stale RAM. Storage keys: a read
 sets REFERENCED on the pages it touches, every store sets CHANGED (one numpy call a request).
+A store makes the unwritten pages it reaches written (see file_pages).
 """
 
 import numpy as np
@@ -20,6 +21,7 @@ _MAX_LOOPED_RUNS = 8  # above this many runs, the middle pages are copied with o
 _SMALL_PAGES = 16  # requests up to this many pages use Python ints: numpy calls cost more
 _PAGE_MASK = PAGE_SIZE - 1
 _ZERO_PAGE = bytes(PAGE_SIZE)
+Buffer = bytes | bytearray | memoryview
 
 
 def _small_runs(pfns: list[int]) -> list[tuple[int, int]]:
@@ -65,7 +67,9 @@ def read(
     return out
 
 
-def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, huge: bool) -> None:
+def write(
+    ram: Ram, pages: FilePages, pool: PagePool, off: int, data: Buffer, *, huge: bool
+) -> None:
     """Store *data* at *off*, allocating pages for holes.
 
     All or nothing: on ENOSPC no page is taken and nothing is written.
@@ -77,13 +81,14 @@ def write(ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, 
     count = ((off + length - 1) >> PAGE_SHIFT) - first + 1
     if count <= _SMALL_PAGES and not huge:
         _write_small(ram, pages, pool, first, count, off & _PAGE_MASK, memoryview(data))
-        return
-    pfns = pages.lookup(first, count)
-    if (pfns == HOLE).any():
-        pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
-    starts, ends = _runs(pfns)
-    _copy_runs(ram, pfns, starts, ends, off & _PAGE_MASK, memoryview(data), to_ram=True)
-    ram.keys.mark_changed(pfns)
+    else:
+        pfns = pages.lookup(first, count)
+        if (pfns == HOLE).any():
+            pfns = _fill_holes(ram, pages, pool, first, pfns, off, off + length, huge=huge)
+        starts, ends = _runs(pfns)
+        _copy_runs(ram, pfns, starts, ends, off & _PAGE_MASK, memoryview(data), to_ram=True)
+        ram.keys.mark_changed(pfns)
+    pages.mark_written(first, count)
 
 
 def _read_small(
@@ -120,7 +125,7 @@ def _write_small(
             pfns[i] = pfn
             pages.set_page(first + i, pfn)
             if i in (0, count - 1):  # edge pages may be partly written: the rest reads zero
-                _zero(ram, pfn * PAGE_SIZE, PAGE_SIZE, mark=False)  # marked with the write
+                zero_bytes(ram, pfn * PAGE_SIZE, PAGE_SIZE, mark=False)  # marked with the write
     for start, end in _small_runs(pfns):
         _copy_span(ram, pfns[start], start, end, in_off, data, to_ram=True)
     ram.keys.mark_changed(pfns)
@@ -129,11 +134,11 @@ def _write_small(
 def truncate(
     ram: Ram, pages: FilePages, pool: PagePool, old_size: int, new_size: int, *, secret: bool
 ) -> None:
-    """Shrink the pages to *new_size* (zeroing the new last page's tail); growing costs nothing.
+    """Cut the pages at *new_size* (zeroing the new last page's tail); growing costs nothing.
 
     A *secret* file's dropped pages get their direct mapping back before the pool has them.
     """
-    if new_size >= old_size:
+    if new_size > old_size:
         return
     keep_pages = (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT
     dropped = pages.truncate(keep_pages)
@@ -148,7 +153,7 @@ def truncate(
         if secret:
             secret_pages.zero(ram, pfn, tail, PAGE_SIZE - tail)
         else:
-            _zero(ram, pfn * PAGE_SIZE + tail, PAGE_SIZE - tail)
+            zero_bytes(ram, pfn * PAGE_SIZE + tail, PAGE_SIZE - tail)
 
 
 def free_all(ram: Ram, pages: FilePages, pool: PagePool, *, secret: bool) -> None:
@@ -176,7 +181,7 @@ def read_secret(ram: Ram, pages: FilePages, size_bytes: int, off: int, length: i
 
 
 def write_secret(
-    ram: Ram, pages: FilePages, pool: PagePool, off: int, data: bytes, *, huge: bool
+    ram: Ram, pages: FilePages, pool: PagePool, off: int, data: Buffer, *, huge: bool
 ) -> None:
     """`write` for a secret file: new pages (whole huge pages too) leave the direct map, and
     the bytes go through temporary mappings. All or nothing on ENOSPC, as `write`."""
@@ -201,6 +206,7 @@ def write_secret(
         window[-1] = secret_pages.gather(ram, pfns[-1:])[0]
     window.reshape(-1)[in_off : in_off + length] = np.frombuffer(data, dtype=np.uint8)
     secret_pages.scatter(ram, pfns, window)
+    pages.mark_written(first, count)
 
 
 def _fill_holes(
@@ -236,7 +242,7 @@ def _fill_holes(
     # Only the first and last page of a write can be partly covered; zero those when new.
     for edge in {0, len(pfns) - 1}:
         if fresh[edge] != HOLE:  # a page of the write: marked changed with it
-            _zero(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE, mark=False)
+            zero_bytes(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE, mark=False)
     return pfns
 
 
@@ -266,14 +272,14 @@ def _fill_huge_chunks(
         chunk_hi = chunk_lo + CHUNK_PAGES * PAGE_SIZE
         ram_lo = base * PAGE_SIZE
         if start_byte > chunk_lo:
-            _zero(ram, ram_lo, min(start_byte, chunk_hi) - chunk_lo)
+            zero_bytes(ram, ram_lo, min(start_byte, chunk_hi) - chunk_lo)
         if end_byte < chunk_hi:
             lo = max(end_byte, chunk_lo)
-            _zero(ram, ram_lo + lo - chunk_lo, chunk_hi - lo)
+            zero_bytes(ram, ram_lo + lo - chunk_lo, chunk_hi - lo)
     return assigned
 
 
-def _zero(ram: Ram, ram_byte: int, length: int, *, mark: bool = True) -> None:
+def zero_bytes(ram: Ram, ram_byte: int, length: int, *, mark: bool = True) -> None:
     """Zero *length* bytes of RAM (a page or less by slice, more through numpy).
 
     Marks the pages changed unless *mark* is False (the caller marks them with its store).

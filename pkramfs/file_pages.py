@@ -6,6 +6,10 @@ A chunk is an int64 array of pfns, ``HOLE`` (-1) where no page is allocated, onl
 its last page needs (grown by doubling, from ``MIN_CHUNK_ENTRIES``): entries past its end are
 holes, so a one-page file costs a few words, not 4 KiB. A chunk may be one huge page (order 9):
 its 512 pfns are then consecutive from a 512-aligned base.
+
+Pages fallocate(2) allocated and nothing wrote since are *unwritten*, as tmpfs's folios that
+are not uptodate: they hold zeros, count in st_blocks, and SEEK_DATA passes them. A store
+makes them written (a huge page whole, as a folio is), and so does a second fallocate.
 """
 
 from collections.abc import Iterator
@@ -13,8 +17,11 @@ from itertools import chain
 from operator import attrgetter, itemgetter
 
 import numpy as np
+import numpy.typing as npt
 
-from kexec_sim import HUGE_ORDER, HUGE_PAGES, PfnArray
+from kexec_sim import HUGE_ORDER, HUGE_PAGES, PAGE_SHIFT, PfnArray
+
+BoolArray = npt.NDArray[np.bool_]
 
 HOLE = -1
 CHUNK_SHIFT = HUGE_ORDER
@@ -25,15 +32,44 @@ _NO_HUGE: frozenset[int] = frozenset()
 _CHUNK_OFFSETS = np.arange(CHUNK_PAGES, dtype=np.int64)
 
 
+class Fallocated:
+    """What fallocate(2) left on a file: its unwritten pages (a mask per chunk that has any)
+    and ``end``, the page index fallocate reached (tmpfs's fallocend: a huge page split keeps
+    its pages up to there, even past the end of the file)."""
+
+    __slots__ = ("end", "unwritten")
+
+    def __init__(self) -> None:
+        self.unwritten: dict[int, BoolArray] = {}
+        self.end = 0
+
+    def add(self, indexes: PfnArray) -> None:
+        """Mark the pages at *indexes* (ascending) unwritten."""
+        chunk_nos = indexes >> CHUNK_SHIFT
+        starts = np.flatnonzero(np.diff(chunk_nos, prepend=-1))
+        for lo, hi in zip(starts.tolist(), [*starts[1:].tolist(), len(indexes)], strict=True):
+            chunk_no = int(chunk_nos[lo])
+            mask = self.unwritten.setdefault(chunk_no, np.zeros(CHUNK_PAGES, dtype=bool))
+            mask[indexes[lo:hi] & CHUNK_MASK] = True
+
+    def indexes(self) -> PfnArray:
+        """The indexes of the unwritten pages, ascending."""
+        found = [
+            np.flatnonzero(self.unwritten[c]) + (c << CHUNK_SHIFT) for c in sorted(self.unwritten)
+        ]
+        return np.concatenate(found).astype(np.int64) if found else np.empty(0, dtype=np.int64)
+
+
 class FilePages:
     """Map file page index -> pfn for one file, sparse, in chunks of up to 512 entries."""
 
-    __slots__ = ("_chunks", "_huge", "nr_pages")
+    __slots__ = ("_chunks", "_huge", "fallocated", "nr_pages")
 
     def __init__(self) -> None:
         self._chunks: dict[int, PfnArray] = {}
         self._huge: set[int] | frozenset[int] = _NO_HUGE  # chunks that are one huge page
         self.nr_pages = 0  # pages owned (excluding holes)
+        self.fallocated: Fallocated | None = None  # None: nothing fallocated since made
 
     def lookup(self, first_index: int, count: int) -> PfnArray:
         """Return the pfns of pages [first_index, first_index+count), HOLE for holes."""
@@ -120,28 +156,148 @@ class FilePages:
             else:
                 self._chunks[chunk_no] = _fitted(chunk[:lo])
             self._huge = self._huge - {chunk_no}  # a cut huge page becomes small pages
+        self._forget_range(nr_index_pages, None)
         if not dropped:
             return np.empty(0, dtype=np.int64)
         pfns = np.concatenate(dropped)
         self.nr_pages -= len(pfns)
         return pfns
 
+    def punch(self, start_byte: int, end_byte: int, eof_pages: int) -> PfnArray:
+        """Drop the whole pages of bytes [start_byte, end_byte); return the pfns dropped.
+
+        A huge page the range covers in part is split first, as Linux 6.18 splits a folio
+        for a punch (truncate_inode_partial_folio): into buddy blocks around the page of the
+        range's first byte, then around the page of the first byte after it. A block that
+        starts at or past the end of the file (*eof_pages*, or fallocend if further) goes too.
+        """
+        first, end = -(-start_byte >> PAGE_SHIFT), end_byte >> PAGE_SHIFT
+        self._forget_range(first, end)  # first: a split keeps pages up to the new fallocend
+        keep_below = max(eof_pages, self.fallocated.end if self.fallocated else 0)
+        dropped: list[PfnArray] = []
+        last_byte_chunk = (end_byte - 1) >> (PAGE_SHIFT + CHUNK_SHIFT)
+        for chunk_no in sorted({start_byte >> (PAGE_SHIFT + CHUNK_SHIFT), last_byte_chunk}):
+            chunk_byte = chunk_no << (PAGE_SHIFT + CHUNK_SHIFT)
+            chunk_end = chunk_byte + (CHUNK_PAGES << PAGE_SHIFT)
+            if chunk_no in self._huge and not (start_byte <= chunk_byte and end_byte >= chunk_end):
+                at = max(start_byte - chunk_byte, 0) >> PAGE_SHIFT
+                after = (end_byte - chunk_byte) >> PAGE_SHIFT if end_byte < chunk_end else None
+                keep = _kept_after_split(at, after, keep_below - (chunk_no << CHUNK_SHIFT))
+                dropped.append(self._split_huge(chunk_no, keep))
+        for chunk_no in [
+            c for c in self._chunks if first >> CHUNK_SHIFT <= c <= (end - 1) >> CHUNK_SHIFT
+        ]:
+            base = chunk_no << CHUNK_SHIFT
+            chunk = self._chunks[chunk_no].copy()  # a restored chunk may be a view of a stream
+            lo, hi = max(first - base, 0), min(end - base, CHUNK_PAGES)
+            if chunk_no in self._huge:  # covered whole: split ones are small pages by now
+                dropped.append(self.remove_huge(chunk_no))
+                continue
+            part = chunk[lo:hi]
+            present = part[part != HOLE]
+            if not present.size:
+                continue
+            dropped.append(present.copy())
+            self.nr_pages -= len(present)
+            part[:] = HOLE
+            if (chunk != HOLE).any():
+                self._chunks[chunk_no] = _fitted(chunk)
+            else:
+                del self._chunks[chunk_no]
+        return np.concatenate(dropped) if dropped else np.empty(0, dtype=np.int64)
+
+    def _split_huge(self, chunk_no: int, keep: BoolArray) -> PfnArray:
+        """Make huge chunk *chunk_no* small pages, keeping those *keep* says; return the rest."""
+        self._huge = self._huge - {chunk_no}
+        chunk = self._chunks[chunk_no].copy()
+        self._chunks[chunk_no] = chunk
+        gone = chunk[~keep].copy()
+        if gone.size:
+            chunk[~keep] = HOLE
+            self._chunks[chunk_no] = _fitted(chunk)
+            self.nr_pages -= len(gone)
+            if self.fallocated and chunk_no in self.fallocated.unwritten:
+                self.fallocated.unwritten[chunk_no] &= keep
+        return gone
+
+    def _forget_range(self, first: int, end: int | None) -> None:
+        """Bookkeeping for pages [first, end) going (None: to the end of the file): their
+        unwritten marks go, and fallocend moves back to *first* if it was inside, as
+        shmem_undo_range moves it."""
+        falloc = self.fallocated
+        if falloc is None:
+            return
+        if falloc.end > first and (end is None or falloc.end <= end):
+            falloc.end = first
+        for chunk_no, mask in list(falloc.unwritten.items()):
+            base = chunk_no << CHUNK_SHIFT
+            mask[max(first - base, 0) : CHUNK_PAGES if end is None else max(end - base, 0)] = False
+        self._settle()
+
+    def _settle(self) -> None:
+        """Drop chunks' empty unwritten masks, and the record when nothing is left in it."""
+        falloc = self.fallocated
+        if falloc is None:
+            return
+        for chunk_no in [c for c, mask in falloc.unwritten.items() if not mask.any()]:
+            del falloc.unwritten[chunk_no]
+        if not falloc.unwritten and not falloc.end:
+            self.fallocated = None
+
+    def mark_unwritten(self, indexes: PfnArray) -> None:
+        """Mark the pages at *indexes* (ascending, held) unwritten: fallocate allocated them."""
+        if not len(indexes):
+            return
+        if self.fallocated is None:
+            self.fallocated = Fallocated()
+        self.fallocated.add(indexes)
+
+    def note_fallocated(self, end_index: int) -> None:
+        """Fallocate reached page *end_index* (tmpfs's fallocend only grows with it)."""
+        if self.fallocated is None:
+            self.fallocated = Fallocated()
+        self.fallocated.end = max(self.fallocated.end, end_index)
+
+    def mark_written(self, first_index: int, count: int) -> None:
+        """A store reached pages [first_index, first_index + count): they are written now, and
+        so is the whole of a huge page among them."""
+        falloc = self.fallocated
+        if falloc is None or not falloc.unwritten:
+            return
+        for chunk_no, lo, hi, _ in self._spans(first_index, count):
+            mask = falloc.unwritten.get(chunk_no)
+            if mask is not None:
+                if chunk_no in self._huge:
+                    mask[:] = False  # a folio is uptodate whole
+                else:
+                    mask[lo:hi] = False
+        self._settle()
+
+    def _data_mask(self, chunk_no: int, lo: int) -> BoolArray:
+        """Which entries of chunk *chunk_no* from *lo* on are data: held and written."""
+        chunk = self._chunks[chunk_no]
+        data: BoolArray = chunk[lo:] != HOLE
+        if self.fallocated is not None and chunk_no in self.fallocated.unwritten:
+            data &= ~self.fallocated.unwritten[chunk_no][lo : len(chunk)]
+        return data
+
     def next_data(self, index: int) -> int | None:
-        """The first page index from *index* on that holds a page, or None (holes to the end)."""
+        """The first page index from *index* on that holds a written page, or None."""
         first = index >> CHUNK_SHIFT
         for chunk_no in sorted(c for c in self._chunks if c >= first):
             lo = index - (chunk_no << CHUNK_SHIFT) if chunk_no == first else 0
-            present = np.flatnonzero(self._chunks[chunk_no][lo:] != HOLE)
+            present = np.flatnonzero(self._data_mask(chunk_no, lo))
             if present.size:
                 return (chunk_no << CHUNK_SHIFT) + lo + int(present[0])
         return None
 
     def next_hole(self, index: int) -> int:
-        """The first page index from *index* on that holds no page (past the last, one does)."""
+        """The first page index from *index* on that holds no page or an unwritten one (past
+        the last page, one does)."""
         chunk_no = index >> CHUNK_SHIFT
         lo = index & CHUNK_MASK
         while (chunk := self._chunks.get(chunk_no)) is not None:
-            holes = np.flatnonzero(chunk[lo:] == HOLE)
+            holes = np.flatnonzero(~self._data_mask(chunk_no, lo))
             if holes.size or len(chunk) < CHUNK_PAGES:  # entries past a chunk's end are holes
                 at = lo + int(holes[0]) if holes.size else max(lo, len(chunk))
                 return (chunk_no << CHUNK_SHIFT) + at
@@ -250,6 +406,30 @@ class FilePages:
             hi = min(CHUNK_PAGES, lo + end - index)
             yield chunk_no, lo, hi, index - first_index
             index += hi - lo
+
+
+def _kept_after_split(at: int, after: int | None, keep_below: int) -> BoolArray:
+    """Which of a huge page's 512 pages a split for a punch keeps: Linux splits the folio
+    around page *at* into buddy blocks (*at* alone, and one block of each order below 9
+    beside it), then the block holding page *after* (if any) around it; every new block but
+    the one at the split folio's start goes if it starts at or past page *keep_below*."""
+    keep = np.ones(CHUNK_PAGES, dtype=bool)
+    blocks = _buddy_blocks(at, 0, HUGE_ORDER)
+    for start, order in blocks[1:]:
+        if start >= keep_below and start != 0:
+            keep[start : start + (1 << order)] = False
+    if after is not None and keep[after]:
+        start, order = next((s, o) for s, o in blocks if s <= after < s + (1 << o))
+        for sub, sub_order in _buddy_blocks(after, start, order):
+            if sub >= keep_below and sub != start:
+                keep[sub : sub + (1 << sub_order)] = False
+    return keep
+
+
+def _buddy_blocks(at: int, start: int, order: int) -> list[tuple[int, int]]:
+    """The blocks (first page, order) a non-uniform split of the 2**order pages from *start*
+    around page *at* makes: *at* alone, and beside it one block of each smaller order."""
+    return [(at, 0), *[(((((at - start) >> k) ^ 1) << k) + start, k) for k in range(order)]]
 
 
 def _capacity(length: int) -> int:

@@ -303,6 +303,37 @@ class Operations(pyfuse3.Operations):
         # Only SEEK_DATA and SEEK_HOLE come here: the kernel answers the others itself.
         return self.tree.seek_data_or_hole(fh, off, whence)
 
+    async def fallocate(
+        self, inode: int, fh: int, mode: int, off: int, length: int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        # EOPNOTSUPP for the modes tmpfs lacks, never ENOSYS: that would turn fallocate off
+        # for the whole mount (the kernel's no_fallocate).
+        self.tree.fallocate(fh, mode, off, length)
+
+    async def copy_file_range(
+        self,
+        inode_in: int,
+        fh_in: int,
+        off_in: int,
+        inode_out: int,
+        fh_out: int,
+        off_out: int,
+        length: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> int:
+        if flags:
+            raise FsError(errno.EINVAL)
+        source = self.tree.get(inode_in)
+        atime_ns = source.atime_ns
+        copied = self.tree.copy_range(fh_in, off_in, fh_out, off_out, length)
+        if source.atime_ns != atime_ns:
+            # The kernel refreshes the target's attributes after a copy, not the source's:
+            # without this, stat would show the old atime for ATTR_TIMEOUT_S (tmpfs: at once).
+            # Safe inside the request: an attributes-only notice takes no inode lock.
+            pyfuse3.invalidate_inode(inode_in, attr_only=True)
+        return copied
+
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
         return self.tree.write(fh, off, buf)

@@ -19,6 +19,8 @@ from kexec_sim import PAGE_SIZE, PfnArray, Ram
 
 from . import file_data, secret_pages, xattrs
 from .errors import FsError
+from .file_data import Buffer
+from .file_space import allocate, punch
 from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .inode_table import InodeTable
 from .page_pool import PagePool
@@ -27,6 +29,10 @@ from .quiet_inodes import QuietInodes
 RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+MAX_RW_COUNT = 0x7FFFF000  # the most one read, write or copy_file_range moves (INT_MAX & PAGE_MASK)
+COPY_STEP = 1 << 20  # copy_file_range moves this much at a time through a buffer
 
 
 @dataclass
@@ -453,14 +459,12 @@ class Tree:
 
     def _truncate(self, inode: Inode, size: int) -> None:
         """Set a regular file's size (its times are the caller's): pages past the end are
-        freed, growing is sparse."""
+        freed (those fallocate put there too, at the same size, as tmpfs), growing is sparse."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_BYTES:
             raise FsError(errno.EFBIG)
         assert inode.pages is not None
-        if size == inode.size_bytes:
-            return
         file_data.truncate(
             self.ram,
             inode.pages,
@@ -554,6 +558,11 @@ class Tree:
         if inode.pages is None:
             raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
         self._touch_atime(inode)
+        return self._file_bytes(inode, off, length)
+
+    def _file_bytes(self, inode: Inode, off: int, length: int) -> Buffer:
+        """Up to *length* bytes of regular file *inode* at *off* (fewer at EOF)."""
+        assert inode.pages is not None
         if self.is_secret(inode):
             return file_data.read_secret(self.ram, inode.pages, inode.size_bytes, off, length)
         return file_data.read(self.ram, inode.pages, inode.size_bytes, off, length)
@@ -576,7 +585,91 @@ class Tree:
             raise FsError(errno.ENXIO)
         return max(offset, found * PAGE_SIZE)
 
-    def write(self, fh: int, off: int, data: bytes) -> int:
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open regular file, as tmpfs answers it: mode 0 allocates and
+        extends the file, KEEP_SIZE only allocates, PUNCH_HOLE|KEEP_SIZE frees; any other
+        mode is EOPNOTSUPP (tmpfs has no ZERO_RANGE, COLLAPSE, INSERT or UNSHARE). On success
+        mtime and ctime are stamped and privileges dropped as by a write."""
+        self._check_writable()
+        handle = self.handle(fh)
+        inode = self.get(handle.ino)
+        if inode.pages is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.ENODEV)
+        if mode not in (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+            raise FsError(errno.EOPNOTSUPP)
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        end = offset + length
+        if end > MAX_FILE_BYTES:
+            raise FsError(errno.EFBIG)
+        secret = self.is_secret(inode)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            punch(self.ram, inode.pages, self.pool, offset, end, inode.size_bytes, secret=secret)
+        else:
+            allocate(self.ram, inode.pages, self.pool, offset, end, huge=self.huge, secret=secret)
+            if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size_bytes:
+                inode.size_bytes = end
+        self._modified(inode, handle)
+
+    def copy_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:
+        """copy_file_range(2) between open regular files, as tmpfs does it (the kernel's copy
+        through the page cache): the bytes move inside the machine's RAM, the source's holes
+        and unwritten pages arrive as written zeros, at most MAX_RW_COUNT bytes a call, short
+        (not ENOSPC) when some were copied before the mount filled up."""
+        source = self.get(self.handle(fh_in).ino)
+        target = self.get(self.handle(fh_out).ino)
+        if source.pages is None or target.pages is None:
+            raise FsError(errno.EISDIR if source.is_dir or target.is_dir else errno.EINVAL)
+        if off_in < 0 or off_out < 0:
+            raise FsError(errno.EINVAL)
+        length = max(0, min(length, MAX_RW_COUNT, source.size_bytes - off_in))
+        if off_out >= MAX_FILE_BYTES:
+            raise FsError(errno.EFBIG)
+        length = min(length, MAX_FILE_BYTES - off_out)
+        if source is target and off_out + length > off_in and off_out < off_in + length:
+            raise FsError(errno.EINVAL)
+        copied = 0
+        while copied < length:
+            step = min(COPY_STEP, length - copied)
+            data = self._file_bytes(source, off_in + copied, step)
+            try:
+                self.write(fh_out, off_out + copied, data)
+            except FsError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                copied = self._copy_until_full(fh_out, off_out + copied, data, copied)
+                break
+            copied += step
+        if copied:  # after the writes, as tmpfs: a copy inside one file finds its mtime
+            # stamped, and relatime then gives atime the same time (one syscall, one time)
+            self._touch_atime(source, target.mtime_ns if source is target else None)
+        return copied
+
+    def _copy_until_full(self, fh_out: int, off_out: int, data: Buffer, copied: int) -> int:
+        """Write *data* a page of the target at a time until the mount is full: the bytes
+        copied in all (*copied* before), or ENOSPC if none."""
+        view = memoryview(data)
+        at = 0
+        while at < len(view):
+            piece = min(len(view) - at, PAGE_SIZE - (off_out + at) % PAGE_SIZE)
+            try:
+                self.write(fh_out, off_out + at, view[at : at + piece])
+            except FsError:
+                if copied + at:
+                    return copied + at
+                raise
+            at += piece
+        return copied + at
+
+    def _modified(self, inode: Inode, handle: OpenFile) -> None:
+        """Stamp mtime and ctime and drop privileges, as the VFS's file_modified does."""
+        if inode.xattrs or inode.mode & (stat.S_ISUID | stat.S_ISGID):
+            self._kill_privileges(inode, handle.opener_uid)
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+
+    def write(self, fh: int, off: int, data: Buffer) -> int:
         """Write to an open regular file; return the bytes written (all of them)."""
         self._check_writable()
         handle = self.handle(fh)
@@ -592,9 +685,7 @@ class Tree:
             file_data.write(self.ram, inode.pages, self.pool, off, data, huge=self.huge)
         if end > inode.size_bytes:
             inode.size_bytes = end
-        if inode.xattrs or inode.mode & (stat.S_ISUID | stat.S_ISGID):
-            self._kill_privileges(inode, handle.opener_uid)
-        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self._modified(inode, handle)
         return len(data)
 
     def is_secret(self, inode: Inode) -> bool:
@@ -612,11 +703,12 @@ class Tree:
         if pfns.size:
             secret_pages.hide(self.ram, pfns)
 
-    def _touch_atime(self, inode: Inode) -> None:
-        """Update atime as relatime does: only if it is not newer than mtime/ctime or a day old."""
+    def _touch_atime(self, inode: Inode, now: int | None = None) -> None:
+        """Update atime (to *now*, by default the time) as relatime does: only if it is not
+        newer than mtime/ctime or a day old."""
         if self.read_only:
             return
-        now = time.time_ns()
+        now = time.time_ns() if now is None else now
         if (
             inode.atime_ns <= inode.mtime_ns
             or inode.atime_ns <= inode.ctime_ns

@@ -15,7 +15,7 @@ for the inodes that have any). Each regular file owns the next ``entries`` page-
 
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
 from typing import Any, cast
@@ -24,11 +24,11 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import HUGE_ORDER, PAGE_SIZE, PageRuns, PfnArray
+from kexec_sim import HUGE_ORDER, PAGE_SIZE, PageRuns, PfnArray, run_positions
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
-from .file_pages import FilePages
+from .file_pages import Fallocated, FilePages
 from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .options import MAX_NR_INODES, MAX_SIZE_BYTES
 
@@ -36,6 +36,7 @@ RECORD_FORMAT = 2
 MAX_SIZE_PAGES = MAX_SIZE_BYTES // PAGE_SIZE
 NS_PER_SEC = 10**9
 _MAX_KEY_BYTES = 64
+_MAX_INDEX = MAX_FILE_BYTES // PAGE_SIZE + 1  # past the last page a file may hold
 _IFMT = 0o170000  # the file type bits of a mode
 _KINDS = np.array(
     [
@@ -129,6 +130,7 @@ class InodeColumns:
     entries: dict[int, Entries]
     targets: dict[int, bytes]
     xattrs: dict[int, dict[bytes, bytes]]
+    fallocated: dict[int, Fallocated] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.columns["ino"])
@@ -154,6 +156,7 @@ class InodeColumns:
             moved(self.entries),
             moved(self.targets),
             moved(self.xattrs),
+            moved(self.fallocated),
         )
 
     @staticmethod
@@ -171,6 +174,7 @@ class InodeColumns:
             joined("entries"),
             joined("targets"),
             joined("xattrs"),
+            joined("fallocated"),
         )
 
 
@@ -251,7 +255,10 @@ def inode_columns(inodes: list[Inode]) -> tuple[InodeColumns, PageEntries]:
     parent = np.zeros(n, dtype=np.int64)
     parent[list(entries)] = [inodes[r].parent_ino for r in entries]
     pages = PageEntries(pfns, orders, indexes)
-    return InodeColumns(columns, parent, entries, targets, attrs), pages
+    fallocs = np.fromiter(map(attrgetter("fallocated"), indexes_of), object, count=len(files))
+    with_falloc = np.flatnonzero(fallocs != None)  # noqa: E711 (elementwise, in C)
+    fallocated = dict(zip(files[with_falloc].tolist(), fallocs[with_falloc], strict=True))
+    return InodeColumns(columns, parent, entries, targets, attrs, fallocated), pages
 
 
 def _by_row(inodes: list[Inode], rows: Column, field: str) -> dict[int, Any]:
@@ -315,7 +322,7 @@ def snapshot(
     packer = msgpack.Packer(use_bin_type=True)
     pack = packer.pack
     head = {"format": RECORD_FORMAT, "mount": mount.to_record(), "next_ino": next_ino}
-    pieces: list[bytes | memoryview] = [packer.pack_map_header(len(head) + 4)]
+    pieces: list[bytes | memoryview] = [packer.pack_map_header(len(head) + 5)]
     for key, value in head.items():
         pieces += [pack(key), pack(value)]
     pieces += [pack("columns"), packer.pack_map_header(len(COLUMNS))]
@@ -334,9 +341,24 @@ def snapshot(
         pack(
             [[int(ordered.columns["ino"][r]), attrs] for r, attrs in sorted(ordered.xattrs.items())]
         ),
+        pack("fallocated"),
+        pack(
+            [
+                [int(ordered.columns["ino"][r]), f.end, _runs_record(f)]
+                for r, f in sorted(ordered.fallocated.items())
+            ]
+        ),
     ]
     meta = b"".join(pieces)
     return TreeSnapshot(meta, stream.pfns, stream.orders, stream.indexes, len(ordered))
+
+
+def _runs_record(fallocated: Fallocated) -> bytes:
+    """The unwritten pages of a file as the record holds them: (first index, count) pairs,
+    little-endian u64, ascending."""
+    indexes = fallocated.indexes()
+    at, lengths = run_positions(indexes)
+    return np.stack([indexes[at], lengths], axis=1).astype("<u8").tobytes()
 
 
 def _bin_header(nbytes: int) -> bytes:
@@ -371,10 +393,14 @@ def rebuild(
     parent, entries = check.directories(document.get("directories"), dir_rows, n, next_ino)
     targets = check.symlinks(document.get("symlinks"), link_rows)
     attrs = check.xattrs(document.get("xattrs"), columns["ino"])
-    inodes = InodeColumns(columns, parent, cast(dict[int, Entries], entries), targets, attrs)
+    fallocated = check.fallocated(document.get("fallocated", []), columns["ino"], kinds)
+    inodes = InodeColumns(
+        columns, parent, cast(dict[int, Entries], entries), targets, attrs, fallocated
+    )
     check.structure(inodes, entries, kinds)
     stream = PageEntries(pfns, orders, indexes)
     check.page_slices(inodes, kinds, stream)
+    check.unwritten_held(inodes, stream)
     return RebuiltTree(inodes, stream, next_ino, mount)
 
 
@@ -548,6 +574,55 @@ class _Checker:
             last = row
         return result
 
+    def fallocated(self, raw: object, ino: Column, kinds: Column) -> dict[int, Fallocated]:
+        """What fallocate left, by row: regular files, inodes ascending, fallocend within the
+        largest file, unwritten pages as ascending runs apart from each other."""
+        self.that(isinstance(raw, list), "bad fallocated list")
+        assert isinstance(raw, list)
+        result: dict[int, Fallocated] = {}
+        last = -1
+        for item in raw:
+            self.that(isinstance(item, list) and len(item) == 3, "bad fallocated")
+            number = self.integer(item[0], "fallocated inode", ROOT_INO, int(ino[-1]))
+            row = int(np.searchsorted(ino, number))
+            self.that(
+                row > last and ino[row] == number and kinds[row] == stat.S_IFREG,
+                f"fallocated of inode {number}: no such file",
+            )
+            falloc = Fallocated()
+            falloc.end = self.integer(item[1], f"inode {number}: fallocend", 0, _MAX_INDEX)
+            runs = item[2]
+            self.that(isinstance(runs, bytes) and len(runs) % 16 == 0, f"inode {number}: bad runs")
+            assert isinstance(runs, bytes)
+            pairs = np.frombuffer(runs, dtype="<u8").reshape(-1, 2).astype(np.int64)
+            starts, counts = pairs[:, 0], pairs[:, 1]
+            self.that(
+                bool((counts > 0).all())
+                and bool((starts >= 0).all() and (starts + counts <= _MAX_INDEX).all())
+                and bool((starts[1:] > starts[:-1] + counts[:-1]).all()),
+                f"inode {number}: unwritten runs out of order or range",
+            )
+            falloc.add(PageRuns(starts, counts).expand())
+            self.that(bool(falloc.unwritten) or falloc.end > 0, f"inode {number}: empty fallocated")
+            result[row] = falloc
+            last = row
+        return result
+
+    def unwritten_held(self, inodes: InodeColumns, stream: PageEntries) -> None:
+        """Every unwritten page is a page its file holds."""
+        first_entry = inodes.first_entry
+        for row, falloc in inodes.fallocated.items():
+            first, count = int(first_entry[row]), int(inodes.columns["entries"][row])
+            held = PageRuns(
+                stream.indexes[first : first + count],
+                np.int64(1) << stream.orders[first : first + count],
+            ).expand()
+            unwritten = falloc.indexes()
+            self.that(
+                bool(np.isin(unwritten, held).all()),
+                f"inode {int(inodes.columns['ino'][row])}: an unwritten page it does not hold",
+            )
+
     def structure(
         self, inodes: InodeColumns, entries: dict[int, dict[bytes, int]], kinds: Column
     ) -> None:
@@ -630,6 +705,8 @@ class _Checker:
             )
         huge_pages = np.int64(1) << HUGE_ORDER
         size_pages = -(-np.maximum(inodes.columns["size"][rows], 1) // PAGE_SIZE)
+        for at in np.flatnonzero(np.isin(rows, list(inodes.fallocated))).tolist():
+            size_pages[at] = max(int(size_pages[at]), inodes.fallocated[int(rows[at])].end)
         limits = -(-size_pages // huge_pages) * huge_pages
         reach = indexes[last] + ((np.int64(1) << orders[last]) if has_huge else 1)
         past_end = np.flatnonzero(reach > limits)
