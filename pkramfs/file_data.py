@@ -14,7 +14,7 @@ from kexec_sim import PAGE_SHIFT, PAGE_SIZE, PfnArray, Ram, run_positions
 
 from . import secret_pages
 from .errors import FsError
-from .file_pages import CHUNK_MASK, CHUNK_PAGES, CHUNK_SHIFT, HOLE, FilePages
+from .file_pages import CHUNK_MASK, CHUNK_SHIFT, HOLE, FilePages
 from .page_pool import PagePool
 
 _MAX_LOOPED_RUNS = 8  # above this many runs, the middle pages are copied with one numpy copy
@@ -141,7 +141,7 @@ def truncate(
     if new_size > old_size:
         return
     keep_pages = (new_size + PAGE_SIZE - 1) >> PAGE_SHIFT
-    dropped = pages.truncate(keep_pages)
+    dropped = pages.truncate(new_size)
     if secret:
         secret_pages.unhide(ram, dropped)
     pool.give_back(dropped)
@@ -220,63 +220,66 @@ def _fill_holes(
     *,
     huge: bool,
 ) -> PfnArray:
-    """Allocate pages for the holes of a write and zero what the write will not cover."""
-    new_huge = []
+    """Allocate pages for the holes of a write (see `take_holes`) and zero what the write
+    will not cover; return the pfns of the write's pages."""
+    new = take_holes(pages, pool, first, len(pfns), huge=huge)
+    covered = (new >= -(-start_byte >> PAGE_SHIFT)) & (new < end_byte >> PAGE_SHIFT)
+    zero_pages(ram, pages.pfns_at(new[~covered]))
+    return pages.lookup(first, len(pfns))
+
+
+def take_holes(pages: FilePages, pool: PagePool, first: int, count: int, *, huge: bool) -> PfnArray:
+    """Give the holes of pages [first, first + count) pages from the pool and return the
+    indexes of every page newly held, ascending. All or nothing: FsError(ENOSPC), taking
+    none, if the mount has too few.
+
+    With *huge* (huge=always) it allocates as tmpfs does: a huge page to each empty chunk
+    while the pool has an aligned 2 MiB run free, elsewhere each hole with the largest
+    aligned block of holes around it (recorded as a large folio), or only the holes if
+    ``size=`` leaves no room for the blocks (tmpfs falls back to small pages then)."""
+    new_huge: list[int] = []
+    indexes: PfnArray | None = None
+    blocks: list[tuple[int, int]] = []
     if huge:
-        new_huge = _fill_huge_chunks(ram, pages, pool, first, len(pfns), start_byte, end_byte)
-        pfns = pages.lookup(first, len(pfns))
-    holes = np.flatnonzero(pfns == HOLE)
-    if len(holes) == 0:
-        return pfns
+        for chunk_no in range(first >> CHUNK_SHIFT, ((first + count - 1) >> CHUNK_SHIFT) + 1):
+            if pages.chunk_is_empty(chunk_no):
+                base = pool.take_huge()
+                if base is None:
+                    break  # no aligned free run: blocks of small pages from here on
+                pages.assign_huge(chunk_no, base)
+                new_huge.append(chunk_no)
+        indexes, blocks = pages.plan_folios(first, count)
+        if blocks and not pool.fits(len(indexes)):
+            indexes, blocks = None, []
+    if indexes is None:
+        indexes = np.flatnonzero(pages.lookup(first, count) == HOLE) + first
     try:
-        new = pool.take(len(holes))
-    except FsError:  # ENOSPC: the write takes nothing, huge pages included
+        new = pool.take(len(indexes))
+    except FsError:  # ENOSPC: nothing taken, huge pages included
         for chunk_no in new_huge:
             pool.give_back(pages.remove_huge(chunk_no))
         raise
-    pfns = pfns.copy()
-    pfns[holes] = new
-    fresh = np.full(len(pfns), HOLE, dtype=np.int64)
-    fresh[holes] = new
-    pages.assign(first, fresh)
-    # Only the first and last page of a write can be partly covered; zero those when new.
-    for edge in {0, len(pfns) - 1}:
-        if fresh[edge] != HOLE:  # a page of the write: marked changed with it
-            zero_bytes(ram, int(fresh[edge]) * PAGE_SIZE, PAGE_SIZE, mark=False)
-    return pfns
+    pages.assign_at(indexes, new)
+    pages.record_blocks(blocks)
+    if not new_huge:
+        return indexes
+    whole = [np.arange(c << CHUNK_SHIFT, (c + 1) << CHUNK_SHIFT) for c in new_huge]
+    return np.sort(np.concatenate([indexes, *whole]))
 
 
-def _fill_huge_chunks(
-    ram: Ram,
-    pages: FilePages,
-    pool: PagePool,
-    first: int,
-    count: int,
-    start_byte: int,
-    end_byte: int,
-) -> list[int]:
-    """Give each empty 2 MiB chunk the write touches a huge page, when one is free.
-
-    Returns the chunks that got one.
-    """
-    assigned = []
-    for chunk_no in range(first >> CHUNK_SHIFT, ((first + count - 1) >> CHUNK_SHIFT) + 1):
-        if not pages.chunk_is_empty(chunk_no):
-            continue
-        base = pool.take_huge()
-        if base is None:
-            break  # no aligned free run: small pages from here on
-        pages.assign_huge(chunk_no, base)
-        assigned.append(chunk_no)
-        chunk_lo = chunk_no * CHUNK_PAGES * PAGE_SIZE
-        chunk_hi = chunk_lo + CHUNK_PAGES * PAGE_SIZE
-        ram_lo = base * PAGE_SIZE
-        if start_byte > chunk_lo:
-            zero_bytes(ram, ram_lo, min(start_byte, chunk_hi) - chunk_lo)
-        if end_byte < chunk_hi:
-            lo = max(end_byte, chunk_lo)
-            zero_bytes(ram, ram_lo + lo - chunk_lo, chunk_hi - lo)
-    return assigned
+def zero_pages(ram: Ram, pfns: PfnArray, *, mark: bool = True) -> None:
+    """Zero the pages *pfns* (a slice per run of consecutive pfns, or one fancy-index store
+    when scattered); mark them changed unless *mark* is False (the caller's store will)."""
+    if not len(pfns):
+        return
+    at, lengths = run_positions(pfns)
+    if len(at) * 4 > len(pfns):
+        ram.pages[pfns] = 0
+    else:
+        for start, length in zip(pfns[at].tolist(), lengths.tolist(), strict=True):
+            ram.pages[start : start + length] = 0
+    if mark:
+        ram.keys.mark_changed(pfns)
 
 
 def zero_bytes(ram: Ram, ram_byte: int, length: int, *, mark: bool = True) -> None:

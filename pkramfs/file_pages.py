@@ -17,11 +17,10 @@ from itertools import chain
 from operator import attrgetter, itemgetter
 
 import numpy as np
-import numpy.typing as npt
 
 from kexec_sim import HUGE_ORDER, HUGE_PAGES, PAGE_SHIFT, PfnArray
 
-BoolArray = npt.NDArray[np.bool_]
+from .folios import BoolArray, Folios, largest_hole_block, split
 
 HOLE = -1
 CHUNK_SHIFT = HUGE_ORDER
@@ -30,46 +29,19 @@ CHUNK_MASK = CHUNK_PAGES - 1
 MIN_CHUNK_ENTRIES = 4
 _NO_HUGE: frozenset[int] = frozenset()
 _CHUNK_OFFSETS = np.arange(CHUNK_PAGES, dtype=np.int64)
-
-
-class Fallocated:
-    """What fallocate(2) left on a file: its unwritten pages (a mask per chunk that has any)
-    and ``end``, the page index fallocate reached (tmpfs's fallocend: a huge page split keeps
-    its pages up to there, even past the end of the file)."""
-
-    __slots__ = ("end", "unwritten")
-
-    def __init__(self) -> None:
-        self.unwritten: dict[int, BoolArray] = {}
-        self.end = 0
-
-    def add(self, indexes: PfnArray) -> None:
-        """Mark the pages at *indexes* (ascending) unwritten."""
-        chunk_nos = indexes >> CHUNK_SHIFT
-        starts = np.flatnonzero(np.diff(chunk_nos, prepend=-1))
-        for lo, hi in zip(starts.tolist(), [*starts[1:].tolist(), len(indexes)], strict=True):
-            chunk_no = int(chunk_nos[lo])
-            mask = self.unwritten.setdefault(chunk_no, np.zeros(CHUNK_PAGES, dtype=bool))
-            mask[indexes[lo:hi] & CHUNK_MASK] = True
-
-    def indexes(self) -> PfnArray:
-        """The indexes of the unwritten pages, ascending."""
-        found = [
-            np.flatnonzero(self.unwritten[c]) + (c << CHUNK_SHIFT) for c in sorted(self.unwritten)
-        ]
-        return np.concatenate(found).astype(np.int64) if found else np.empty(0, dtype=np.int64)
+_NONE = np.empty(0, dtype=np.int64)
 
 
 class FilePages:
     """Map file page index -> pfn for one file, sparse, in chunks of up to 512 entries."""
 
-    __slots__ = ("_chunks", "_huge", "fallocated", "nr_pages")
+    __slots__ = ("_chunks", "_huge", "folios", "nr_pages")
 
     def __init__(self) -> None:
         self._chunks: dict[int, PfnArray] = {}
         self._huge: set[int] | frozenset[int] = _NO_HUGE  # chunks that are one huge page
         self.nr_pages = 0  # pages owned (excluding holes)
-        self.fallocated: Fallocated | None = None  # None: nothing fallocated since made
+        self.folios: Folios | None = None  # None: small pages and huge pages only, written
 
     def lookup(self, first_index: int, count: int) -> PfnArray:
         """Return the pfns of pages [first_index, first_index+count), HOLE for holes."""
@@ -119,6 +91,22 @@ class FilePages:
             target[fill] = part[fill]
             self.nr_pages += int(np.count_nonzero(fill))
 
+    def assign_at(self, indexes: PfnArray, pfns: PfnArray) -> None:
+        """Record *pfns* for the holes at *indexes* (ascending)."""
+        if not len(indexes):
+            return
+        lo = int(indexes[0])
+        fresh = np.full(int(indexes[-1]) + 1 - lo, HOLE, dtype=np.int64)
+        fresh[indexes - lo] = pfns
+        self.assign(lo, fresh)
+
+    def pfns_at(self, indexes: PfnArray) -> PfnArray:
+        """The pfns of the pages at *indexes* (ascending), HOLE for holes."""
+        if not len(indexes):
+            return _NONE
+        lo = int(indexes[0])
+        return self.lookup(lo, int(indexes[-1]) + 1 - lo)[indexes - lo]
+
     def assign_huge(self, chunk_no: int, base_pfn: int) -> None:
         """Make chunk *chunk_no*, which must be all holes, one huge page starting at *base_pfn*."""
         assert chunk_no not in self._chunks, "huge page over existing pages"
@@ -141,144 +129,214 @@ class FilePages:
         """Return whether chunk *chunk_no* holds no page at all."""
         return chunk_no not in self._chunks
 
-    def truncate(self, nr_index_pages: int) -> PfnArray:
-        """Drop every page at index >= *nr_index_pages*; return the pfns that were dropped."""
-        dropped: list[PfnArray] = []
-        first_chunk = nr_index_pages >> CHUNK_SHIFT
+    def truncate(self, size_bytes: int) -> PfnArray:
+        """Drop every page past a file end at *size_bytes*; return the pfns dropped.
+
+        A folio the end cuts is split as tmpfs splits it (see folios): around the page
+        holding the end; its blocks before the end stay."""
+        keep_pages = -(-size_bytes >> PAGE_SHIFT)
+        folios = self.folios
+        if folios is not None and folios.fallocend > keep_pages:
+            folios.fallocend = keep_pages  # as shmem_undo_range moves it
+        dropped = [self._cut_folio(size_bytes >> PAGE_SHIFT, None, keep_pages, size_bytes)]
+        first_chunk = keep_pages >> CHUNK_SHIFT
         for chunk_no in [c for c in self._chunks if c >= first_chunk]:
             chunk = self._chunks[chunk_no]
-            lo = nr_index_pages - (chunk_no << CHUNK_SHIFT) if chunk_no == first_chunk else 0
+            lo = keep_pages - (chunk_no << CHUNK_SHIFT) if chunk_no == first_chunk else 0
             tail = chunk[lo:]
-            present = tail[tail != HOLE]
-            dropped.append(present.copy())
+            dropped.append(tail[tail != HOLE].copy())
             if lo == 0 or not (chunk[:lo] != HOLE).any():
                 del self._chunks[chunk_no]
             else:
                 self._chunks[chunk_no] = _fitted(chunk[:lo])
-            self._huge = self._huge - {chunk_no}  # a cut huge page becomes small pages
-        self._forget_range(nr_index_pages, None)
-        if not dropped:
-            return np.empty(0, dtype=np.int64)
-        pfns = np.concatenate(dropped)
-        self.nr_pages -= len(pfns)
-        return pfns
+            self._huge = self._huge - {chunk_no}
+            if folios is not None:
+                folios.clear(chunk_no, lo, CHUNK_PAGES)
+        return self._dropped(dropped)
 
     def punch(self, start_byte: int, end_byte: int, eof_pages: int) -> PfnArray:
         """Drop the whole pages of bytes [start_byte, end_byte); return the pfns dropped.
 
-        A huge page the range covers in part is split first, as Linux 6.18 splits a folio
-        for a punch (truncate_inode_partial_folio): into buddy blocks around the page of the
-        range's first byte, then around the page of the first byte after it. A block that
-        starts at or past the end of the file (*eof_pages*, or fallocend if further) goes too.
-        """
+        A folio the range cuts (the one holding its first byte, the one holding its last)
+        is split first, as tmpfs splits it for a punch (see folios); its blocks that start at
+        or past the end of the file (*eof_pages*, or fallocend if further) go too."""
         first, end = -(-start_byte >> PAGE_SHIFT), end_byte >> PAGE_SHIFT
-        self._forget_range(first, end)  # first: a split keeps pages up to the new fallocend
-        keep_below = max(eof_pages, self.fallocated.end if self.fallocated else 0)
-        dropped: list[PfnArray] = []
-        last_byte_chunk = (end_byte - 1) >> (PAGE_SHIFT + CHUNK_SHIFT)
-        for chunk_no in sorted({start_byte >> (PAGE_SHIFT + CHUNK_SHIFT), last_byte_chunk}):
-            chunk_byte = chunk_no << (PAGE_SHIFT + CHUNK_SHIFT)
-            chunk_end = chunk_byte + (CHUNK_PAGES << PAGE_SHIFT)
-            if chunk_no in self._huge and not (start_byte <= chunk_byte and end_byte >= chunk_end):
-                at = max(start_byte - chunk_byte, 0) >> PAGE_SHIFT
-                after = (end_byte - chunk_byte) >> PAGE_SHIFT if end_byte < chunk_end else None
-                keep = _kept_after_split(at, after, keep_below - (chunk_no << CHUNK_SHIFT))
-                dropped.append(self._split_huge(chunk_no, keep))
+        folios = self.folios
+        if folios is not None and first < folios.fallocend <= end:
+            folios.fallocend = first  # as shmem_undo_range moves it, before the splits
+        keep_below = max(eof_pages, folios.fallocend if folios else 0)
+        first_page, last_page = start_byte >> PAGE_SHIFT, (end_byte - 1) >> PAGE_SHIFT
+        folio_start, order = self._folio(first_page)  # before the split, as tmpfs's same_folio
+        same_folio = last_page < folio_start + (1 << order)
+        dropped = [self._cut_folio(first_page, end, keep_below, start_byte)]
+        if not same_folio:
+            dropped.append(self._cut_folio(last_page, end, keep_below, start_byte))
         for chunk_no in [
             c for c in self._chunks if first >> CHUNK_SHIFT <= c <= (end - 1) >> CHUNK_SHIFT
         ]:
             base = chunk_no << CHUNK_SHIFT
-            chunk = self._chunks[chunk_no].copy()  # a restored chunk may be a view of a stream
             lo, hi = max(first - base, 0), min(end - base, CHUNK_PAGES)
-            if chunk_no in self._huge:  # covered whole: split ones are small pages by now
-                dropped.append(self.remove_huge(chunk_no))
+            if chunk_no in self._huge:  # covered whole: one cut is split by now
+                self._huge = self._huge - {chunk_no}
+                dropped.append(self._chunks.pop(chunk_no))
                 continue
+            chunk = self._chunks[chunk_no].copy()  # a restored chunk may be a view of a stream
             part = chunk[lo:hi]
-            present = part[part != HOLE]
-            if not present.size:
-                continue
-            dropped.append(present.copy())
-            self.nr_pages -= len(present)
+            dropped.append(part[part != HOLE].copy())
             part[:] = HOLE
             if (chunk != HOLE).any():
                 self._chunks[chunk_no] = _fitted(chunk)
             else:
                 del self._chunks[chunk_no]
-        return np.concatenate(dropped) if dropped else np.empty(0, dtype=np.int64)
+            if folios is not None:
+                folios.clear(chunk_no, lo, hi)
+        return self._dropped(dropped)
 
-    def _split_huge(self, chunk_no: int, keep: BoolArray) -> PfnArray:
-        """Make huge chunk *chunk_no* small pages, keeping those *keep* says; return the rest."""
+    def _folio(self, index: int) -> tuple[int, int]:
+        """(first index, order) of the folio holding the (held) page at *index*."""
+        chunk_no = index >> CHUNK_SHIFT
+        base = chunk_no << CHUNK_SHIFT
+        if chunk_no in self._huge:
+            return base, HUGE_ORDER
+        if self.folios is None:
+            return index, 0
+        start, order = self.folios.folio(chunk_no, index - base)
+        return base + start, order
+
+    def _cut_folio(self, index: int, end: int | None, keep_below: int, start_byte: int) -> PfnArray:
+        """Split the large folio holding page *index* if a cut of bytes from *start_byte* (up
+        to page *end*, or the end of the file if None) leaves part of it, as
+        truncate_inode_partial_folio does: around the page of *start_byte* (or the folio's
+        first page, if the cut starts before it), then around page *end* if inside. The new
+        blocks that start at or past *keep_below* go: returns their pfns."""
+        if self.lookup_list(index, 1)[0] == HOLE:
+            return _NONE
+        start, order = self._folio(index)
+        size = 1 << order
+        if not order or (
+            start_byte <= start << PAGE_SHIFT and (end is None or end >= start + size)
+        ):
+            return _NONE  # a small page, or all of the folio goes
+        at = max(start_byte >> PAGE_SHIFT, start)
+        after = end if end is not None and end < start + size else None
+        chunk_no = start >> CHUNK_SHIFT
+        base = chunk_no << CHUNK_SHIFT
+        lo, hi = start - base, start - base + size
+        kept = split(
+            lo, order, at - base, None if after is None else after - base, keep_below - base
+        )
+        keep = np.ones(CHUNK_PAGES, dtype=bool)
+        keep[lo:hi] = False
+        for block_start, block_order in kept:
+            keep[block_start : block_start + (1 << block_order)] = True
+        chunk = self._chunks[chunk_no].copy()  # a huge page's, or a view of a stream
+        keep = keep[: len(chunk)]
+        gone = chunk[~keep]
+        chunk[~keep] = HOLE
         self._huge = self._huge - {chunk_no}
-        chunk = self._chunks[chunk_no].copy()
-        self._chunks[chunk_no] = chunk
-        gone = chunk[~keep].copy()
-        if gone.size:
-            chunk[~keep] = HOLE
+        if (chunk != HOLE).any():
             self._chunks[chunk_no] = _fitted(chunk)
-            self.nr_pages -= len(gone)
-            if self.fallocated and chunk_no in self.fallocated.unwritten:
-                self.fallocated.unwritten[chunk_no] &= keep
-        return gone
+        else:
+            del self._chunks[chunk_no]
+        if self.folios is None:
+            self.folios = Folios()
+        self.folios.split(chunk_no, lo, hi, kept)
+        dropped: PfnArray = gone[gone != HOLE]
+        return dropped
 
-    def _forget_range(self, first: int, end: int | None) -> None:
-        """Bookkeeping for pages [first, end) going (None: to the end of the file): their
-        unwritten marks go, and fallocend moves back to *first* if it was inside, as
-        shmem_undo_range moves it."""
-        falloc = self.fallocated
-        if falloc is None:
-            return
-        if falloc.end > first and (end is None or falloc.end <= end):
-            falloc.end = first
-        for chunk_no, mask in list(falloc.unwritten.items()):
-            base = chunk_no << CHUNK_SHIFT
-            mask[max(first - base, 0) : CHUNK_PAGES if end is None else max(end - base, 0)] = False
+    def _dropped(self, parts: list[PfnArray]) -> PfnArray:
+        """The pfns of *parts* joined, taken off the page count."""
         self._settle()
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return _NONE
+        pfns = np.concatenate(parts)
+        self.nr_pages -= len(pfns)
+        return pfns
 
     def _settle(self) -> None:
-        """Drop chunks' empty unwritten masks, and the record when nothing is left in it."""
-        falloc = self.fallocated
-        if falloc is None:
+        """Drop the Folios record when it records nothing."""
+        if self.folios is not None and self.folios.is_empty():
+            self.folios = None
+
+    def plan_folios(self, first: int, count: int) -> tuple[PfnArray, list[tuple[int, int]]]:
+        """The pages tmpfs with huge=always allocates for the holes of [first, first + count)
+        in chunks that hold pages (an empty chunk takes a huge page): each hole with the
+        largest aligned block of holes around it, up to 1 MiB. Returns their indexes,
+        ascending, and the blocks of order 1 and more as (first index, order)."""
+        indexes: list[PfnArray] = []
+        blocks: list[tuple[int, int]] = []
+        for chunk_no, lo, hi, _ in self._spans(first, count):
+            chunk = self._chunks.get(chunk_no)
+            if chunk_no in self._huge:
+                continue
+            held = np.zeros(CHUNK_PAGES, dtype=bool)
+            if chunk is not None:
+                held[: len(chunk)] = chunk != HOLE
+            most = HUGE_ORDER - 1  # an empty chunk comes here only if no huge page was free
+            base = chunk_no << CHUNK_SHIFT
+            page = lo
+            while page < hi:
+                if held[page]:
+                    holes = np.flatnonzero(~held[page:hi])
+                    if not holes.size:
+                        break
+                    page += int(holes[0])
+                    continue
+                order = largest_hole_block(held, page, most)
+                start = page >> order << order
+                held[start : start + (1 << order)] = True
+                indexes.append(np.arange(base + start, base + start + (1 << order)))
+                if order:
+                    blocks.append((base + start, order))
+                page = start + (1 << order)
+        joined = np.concatenate(indexes).astype(np.int64) if indexes else _NONE
+        return joined, blocks
+
+    def record_blocks(self, blocks: list[tuple[int, int]]) -> None:
+        """Record *blocks* (first index, order 1 to 8; pages now held) as large folios."""
+        if not blocks:
             return
-        for chunk_no in [c for c, mask in falloc.unwritten.items() if not mask.any()]:
-            del falloc.unwritten[chunk_no]
-        if not falloc.unwritten and not falloc.end:
-            self.fallocated = None
+        if self.folios is None:
+            self.folios = Folios()
+        for start, order in blocks:
+            chunk_no = start >> CHUNK_SHIFT
+            self.folios.set_blocks(chunk_no, [(start & CHUNK_MASK, order)])
 
     def mark_unwritten(self, indexes: PfnArray) -> None:
         """Mark the pages at *indexes* (ascending, held) unwritten: fallocate allocated them."""
         if not len(indexes):
             return
-        if self.fallocated is None:
-            self.fallocated = Fallocated()
-        self.fallocated.add(indexes)
+        if self.folios is None:
+            self.folios = Folios()
+        self.folios.add_unwritten(indexes)
 
     def note_fallocated(self, end_index: int) -> None:
         """Fallocate reached page *end_index* (tmpfs's fallocend only grows with it)."""
-        if self.fallocated is None:
-            self.fallocated = Fallocated()
-        self.fallocated.end = max(self.fallocated.end, end_index)
+        if self.folios is None:
+            self.folios = Folios()
+        self.folios.fallocend = max(self.folios.fallocend, end_index)
 
     def mark_written(self, first_index: int, count: int) -> None:
-        """A store reached pages [first_index, first_index + count): they are written now, and
-        so is the whole of a huge page among them."""
-        falloc = self.fallocated
-        if falloc is None or not falloc.unwritten:
+        """A store reached pages [first_index, first_index + count): their folios are written
+        now, whole."""
+        folios = self.folios
+        if folios is None or not folios.unwritten:
             return
         for chunk_no, lo, hi, _ in self._spans(first_index, count):
-            mask = falloc.unwritten.get(chunk_no)
-            if mask is not None:
+            if chunk_no in folios.unwritten:
                 if chunk_no in self._huge:
-                    mask[:] = False  # a folio is uptodate whole
+                    folios.clear_unwritten(chunk_no)
                 else:
-                    mask[lo:hi] = False
+                    folios.written(chunk_no, lo, hi)
         self._settle()
 
     def _data_mask(self, chunk_no: int, lo: int) -> BoolArray:
         """Which entries of chunk *chunk_no* from *lo* on are data: held and written."""
         chunk = self._chunks[chunk_no]
         data: BoolArray = chunk[lo:] != HOLE
-        if self.fallocated is not None and chunk_no in self.fallocated.unwritten:
-            data &= ~self.fallocated.unwritten[chunk_no][lo : len(chunk)]
+        if self.folios is not None and chunk_no in self.folios.unwritten:
+            data &= ~self.folios.unwritten[chunk_no][lo : len(chunk)]
         return data
 
     def next_data(self, index: int) -> int | None:
@@ -406,30 +464,6 @@ class FilePages:
             hi = min(CHUNK_PAGES, lo + end - index)
             yield chunk_no, lo, hi, index - first_index
             index += hi - lo
-
-
-def _kept_after_split(at: int, after: int | None, keep_below: int) -> BoolArray:
-    """Which of a huge page's 512 pages a split for a punch keeps: Linux splits the folio
-    around page *at* into buddy blocks (*at* alone, and one block of each order below 9
-    beside it), then the block holding page *after* (if any) around it; every new block but
-    the one at the split folio's start goes if it starts at or past page *keep_below*."""
-    keep = np.ones(CHUNK_PAGES, dtype=bool)
-    blocks = _buddy_blocks(at, 0, HUGE_ORDER)
-    for start, order in blocks[1:]:
-        if start >= keep_below and start != 0:
-            keep[start : start + (1 << order)] = False
-    if after is not None and keep[after]:
-        start, order = next((s, o) for s, o in blocks if s <= after < s + (1 << o))
-        for sub, sub_order in _buddy_blocks(after, start, order):
-            if sub >= keep_below and sub != start:
-                keep[sub : sub + (1 << sub_order)] = False
-    return keep
-
-
-def _buddy_blocks(at: int, start: int, order: int) -> list[tuple[int, int]]:
-    """The blocks (first page, order) a non-uniform split of the 2**order pages from *start*
-    around page *at* makes: *at* alone, and beside it one block of each smaller order."""
-    return [(at, 0), *[(((((at - start) >> k) ^ 1) << k) + start, k) for k in range(order)]]
 
 
 def _capacity(length: int) -> int:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgpack
 import pyfuse3
 
-from kexec_sim import PAGE_SIZE, MachineBusy, MachineError, OutOfMemory
+from kexec_sim import HUGE_PAGES, PAGE_SIZE, MachineBusy, MachineError, OutOfMemory
 
 from . import control, xattrs
 from .errors import FsError, MountError, NodeError, PkramfsError
@@ -33,6 +33,7 @@ from .inode import NAME_MAX, Inode
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT_S = 1.0
+HUGE_BYTES = HUGE_PAGES * PAGE_SIZE
 ENTRY_TIMEOUT_S = 1.0
 HANDLER_FAULT_ENV = "PKRAMFS_HANDLER_FAULT"
 # Handlers whose reply carries no error: forget has no reply, the kernel ignores release's.
@@ -149,7 +150,9 @@ class Operations(pyfuse3.Operations):
         entry.st_gid = inode.gid
         entry.st_rdev = inode.rdev
         entry.st_size = inode.reported_size
-        entry.st_blksize = PAGE_SIZE
+        # tmpfs with huge=always tells a regular file's readers 2 MiB (cp makes holes and
+        # reads in blocks of that much): PMD_SIZE from shmem_getattr.
+        entry.st_blksize = HUGE_BYTES if self.tree.huge and inode.is_reg else PAGE_SIZE
         entry.st_blocks = inode.blocks_512
         entry.st_atime_ns = inode.atime_ns
         entry.st_mtime_ns = inode.mtime_ns

@@ -62,7 +62,7 @@ class PagePool:
     def take_huge(self) -> int | None:
         """Return the base pfn of a free aligned 2 MiB run for a file, or None if there is none
         or ``size=`` leaves no room for one (the caller falls back to small pages, as tmpfs)."""
-        if not self._fits(HUGE_PAGES):
+        if not self.fits(HUGE_PAGES):
             return None
         try:
             base = int(self._ownership.allocate_huge(self.owner_id, 1)[0])
@@ -107,10 +107,10 @@ class PagePool:
             self._ownership.free(self.owner_id, self.idle_pages)
         self._free, self._next = np.empty(0, dtype=np.int64), 0
 
-    def _fits(self, n_pages: int) -> bool:
+    def fits(self, n_pages: int) -> bool:
         """Whether files may hold *n_pages* more pages under ``size=``."""
         return not self.limit_pages or self.used_pages + n_pages <= self.limit_pages
 
     def _check_limit(self, n_pages: int) -> None:
-        if not self._fits(n_pages):
+        if not self.fits(n_pages):
             raise FsError(errno.ENOSPC, "the mount's size= limit is reached")

@@ -77,7 +77,7 @@ class _Segment:
                 self.pages.orders[first : first + count],
                 self.pages.indexes[first : first + count],
             )
-            inode.pages.fallocated = self.inodes.fallocated.get(row)
+            inode.pages.folios = self.inodes.folios.get(row)
         inode.target = self.inodes.targets.get(row)
         inode.xattrs = self.inodes.xattrs.get(row, {})
         return inode

@@ -569,8 +569,9 @@ class Tree:
 
     def seek_data_or_hole(self, fh: int, offset: int, whence: int) -> int:
         """``lseek(SEEK_DATA / SEEK_HOLE)`` on an open regular file, as tmpfs answers it: a
-        page held is data (written or not), the end of the file is a hole; ENXIO from the end
-        on, or for SEEK_DATA with only holes left; EINVAL for another *whence*."""
+        page held and written is data (an unwritten one, fallocated, is a hole), the end of
+        the file is a hole; ENXIO from the end on, or for SEEK_DATA with only holes left;
+        EINVAL for another *whence*."""
         inode = self.get(self.handle(fh).ino)
         if inode.pages is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise FsError(errno.EINVAL)

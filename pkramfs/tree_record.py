@@ -9,8 +9,9 @@ and msgpack's C code for the names), so an inode costs a few array elements, not
 The metadata is a msgpack map (docs/FORMAT.md): ``format`` (2), ``mount``, ``next_ino``,
 ``columns`` (one little-endian array per field, an element per inode, inodes in ascending
 order), ``directories`` (``[parent_ino, {name: ino}]`` per directory, in inode order),
-``symlinks`` (each symlink's target, in inode order) and ``xattrs`` (``[ino, {name: value}]``
-for the inodes that have any). Each regular file owns the next ``entries`` page-stream entries.
+``symlinks`` (each symlink's target, in inode order), ``xattrs`` (``[ino, {name: value}]``
+for the inodes that have any) and ``folios`` (what a file's Folios records, for the files that
+have one). Each regular file owns the next ``entries`` page-stream entries.
 """
 
 import stat
@@ -24,11 +25,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import HUGE_ORDER, PAGE_SIZE, PageRuns, PfnArray, run_positions
+from kexec_sim import HUGE_ORDER, HUGE_PAGES, PAGE_SIZE, PageRuns, PfnArray, run_positions
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
-from .file_pages import Fallocated, FilePages
+from .file_pages import FilePages
+from .folios import Folios
 from .inode import FIRST_FREE_INO, MAX_FILE_BYTES, NAME_MAX, ROOT_INO, Inode
 from .options import MAX_NR_INODES, MAX_SIZE_BYTES
 
@@ -130,7 +132,7 @@ class InodeColumns:
     entries: dict[int, Entries]
     targets: dict[int, bytes]
     xattrs: dict[int, dict[bytes, bytes]]
-    fallocated: dict[int, Fallocated] = field(default_factory=dict)
+    folios: dict[int, Folios] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.columns["ino"])
@@ -156,7 +158,7 @@ class InodeColumns:
             moved(self.entries),
             moved(self.targets),
             moved(self.xattrs),
-            moved(self.fallocated),
+            moved(self.folios),
         )
 
     @staticmethod
@@ -174,7 +176,7 @@ class InodeColumns:
             joined("entries"),
             joined("targets"),
             joined("xattrs"),
-            joined("fallocated"),
+            joined("folios"),
         )
 
 
@@ -255,10 +257,10 @@ def inode_columns(inodes: list[Inode]) -> tuple[InodeColumns, PageEntries]:
     parent = np.zeros(n, dtype=np.int64)
     parent[list(entries)] = [inodes[r].parent_ino for r in entries]
     pages = PageEntries(pfns, orders, indexes)
-    fallocs = np.fromiter(map(attrgetter("fallocated"), indexes_of), object, count=len(files))
-    with_falloc = np.flatnonzero(fallocs != None)  # noqa: E711 (elementwise, in C)
-    fallocated = dict(zip(files[with_falloc].tolist(), fallocs[with_falloc], strict=True))
-    return InodeColumns(columns, parent, entries, targets, attrs, fallocated), pages
+    records = np.fromiter(map(attrgetter("folios"), indexes_of), object, count=len(files))
+    with_record = np.flatnonzero(records != None)  # noqa: E711 (elementwise, in C)
+    folios = dict(zip(files[with_record].tolist(), records[with_record], strict=True))
+    return InodeColumns(columns, parent, entries, targets, attrs, folios), pages
 
 
 def _by_row(inodes: list[Inode], rows: Column, field: str) -> dict[int, Any]:
@@ -341,11 +343,11 @@ def snapshot(
         pack(
             [[int(ordered.columns["ino"][r]), attrs] for r, attrs in sorted(ordered.xattrs.items())]
         ),
-        pack("fallocated"),
+        pack("folios"),
         pack(
             [
-                [int(ordered.columns["ino"][r]), f.end, _runs_record(f)]
-                for r, f in sorted(ordered.fallocated.items())
+                [int(ordered.columns["ino"][r]), *_folios_record(f)]
+                for r, f in sorted(ordered.folios.items())
             ]
         ),
     ]
@@ -353,12 +355,14 @@ def snapshot(
     return TreeSnapshot(meta, stream.pfns, stream.orders, stream.indexes, len(ordered))
 
 
-def _runs_record(fallocated: Fallocated) -> bytes:
-    """The unwritten pages of a file as the record holds them: (first index, count) pairs,
-    little-endian u64, ascending."""
-    indexes = fallocated.indexes()
-    at, lengths = run_positions(indexes)
-    return np.stack([indexes[at], lengths], axis=1).astype("<u8").tobytes()
+def _folios_record(folios: Folios) -> tuple[int, bytes, bytes]:
+    """A file's Folios as the record holds them: fallocend; the unwritten pages as (first
+    index, count) runs; the large folios as (first index, order); u64 pairs, ascending."""
+    unwritten = folios.unwritten_indexes()
+    at, lengths = run_positions(unwritten)
+    runs = np.stack([unwritten[at], lengths], axis=1)
+    large = np.stack(folios.large(), axis=1)
+    return folios.fallocend, runs.astype("<u8").tobytes(), large.astype("<u8").tobytes()
 
 
 def _bin_header(nbytes: int) -> bytes:
@@ -393,14 +397,14 @@ def rebuild(
     parent, entries = check.directories(document.get("directories"), dir_rows, n, next_ino)
     targets = check.symlinks(document.get("symlinks"), link_rows)
     attrs = check.xattrs(document.get("xattrs"), columns["ino"])
-    fallocated = check.fallocated(document.get("fallocated", []), columns["ino"], kinds)
+    folios = check.folios(document.get("folios", []), columns["ino"], kinds)
     inodes = InodeColumns(
-        columns, parent, cast(dict[int, Entries], entries), targets, attrs, fallocated
+        columns, parent, cast(dict[int, Entries], entries), targets, attrs, folios
     )
     check.structure(inodes, entries, kinds)
     stream = PageEntries(pfns, orders, indexes)
     check.page_slices(inodes, kinds, stream)
-    check.unwritten_held(inodes, stream)
+    check.folios_held(inodes, stream)
     return RebuiltTree(inodes, stream, next_ino, mount)
 
 
@@ -574,53 +578,72 @@ class _Checker:
             last = row
         return result
 
-    def fallocated(self, raw: object, ino: Column, kinds: Column) -> dict[int, Fallocated]:
-        """What fallocate left, by row: regular files, inodes ascending, fallocend within the
-        largest file, unwritten pages as ascending runs apart from each other."""
-        self.that(isinstance(raw, list), "bad fallocated list")
+    def folios(self, raw: object, ino: Column, kinds: Column) -> dict[int, Folios]:
+        """The Folios by row: regular files, inodes ascending, fallocend within the largest
+        file, unwritten runs and large folios ascending and apart, each folio of order 1 to 8
+        aligned to its size."""
+        self.that(isinstance(raw, list), "bad folios list")
         assert isinstance(raw, list)
-        result: dict[int, Fallocated] = {}
+        result: dict[int, Folios] = {}
         last = -1
         for item in raw:
-            self.that(isinstance(item, list) and len(item) == 3, "bad fallocated")
-            number = self.integer(item[0], "fallocated inode", ROOT_INO, int(ino[-1]))
+            self.that(isinstance(item, list) and len(item) == 4, "bad folios")
+            number = self.integer(item[0], "folios inode", ROOT_INO, int(ino[-1]))
             row = int(np.searchsorted(ino, number))
             self.that(
                 row > last and ino[row] == number and kinds[row] == stat.S_IFREG,
-                f"fallocated of inode {number}: no such file",
+                f"folios of inode {number}: no such file",
             )
-            falloc = Fallocated()
-            falloc.end = self.integer(item[1], f"inode {number}: fallocend", 0, _MAX_INDEX)
-            runs = item[2]
-            self.that(isinstance(runs, bytes) and len(runs) % 16 == 0, f"inode {number}: bad runs")
-            assert isinstance(runs, bytes)
-            pairs = np.frombuffer(runs, dtype="<u8").reshape(-1, 2).astype(np.int64)
-            starts, counts = pairs[:, 0], pairs[:, 1]
+            folios = Folios()
+            folios.fallocend = self.integer(item[1], f"inode {number}: fallocend", 0, _MAX_INDEX)
+            starts, counts = self._pairs(item[2], number)
             self.that(
-                bool((counts > 0).all())
-                and bool((starts >= 0).all() and (starts + counts <= _MAX_INDEX).all())
-                and bool((starts[1:] > starts[:-1] + counts[:-1]).all()),
-                f"inode {number}: unwritten runs out of order or range",
+                bool((counts > 0).all() and (starts[1:] > starts[:-1] + counts[:-1]).all()),
+                f"inode {number}: unwritten runs out of order",
             )
-            falloc.add(PageRuns(starts, counts).expand())
-            self.that(bool(falloc.unwritten) or falloc.end > 0, f"inode {number}: empty fallocated")
-            result[row] = falloc
+            folios.add_unwritten(PageRuns(starts, counts).expand())
+            heads, orders = self._pairs(item[3], number)
+            sizes = np.int64(1) << np.minimum(orders, HUGE_ORDER)
+            self.that(
+                bool(
+                    ((orders >= 1) & (orders < HUGE_ORDER)).all()
+                    and not (heads & (sizes - 1)).any()
+                    and (heads[1:] >= heads[:-1] + sizes[:-1]).all()
+                ),
+                f"inode {number}: bad large folios",
+            )
+            for head, order in zip(heads.tolist(), orders.tolist(), strict=True):
+                folios.set_blocks(head >> HUGE_ORDER, [(head & (HUGE_PAGES - 1), order)])
+            self.that(not folios.is_empty(), f"inode {number}: empty folios")
+            result[row] = folios
             last = row
         return result
 
-    def unwritten_held(self, inodes: InodeColumns, stream: PageEntries) -> None:
-        """Every unwritten page is a page its file holds."""
+    def _pairs(self, raw: object, number: int) -> tuple[Column, Column]:
+        """Two columns from a bin of u64 pairs, each value below _MAX_INDEX."""
+        self.that(isinstance(raw, bytes) and len(raw) % 16 == 0, f"inode {number}: bad pairs")
+        assert isinstance(raw, bytes)
+        pairs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+        self.that(bool((pairs < _MAX_INDEX).all()), f"inode {number}: pages out of range")
+        pairs = pairs.astype(np.int64)
+        return pairs[:, 0], pairs[:, 1]
+
+    def folios_held(self, inodes: InodeColumns, stream: PageEntries) -> None:
+        """Every unwritten page and every page of a large folio is one its file holds as a
+        small page (a large folio) or any page (unwritten)."""
         first_entry = inodes.first_entry
-        for row, falloc in inodes.fallocated.items():
+        for row, folios in inodes.folios.items():
             first, count = int(first_entry[row]), int(inodes.columns["entries"][row])
-            held = PageRuns(
-                stream.indexes[first : first + count],
-                np.int64(1) << stream.orders[first : first + count],
-            ).expand()
-            unwritten = falloc.indexes()
+            orders = stream.orders[first : first + count]
+            indexes = stream.indexes[first : first + count]
+            held = PageRuns(indexes, np.int64(1) << orders).expand()
+            small = indexes[orders == 0]
+            heads, large_orders = folios.large()
+            in_large = PageRuns(heads, np.int64(1) << large_orders).expand()
             self.that(
-                bool(np.isin(unwritten, held).all()),
-                f"inode {int(inodes.columns['ino'][row])}: an unwritten page it does not hold",
+                bool(np.isin(folios.unwritten_indexes(), held).all())
+                and bool(np.isin(in_large, small).all()),
+                f"inode {int(inodes.columns['ino'][row])}: folios of pages it does not hold",
             )
 
     def structure(
@@ -705,8 +728,8 @@ class _Checker:
             )
         huge_pages = np.int64(1) << HUGE_ORDER
         size_pages = -(-np.maximum(inodes.columns["size"][rows], 1) // PAGE_SIZE)
-        for at in np.flatnonzero(np.isin(rows, list(inodes.fallocated))).tolist():
-            size_pages[at] = max(int(size_pages[at]), inodes.fallocated[int(rows[at])].end)
+        for at in np.flatnonzero(np.isin(rows, list(inodes.folios))).tolist():
+            size_pages[at] = max(int(size_pages[at]), inodes.folios[int(rows[at])].fallocend)
         limits = -(-size_pages // huge_pages) * huge_pages
         reach = indexes[last] + ((np.int64(1) << orders[last]) if has_huge else 1)
         past_end = np.flatnonzero(reach > limits)

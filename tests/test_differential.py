@@ -1,8 +1,11 @@
 """Differential test: one random sequence of operations on kernel tmpfs and on pkramfs.
 
-Every operation's result or errno must match, and so must which of mtime and ctime each
+The operations are those of files and directories, fallocate in every mode, posix_fallocate on
+a write-only descriptor, SEEK_DATA/SEEK_HOLE and copy_file_range. Every result or errno must
+match, and so must which of mtime and ctime each
 operation changed on the paths it names; afterwards the two trees must be identical: listings,
-file contents, symlink targets, xattrs and stat (type, mode, size, nlink, uid, gid).
+file contents, symlink targets, xattrs and stat (type, mode, size, st_blocks, nlink, uid,
+gid).
 """
 
 import ctypes
@@ -24,6 +27,7 @@ from .conftest import Mounts
 from .util import kernel_tmpfs_in
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _AT_FDCWD = -100
 RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE
 
@@ -35,6 +39,8 @@ offsets = st.sampled_from(OFFSETS)
 lengths = st.sampled_from([0, 1, 10, 4096, 5000, 12_289, 70_000])
 modes = st.sampled_from([0o600, 0o644, 0o755, 0o700, 0o777, 0o1777, 0o2755, 0o4755])
 sizes = st.sampled_from([0, 1, 4095, 4096, 5000, 1 << 20, 1 << 45])
+# 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE(|KEEP_SIZE), PUNCH_HOLE alone, COLLAPSE_RANGE
+FALLOCATE_MODES = [0, 1, 3, 0x10, 0x11, 2, 0x08]
 xattr_names = st.sampled_from(["user.a", "user.b", "trusted.t", "security.s", "os2.bad"])
 
 operations = st.one_of(
@@ -75,12 +81,22 @@ operations = st.one_of(
     st.tuples(st.just("removexattr"), paths, xattr_names),
     st.tuples(st.just("listdir"), paths),
     st.tuples(st.just("stat"), paths),
+    st.tuples(
+        st.just("fallocate"),
+        paths,
+        st.sampled_from(FALLOCATE_MODES),
+        offsets,
+        st.sampled_from([0, 1, 4096, 5000, 70_000, 3 << 20, 1 << 30]),
+    ),
+    st.tuples(st.just("posix_fallocate"), paths, offsets, lengths),
+    st.tuples(st.just("seek"), paths, offsets, st.sampled_from([os.SEEK_DATA, os.SEEK_HOLE])),
+    st.tuples(st.just("copy"), paths, paths, offsets, offsets, lengths),
 )
 
 
 def _stat_tuple(s: os.stat_result) -> tuple[int, ...]:
-    size = s.st_size
-    return (stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), size, s.st_nlink, s.st_uid, s.st_gid)
+    kind, mode = stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode)
+    return (kind, mode, s.st_size, s.st_blocks, s.st_nlink, s.st_uid, s.st_gid)
 
 
 def apply(root: Path, op: tuple[Any, ...]) -> tuple[str, Any]:
@@ -162,6 +178,40 @@ def _apply(root: Path, kind: str, args: list[Any]) -> Any:
         return sorted(os.listdir(p))
     elif kind == "stat":
         return _stat_tuple(os.lstat(p))
+    elif kind == "fallocate":
+        fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            if _libc.fallocate(fd, args[1], args[2], args[3]) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        finally:
+            os.close(fd)
+    elif kind == "posix_fallocate":  # on O_WRONLY: glibc's fallback could not read the file
+        fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.posix_fallocate(fd, args[1], args[2])
+        finally:
+            os.close(fd)
+    elif kind == "seek":
+        if os.path.isdir(p):
+            # Not compared: the FUSE kernel answers a directory's lseek itself (0 for
+            # SEEK_DATA, where tmpfs says EINVAL), no request comes (README, differences).
+            return "directory"
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.lseek(fd, args[1], args[2])
+        finally:
+            os.close(fd)
+    elif kind == "copy":
+        source = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            target = os.open(str(root / args[1]), os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                return os.copy_file_range(source, target, args[4], args[2], args[3])
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
     else:
         raise AssertionError(kind)
     return None
@@ -172,7 +222,7 @@ def _named_paths(root: Path, op: tuple[Any, ...]) -> list[str]:
     kind, *args = op
     if kind == "symlink":
         return [str(root / args[1])]
-    if kind in ("rename", "link"):
+    if kind in ("rename", "link", "copy"):
         return [str(root / args[0]), str(root / args[1])]
     return [str(root / args[0])]
 
@@ -279,6 +329,30 @@ def snapshot(root: Path) -> dict[str, Any]:
         ("chown", "a", -1, -1),
         ("chown", "a", 1000, -1),
         ("chown", "a", -1, -1),
+    ]
+)
+@example(  # always covered: every fallocate mode, SEEK over what they leave, copies (#12)
+    ops=[
+        ("create", "a", 0o644),
+        ("write", "a", 100, 70_000, 1, ""),
+        ("fallocate", "a", 1, 4097, 3 << 20),
+        ("seek", "a", 0, os.SEEK_HOLE),
+        ("seek", "a", 70_000, os.SEEK_DATA),
+        ("fallocate", "a", 3, 4095, 5000),
+        ("fallocate", "a", 0, (1 << 21) - 3, 70_000),
+        ("seek", "a", 4096, os.SEEK_DATA),
+        ("seek", "a", (1 << 21) - 3, os.SEEK_DATA),
+        ("fallocate", "a", 0x10, 0, 4096),
+        ("fallocate", "a", 2, 0, 4096),
+        ("fallocate", "a", 0, 1 << 40, 1 << 30),
+        ("posix_fallocate", "a", 100, 12_289),
+        ("create", "b", 0o644),
+        ("copy", "a", "b", 1, 4095, 70_000),
+        ("copy", "a", "a", 0, 100, 5000),
+        ("copy", "a", "a", 0, 100_000, 5000),
+        ("truncate", "a", 5000),
+        ("truncate", "a", 5000),
+        ("stat", "a"),
     ]
 )
 def test_same_results_as_kernel_tmpfs(

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from kexec_sim import PAGE_SIZE
 from pkramfs.file_pages import CHUNK_PAGES, HOLE, MIN_CHUNK_ENTRIES, FilePages, page_entries
 
 
@@ -21,7 +22,7 @@ def test_assign_across_chunks_and_truncate() -> None:
     pages.assign(500, pfns)
     assert pages.nr_pages == 600
     assert (pages.lookup(500, 600) == pfns).all()
-    dropped = pages.truncate(700)
+    dropped = pages.truncate(700 * PAGE_SIZE)
     assert sorted(dropped.tolist()) == list(range(1200, 1600))
     assert pages.nr_pages == 200
     assert (pages.lookup(700, 10) == HOLE).all()
@@ -32,7 +33,7 @@ def test_huge_chunk_is_split_by_truncate() -> None:
     pages.assign_huge(1, 512 * 3)
     assert pages.is_huge(1)
     assert pages.lookup(CHUNK_PAGES, 2).tolist() == [1536, 1537]
-    dropped = pages.truncate(CHUNK_PAGES + 10)
+    dropped = pages.truncate((CHUNK_PAGES + 10) * PAGE_SIZE)
     assert len(dropped) == CHUNK_PAGES - 10
     assert not pages.is_huge(1)
     assert pages.nr_pages == 10
@@ -58,7 +59,7 @@ def test_a_chunk_holds_only_up_to_its_last_page() -> None:
     assert pages.lookup(99, 4).tolist() == [HOLE, 43, 44, HOLE]
     assert pages.lookup_list(100, 200) == [43, 44] + [HOLE] * 198
     assert pages.lookup_list(400, 3) == [HOLE] * 3  # past the chunk's end: holes
-    dropped = pages.truncate(50)
+    dropped = pages.truncate(50 * PAGE_SIZE)
     assert sorted(dropped.tolist()) == [43, 44]
     [(_, chunk, _)] = pages.chunks()
     assert chunk.size == MIN_CHUNK_ENTRIES and pages.lookup(0, 2).tolist() == [42, HOLE]
@@ -129,7 +130,7 @@ def test_from_entries_takes_whole_chunks_as_rows_of_the_stream() -> None:
     again.replace_pages(np.array([1, CHUNK_PAGES + 2]), np.array([7, 8]))
     assert again.lookup_list(0, 3) == [5000, 7, 5002]
     assert again.lookup_list(CHUNK_PAGES + 1, 2) == [5000 + CHUNK_PAGES + 1, 8]
-    assert sorted(again.truncate(CHUNK_PAGES + 10).tolist()) == list(
+    assert sorted(again.truncate((CHUNK_PAGES + 10) * PAGE_SIZE).tolist()) == list(
         range(5000 + CHUNK_PAGES + 10, 5000 + 2 * CHUNK_PAGES + 3)
     )
     assert again.nr_pages == CHUNK_PAGES + 10

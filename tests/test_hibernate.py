@@ -6,14 +6,11 @@ since the fixtures' teardown checks its page ownership.
 """
 
 import hashlib
-import json
 import os
 import signal
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,24 +24,19 @@ from kexec_sim.owners import HANDOVER
 from kexec_sim.storage_keys import ARCHITECTURAL, CHANGED, FETCH_PROTECT, KEYS_FILE, REFERENCED
 
 from .conftest import Mounts, daemon_owners
-from .util import contents, kexec_sim, make_tree, md5, run, snapshot
-
-
-def hibernate(machine: Machine, image: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return kexec_sim(machine, "hibernate", "--image", str(image), *args)
-
-
-def resume(
-    machine: Machine, *images: Path, args: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    chain = [a for image in images for a in ("--image", str(image))]
-    return kexec_sim(machine, "resume", *chain, *args)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
+from .util import (
+    boot,
+    contents,
+    hibernate,
+    kexec_sim,
+    make_tree,
+    md5,
+    ok,
+    powered,
+    resume,
+    run,
+    snapshot,
+)
 
 
 def ram_digest(machine: Machine) -> str:
@@ -55,15 +47,6 @@ def ram_digest(machine: Machine) -> str:
             while chunk := f.read(8 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def powered(machine: Machine) -> bool:
-    return Machine.open(machine.path, create=False).powered
-
-
-def boot(machine: Machine) -> None:
-    if not powered(machine):
-        assert kexec_sim(machine, "boot").returncode == 0
 
 
 @pytest.fixture

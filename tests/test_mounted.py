@@ -503,8 +503,8 @@ def seek_results(root: Path) -> dict[tuple[str, int, int], int | str]:
 @pytest.mark.parametrize("huge", ["never", "always"])
 def test_seek_data_and_hole_as_on_tmpfs(mounts: Mounts, work_root: Path, huge: str) -> None:
     """SEEK_DATA and SEEK_HOLE answer from the page index exactly as kernel tmpfs does: holes
-    are holes, a page held is data (a huge page: all 2 MiB of it), the end is a hole, ENXIO
-    from the end on (issue #12)."""
+    are holes, a page written is data (a huge page: all 2 MiB of it), the end is a hole, ENXIO
+    from the end on (issue #12; fallocated pages: test_fallocate.py)."""
     with kernel_tmpfs_in(work_root, f"size=256M,huge={huge}") as tmpfs:
         theirs = seek_results(tmpfs)
     ours = seek_results(mounts.mount(f"huge={huge}"))

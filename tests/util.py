@@ -230,3 +230,29 @@ def make_tree(root: Path, seed: int = 0) -> None:
     os.chmod(root / "dir/sub/deeper/file", 0o4751)
     os.utime(root / "empty", ns=(1_000_000_123, 2_000_000_456))
     os.utime(root / "dir/sub/deeper", ns=(123_456_789_012_345_678, 987_654_321))
+
+
+def hibernate(machine: Machine, image: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return kexec_sim(machine, "hibernate", "--image", str(image), *args)
+
+
+def resume(
+    machine: Machine, *images: Path, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    chain = [a for image in images for a in ("--image", str(image))]
+    return kexec_sim(machine, "resume", *chain, *args)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def powered(machine: Machine) -> bool:
+    return Machine.open(machine.path, create=False).powered
+
+
+def boot(machine: Machine) -> None:
+    if not powered(machine):
+        assert kexec_sim(machine, "boot").returncode == 0
