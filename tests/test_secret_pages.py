@@ -1,5 +1,6 @@
 """Secret files (memfd_secret-like): their pages are out of the daemon's direct map of RAM."""
 
+import ctypes
 import errno
 import faulthandler
 import hashlib
@@ -30,6 +31,10 @@ from .util import (
 )
 
 SECRET = "user.pkramfs.secret"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def child_reads(ram_pages: np.ndarray, pfn: int) -> int:
@@ -220,6 +225,28 @@ def test_pages_leaving_a_secret_file_are_mapped_again(machine: Machine, mounts: 
     os.unlink(mnt / "g")
     assert unmapped_pfns(machine, mnt) == []
     assert ctl_status(mnt)["unmapped_ranges"] == 0
+
+
+def test_fallocated_secret_pages_are_hidden_and_punched_ones_mapped_again(
+    machine: Machine, mounts: Mounts
+) -> None:
+    mnt = mounts.mount("secret,huge=always,size=64M")
+    fd = os.open(mnt / "f", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 3 << 20)  # two huge pages, zeroed, out of the direct map
+        assert_hidden_exactly(machine, mnt, bytes(4 << 20))
+        os.pwrite(fd, b"x" * 10, 5000)
+        # Punch [1 MiB, 3 MiB): the first huge page loses its second half, the second one
+        # all of it (its second half lies past EOF: dropped by the split, as on tmpfs, which
+        # shows 256 pages left); the pages are mapped again before they are reused.
+        assert _libc.fallocate(fd, 3, 1 << 20, 2 << 20) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(fd)
+    first = bytes(5000) + b"x" * 10 + bytes((1 << 20) - 5010)
+    assert_hidden_exactly(machine, mnt, first)
+    assert md5(mnt / "f") == hashlib.md5(first + bytes(2 << 20)).hexdigest()
+    os.unlink(mnt / "f")
+    assert unmapped_pfns(machine, mnt) == []
 
 
 def test_relocation_copies_secret_pages_through_temporary_mappings(
