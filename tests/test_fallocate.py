@@ -126,6 +126,35 @@ def test_the_tools_give_what_they_give_on_tmpfs(mounts: Mounts, work_root: Path,
     assert expected["sparse.full"][2] == [(0, 12 * MIB)]
 
 
+@pytest.mark.parametrize("huge", HUGE)
+def test_a_fallocate_that_does_not_fit_changes_nothing(
+    mounts: Mounts, work_root: Path, huge: str
+) -> None:
+    """ENOSPC from size=, before anything (more than the mount holds) or once the free pages
+    run out: no page taken, size, blocks and holes as they were, as on tmpfs."""
+    with kernel_tmpfs_in(work_root, f"size=16M,huge={huge}") as tmpfs:
+        ours = mounts.mount(f"size=16M,huge={huge}")
+        results = []
+        for root in (tmpfs, ours):
+            # Sizes on 2 MiB boundaries: no huge page reaches past EOF, where tmpfs at
+            # ENOSPC would split one to free its tail (README, differences).
+            (root / "full").write_bytes(b"x" * (4 * MIB))
+            (root / "f").write_bytes(b"y" * (2 * MIB))
+            fallocate(root / "f", KEEP_SIZE, 4 * MIB, MIB)  # unwritten pages, fallocend
+            free = os.statvfs(root).f_bfree
+            outcomes = []
+            for mode, offset, length in ((0, 0, 17 * MIB), (0, MIB, 14 * MIB), (1, 0, 15 * MIB)):
+                try:
+                    fallocate(root / "f", mode, offset, length)
+                    outcomes.append("ok")
+                except OSError as exc:
+                    outcomes.append(errno.errorcode[exc.errno or 0])
+            assert os.statvfs(root).f_bfree == free
+            results.append((outcomes, states(root)))
+    assert results[1] == results[0]
+    assert results[0][0] == ["ENOSPC"] * 3
+
+
 def before_restore(root: Path) -> None:
     """fallocated, unwritten, punched and beyond-EOF pages, and huge pages split."""
     rng = random.Random(7)
