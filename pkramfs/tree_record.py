@@ -397,7 +397,8 @@ def rebuild(
     parent, entries = check.directories(document.get("directories"), dir_rows, n, next_ino)
     targets = check.symlinks(document.get("symlinks"), link_rows)
     attrs = check.xattrs(document.get("xattrs"), columns["ino"])
-    folios = check.folios(document.get("folios", []), columns["ino"], kinds)
+    held_pages = int((np.int64(1) << orders).sum()) if orders.any() else len(orders)
+    folios = check.folios(document.get("folios", []), columns["ino"], kinds, held_pages)
     inodes = InodeColumns(
         columns, parent, cast(dict[int, Entries], entries), targets, attrs, folios
     )
@@ -578,10 +579,10 @@ class _Checker:
             last = row
         return result
 
-    def folios(self, raw: object, ino: Column, kinds: Column) -> dict[int, Folios]:
+    def folios(self, raw: object, ino: Column, kinds: Column, held_pages: int) -> dict[int, Folios]:
         """The Folios by row: regular files, inodes ascending, fallocend within the largest
         file, unwritten runs and large folios ascending and apart, each folio of order 1 to 8
-        aligned to its size."""
+        aligned to its size, no more pages named than the page stream holds (*held_pages*)."""
         self.that(isinstance(raw, list), "bad folios list")
         assert isinstance(raw, list)
         result: dict[int, Folios] = {}
@@ -598,8 +599,9 @@ class _Checker:
             folios.fallocend = self.integer(item[1], f"inode {number}: fallocend", 0, _MAX_INDEX)
             starts, counts = self._pairs(item[2], number)
             self.that(
-                bool((counts > 0).all() and (starts[1:] > starts[:-1] + counts[:-1]).all()),
-                f"inode {number}: unwritten runs out of order",
+                bool((counts > 0).all() and (starts[1:] > starts[:-1] + counts[:-1]).all())
+                and int(counts.sum()) <= held_pages,
+                f"inode {number}: unwritten runs out of order or too long",
             )
             folios.add_unwritten(PageRuns(starts, counts).expand())
             heads, orders = self._pairs(item[3], number)

@@ -4,11 +4,13 @@ The expected numbers were measured on kernel tmpfs (Linux 6.18.44, huge=always) 
 steps; the mounted tests compare the two file systems directly.
 """
 
+import msgpack
 import numpy as np
 import pytest
 
 from kexec_sim import PAGE_SIZE
 from pkramfs import tree_record
+from pkramfs.errors import CorruptNode
 from pkramfs.file_pages import CHUNK_PAGES, FilePages
 from pkramfs.folios import Folios, buddy_blocks, split
 from pkramfs.inode import Inode
@@ -119,7 +121,8 @@ def test_a_punch_moves_fallocend_back_and_forgets_marks() -> None:
     assert pages.folios is None  # nothing left to record
 
 
-def test_folios_round_trip_through_the_record() -> None:
+def file_snapshot() -> tuple[Inode, tree_record.TreeSnapshot]:
+    """A tree of one 20,000-byte file on a huge page, fallocated and punched, recorded."""
     inode = Inode(3, 0o100644, 0, 0, 0)
     inode.nlink = 1
     inode.size_bytes = 20_000
@@ -134,7 +137,12 @@ def test_folios_round_trip_through_the_record() -> None:
     assert root.entries is not None
     root.entries[b"f"] = 3
     settings = MountSettings(size_pages=0, max_inodes=0, huge=True, secret=False)
-    snap = tree_record.snapshot([tree_record.inode_columns([root, inode])], 4, settings)
+    return inode, tree_record.snapshot([tree_record.inode_columns([root, inode])], 4, settings)
+
+
+def test_folios_round_trip_through_the_record() -> None:
+    inode, snap = file_snapshot()
+    assert inode.pages is not None
     rebuilt = tree_record.rebuild(snap.meta, snap.pfns, snap.orders, snap.indexes, "test")
     [restored] = rebuilt.inodes.folios.values()
     original = inode.pages.folios
@@ -143,3 +151,25 @@ def test_folios_round_trip_through_the_record() -> None:
     assert (restored.unwritten_indexes() == original.unwritten_indexes()).all()
     for got, want in zip(restored.large(), original.large(), strict=True):
         assert (got == want).all()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        (1, 1 << 60, "fallocend"),
+        (2, np.array([[0, 1 << 50]], "<u8").tobytes(), "unwritten runs"),
+        (2, np.array([[5, 1], [4, 1]], "<u8").tobytes(), "unwritten runs"),
+        (2, b"\x00" * 15, "bad pairs"),
+        (3, np.array([[1, 2]], "<u8").tobytes(), "bad large folios"),
+        (3, np.array([[0, 9]], "<u8").tobytes(), "bad large folios"),
+        (3, np.array([[512, 1]], "<u8").tobytes(), "does not hold"),
+        (0, 1, "no such file"),
+    ],
+)
+def test_a_bad_folios_record_is_a_corrupt_node(field: int, value: object, reason: str) -> None:
+    _, snap = file_snapshot()
+    document = msgpack.unpackb(snap.meta, raw=False, strict_map_key=False)
+    document["folios"][0][field] = value
+    meta = msgpack.packb(document, use_bin_type=True)
+    with pytest.raises(CorruptNode, match=reason):
+        tree_record.rebuild(meta, snap.pfns, snap.orders, snap.indexes, "test")
