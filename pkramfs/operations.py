@@ -17,6 +17,8 @@ import inspect
 import logging
 import os
 import stat
+import types
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -47,13 +49,14 @@ class InjectedFault(Exception):
 
 
 def _guarded(name: str, handler: Handler) -> Handler:
-    """*handler* behind the guard: FUSEError passes, FsError becomes its errno, anything else
-    is logged with its traceback and answered EIO (or, from a handler whose reply carries no
-    error, logged and swallowed)."""
+    """*handler* behind the guard: counted in its Operations' ``requests``; FUSEError
+    passes, FsError becomes its errno, anything else is logged with its traceback and
+    answered EIO (or, from a handler whose reply carries no error, logged and swallowed)."""
     if name in _NO_ERROR_REPLY:
 
         @functools.wraps(handler)
         async def without_error_reply(*args: Any) -> None:
+            args[0].requests[name] += 1
             try:
                 await handler(*args)
             except Exception:
@@ -63,6 +66,7 @@ def _guarded(name: str, handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(*args: Any) -> Any:
+        args[0].requests[name] += 1
         try:
             return await handler(*args)
         except pyfuse3.FUSEError:
@@ -99,14 +103,15 @@ def _inject_fault(operations: "Operations", spec: str) -> None:
     handler: Handler = guarded.__wrapped__.__get__(operations)  # type: ignore[union-attr]
     calls = 0
 
-    async def faulty(*args: Any) -> Any:
+    async def faulty(_: "Operations", *args: Any) -> Any:
         nonlocal calls
         calls += 1
         if skip < calls <= skip + count:
             raise InjectedFault(f"{HANDLER_FAULT_ENV}={spec}: call {calls} of {name}")
         return await handler(*args)
 
-    setattr(operations, name, faulty if unguarded else _guarded(name, faulty))
+    method = faulty if unguarded else _guarded(name, faulty)
+    setattr(operations, name, types.MethodType(method, operations))
     log.warning("%s=%s: %s will fail", HANDLER_FAULT_ENV, spec, name)
 
 
@@ -130,8 +135,9 @@ class Operations(pyfuse3.Operations):
         self._dir_snapshots: dict[int, list[tuple[bytes, int]]] = {}
         self._next_dir_fh = 1
         self._last_control_error = b""
-        # Counts of the requests that matter for speed, shown by `pkramfs-ctl status`.
-        self.requests = {"read": 0, "write": 0, "capability_query": 0}
+        # Requests by handler (and getxattr's of security.capability apart), shown by
+        # `pkramfs-ctl status`: what an operation costs in round trips.
+        self.requests: Counter[str] = Counter(read=0, write=0, capability_query=0)
         fault = os.environ.get(HANDLER_FAULT_ENV)
         if fault:
             _inject_fault(self, fault)
@@ -297,7 +303,6 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         # pyfuse3 takes any buffer (it replies from the buffer protocol): a memoryview of RAM
         # goes to the kernel without a copy in Python.
-        self.requests["read"] += 1
         return self.tree.read(fh, off, size)  # type: ignore[return-value]
 
     async def lseek(
@@ -338,7 +343,6 @@ class Operations(pyfuse3.Operations):
         return copied
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self.requests["write"] += 1
         return self.tree.write(fh, off, buf)
 
     async def release(self, fh: int) -> None:
@@ -413,7 +417,7 @@ class Operations(pyfuse3.Operations):
     def _control_query(self, name: bytes) -> bytes:
         try:
             if name == control.STATUS_XATTR:
-                status = {**self.fs.status(), "requests": self.requests}
+                status = {**self.fs.status(), "requests": dict(self.requests)}
                 packed: bytes = msgpack.packb(status, use_bin_type=True)
                 return packed
             if name == control.ERROR_XATTR:

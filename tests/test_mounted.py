@@ -407,6 +407,21 @@ def test_control_file_refuses_other_users(mounts: Mounts) -> None:
     assert os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize == 16 << 20
 
 
+def test_status_counts_the_requests_of_every_handler(mounts: Mounts) -> None:
+    """What one operation costs in round trips: `pkramfs-ctl status` counts each handler."""
+    mnt = mounts.mount()
+    before = control.query_status(str(mnt))["requests"]
+    fd = os.open(mnt / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x")
+    os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "missing")
+    after = control.query_status(str(mnt))["requests"]
+    grew = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert grew["create"] == 1 and grew["write"] == 1 and grew["release"] == 1
+    assert grew["lookup"] >= 2  # "new" before its create, and "missing"
+
+
 def test_write_only_handles_spare_the_capability_query(mounts: Mounts) -> None:
     """The kernel asks for security.capability before each cached write; O_WRONLY avoids it."""
     mnt = mounts.mount()
