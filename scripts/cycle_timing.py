@@ -178,7 +178,7 @@ def startup_ms(env: dict[str, str], runs: int) -> dict[str, list[float]]:
     interpreter, ``pkramfs`` (``--help``: the remount helper, a mount without a standby),
     ``kexec-sim`` (``--help``: load, an exec without an agent), and the daemon's imports (what
     the standby loads ahead of a restoring mount)."""
-    python = shutil.which("python", path=env.get("PATH")) or sys.executable
+    python = sys.executable  # the interpreter the daemon runs on (PATH may have another)
     programs = {
         "python -c pass (the interpreter)": [python, "-c", "pass"],
         "pkramfs --help (remount helper; mount, cold)": ["pkramfs", "--help"],
