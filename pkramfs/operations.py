@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT_S = 1.0
 HUGE_BYTES = HUGE_PAGES * PAGE_SIZE
 ENTRY_TIMEOUT_S = 1.0
+_NO_ENTRY = pyfuse3.EntryAttributes()  # st_ino 0: "no such name", cached by the kernel
+_NO_ENTRY.entry_timeout = ENTRY_TIMEOUT_S
 HANDLER_FAULT_ENV = "PKRAMFS_HANDLER_FAULT"
 # Handlers whose reply carries no error: forget has no reply, the kernel ignores release's.
 _NO_ERROR_REPLY = frozenset(["forget", "release", "releasedir"])
@@ -178,13 +180,17 @@ class Operations(pyfuse3.Operations):
         return entry
 
     # --- namespace --------------------------------------------------------------------------
+    # A name a directory lacks is answered with a negative entry (inode 0) the kernel keeps
+    # for ENTRY_TIMEOUT_S: asking again costs no request. Every name comes and goes through
+    # the kernel (the daemon makes none by itself), so the kernel's cache cannot go stale.
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name == control.CONTROL_NAME:
             return self._control_attrs()
-        return self._attrs(self.tree.lookup(parent_inode, name))
+        inode = self.tree.lookup(parent_inode, name)
+        return self._attrs(inode) if inode is not None else _NO_ENTRY
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:

@@ -107,6 +107,14 @@ class Tree:
 
     def child(self, parent_ino: int, name: bytes) -> Inode:
         """Return the inode *name* refers to in directory *parent_ino* (ENOENT if none)."""
+        inode = self.find_child(parent_ino, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
+
+    def find_child(self, parent_ino: int, name: bytes) -> Inode | None:
+        """The inode *name* refers to in directory *parent_ino*, or None if it has no such
+        name (ENOENT, ENOTDIR or ENAMETOOLONG if the directory or the name is wrong)."""
         parent = self.directory(parent_ino)
         _check_name(name)
         if name == b".":
@@ -115,14 +123,13 @@ class Tree:
             return self.get(parent.parent_ino)
         assert parent.entries is not None
         child_ino = parent.entries.get(name)
-        if child_ino is None:
-            raise FsError(errno.ENOENT)
-        return self.inodes[child_ino]
+        return None if child_ino is None else self.inodes[child_ino]
 
-    def lookup(self, parent_ino: int, name: bytes) -> Inode:
-        """Like `child`, and count one more kernel reference to the result."""
-        inode = self.child(parent_ino, name)
-        inode.lookups += 1
+    def lookup(self, parent_ino: int, name: bytes) -> Inode | None:
+        """Like `find_child`, and count one more kernel reference to the inode found."""
+        inode = self.find_child(parent_ino, name)
+        if inode is not None:
+            inode.lookups += 1
         return inode
 
     def forget(self, ino: int, count: int) -> None:

@@ -422,6 +422,43 @@ def test_status_counts_the_requests_of_every_handler(mounts: Mounts) -> None:
     assert grew["lookup"] >= 2  # "new" before its create, and "missing"
 
 
+def test_a_missing_name_is_cached_and_every_way_of_making_it_is_seen(mounts: Mounts) -> None:
+    """A lookup that finds nothing is answered with a negative entry the kernel keeps: asking
+    again costs no request. Each way a name can appear goes through the kernel, which drops
+    its negative entry: create (with and without O_EXCL), mkdir, symlink, link, rename,
+    mknod."""
+    mnt = mounts.mount()
+
+    def lookups() -> int:
+        counts: dict[str, int] = control.query_status(str(mnt))["requests"]
+        return counts.get("lookup", 0)
+
+    (mnt / "src").write_bytes(b"s")
+    names = ["creat", "excl", "dir", "sym", "hard", "moved", "fifo"]
+    query_cost = -lookups() + lookups()  # a status query looks its own name up
+    for name in names:
+        assert not os.path.lexists(mnt / name)
+    first = lookups()
+    for _ in range(3):
+        for name in names:
+            assert not os.path.lexists(mnt / name)
+    assert lookups() - first == query_cost  # asked again: the kernel knew
+    with open(mnt / "creat", "a"):
+        pass
+    os.close(os.open(mnt / "excl", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    os.mkdir(mnt / "dir")
+    os.symlink("src", mnt / "sym")
+    os.link(mnt / "src", mnt / "hard")
+    (mnt / "other").write_bytes(b"o")
+    os.rename(mnt / "other", mnt / "moved")
+    os.mkfifo(mnt / "fifo")
+    assert sorted(os.listdir(mnt)) == sorted([*names, "src"])
+    assert (mnt / "hard").read_bytes() == b"s" and os.readlink(mnt / "sym") == "src"
+    assert (mnt / "moved").read_bytes() == b"o" and not os.path.lexists(mnt / "other")
+    for name in names:
+        assert os.path.lexists(mnt / name)
+
+
 def test_write_only_handles_spare_the_capability_query(mounts: Mounts) -> None:
     """The kernel asks for security.capability before each cached write; O_WRONLY avoids it."""
     mnt = mounts.mount()

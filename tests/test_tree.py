@@ -566,7 +566,9 @@ def test_quiet_inodes_keep_every_state_and_the_record(tree: Tree) -> None:
     tree.setattr(data, atime_ns=-(10**19), mtime_ns=32_503_680_000 * 10**9 + 7)  # not int64 ns
     still_open, kept_open = new_file(tree, b"open")
     tree.release(new_file(tree, b"gone")[0])
-    gone = tree.lookup(R, b"gone").ino
+    found = tree.lookup(R, b"gone")
+    assert found is not None
+    gone = found.ino
     tree.unlink(R, b"gone")  # the kernel still holds 2 lookups
     before = {inode.ino: state_of(inode) for inode in tree.inodes.in_use()}
     record = record_of(tree)
