@@ -24,10 +24,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from .conftest import Mounts
-from .util import kernel_tmpfs_in
+from .util import fallocate, kernel_tmpfs_in
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _AT_FDCWD = -100
 RENAME_FLAGS = (0, 1, 2)  # plain, RENAME_NOREPLACE, RENAME_EXCHANGE
 
@@ -181,9 +180,7 @@ def _apply(root: Path, kind: str, args: list[Any]) -> Any:
     elif kind == "fallocate":
         fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
         try:
-            if _libc.fallocate(fd, args[1], args[2], args[3]) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
+            fallocate(fd, args[1], args[2], args[3])
         finally:
             os.close(fd)
     elif kind == "posix_fallocate":  # on O_WRONLY: glibc's fallback could not read the file

@@ -7,12 +7,12 @@ pages do not say (fallocated pages not written yet, the folios a punch split) mu
 too: steps after the restore must give what they give on the tmpfs that never went away.
 """
 
-import ctypes
 import errno
 import hashlib
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +21,30 @@ import pytest
 from kexec_sim.machine import Machine
 
 from .conftest import Mounts
-from .util import REPO, boot, hibernate, kernel_tmpfs_in, kexec, ok, preserve, resume, run
+from .util import (
+    REPO,
+    boot,
+    fallocate,
+    hibernate,
+    kernel_tmpfs_in,
+    kexec,
+    ok,
+    preserve,
+    resume,
+    run,
+    seek_map,
+)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 KEEP_SIZE, PUNCH_HOLE = 0x01, 0x02
 MIB = 1 << 20
 HUGE = ["never", "always"]
 
 
-def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
+def fallocate_path(path: Path, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on *path* (created if missing)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
-    finally:
-        os.close(fd)
-
-
-def seek_map(path: Path) -> list[tuple[int, int]] | str:
-    """The (data, hole) pairs a SEEK_DATA/SEEK_HOLE walk finds, or the errno's name."""
-    fd = os.open(path, os.O_RDONLY)
-    pairs: list[tuple[int, int]] = []
-    offset = 0
-    try:
-        while True:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return pairs
-                return errno.errorcode[exc.errno or 0]
-            offset = os.lseek(fd, data, os.SEEK_HOLE)
-            pairs.append((data, offset))
+        fallocate(fd, mode, offset, length)
     finally:
         os.close(fd)
 
@@ -65,7 +55,12 @@ def states(root: Path) -> dict[str, Any]:
     for path in sorted(root.iterdir()):
         st = path.stat()
         digest = hashlib.md5(path.read_bytes()).hexdigest()
-        result[path.name] = (st.st_size, st.st_blocks, seek_map(path), digest)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            holes = seek_map(fd)
+        finally:
+            os.close(fd)
+        result[path.name] = (st.st_size, st.st_blocks, holes, digest)
     return result
 
 
@@ -140,12 +135,12 @@ def test_a_fallocate_that_does_not_fit_changes_nothing(
             # ENOSPC would split one to free its tail (README, differences).
             (root / "full").write_bytes(b"x" * (4 * MIB))
             (root / "f").write_bytes(b"y" * (2 * MIB))
-            fallocate(root / "f", KEEP_SIZE, 4 * MIB, MIB)  # unwritten pages, fallocend
+            fallocate_path(root / "f", KEEP_SIZE, 4 * MIB, MIB)  # unwritten pages, fallocend
             free = os.statvfs(root).f_bfree
             outcomes = []
             for mode, offset, length in ((0, 0, 17 * MIB), (0, MIB, 14 * MIB), (1, 0, 15 * MIB)):
                 try:
-                    fallocate(root / "f", mode, offset, length)
+                    fallocate_path(root / "f", mode, offset, length)
                     outcomes.append("ok")
                 except OSError as exc:
                     outcomes.append(errno.errorcode[exc.errno or 0])
@@ -159,17 +154,17 @@ def before_restore(root: Path) -> None:
     """fallocated, unwritten, punched and beyond-EOF pages, and huge pages split."""
     rng = random.Random(7)
     (root / "prealloc").touch()
-    fallocate(root / "prealloc", 0, 0, 5 * MIB + 3)
-    fallocate(root / "prealloc", KEEP_SIZE, 8 * MIB, MIB)  # past EOF, fallocend 9 MiB
+    fallocate_path(root / "prealloc", 0, 0, 5 * MIB + 3)
+    fallocate_path(root / "prealloc", KEEP_SIZE, 8 * MIB, MIB)  # past EOF, fallocend 9 MiB
     with open(root / "prealloc", "r+b") as f:
         f.seek(MIB + 10)
         f.write(b"written")
     (root / "punched").write_bytes(rng.randbytes(20_000))
-    fallocate(root / "punched", PUNCH_HOLE | KEEP_SIZE, 100, 9000)
+    fallocate_path(root / "punched", PUNCH_HOLE | KEEP_SIZE, 100, 9000)
     (root / "guest-ram").write_bytes(rng.randbytes(6 * MIB))
     for offset in (4096, 3 * MIB + 8192, 5 * MIB - 4096):
-        fallocate(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, offset, 4096)
-    fallocate(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, MIB, MIB)
+        fallocate_path(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, offset, 4096)
+    fallocate_path(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, MIB, MIB)
 
 
 def after_restore(root: Path) -> None:
@@ -177,34 +172,47 @@ def after_restore(root: Path) -> None:
     with open(root / "prealloc", "r+b") as f:
         f.seek(3 * MIB)
         f.write(b"more")  # an unwritten folio becomes data: a 4 KiB page, or a whole block
-    fallocate(root / "prealloc", PUNCH_HOLE | KEEP_SIZE, 8 * MIB + 4096, 4096)  # past EOF
-    fallocate(root / "prealloc", KEEP_SIZE, 0, MIB)  # unwritten pages met again: data now
+    fallocate_path(root / "prealloc", PUNCH_HOLE | KEEP_SIZE, 8 * MIB + 4096, 4096)  # past EOF
+    fallocate_path(root / "prealloc", KEEP_SIZE, 0, MIB)  # unwritten pages met again: data now
     with open(root / "punched", "r+b") as f:
         f.seek(MIB + 5)
         f.write(b"x")  # into what the split left empty: a block as large as fits
-    fallocate(root / "punched", PUNCH_HOLE | KEEP_SIZE, 16384 + 7, 100)
-    fallocate(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, 3 * MIB, 4096)
-    fallocate(root / "guest-ram", 0, 4 * MIB, 8 * MIB)  # extends it
+    fallocate_path(root / "punched", PUNCH_HOLE | KEEP_SIZE, 16384 + 7, 100)
+    fallocate_path(root / "guest-ram", PUNCH_HOLE | KEEP_SIZE, 3 * MIB, 4096)
+    fallocate_path(root / "guest-ram", 0, 4 * MIB, 8 * MIB)  # extends it
     os.truncate(root / "prealloc", 5 * MIB + 3)  # same size: pages past EOF go
 
 
-@pytest.mark.parametrize("huge", HUGE)
-def test_fallocated_and_punched_files_come_back_from_a_kexec(
-    machine: Machine, mounts: Mounts, work_root: Path, huge: str
-) -> None:
+def round_trip(
+    mounts: Mounts, work_root: Path, huge: str, away: Callable[[Path], None]
+) -> dict[str, Any]:
+    """Make the files on kernel tmpfs and on pkramfs, send pkramfs's through *away* (which
+    leaves the mount to be made again), and compare before, after, and after the steps
+    that follow; return the files' states before."""
     with kernel_tmpfs_in(work_root, f"size=256M,huge={huge}") as tmpfs:
         ours = mounts.mount(f"pkram=falloc,size=256M,huge={huge}")
         for root in (tmpfs, ours):
             before_restore(root)
         expected = states(tmpfs)
         assert states(ours) == expected
-        preserve(ours)
-        kexec(machine)
+        away(ours)
         mounts.mount("pkram=falloc", ours)
         assert states(ours) == expected
         for root in (tmpfs, ours):
             after_restore(root)
         assert states(ours) == states(tmpfs)
+    return expected
+
+
+@pytest.mark.parametrize("huge", HUGE)
+def test_fallocated_and_punched_files_come_back_from_a_kexec(
+    machine: Machine, mounts: Mounts, work_root: Path, huge: str
+) -> None:
+    def kexec_away(mnt: Path) -> None:
+        preserve(mnt)
+        kexec(machine)
+
+    expected = round_trip(mounts, work_root, huge, kexec_away)
     written = (MIB, MIB + 4096) if huge == "never" else (0, 2 * MIB)  # a page, or a folio
     assert expected["prealloc"][2] == [written]  # the rest is unwritten
 
@@ -213,19 +221,12 @@ def test_fallocated_and_punched_files_come_back_from_a_kexec(
 def test_fallocated_and_punched_files_come_back_from_a_hibernation(
     machine: Machine, mounts: Mounts, work_root: Path, huge: str, tmp_path: Path
 ) -> None:
-    with kernel_tmpfs_in(work_root, f"size=256M,huge={huge}") as tmpfs:
-        ours = mounts.mount(f"pkram=falloc,size=256M,huge={huge}")
-        for root in (tmpfs, ours):
-            before_restore(root)
-        expected = states(tmpfs)
+    def hibernate_away(_: Path) -> None:
         image = tmp_path / "hib.img"
         ok(hibernate(machine, image, "--json"))
         ok(resume(machine, image, args=("--json",)))
-        mounts.mount("pkram=falloc", ours)
-        assert states(ours) == expected
-        for root in (tmpfs, ours):
-            after_restore(root)
-        assert states(ours) == states(tmpfs)
+
+    round_trip(mounts, work_root, huge, hibernate_away)
     boot(machine)
 
 

@@ -1,6 +1,5 @@
 """Secret files (memfd_secret-like): their pages are out of the daemon's direct map of RAM."""
 
-import ctypes
 import errno
 import faulthandler
 import hashlib
@@ -21,6 +20,7 @@ from .conftest import Mounts
 from .util import (
     OVER_FIRST_PAGES,
     ctl_status,
+    fallocate,
     kexec,
     kexec_sim,
     load_next_kernel,
@@ -31,10 +31,6 @@ from .util import (
 )
 
 SECRET = "user.pkramfs.secret"
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def child_reads(ram_pages: np.ndarray, pfn: int) -> int:
@@ -239,7 +235,7 @@ def test_fallocated_secret_pages_are_hidden_and_punched_ones_mapped_again(
         # Punch [1 MiB, 3 MiB): the first huge page loses its second half, the second one
         # all of it (its second half lies past EOF: dropped by the split, as on tmpfs, which
         # shows 256 pages left); the pages are mapped again before they are reused.
-        assert _libc.fallocate(fd, 3, 1 << 20, 2 << 20) == 0, os.strerror(ctypes.get_errno())
+        fallocate(fd, 3, 1 << 20, 2 << 20)
     finally:
         os.close(fd)
     first = bytes(5000) + b"x" * 10 + bytes((1 << 20) - 5010)

@@ -3,6 +3,8 @@ and mount(8) helpers), request contexts for calling handlers directly, bare RAM 
 and their comparison (file contents by md5, metadata by snapshot)."""
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +24,8 @@ from kexec_sim.machine import Machine
 from kexec_sim.ram import Ram
 
 REPO = Path(__file__).resolve().parent.parent
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 BIN = Path(sys.executable).parent  # this checkout's commands (the virtualenv's bin)
 COMMAND_TIMEOUT_S = 120.0
 SMALL_RAM_BYTES = 64 << 20  # the small_machine fixture's RAM
@@ -256,3 +260,25 @@ def powered(machine: Machine) -> bool:
 def boot(machine: Machine) -> None:
     if not powered(machine):
         assert kexec_sim(machine, "boot").returncode == 0
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any *mode* (Python has only posix_fallocate); OSError on failure."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def seek_map(fd: int) -> list[tuple[int, int]]:
+    """The (data start, hole start) pairs a SEEK_DATA/SEEK_HOLE walk of *fd* finds, in order."""
+    pairs: list[tuple[int, int]] = []
+    offset = 0
+    while True:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return pairs
+            raise
+        offset = os.lseek(fd, data, os.SEEK_HOLE)
+        pairs.append((data, offset))
