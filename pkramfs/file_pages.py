@@ -238,9 +238,7 @@ class FilePages:
             self._chunks[chunk_no] = _fitted(chunk)
         else:
             del self._chunks[chunk_no]
-        if self.folios is None:
-            self.folios = Folios()
-        self.folios.split(chunk_no, lo, hi, kept)
+        self._own_folios().split(chunk_no, lo, hi, kept)
         dropped: PfnArray = gone[gone != HOLE]
         return dropped
 
@@ -253,6 +251,12 @@ class FilePages:
         pfns = np.concatenate(parts)
         self.nr_pages -= len(pfns)
         return pfns
+
+    def _own_folios(self) -> Folios:
+        """This file's Folios, made if it had none."""
+        if self.folios is None:
+            self.folios = Folios()
+        return self.folios
 
     def _settle(self) -> None:
         """Drop the Folios record when it records nothing."""
@@ -295,27 +299,18 @@ class FilePages:
 
     def record_blocks(self, blocks: list[tuple[int, int]]) -> None:
         """Record *blocks* (first index, order 1 to 8; pages now held) as large folios."""
-        if not blocks:
-            return
-        if self.folios is None:
-            self.folios = Folios()
-        for start, order in blocks:
-            chunk_no = start >> CHUNK_SHIFT
-            self.folios.set_blocks(chunk_no, [(start & CHUNK_MASK, order)])
+        if blocks:
+            self._own_folios().add_large(blocks)
 
     def mark_unwritten(self, indexes: PfnArray) -> None:
         """Mark the pages at *indexes* (ascending, held) unwritten: fallocate allocated them."""
-        if not len(indexes):
-            return
-        if self.folios is None:
-            self.folios = Folios()
-        self.folios.add_unwritten(indexes)
+        if len(indexes):
+            self._own_folios().add_unwritten(indexes)
 
     def note_fallocated(self, end_index: int) -> None:
         """Fallocate reached page *end_index* (tmpfs's fallocend only grows with it)."""
-        if self.folios is None:
-            self.folios = Folios()
-        self.folios.fallocend = max(self.folios.fallocend, end_index)
+        folios = self._own_folios()
+        folios.fallocend = max(folios.fallocend, end_index)
 
     def mark_written(self, first_index: int, count: int) -> None:
         """A store reached pages [first_index, first_index + count): their folios are written

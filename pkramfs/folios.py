@@ -68,6 +68,11 @@ class Folios:
                 orders[start] = order
         self._settle(chunk_no)
 
+    def add_large(self, blocks: list[Block]) -> None:
+        """Record *blocks* (first file page index, order 1 to 8) as large folios."""
+        for start, order in blocks:
+            self.set_blocks(start >> CHUNK_SHIFT, [(start & CHUNK_MASK, order)])
+
     def split(self, chunk_no: int, lo: int, hi: int, kept: list[Block]) -> None:
         """The folio of pages [lo, hi) of a chunk is now the blocks *kept*; its other pages
         are gone (unwritten marks stay on the kept pages, as split folios keep the flag)."""

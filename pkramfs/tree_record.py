@@ -15,7 +15,7 @@ have one). Each regular file owns the next ``entries`` page-stream entries.
 """
 
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
@@ -25,7 +25,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from kexec_sim import HUGE_ORDER, HUGE_PAGES, PAGE_SIZE, PageRuns, PfnArray, run_positions
+from kexec_sim import HUGE_ORDER, PAGE_SIZE, PageRuns, PfnArray, run_positions
 
 from . import file_pages, xattrs
 from .errors import CorruptNode
@@ -555,15 +555,8 @@ class _Checker:
 
     def xattrs(self, raw: object, ino: Column) -> dict[int, dict[bytes, bytes]]:
         """The xattrs by row: namespaced names, values up to 64 KiB, inodes ascending."""
-        self.that(isinstance(raw, list), "bad xattr list")
-        assert isinstance(raw, list)
         result: dict[int, dict[bytes, bytes]] = {}
-        last = -1
-        for item in raw:
-            self.that(isinstance(item, list) and len(item) == 2, "bad xattrs")
-            number = self.integer(item[0], "xattr inode", ROOT_INO, int(ino[-1]))
-            row = int(np.searchsorted(ino, number))
-            self.that(row > last and ino[row] == number, f"xattrs of inode {number}: no such inode")
+        for item, number, row in self._per_inode(raw, ino, 2, "xattrs"):
             attrs = item[1]
             self.that(isinstance(attrs, dict) and len(attrs) > 0, f"inode {number}: bad xattrs")
             for key, value in attrs.items():
@@ -576,25 +569,15 @@ class _Checker:
                     f"inode {number}: bad xattr {key!r}",
                 )
             result[row] = attrs
-            last = row
         return result
 
     def folios(self, raw: object, ino: Column, kinds: Column, held_pages: int) -> dict[int, Folios]:
         """The Folios by row: regular files, inodes ascending, fallocend within the largest
         file, unwritten runs and large folios ascending and apart, each folio of order 1 to 8
         aligned to its size, no more pages named than the page stream holds (*held_pages*)."""
-        self.that(isinstance(raw, list), "bad folios list")
-        assert isinstance(raw, list)
         result: dict[int, Folios] = {}
-        last = -1
-        for item in raw:
-            self.that(isinstance(item, list) and len(item) == 4, "bad folios")
-            number = self.integer(item[0], "folios inode", ROOT_INO, int(ino[-1]))
-            row = int(np.searchsorted(ino, number))
-            self.that(
-                row > last and ino[row] == number and kinds[row] == stat.S_IFREG,
-                f"folios of inode {number}: no such file",
-            )
+        for item, number, row in self._per_inode(raw, ino, 4, "folios"):
+            self.that(kinds[row] == stat.S_IFREG, f"folios of inode {number}: no such file")
             folios = Folios()
             folios.fallocend = self.integer(item[1], f"inode {number}: fallocend", 0, _MAX_INDEX)
             starts, counts = self._pairs(item[2], number)
@@ -614,12 +597,26 @@ class _Checker:
                 ),
                 f"inode {number}: bad large folios",
             )
-            for head, order in zip(heads.tolist(), orders.tolist(), strict=True):
-                folios.set_blocks(head >> HUGE_ORDER, [(head & (HUGE_PAGES - 1), order)])
+            folios.add_large(list(zip(heads.tolist(), orders.tolist(), strict=True)))
             self.that(not folios.is_empty(), f"inode {number}: empty folios")
             result[row] = folios
-            last = row
         return result
+
+    def _per_inode(
+        self, raw: object, ino: Column, width: int, what: str
+    ) -> Iterator[tuple[list[Any], int, int]]:
+        """The items of a per-inode list (each ``[ino, ...]``, *width* long, inodes ascending,
+        each one's inode there): (item, inode number, row)."""
+        self.that(isinstance(raw, list), f"bad {what} list")
+        assert isinstance(raw, list)
+        last = -1
+        for item in raw:
+            self.that(isinstance(item, list) and len(item) == width, f"bad {what}")
+            number = self.integer(item[0], f"{what} inode", ROOT_INO, int(ino[-1]))
+            row = int(np.searchsorted(ino, number))
+            self.that(row > last and ino[row] == number, f"{what} of inode {number}: no such inode")
+            yield item, number, row
+            last = row
 
     def _pairs(self, raw: object, number: int) -> tuple[Column, Column]:
         """Two columns from a bin of u64 pairs, each value below _MAX_INDEX."""
